@@ -1,0 +1,11 @@
+//! The node's logic without I/O: which peer a packet belongs to, WireGuard sessions, what to
+//! send where and when. The shell in `warren-node` owns the sockets, the TUN device and the
+//! clock, feeds inputs in with `handle_*` and drains outputs with `poll_*`, so everything here
+//! is tested without sockets or sleeps.
+
+pub mod ip;
+pub mod node;
+pub mod routing;
+pub mod wg;
+
+pub use node::{Node, NodeError, PeerConfig, PeerStats, TimeoutReason, Transmit};
