@@ -1,1 +1,14 @@
-//! placeholder
+//! warren-control: the coordination server. Nodes register with pre-auth keys, get stable
+//! addresses and follow a stream of netmaps; operators manage users, keys and nodes through
+//! the admin API and CLI.
+
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod grpc;
+pub mod ipam;
+pub mod netmap;
+pub mod secret;
+pub mod serve;
+pub mod store;

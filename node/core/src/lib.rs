@@ -4,6 +4,7 @@
 //! is tested without sockets or sleeps.
 
 pub mod ip;
+pub mod netmap;
 pub mod node;
 pub mod routing;
 pub mod wg;

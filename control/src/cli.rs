@@ -1,0 +1,573 @@
+//! The admin CLI: `warren-control users|preauthkeys|nodes|apikeys ...`. It talks to the Admin
+//! API over the server's local unix socket (root on the same host) or over TCP with an API key,
+//! and prints tables for people or JSON for scripts.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+use warren_proto::NodePublicKey;
+use warren_proto::control::admin_client::AdminClient;
+use warren_proto::control::*;
+
+use crate::config::parse_duration;
+
+/// Command line of `warren-control`.
+#[derive(Debug, Parser)]
+#[command(name = "warren-control", version, about = "warren's coordination server and its admin CLI")]
+pub struct Cli {
+    /// Configuration file (TOML). `serve` runs with defaults without one.
+    #[arg(long, short, global = true, env = "WARREN_CONTROL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The server's admin unix socket [default: the config's unix_socket].
+    #[arg(long, global = true, env = "WARREN_CONTROL_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// A remote server's URL; needs --api-key.
+    #[arg(long, global = true, env = "WARREN_CONTROL_URL")]
+    pub server: Option<String>,
+    /// API key for --server.
+    #[arg(long, global = true, env = "WARREN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns, for people.
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server in the foreground.
+    Serve,
+    /// Manage users.
+    #[command(subcommand)]
+    Users(UsersCmd),
+    /// Manage pre-auth keys.
+    #[command(subcommand, alias = "preauthkey")]
+    Preauthkeys(PreauthkeysCmd),
+    /// Manage nodes.
+    #[command(subcommand, alias = "node")]
+    Nodes(NodesCmd),
+    /// Manage API keys.
+    #[command(subcommand, alias = "apikey")]
+    Apikeys(ApikeysCmd),
+}
+
+/// `users` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UsersCmd {
+    /// Create a user.
+    Create {
+        /// Lowercase name.
+        name: String,
+    },
+    /// List users.
+    List,
+    /// Delete a user that has no nodes.
+    Delete {
+        /// The user's name.
+        name: String,
+    },
+}
+
+/// `preauthkeys` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PreauthkeysCmd {
+    /// Create a pre-auth key; the key is printed once.
+    Create {
+        /// Owner.
+        #[arg(long, short)]
+        user: String,
+        /// Usable for more than one node.
+        #[arg(long)]
+        reusable: bool,
+        /// Nodes are deleted after they go away.
+        #[arg(long)]
+        ephemeral: bool,
+        /// Lifetime, like 1h or 90m.
+        #[arg(long, short, default_value = "1h")]
+        expiration: String,
+        /// Comma-separated tags, each tag:<name>.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+    },
+    /// List pre-auth keys.
+    List {
+        /// Only this user's.
+        #[arg(long, short)]
+        user: Option<String>,
+    },
+    /// Expire a pre-auth key now.
+    Expire {
+        /// The key's prefix (from `list`).
+        prefix: String,
+    },
+}
+
+/// `nodes` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NodesCmd {
+    /// List nodes.
+    List {
+        /// Only this user's.
+        #[arg(long, short)]
+        user: Option<String>,
+    },
+    /// Delete a node; its peers drop it at once.
+    Delete {
+        /// Node id.
+        id: u64,
+    },
+    /// Expire a node's key now; it must register again.
+    Expire {
+        /// Node id.
+        id: u64,
+    },
+    /// Give a node a new name.
+    Rename {
+        /// Node id.
+        id: u64,
+        /// New DNS label.
+        name: String,
+    },
+}
+
+/// `apikeys` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ApikeysCmd {
+    /// Create an API key; the key is printed once.
+    Create {
+        /// Lifetime, like 90d; 0 for none.
+        #[arg(long, short, default_value = "90d")]
+        expiration: String,
+    },
+    /// List API keys.
+    List,
+    /// Expire an API key now.
+    Expire {
+        /// The key's prefix.
+        prefix: String,
+    },
+}
+
+/// Connects to the Admin API as the flags say.
+pub async fn connect(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<AdminClient<Channel>> {
+    let channel = if let Some(url) = &cli.server {
+        Endpoint::from_shared(url.clone())
+            .context("bad --server URL")?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {url}"))?
+    } else {
+        let path = cli.socket.clone().unwrap_or(default_socket);
+        let p = path.clone();
+        Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let p = p.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(p).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .with_context(|| format!("connecting to {} (is warren-control serve running? are you root?)", path.display()))?
+    };
+    Ok(AdminClient::new(channel))
+}
+
+fn with_key<T>(cli: &Cli, msg: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut req = tonic::Request::new(msg);
+    if cli.server.is_some() {
+        let key = cli.api_key.as_deref().context("--server needs --api-key (or WARREN_API_KEY)")?;
+        let value = format!("Bearer {key}").parse().context("API key has characters a header cannot carry")?;
+        req.metadata_mut().insert("authorization", value);
+    }
+    Ok(req)
+}
+
+/// Formats Unix milliseconds as `YYYY-MM-DD HH:MM:SS` UTC; 0 as "-".
+pub fn fmt_time(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let secs = ms / 1000;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// A node, as the CLI prints it.
+#[derive(Debug, Serialize)]
+pub struct NodeView {
+    /// Node id.
+    pub id: u64,
+    /// Unique name.
+    pub given_name: String,
+    /// Reported hostname.
+    pub hostname: String,
+    /// Owner.
+    pub user: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Mesh addresses.
+    pub addresses: Vec<String>,
+    /// Reported endpoints.
+    pub endpoints: Vec<String>,
+    /// Connected now.
+    pub online: bool,
+    /// Node key, text form.
+    pub node_key: String,
+    /// Unix ms; 0 for never.
+    pub last_seen_unix_ms: i64,
+    /// Unix ms; 0 for none.
+    pub expiry_unix_ms: i64,
+    /// Unix ms.
+    pub created_unix_ms: i64,
+    /// Ephemeral.
+    pub ephemeral: bool,
+}
+
+impl From<&Node> for NodeView {
+    fn from(n: &Node) -> Self {
+        Self {
+            id: n.id,
+            given_name: n.given_name.clone(),
+            hostname: n.hostname.clone(),
+            user: n.user.clone(),
+            tags: n.tags.clone(),
+            addresses: n.addresses.clone(),
+            endpoints: n.endpoints.clone(),
+            online: n.online,
+            node_key: NodePublicKey::from_slice(&n.node_key).map(|k| k.to_string()).unwrap_or_default(),
+            last_seen_unix_ms: n.last_seen_unix_ms,
+            expiry_unix_ms: n.expiry_unix_ms,
+            created_unix_ms: n.created_unix_ms,
+            ephemeral: n.ephemeral,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct UserView {
+    id: u64,
+    name: String,
+    created_unix_ms: i64,
+}
+
+#[derive(Serialize)]
+struct AuthKeyView {
+    id: u64,
+    user: String,
+    prefix: String,
+    reusable: bool,
+    ephemeral: bool,
+    used: bool,
+    expiration_unix_ms: i64,
+    created_unix_ms: i64,
+    tags: Vec<String>,
+}
+
+impl From<&PreAuthKey> for AuthKeyView {
+    fn from(k: &PreAuthKey) -> Self {
+        Self {
+            id: k.id,
+            user: k.user.clone(),
+            prefix: k.prefix.clone(),
+            reusable: k.reusable,
+            ephemeral: k.ephemeral,
+            used: k.used,
+            expiration_unix_ms: k.expiration_unix_ms,
+            created_unix_ms: k.created_unix_ms,
+            tags: k.tags.clone(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ApiKeyView {
+    id: u64,
+    prefix: String,
+    expiration_unix_ms: i64,
+    created_unix_ms: i64,
+    last_used_unix_ms: i64,
+}
+
+impl From<&ApiKey> for ApiKeyView {
+    fn from(k: &ApiKey) -> Self {
+        Self {
+            id: k.id,
+            prefix: k.prefix.clone(),
+            expiration_unix_ms: k.expiration_unix_ms,
+            created_unix_ms: k.created_unix_ms,
+            last_used_unix_ms: k.last_used_unix_ms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Created<T> {
+    key: T,
+    secret: String,
+}
+
+fn lifetime(text: &str) -> anyhow::Result<u64> {
+    let d = parse_duration(text).map_err(|e| anyhow::anyhow!("--expiration: {e}"))?;
+    Ok(d.as_secs().max(u64::from(!d.is_zero())))
+}
+
+fn status_error(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", e.message(), e.code())
+}
+
+fn user_row(u: &User) -> Vec<String> {
+    vec![u.id.to_string(), u.name.clone(), fmt_time(u.created_unix_ms)]
+}
+
+fn node_rows(nodes: &[Node]) -> Vec<Vec<String>> {
+    nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.to_string(),
+                n.given_name.clone(),
+                n.user.clone(),
+                n.addresses.join(", "),
+                if n.online { "online".into() } else { "offline".into() },
+                fmt_time(n.last_seen_unix_ms),
+                fmt_time(n.expiry_unix_ms),
+                n.tags.join(","),
+            ]
+        })
+        .collect()
+}
+
+const NODE_HEADERS: &[&str] = &["ID", "NAME", "USER", "ADDRESSES", "STATUS", "LAST SEEN", "EXPIRES", "TAGS"];
+
+/// Runs one admin command against the server.
+pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
+    let mut c = connect(cli, default_socket).await?;
+    let json = cli.output == Output::Json;
+    match &cli.command {
+        Command::Serve => unreachable_serve(),
+        Command::Users(cmd) => match cmd {
+            UsersCmd::Create { name } => {
+                let r = c.create_user(with_key(cli, CreateUserRequest { name: name.clone() })?).await.map_err(status_error)?;
+                let u = r.into_inner().user.unwrap_or_default();
+                if json {
+                    print_json(&UserView { id: u.id, name: u.name, created_unix_ms: u.created_unix_ms })?;
+                } else {
+                    println!("user {} created (id {})", u.name, u.id);
+                }
+            }
+            UsersCmd::List => {
+                let users = c.list_users(with_key(cli, ListUsersRequest {})?).await.map_err(status_error)?.into_inner().users;
+                if json {
+                    let v: Vec<_> = users
+                        .iter()
+                        .map(|u| UserView { id: u.id, name: u.name.clone(), created_unix_ms: u.created_unix_ms })
+                        .collect();
+                    print_json(&v)?;
+                } else {
+                    print_table(&["ID", "NAME", "CREATED"], users.iter().map(user_row).collect());
+                }
+            }
+            UsersCmd::Delete { name } => {
+                c.delete_user(with_key(cli, DeleteUserRequest { name: name.clone() })?).await.map_err(status_error)?;
+                if !json {
+                    println!("user {name} deleted");
+                }
+            }
+        },
+        Command::Preauthkeys(cmd) => match cmd {
+            PreauthkeysCmd::Create { user, reusable, ephemeral, expiration, tags } => {
+                let req = CreatePreAuthKeyRequest {
+                    user: user.clone(),
+                    reusable: *reusable,
+                    ephemeral: *ephemeral,
+                    expiration_secs: lifetime(expiration)?,
+                    tags: tags.clone(),
+                };
+                let r = c.create_pre_auth_key(with_key(cli, req)?).await.map_err(status_error)?.into_inner();
+                let key = r.key.unwrap_or_default();
+                if json {
+                    print_json(&Created { key: AuthKeyView::from(&key), secret: r.secret })?;
+                } else {
+                    println!("{}", r.secret);
+                }
+            }
+            PreauthkeysCmd::List { user } => {
+                let req = ListPreAuthKeysRequest { user: user.clone().unwrap_or_default() };
+                let keys = c.list_pre_auth_keys(with_key(cli, req)?).await.map_err(status_error)?.into_inner().keys;
+                if json {
+                    print_json(&keys.iter().map(AuthKeyView::from).collect::<Vec<_>>())?;
+                } else {
+                    let rows = keys
+                        .iter()
+                        .map(|k| {
+                            vec![
+                                k.id.to_string(),
+                                k.prefix.clone(),
+                                k.user.clone(),
+                                k.reusable.to_string(),
+                                k.ephemeral.to_string(),
+                                k.used.to_string(),
+                                fmt_time(k.expiration_unix_ms),
+                                k.tags.join(","),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["ID", "PREFIX", "USER", "REUSABLE", "EPHEMERAL", "USED", "EXPIRES", "TAGS"], rows);
+                }
+            }
+            PreauthkeysCmd::Expire { prefix } => {
+                let req = ExpirePreAuthKeyRequest { prefix: prefix.clone() };
+                c.expire_pre_auth_key(with_key(cli, req)?).await.map_err(status_error)?;
+                if !json {
+                    println!("pre-auth key {prefix} expired");
+                }
+            }
+        },
+        Command::Nodes(cmd) => match cmd {
+            NodesCmd::List { user } => {
+                let req = AdminListNodesRequest { user: user.clone().unwrap_or_default() };
+                let nodes = c.list_nodes(with_key(cli, req)?).await.map_err(status_error)?.into_inner().nodes;
+                if json {
+                    print_json(&nodes.iter().map(NodeView::from).collect::<Vec<_>>())?;
+                } else {
+                    print_table(NODE_HEADERS, node_rows(&nodes));
+                }
+            }
+            NodesCmd::Delete { id } => {
+                c.delete_node(with_key(cli, DeleteNodeRequest { id: *id })?).await.map_err(status_error)?;
+                if !json {
+                    println!("node {id} deleted");
+                }
+            }
+            NodesCmd::Expire { id } => {
+                let r = c.expire_node(with_key(cli, ExpireNodeRequest { id: *id })?).await.map_err(status_error)?;
+                let n = r.into_inner().node.unwrap_or_default();
+                if json {
+                    print_json(&NodeView::from(&n))?;
+                } else {
+                    println!("node {} ({}) expired", n.id, n.given_name);
+                }
+            }
+            NodesCmd::Rename { id, name } => {
+                let req = RenameNodeRequest { id: *id, new_name: name.clone() };
+                let n = c.rename_node(with_key(cli, req)?).await.map_err(status_error)?.into_inner().node.unwrap_or_default();
+                if json {
+                    print_json(&NodeView::from(&n))?;
+                } else {
+                    println!("node {} renamed to {}", n.id, n.given_name);
+                }
+            }
+        },
+        Command::Apikeys(cmd) => match cmd {
+            ApikeysCmd::Create { expiration } => {
+                let req = CreateApiKeyRequest { expiration_secs: lifetime(expiration)? };
+                let r = c.create_api_key(with_key(cli, req)?).await.map_err(status_error)?.into_inner();
+                let key = r.key.unwrap_or_default();
+                if json {
+                    print_json(&Created { key: ApiKeyView::from(&key), secret: r.secret })?;
+                } else {
+                    println!("{}", r.secret);
+                }
+            }
+            ApikeysCmd::List => {
+                let keys = c.list_api_keys(with_key(cli, ListApiKeysRequest {})?).await.map_err(status_error)?.into_inner().keys;
+                if json {
+                    print_json(&keys.iter().map(ApiKeyView::from).collect::<Vec<_>>())?;
+                } else {
+                    let rows = keys
+                        .iter()
+                        .map(|k| {
+                            vec![
+                                k.id.to_string(),
+                                k.prefix.clone(),
+                                fmt_time(k.expiration_unix_ms),
+                                fmt_time(k.created_unix_ms),
+                                fmt_time(k.last_used_unix_ms),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["ID", "PREFIX", "EXPIRES", "CREATED", "LAST USED"], rows);
+                }
+            }
+            ApikeysCmd::Expire { prefix } => {
+                let req = ExpireApiKeyRequest { prefix: prefix.clone() };
+                c.expire_api_key(with_key(cli, req)?).await.map_err(status_error)?;
+                if !json {
+                    println!("API key {prefix} expired");
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+fn unreachable_serve() {
+    tracing::error!("serve is handled before connecting");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_format_as_utc() {
+        assert_eq!(fmt_time(0), "-");
+        assert_eq!(fmt_time(1_700_000_000_000), "2023-11-14 22:13:20");
+        assert_eq!(fmt_time(951_782_400_000), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn lifetimes() {
+        assert_eq!(lifetime("1h").expect("ok"), 3600);
+        assert_eq!(lifetime("0").expect("ok"), 0);
+        assert!(lifetime("soon").is_err());
+    }
+}

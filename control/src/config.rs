@@ -1,0 +1,338 @@
+//! `warren-control`'s configuration: a TOML file whose keys follow Headscale's where the concept
+//! is the same, turned into a typed [`Config`]. Every key has a default, so the server also runs
+//! with no file at all. An unknown key is an error that names it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::Deserialize;
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown keys included).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key and line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The server's whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The URL nodes use to reach this server.
+    pub server_url: String,
+    /// Where the gRPC API listens.
+    pub listen_addr: SocketAddr,
+    /// The local admin socket (root on the same host needs no API key).
+    pub unix_socket: PathBuf,
+    /// Permissions of the admin socket, octal.
+    pub unix_socket_permission: String,
+    /// How long an ephemeral node may stay disconnected before it is deleted ("30m").
+    #[serde(with = "duration_text")]
+    pub ephemeral_node_inactivity_timeout: Duration,
+    /// How often an idle map stream gets a keepalive ("60s").
+    #[serde(with = "duration_text")]
+    pub keepalive_interval: Duration,
+    /// The server's key.
+    pub noise: Noise,
+    /// Where nodes, users and keys are stored.
+    pub database: Database,
+    /// The address ranges nodes get addresses from.
+    pub prefixes: Prefixes,
+    /// MagicDNS.
+    pub dns: Dns,
+}
+
+/// The server's private key file (Headscale's `noise.private_key_path`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Noise {
+    /// Created with mode 0600 on first start.
+    pub private_key_path: PathBuf,
+}
+
+/// The database section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Database {
+    /// Only "sqlite" for now.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// SQLite settings.
+    pub sqlite: Sqlite,
+}
+
+/// SQLite settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sqlite {
+    /// The database file.
+    pub path: PathBuf,
+    /// WAL journal mode (default true).
+    pub write_ahead_log: bool,
+}
+
+/// Address ranges.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Prefixes {
+    /// IPv4 range, within 100.64.0.0/10.
+    pub v4: Ipv4Net,
+    /// IPv6 range, within fd7a:115c:a1e0::/48.
+    pub v6: Ipv6Net,
+    /// Only "sequential" for now.
+    pub allocation: String,
+}
+
+/// MagicDNS settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dns {
+    /// Whether nodes resolve each other's names.
+    pub magic_dns: bool,
+    /// The domain under which nodes' names live.
+    pub base_domain: String,
+}
+
+const STATE_DIR: &str = "/var/lib/warren-control";
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_url: "http://127.0.0.1:50443".into(),
+            listen_addr: SocketAddr::from(([0, 0, 0, 0], 50443)),
+            unix_socket: PathBuf::from("/var/run/warren/control.sock"),
+            unix_socket_permission: "0770".into(),
+            ephemeral_node_inactivity_timeout: Duration::from_secs(30 * 60),
+            keepalive_interval: Duration::from_secs(60),
+            noise: Noise::default(),
+            database: Database::default(),
+            prefixes: Prefixes::default(),
+            dns: Dns::default(),
+        }
+    }
+}
+
+impl Default for Noise {
+    fn default() -> Self {
+        Self { private_key_path: Path::new(STATE_DIR).join("control_private.key") }
+    }
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        Self { kind: "sqlite".into(), sqlite: Sqlite::default() }
+    }
+}
+
+impl Default for Sqlite {
+    fn default() -> Self {
+        Self { path: Path::new(STATE_DIR).join("db.sqlite"), write_ahead_log: true }
+    }
+}
+
+impl Default for Prefixes {
+    fn default() -> Self {
+        Self {
+            v4: Ipv4Net::new(std::net::Ipv4Addr::new(100, 64, 0, 0), 10).unwrap_or_default(),
+            v6: Ipv6Net::new(std::net::Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0), 48)
+                .unwrap_or_default(),
+            allocation: "sequential".into(),
+        }
+    }
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self { magic_dns: true, base_domain: "warren.internal".into() }
+    }
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks configuration text; `path` is only for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.database.kind != "sqlite" {
+            return Err(ConfigError::Invalid {
+                key: "database.type",
+                reason: format!("{:?} is not supported yet; use \"sqlite\"", self.database.kind),
+            });
+        }
+        if self.prefixes.allocation != "sequential" {
+            return Err(ConfigError::Invalid {
+                key: "prefixes.allocation",
+                reason: "only \"sequential\" is supported".into(),
+            });
+        }
+        let cgnat = Ipv4Net::new(std::net::Ipv4Addr::new(100, 64, 0, 0), 10).unwrap_or_default();
+        if !cgnat.contains(&self.prefixes.v4) || self.prefixes.v4.prefix_len() > 30 {
+            return Err(ConfigError::Invalid {
+                key: "prefixes.v4",
+                reason: "must be a range of at least 4 addresses within 100.64.0.0/10".into(),
+            });
+        }
+        if self.prefixes.v6.prefix_len() > 120 {
+            return Err(ConfigError::Invalid { key: "prefixes.v6", reason: "must be /120 or larger".into() });
+        }
+        if u32::from_str_radix(&self.unix_socket_permission, 8).is_err() {
+            return Err(ConfigError::Invalid {
+                key: "unix_socket_permission",
+                reason: "must be octal, like \"0770\"".into(),
+            });
+        }
+        if self.keepalive_interval.is_zero() {
+            return Err(ConfigError::Invalid { key: "keepalive_interval", reason: "must be above zero".into() });
+        }
+        Ok(())
+    }
+}
+
+/// Parses Go-style durations as Headscale writes them: "90s", "30m", "1h30m", "2d".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty duration".into());
+    }
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = Duration::ZERO;
+    let mut digits = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let mut unit = c.to_string();
+        if c == 'm' && chars.peek() == Some(&'s') {
+            chars.next();
+            unit = "ms".into();
+        }
+        let n: u64 = digits.parse().map_err(|_| format!("{text:?}: a number must precede {unit:?}"))?;
+        digits.clear();
+        let d = match unit.as_str() {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m, h, d)")),
+        };
+        total = total.saturating_add(d);
+    }
+    if !digits.is_empty() {
+        return Err(format!("{text:?}: missing unit after {digits}"));
+    }
+    Ok(total)
+}
+
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", Path::new("x.toml")).expect("defaults");
+        assert_eq!(c.listen_addr.port(), 50443);
+        assert_eq!(c.prefixes.v4.to_string(), "100.64.0.0/10");
+        assert_eq!(c.ephemeral_node_inactivity_timeout, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn headscale_keys_are_read() {
+        let c = Config::parse(
+            r#"
+server_url = "http://10.0.0.1:50443"
+listen_addr = "10.0.0.1:50443"
+ephemeral_node_inactivity_timeout = "2m"
+[database]
+type = "sqlite"
+[database.sqlite]
+path = "/tmp/x.sqlite"
+[prefixes]
+v4 = "100.64.0.0/24"
+[dns]
+base_domain = "example.test"
+"#,
+            Path::new("x.toml"),
+        )
+        .expect("parses");
+        assert_eq!(c.prefixes.v4.to_string(), "100.64.0.0/24");
+        assert_eq!(c.ephemeral_node_inactivity_timeout, Duration::from_secs(120));
+        assert_eq!(c.database.sqlite.path, Path::new("/tmp/x.sqlite"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[database]\nflavour = \"x\"\n", Path::new("c.toml")).expect_err("unknown");
+        assert!(err.to_string().contains("flavour"), "{err}");
+        let err = Config::parse("listen_adr = \"1.2.3.4:5\"\n", Path::new("c.toml")).expect_err("unknown");
+        assert!(err.to_string().contains("listen_adr"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let err = Config::parse("[prefixes]\nv4 = \"10.0.0.0/8\"\n", Path::new("c.toml")).expect_err("range");
+        assert!(err.to_string().contains("prefixes.v4"));
+        let err = Config::parse("[database]\ntype = \"mysql\"\n", Path::new("c.toml")).expect_err("db");
+        assert!(err.to_string().contains("database.type"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("3w").is_err());
+    }
+}

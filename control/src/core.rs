@@ -1,0 +1,540 @@
+//! The server's state and rules, without gRPC or a clock: registration, authentication, the
+//! admin operations, and keeping store, address allocator and live netmap in step. Every method
+//! takes the current time, so tests and benchmarks drive it directly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use warren_proto::control::{DnsConfig, Node};
+use warren_proto::{DiscoPublicKey, NodePublicKey};
+
+use crate::error::ControlError;
+use crate::ipam::Ipam;
+use crate::netmap::{Netmap, Subscription};
+use crate::secret::{self, SecretKind};
+use crate::store::{ApiKeyRecord, NodeRecord, PreAuthKeyRecord, Store, UserRecord};
+
+/// Default lifetime of a pre-auth key (Headscale's).
+pub const DEFAULT_AUTH_KEY_LIFETIME: Duration = Duration::from_secs(3600);
+/// Longest hostname accepted.
+pub const MAX_HOSTNAME: usize = 255;
+/// Most endpoints a node may report.
+pub const MAX_ENDPOINTS: usize = 64;
+
+/// What the core needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// IPv4 range for nodes.
+    pub v4: ipnet::Ipv4Net,
+    /// IPv6 range for nodes.
+    pub v6: ipnet::Ipv6Net,
+    /// MagicDNS settings sent in every full map.
+    pub dns: DnsConfig,
+}
+
+/// A new pre-auth key's options.
+#[derive(Debug, Clone, Default)]
+pub struct NewAuthKey {
+    /// Owner's name.
+    pub user: String,
+    /// Usable more than once.
+    pub reusable: bool,
+    /// Its nodes are deleted after they go away.
+    pub ephemeral: bool,
+    /// Lifetime; `None` for the default.
+    pub expiration: Option<Duration>,
+    /// Tags for its nodes, each `tag:<name>`.
+    pub tags: Vec<String>,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn expired(at: Option<i64>, now_ms: i64) -> bool {
+    at.is_some_and(|t| t <= now_ms)
+}
+
+/// Turns a hostname into a DNS label: lowercase letters, digits and dashes, at most 63.
+pub fn dns_label(hostname: &str) -> String {
+    let mut s: String = hostname
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    s.truncate(63);
+    let s = s.trim_matches('-').to_string();
+    if s.is_empty() { "node".into() } else { s }
+}
+
+fn valid_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn check_tags(tags: &[String]) -> Result<(), ControlError> {
+    let ok = tags.iter().all(|t| {
+        t.strip_prefix("tag:").is_some_and(|n| !n.is_empty() && n.len() <= 63 && valid_label(n))
+    });
+    if ok { Ok(()) } else { Err(ControlError::InvalidField { field: "tags", reason: "each tag is tag:<lowercase name>" }) }
+}
+
+/// The control server's state.
+pub struct Core {
+    store: Box<dyn Store>,
+    users: BTreeMap<u64, UserRecord>,
+    nodes: BTreeMap<u64, NodeRecord>,
+    by_key: HashMap<NodePublicKey, u64>,
+    names: HashMap<String, u64>,
+    ipam: Ipam,
+    netmap: Netmap,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").field("nodes", &self.nodes.len()).field("users", &self.users.len()).finish()
+    }
+}
+
+impl Core {
+    /// Loads everything from `store`.
+    pub fn open(store: Box<dyn Store>, settings: &Settings, now_ms: i64) -> Result<Self, ControlError> {
+        let mut core = Self {
+            users: store.users()?.into_iter().map(|u| (u.id, u)).collect(),
+            nodes: BTreeMap::new(),
+            by_key: HashMap::new(),
+            names: HashMap::new(),
+            ipam: Ipam::new(settings.v4, settings.v6),
+            netmap: Netmap::new(settings.dns.clone()),
+            store,
+        };
+        for n in core.store.nodes()? {
+            core.ipam.reserve(n.ipv4);
+            core.by_key.insert(n.node_key, n.id);
+            core.names.insert(n.given_name.clone(), n.id);
+            if !expired(n.expiry_ms, now_ms) {
+                let view = core.view(&n);
+                core.netmap.upsert(view);
+            }
+            core.nodes.insert(n.id, n);
+        }
+        Ok(core)
+    }
+
+    /// The live netmap, for inspection.
+    pub fn netmap(&self) -> &Netmap {
+        &self.netmap
+    }
+
+    fn user_name(&self, id: u64) -> String {
+        self.users.get(&id).map(|u| u.name.clone()).unwrap_or_default()
+    }
+
+    fn user_by_name(&self, name: &str) -> Result<&UserRecord, ControlError> {
+        self.users
+            .values()
+            .find(|u| u.name == name)
+            .ok_or_else(|| ControlError::UserNotFound { name: name.into() })
+    }
+
+    /// A node record as peers and admins see it.
+    fn view(&self, n: &NodeRecord) -> Node {
+        Node {
+            id: n.id,
+            node_key: n.node_key.to_vec(),
+            disco_key: n.disco_key.to_vec(),
+            hostname: n.hostname.clone(),
+            given_name: n.given_name.clone(),
+            user: self.user_name(n.user_id),
+            tags: n.tags.clone(),
+            addresses: vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)],
+            endpoints: n.endpoints.iter().map(|e| e.to_string()).collect(),
+            online: self.netmap.is_subscribed(n.id),
+            last_seen_unix_ms: n.last_seen_ms.unwrap_or(0),
+            expiry_unix_ms: n.expiry_ms.unwrap_or(0),
+            created_unix_ms: n.created_ms,
+            ephemeral: n.ephemeral,
+        }
+    }
+
+    fn unique_name(&self, wanted: &str, except: Option<u64>) -> String {
+        let base = dns_label(wanted);
+        let free = |n: &str| self.names.get(n).is_none_or(|id| Some(*id) == except);
+        if free(&base) {
+            return base;
+        }
+        (2u32..)
+            .map(|i| {
+                let suffix = format!("-{i}");
+                let mut b = base.clone();
+                b.truncate(63 - suffix.len());
+                format!("{b}{suffix}")
+            })
+            .find(|n| free(n))
+            .unwrap_or(base)
+    }
+
+    fn check_auth_key(&self, text: &str, now_ms: i64) -> Result<PreAuthKeyRecord, ControlError> {
+        let presented = secret::parse(SecretKind::Auth, text)?;
+        let key = self.store.preauth_key(&presented.prefix)?.ok_or(ControlError::AuthKeyNotFound)?;
+        if !secret::same_hash(&key.hash, &presented.hash) {
+            return Err(ControlError::AuthKeyNotFound);
+        }
+        if expired(key.expiration_ms, now_ms) {
+            return Err(ControlError::AuthKeyExpired);
+        }
+        if key.used && !key.reusable {
+            return Err(ControlError::AuthKeyUsed);
+        }
+        Ok(key)
+    }
+
+    /// Registers `node_key`, or returns its record when it is known and not expired (the pre-auth
+    /// key is then not needed). Nothing is stored when the key is refused.
+    pub fn register(
+        &mut self,
+        node_key: NodePublicKey,
+        disco_key: DiscoPublicKey,
+        hostname: &str,
+        auth_key: &str,
+        now_ms: i64,
+    ) -> Result<Node, ControlError> {
+        if hostname.len() > MAX_HOSTNAME {
+            return Err(ControlError::InvalidField { field: "hostname", reason: "longer than 255 bytes" });
+        }
+        if let Some(&id) = self.by_key.get(&node_key) {
+            let mut n = self.nodes.get(&id).cloned().ok_or(ControlError::NodeNotFound { id })?;
+            if expired(n.expiry_ms, now_ms) {
+                let key = self.check_auth_key(auth_key, now_ms)?;
+                n.expiry_ms = None;
+                n.auth_key_id = Some(key.id);
+            }
+            n.disco_key = disco_key;
+            n.hostname = hostname.to_string();
+            self.store.update_node(&n)?;
+            self.nodes.insert(id, n.clone());
+            let view = self.view(&n);
+            self.netmap.upsert(view.clone());
+            return Ok(view);
+        }
+        let key = self.check_auth_key(auth_key, now_ms)?;
+        let (ipv4, ipv6) = self.ipam.allocate()?;
+        let mut n = NodeRecord {
+            id: 0,
+            node_key,
+            disco_key,
+            hostname: hostname.to_string(),
+            given_name: self.unique_name(hostname, None),
+            user_id: key.user_id,
+            tags: key.tags.clone(),
+            ipv4,
+            ipv6,
+            endpoints: Vec::new(),
+            last_seen_ms: None,
+            expiry_ms: None,
+            created_ms: now_ms,
+            ephemeral: key.ephemeral,
+            auth_key_id: Some(key.id),
+        };
+        n.id = match self.store.register_node(&n) {
+            Ok(id) => id,
+            Err(e) => {
+                self.ipam.release(ipv4);
+                return Err(e.into());
+            }
+        };
+        tracing::info!(node = n.id, name = %n.given_name, key = %node_key.short(), %ipv4, "node registered");
+        self.by_key.insert(node_key, n.id);
+        self.names.insert(n.given_name.clone(), n.id);
+        let view = self.view(&n);
+        self.nodes.insert(n.id, n);
+        self.netmap.upsert(view.clone());
+        Ok(view)
+    }
+
+    /// The id of the node that proved `key`, if it may act.
+    pub fn authenticate(&self, key: &NodePublicKey, now_ms: i64) -> Result<u64, ControlError> {
+        let id = *self.by_key.get(key).ok_or(ControlError::UnknownNode { key: *key })?;
+        let n = self.nodes.get(&id).ok_or(ControlError::UnknownNode { key: *key })?;
+        if expired(n.expiry_ms, now_ms) {
+            return Err(ControlError::NodeExpired { key: *key });
+        }
+        Ok(id)
+    }
+
+    /// A node's own record.
+    pub fn node(&self, id: u64) -> Result<Node, ControlError> {
+        self.nodes.get(&id).map(|n| self.view(n)).ok_or(ControlError::NodeNotFound { id })
+    }
+
+    /// The peers `id` can see.
+    pub fn peers(&self, id: u64) -> Vec<Node> {
+        self.netmap.full_map(id).map(|m| m.peers).unwrap_or_default()
+    }
+
+    /// Applies what a node reported; returns the deltas sent.
+    pub fn update_node(
+        &mut self,
+        id: u64,
+        endpoints: Option<Vec<SocketAddr>>,
+        hostname: Option<String>,
+    ) -> Result<usize, ControlError> {
+        let mut n = self.nodes.get(&id).cloned().ok_or(ControlError::NodeNotFound { id })?;
+        if endpoints.as_ref().is_some_and(|e| e.len() > MAX_ENDPOINTS) {
+            return Err(ControlError::InvalidField { field: "endpoints", reason: "more than 64" });
+        }
+        if hostname.as_ref().is_some_and(|h| h.len() > MAX_HOSTNAME) {
+            return Err(ControlError::InvalidField { field: "hostname", reason: "longer than 255 bytes" });
+        }
+        let endpoints_changed = endpoints.as_ref().is_some_and(|e| *e != n.endpoints);
+        let hostname_changed = hostname.as_ref().is_some_and(|h| *h != n.hostname);
+        if !endpoints_changed && !hostname_changed {
+            return Ok(0);
+        }
+        if let Some(e) = endpoints {
+            n.endpoints = e;
+        }
+        if let Some(h) = hostname {
+            n.hostname = h;
+        }
+        self.store.update_node(&n)?;
+        let strings: Vec<String> = n.endpoints.iter().map(|e| e.to_string()).collect();
+        let view = self.view(&n);
+        self.nodes.insert(id, n);
+        Ok(if hostname_changed {
+            self.netmap.upsert(view)
+        } else {
+            self.netmap.set_endpoints(id, strings)
+        })
+    }
+
+    /// Opens a map stream for `id` and marks it online.
+    pub fn subscribe(&mut self, id: u64, now_ms: i64) -> Result<Subscription, ControlError> {
+        self.netmap.set_online(id, true, now_ms);
+        self.netmap.subscribe(id).ok_or(ControlError::NodeNotFound { id })
+    }
+
+    /// Closes stream `stream` of `id`. When that leaves the node offline, records when it was
+    /// last seen and returns whether it is ephemeral (and so due for reaping).
+    pub fn unsubscribe(&mut self, id: u64, stream: u64, now_ms: i64) -> Option<bool> {
+        if !self.netmap.unsubscribe(id, stream) {
+            return None;
+        }
+        self.netmap.set_online(id, false, now_ms);
+        let n = self.nodes.get_mut(&id)?;
+        n.last_seen_ms = Some(now_ms);
+        let n = n.clone();
+        if let Err(e) = self.store.update_node(&n) {
+            tracing::warn!(node = id, error = %e, "could not record last seen");
+        }
+        Some(n.ephemeral)
+    }
+
+    /// Deletes ephemeral node `id` if it has stayed offline since `since_ms`.
+    pub fn reap_if_idle(&mut self, id: u64, since_ms: i64) -> Result<bool, ControlError> {
+        let idle = self.nodes.get(&id).is_some_and(|n| {
+            n.ephemeral && n.last_seen_ms == Some(since_ms) && !self.netmap.is_subscribed(id)
+        });
+        if idle {
+            tracing::info!(node = id, "ephemeral node inactive; deleting");
+            self.delete_node(id)?;
+        }
+        Ok(idle)
+    }
+
+    /// Why a map stream of `id` ended from the server's side.
+    pub fn stream_end_reason(&self, id: u64, now_ms: i64) -> tonic::Status {
+        match self.nodes.get(&id) {
+            None => tonic::Status::not_found("node was deleted"),
+            Some(n) if expired(n.expiry_ms, now_ms) => ControlError::NodeExpired { key: n.node_key }.into(),
+            Some(_) => tonic::Status::aborted("map stream replaced or lagging; reconnect for a full map"),
+        }
+    }
+
+    // --- admin ---
+
+    /// Adds a user.
+    pub fn create_user(&mut self, name: &str, now_ms: i64) -> Result<UserRecord, ControlError> {
+        if !valid_label(name) {
+            return Err(ControlError::InvalidField { field: "name", reason: "lowercase letters, digits, dashes; at most 63" });
+        }
+        if self.users.values().any(|u| u.name == name) {
+            return Err(ControlError::UserExists { name: name.into() });
+        }
+        let u = self.store.create_user(name, now_ms)?;
+        self.users.insert(u.id, u.clone());
+        Ok(u)
+    }
+
+    /// Every user.
+    pub fn users(&self) -> Vec<UserRecord> {
+        self.users.values().cloned().collect()
+    }
+
+    /// Removes a user that has no nodes.
+    pub fn delete_user(&mut self, name: &str) -> Result<(), ControlError> {
+        let id = self.user_by_name(name)?.id;
+        let count = self.nodes.values().filter(|n| n.user_id == id).count();
+        if count > 0 {
+            return Err(ControlError::UserHasNodes { name: name.into(), count });
+        }
+        self.store.delete_user(id)?;
+        self.users.remove(&id);
+        Ok(())
+    }
+
+    /// Makes a pre-auth key from 30 random bytes; returns it and its one-time text.
+    pub fn create_auth_key(
+        &mut self,
+        new: &NewAuthKey,
+        random: [u8; 30],
+        now_ms: i64,
+    ) -> Result<(PreAuthKeyRecord, String), ControlError> {
+        let user_id = self.user_by_name(&new.user)?.id;
+        check_tags(&new.tags)?;
+        let issued = secret::issue(SecretKind::Auth, random);
+        let mut rec = PreAuthKeyRecord {
+            id: 0,
+            user_id,
+            prefix: issued.prefix,
+            hash: issued.hash,
+            reusable: new.reusable,
+            ephemeral: new.ephemeral,
+            used: false,
+            expiration_ms: Some(now_ms.saturating_add(ms(new.expiration.unwrap_or(DEFAULT_AUTH_KEY_LIFETIME)))),
+            created_ms: now_ms,
+            tags: new.tags.clone(),
+        };
+        rec.id = self.store.insert_preauth_key(&rec)?;
+        Ok((rec, issued.text))
+    }
+
+    /// Pre-auth keys, of one user or all.
+    pub fn auth_keys(&self, user: Option<&str>) -> Result<Vec<PreAuthKeyRecord>, ControlError> {
+        let only = user.map(|u| self.user_by_name(u).map(|u| u.id)).transpose()?;
+        Ok(self.store.preauth_keys()?.into_iter().filter(|k| only.is_none_or(|u| k.user_id == u)).collect())
+    }
+
+    /// The owner's name of a pre-auth key.
+    pub fn auth_key_user(&self, key: &PreAuthKeyRecord) -> String {
+        self.user_name(key.user_id)
+    }
+
+    /// Makes a pre-auth key unusable from now on.
+    pub fn expire_auth_key(&mut self, prefix: &str, now_ms: i64) -> Result<(), ControlError> {
+        let key = self
+            .store
+            .preauth_key(prefix)?
+            .ok_or_else(|| ControlError::KeyPrefixNotFound { prefix: prefix.into() })?;
+        self.store.expire_preauth_key(key.id, now_ms)?;
+        Ok(())
+    }
+
+    /// Makes an API key from 30 random bytes; returns it and its one-time text.
+    pub fn create_api_key(
+        &mut self,
+        expiration: Option<Duration>,
+        random: [u8; 30],
+        now_ms: i64,
+    ) -> Result<(ApiKeyRecord, String), ControlError> {
+        let issued = secret::issue(SecretKind::Api, random);
+        let mut rec = ApiKeyRecord {
+            id: 0,
+            prefix: issued.prefix,
+            hash: issued.hash,
+            expiration_ms: expiration.map(|d| now_ms.saturating_add(ms(d))),
+            created_ms: now_ms,
+            last_used_ms: None,
+        };
+        rec.id = self.store.insert_api_key(&rec)?;
+        Ok((rec, issued.text))
+    }
+
+    /// Every API key.
+    pub fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, ControlError> {
+        Ok(self.store.api_keys()?)
+    }
+
+    /// Makes an API key unusable from now on.
+    pub fn expire_api_key(&mut self, prefix: &str, now_ms: i64) -> Result<(), ControlError> {
+        let key = self
+            .store
+            .api_key(prefix)?
+            .ok_or_else(|| ControlError::KeyPrefixNotFound { prefix: prefix.into() })?;
+        self.store.expire_api_key(key.id, now_ms)?;
+        Ok(())
+    }
+
+    /// Checks a presented API key and records its use.
+    pub fn check_api_key(&mut self, text: &str, now_ms: i64) -> Result<(), ControlError> {
+        let presented = secret::parse(SecretKind::Api, text).map_err(|_| ControlError::ApiKeyInvalid)?;
+        let key = self.store.api_key(&presented.prefix)?.ok_or(ControlError::ApiKeyInvalid)?;
+        if !secret::same_hash(&key.hash, &presented.hash) {
+            return Err(ControlError::ApiKeyInvalid);
+        }
+        if expired(key.expiration_ms, now_ms) {
+            return Err(ControlError::ApiKeyExpired);
+        }
+        self.store.touch_api_key(key.id, now_ms)?;
+        Ok(())
+    }
+
+    /// Nodes, of one user or all.
+    pub fn admin_nodes(&self, user: Option<&str>) -> Result<Vec<Node>, ControlError> {
+        let only = user.map(|u| self.user_by_name(u).map(|u| u.id)).transpose()?;
+        Ok(self
+            .nodes
+            .values()
+            .filter(|n| only.is_none_or(|u| n.user_id == u))
+            .map(|n| self.view(n))
+            .collect())
+    }
+
+    /// Deletes a node: its peers drop it and its own stream ends.
+    pub fn delete_node(&mut self, id: u64) -> Result<usize, ControlError> {
+        let n = self.nodes.get(&id).ok_or(ControlError::NodeNotFound { id })?;
+        self.store.delete_node(id)?;
+        let n = n.clone();
+        self.nodes.remove(&id);
+        self.by_key.remove(&n.node_key);
+        self.names.remove(&n.given_name);
+        self.ipam.release(n.ipv4);
+        tracing::info!(node = id, name = %n.given_name, "node deleted");
+        Ok(self.netmap.remove(id))
+    }
+
+    /// Expires a node's key now: its peers drop it and it must register again.
+    pub fn expire_node(&mut self, id: u64, now_ms: i64) -> Result<Node, ControlError> {
+        let mut n = self.nodes.get(&id).cloned().ok_or(ControlError::NodeNotFound { id })?;
+        n.expiry_ms = Some(now_ms);
+        self.store.update_node(&n)?;
+        let view = self.view(&n);
+        self.nodes.insert(id, n);
+        self.netmap.remove(id);
+        Ok(view)
+    }
+
+    /// Gives a node a new unique name.
+    pub fn rename_node(&mut self, id: u64, name: &str) -> Result<Node, ControlError> {
+        if !valid_label(name) {
+            return Err(ControlError::InvalidField { field: "new_name", reason: "lowercase letters, digits, dashes; at most 63" });
+        }
+        let mut n = self.nodes.get(&id).cloned().ok_or(ControlError::NodeNotFound { id })?;
+        if self.names.get(name).is_some_and(|other| *other != id) {
+            return Err(ControlError::NameTaken { name: name.into() });
+        }
+        let old = std::mem::replace(&mut n.given_name, name.to_string());
+        self.store.update_node(&n)?;
+        self.names.remove(&old);
+        self.names.insert(n.given_name.clone(), id);
+        let view = self.view(&n);
+        self.nodes.insert(id, n);
+        if self.netmap.node(id).is_some() {
+            self.netmap.upsert(view.clone());
+        }
+        Ok(view)
+    }
+}

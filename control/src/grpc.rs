@@ -1,0 +1,345 @@
+//! The gRPC services: `Control` for nodes (every call but GetServerKey proven with the node's
+//! key) and `Admin` for operators (an API key over TCP; none over the local unix socket). They
+//! check input, lock the [`Core`] briefly, and turn results into responses.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use warren_proto::control::admin_server::Admin;
+use warren_proto::control::control_server::Control;
+use warren_proto::control::map_response::Kind;
+use warren_proto::control::*;
+use warren_proto::proof::verify_proof;
+use warren_proto::{ControlSecretKey, DiscoPublicKey, NodePublicKey};
+
+use crate::core::{Core, NewAuthKey};
+use crate::error::ControlError;
+use crate::store::{ApiKeyRecord, PreAuthKeyRecord};
+
+/// Largest request message accepted, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// The wall clock in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn random30() -> Result<[u8; 30], Status> {
+    let mut b = [0u8; 30];
+    getrandom::getrandom(&mut b).map_err(|_| Status::internal("no randomness available"))?;
+    Ok(b)
+}
+
+/// State shared by both services.
+#[derive(Debug)]
+pub struct Shared {
+    /// The server's state.
+    pub core: Mutex<Core>,
+    /// The server's key, for opening node proofs.
+    pub key: ControlSecretKey,
+    /// How often an idle map stream gets a keepalive.
+    pub keepalive: Duration,
+    /// How long an ephemeral node may stay offline.
+    pub ephemeral_timeout: Duration,
+}
+
+/// The `Control` service.
+#[derive(Debug, Clone)]
+pub struct ControlService {
+    shared: Arc<Shared>,
+}
+
+impl ControlService {
+    /// A service over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    async fn authenticate(&self, proof: Option<&NodeProof>, method: &str) -> Result<(u64, NodePublicKey), Status> {
+        let now = now_ms();
+        let key = verify_proof(&self.shared.key, proof, method, now).map_err(ControlError::from)?;
+        let id = self.shared.core.lock().await.authenticate(&key, now)?;
+        Ok((id, key))
+    }
+}
+
+fn parse_endpoints(list: &[String]) -> Result<Vec<SocketAddr>, ControlError> {
+    if list.len() > crate::core::MAX_ENDPOINTS {
+        return Err(ControlError::InvalidField { field: "endpoints", reason: "more than 64" });
+    }
+    list.iter()
+        .map(|s| s.parse().map_err(|_| ControlError::InvalidField { field: "endpoints", reason: "not ip:port" }))
+        .collect()
+}
+
+type MapStream = Pin<Box<dyn Stream<Item = Result<MapResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn get_server_key(&self, _: Request<GetServerKeyRequest>) -> Result<Response<GetServerKeyResponse>, Status> {
+        Ok(Response::new(GetServerKeyResponse { server_key: self.shared.key.public_key().to_vec() }))
+    }
+
+    async fn register_node(&self, req: Request<RegisterNodeRequest>) -> Result<Response<RegisterNodeResponse>, Status> {
+        let req = req.into_inner();
+        let now = now_ms();
+        let key = verify_proof(&self.shared.key, req.proof.as_ref(), "RegisterNode", now).map_err(ControlError::from)?;
+        let disco = DiscoPublicKey::from_slice(&req.disco_key)
+            .map_err(|_| ControlError::InvalidField { field: "disco_key", reason: "must be 32 bytes" })?;
+        let node = self.shared.core.lock().await.register(key, disco, &req.hostname, &req.auth_key, now)?;
+        Ok(Response::new(RegisterNodeResponse { node: Some(node) }))
+    }
+
+    async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<GetNodeResponse>, Status> {
+        let (id, _) = self.authenticate(req.get_ref().proof.as_ref(), "GetNode").await?;
+        let node = self.shared.core.lock().await.node(id)?;
+        Ok(Response::new(GetNodeResponse { node: Some(node) }))
+    }
+
+    async fn list_nodes(&self, req: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
+        let (id, _) = self.authenticate(req.get_ref().proof.as_ref(), "ListNodes").await?;
+        let nodes = self.shared.core.lock().await.peers(id);
+        Ok(Response::new(ListNodesResponse { nodes }))
+    }
+
+    async fn update_node(&self, req: Request<UpdateNodeRequest>) -> Result<Response<UpdateNodeResponse>, Status> {
+        let req = req.into_inner();
+        let (id, _) = self.authenticate(req.proof.as_ref(), "UpdateNode").await?;
+        let endpoints = req.endpoints.map(|e| parse_endpoints(&e.endpoints)).transpose()?;
+        self.shared.core.lock().await.update_node(id, endpoints, req.hostname)?;
+        Ok(Response::new(UpdateNodeResponse {}))
+    }
+
+    type StreamMapResponseStream = MapStream;
+
+    async fn stream_map_response(&self, req: Request<StreamMapRequest>) -> Result<Response<MapStream>, Status> {
+        let (id, key) = self.authenticate(req.get_ref().proof.as_ref(), "StreamMapResponse").await?;
+        let sub = self.shared.core.lock().await.subscribe(id, now_ms())?;
+        tracing::info!(node = id, key = %key.short(), "map stream opened");
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(run_stream(Arc::clone(&self.shared), id, sub, tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Feeds one map stream: the full map, then deltas, keepalives when idle; unsubscribes at the end.
+async fn run_stream(
+    shared: Arc<Shared>,
+    id: u64,
+    mut sub: crate::netmap::Subscription,
+    tx: mpsc::Sender<Result<MapResponse, Status>>,
+) {
+    let mut seq = 1;
+    let first = MapResponse { seq, kind: Some(Kind::Full(std::mem::take(&mut sub.full))) };
+    let mut open = tx.send(Ok(first)).await.is_ok();
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + shared.keepalive, shared.keepalive);
+    while open {
+        let kind = tokio::select! {
+            d = sub.deltas.recv() => match d {
+                Some(d) => Kind::clone(&d),
+                None => {
+                    // The server closed this stream: deleted, expired, replaced or lagging.
+                    let status = shared.core.lock().await.stream_end_reason(id, now_ms());
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+            },
+            _ = keepalive.tick() => Kind::Keepalive(Keepalive {}),
+            _ = tx.closed() => break,
+        };
+        keepalive.reset();
+        seq += 1;
+        open = tx.send(Ok(MapResponse { seq, kind: Some(kind) })).await.is_ok();
+    }
+    let now = now_ms();
+    let ephemeral = shared.core.lock().await.unsubscribe(id, sub.stream, now);
+    tracing::info!(node = id, "map stream closed");
+    if ephemeral == Some(true) {
+        let timeout = shared.ephemeral_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Err(e) = shared.core.lock().await.reap_if_idle(id, now) {
+                tracing::warn!(node = id, error = %e, "could not delete ephemeral node");
+            }
+        });
+    }
+}
+
+/// The `Admin` service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    shared: Arc<Shared>,
+    require_api_key: bool,
+}
+
+impl AdminService {
+    /// A service over `shared`; `require_api_key` is false only on the local unix socket.
+    pub fn new(shared: Arc<Shared>, require_api_key: bool) -> Self {
+        Self { shared, require_api_key }
+    }
+
+    async fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if !self.require_api_key {
+            return Ok(());
+        }
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ControlError::ApiKeyMissing)?;
+        let key = header.strip_prefix("Bearer ").ok_or(ControlError::ApiKeyMissing)?;
+        self.shared.core.lock().await.check_api_key(key, now_ms())?;
+        Ok(())
+    }
+}
+
+fn user_msg(u: &crate::store::UserRecord) -> User {
+    User { id: u.id, name: u.name.clone(), created_unix_ms: u.created_ms }
+}
+
+fn auth_key_msg(k: &PreAuthKeyRecord, user: String) -> PreAuthKey {
+    PreAuthKey {
+        id: k.id,
+        user,
+        prefix: k.prefix.clone(),
+        reusable: k.reusable,
+        ephemeral: k.ephemeral,
+        used: k.used,
+        expiration_unix_ms: k.expiration_ms.unwrap_or(0),
+        created_unix_ms: k.created_ms,
+        tags: k.tags.clone(),
+    }
+}
+
+fn api_key_msg(k: &ApiKeyRecord) -> ApiKey {
+    ApiKey {
+        id: k.id,
+        prefix: k.prefix.clone(),
+        expiration_unix_ms: k.expiration_ms.unwrap_or(0),
+        created_unix_ms: k.created_ms,
+        last_used_unix_ms: k.last_used_ms.unwrap_or(0),
+    }
+}
+
+fn secs(s: u64) -> Option<Duration> {
+    (s > 0).then(|| Duration::from_secs(s))
+}
+
+fn nonempty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_user(&self, req: Request<CreateUserRequest>) -> Result<Response<CreateUserResponse>, Status> {
+        self.authorize(&req).await?;
+        let u = self.shared.core.lock().await.create_user(&req.get_ref().name, now_ms())?;
+        Ok(Response::new(CreateUserResponse { user: Some(user_msg(&u)) }))
+    }
+
+    async fn list_users(&self, req: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
+        self.authorize(&req).await?;
+        let users = self.shared.core.lock().await.users().iter().map(user_msg).collect();
+        Ok(Response::new(ListUsersResponse { users }))
+    }
+
+    async fn delete_user(&self, req: Request<DeleteUserRequest>) -> Result<Response<DeleteUserResponse>, Status> {
+        self.authorize(&req).await?;
+        self.shared.core.lock().await.delete_user(&req.get_ref().name)?;
+        Ok(Response::new(DeleteUserResponse {}))
+    }
+
+    async fn create_pre_auth_key(
+        &self,
+        req: Request<CreatePreAuthKeyRequest>,
+    ) -> Result<Response<CreatePreAuthKeyResponse>, Status> {
+        self.authorize(&req).await?;
+        let r = req.into_inner();
+        let new = NewAuthKey {
+            user: r.user,
+            reusable: r.reusable,
+            ephemeral: r.ephemeral,
+            expiration: secs(r.expiration_secs),
+            tags: r.tags,
+        };
+        let mut core = self.shared.core.lock().await;
+        let (k, secret) = core.create_auth_key(&new, random30()?, now_ms())?;
+        let user = core.auth_key_user(&k);
+        Ok(Response::new(CreatePreAuthKeyResponse { key: Some(auth_key_msg(&k, user)), secret }))
+    }
+
+    async fn list_pre_auth_keys(
+        &self,
+        req: Request<ListPreAuthKeysRequest>,
+    ) -> Result<Response<ListPreAuthKeysResponse>, Status> {
+        self.authorize(&req).await?;
+        let core = self.shared.core.lock().await;
+        let keys = core
+            .auth_keys(nonempty(&req.get_ref().user))?
+            .iter()
+            .map(|k| auth_key_msg(k, core.auth_key_user(k)))
+            .collect();
+        Ok(Response::new(ListPreAuthKeysResponse { keys }))
+    }
+
+    async fn expire_pre_auth_key(
+        &self,
+        req: Request<ExpirePreAuthKeyRequest>,
+    ) -> Result<Response<ExpirePreAuthKeyResponse>, Status> {
+        self.authorize(&req).await?;
+        self.shared.core.lock().await.expire_auth_key(&req.get_ref().prefix, now_ms())?;
+        Ok(Response::new(ExpirePreAuthKeyResponse {}))
+    }
+
+    async fn create_api_key(&self, req: Request<CreateApiKeyRequest>) -> Result<Response<CreateApiKeyResponse>, Status> {
+        self.authorize(&req).await?;
+        let exp = secs(req.get_ref().expiration_secs);
+        let (k, secret) = self.shared.core.lock().await.create_api_key(exp, random30()?, now_ms())?;
+        Ok(Response::new(CreateApiKeyResponse { key: Some(api_key_msg(&k)), secret }))
+    }
+
+    async fn list_api_keys(&self, req: Request<ListApiKeysRequest>) -> Result<Response<ListApiKeysResponse>, Status> {
+        self.authorize(&req).await?;
+        let keys = self.shared.core.lock().await.api_keys()?.iter().map(api_key_msg).collect();
+        Ok(Response::new(ListApiKeysResponse { keys }))
+    }
+
+    async fn expire_api_key(&self, req: Request<ExpireApiKeyRequest>) -> Result<Response<ExpireApiKeyResponse>, Status> {
+        self.authorize(&req).await?;
+        self.shared.core.lock().await.expire_api_key(&req.get_ref().prefix, now_ms())?;
+        Ok(Response::new(ExpireApiKeyResponse {}))
+    }
+
+    async fn list_nodes(&self, req: Request<AdminListNodesRequest>) -> Result<Response<AdminListNodesResponse>, Status> {
+        self.authorize(&req).await?;
+        let nodes = self.shared.core.lock().await.admin_nodes(nonempty(&req.get_ref().user))?;
+        Ok(Response::new(AdminListNodesResponse { nodes }))
+    }
+
+    async fn delete_node(&self, req: Request<DeleteNodeRequest>) -> Result<Response<DeleteNodeResponse>, Status> {
+        self.authorize(&req).await?;
+        self.shared.core.lock().await.delete_node(req.get_ref().id)?;
+        Ok(Response::new(DeleteNodeResponse {}))
+    }
+
+    async fn expire_node(&self, req: Request<ExpireNodeRequest>) -> Result<Response<ExpireNodeResponse>, Status> {
+        self.authorize(&req).await?;
+        let node = self.shared.core.lock().await.expire_node(req.get_ref().id, now_ms())?;
+        Ok(Response::new(ExpireNodeResponse { node: Some(node) }))
+    }
+
+    async fn rename_node(&self, req: Request<RenameNodeRequest>) -> Result<Response<RenameNodeResponse>, Status> {
+        self.authorize(&req).await?;
+        let r = req.get_ref();
+        let node = self.shared.core.lock().await.rename_node(r.id, &r.new_name)?;
+        Ok(Response::new(RenameNodeResponse { node: Some(node) }))
+    }
+}

@@ -1,0 +1,138 @@
+//! `warren-control serve`: loads the key and the database, then serves `Control` and `Admin` on
+//! TCP and `Admin` on the local unix socket until SIGINT or SIGTERM.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::Mutex;
+use tonic::transport::Server;
+use warren_proto::ControlSecretKey;
+use warren_proto::control::DnsConfig;
+use warren_proto::control::admin_server::AdminServer;
+use warren_proto::control::control_server::ControlServer;
+
+use crate::config::Config;
+use crate::core::{Core, Settings};
+use crate::grpc::{AdminService, ControlService, MAX_REQUEST_BYTES, Shared, now_ms};
+use crate::store::SqliteStore;
+
+/// Reads the server key at `path`, creating it (mode 0600) on first start.
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<ControlSecretKey> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => ControlSecretKey::from_text(&text).with_context(|| format!("reading key {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let key = ControlSecretKey::generate();
+            write_private(path, key.to_text().as_bytes())?;
+            tracing::info!(path = %path.display(), public = %key.public_key(), "created server key");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading key {}", path.display())),
+    }
+}
+
+/// Writes a file readable only by its owner.
+pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Builds the shared state from the configuration.
+pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
+    let key = load_or_create_key(&config.noise.private_key_path)?;
+    let store = SqliteStore::open(&config.database.sqlite.path, config.database.sqlite.write_ahead_log)
+        .with_context(|| format!("opening database {}", config.database.sqlite.path.display()))?;
+    let settings = Settings {
+        v4: config.prefixes.v4,
+        v6: config.prefixes.v6,
+        dns: DnsConfig { magic_dns: config.dns.magic_dns, base_domain: config.dns.base_domain.clone() },
+    };
+    let core = Core::open(Box::new(store), &settings, now_ms())?;
+    tracing::info!(nodes = core.netmap().len(), "state loaded");
+    Ok(Arc::new(Shared {
+        core: Mutex::new(core),
+        key,
+        keepalive: config.keepalive_interval,
+        ephemeral_timeout: config.ephemeral_node_inactivity_timeout,
+    }))
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let shared = open(&config)?;
+    let control = ControlServer::new(ControlService::new(Arc::clone(&shared)))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let admin_tcp = AdminServer::new(AdminService::new(Arc::clone(&shared), true))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let admin_local = AdminServer::new(AdminService::new(Arc::clone(&shared), false))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+    let socket = &config.unix_socket;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", socket.display())),
+    }
+    let unix = tokio::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    let mode = u32::from_str_radix(&config.unix_socket_permission, 8).unwrap_or(0o770);
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))?;
+    let tcp = tokio::net::TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("listening on {}", config.listen_addr))?;
+    tracing::info!(listen = %config.listen_addr, socket = %socket.display(), "warren-control serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let tcp_server = Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .add_service(control)
+        .add_service(admin_tcp)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(tcp), stopped(stop_rx.clone()));
+    let unix_server = Server::builder()
+        .add_service(admin_local)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(unix), stopped(stop_rx));
+    let result = tokio::try_join!(tcp_server, unix_server);
+    let _ = std::fs::remove_file(socket);
+    result?;
+    tracing::info!("warren-control stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,223 @@
+//! The node's copy of its netmap: a full map from control, then deltas applied in order. Each
+//! step says what changed for the data plane, as [`MapChange`], so the node updates only the
+//! peers concerned. Peer records from control are untrusted input: a malformed one is a typed
+//! error that skips that peer only.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use warren_proto::control::map_response::Kind;
+use warren_proto::control::{DnsConfig, Node};
+use warren_proto::{KeyParseError, NodePublicKey};
+
+use crate::node::PeerConfig;
+
+/// Why a netmap message could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    /// A key field was malformed.
+    #[error("node {id}: bad key: {error}")]
+    BadKey {
+        /// The node concerned.
+        id: u64,
+        /// What was wrong.
+        error: KeyParseError,
+    },
+    /// An address or endpoint did not parse.
+    #[error("node {id}: bad address {text:?}")]
+    BadAddress {
+        /// The node concerned.
+        id: u64,
+        /// The text.
+        text: String,
+    },
+    /// A delta arrived before the first full map.
+    #[error("delta before the first full map")]
+    NoFullMap,
+}
+
+/// What a netmap message changed for the data plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapChange {
+    /// A new full peer set.
+    Reset(Vec<PeerConfig>),
+    /// A peer was added or changed.
+    Upsert(PeerConfig),
+    /// A peer is gone.
+    Remove(NodePublicKey),
+    /// A peer's endpoints changed.
+    Endpoints(NodePublicKey, Vec<SocketAddr>),
+    /// Nothing for the data plane (keepalive, online state, this node's own record).
+    None,
+}
+
+/// Reads a peer's data-plane configuration out of its control record.
+pub fn peer_config(n: &Node) -> Result<PeerConfig, MapError> {
+    let key = NodePublicKey::from_slice(&n.node_key).map_err(|error| MapError::BadKey { id: n.id, error })?;
+    let allowed_ips = n
+        .addresses
+        .iter()
+        .map(|a| a.parse::<IpNet>().map_err(|_| MapError::BadAddress { id: n.id, text: a.clone() }))
+        .collect::<Result<_, _>>()?;
+    Ok(PeerConfig { key, name: n.given_name.clone(), allowed_ips, endpoints: endpoints(n.id, &n.endpoints)? })
+}
+
+fn endpoints(id: u64, list: &[String]) -> Result<Vec<SocketAddr>, MapError> {
+    list.iter()
+        .map(|e| e.parse().map_err(|_| MapError::BadAddress { id, text: e.clone() }))
+        .collect()
+}
+
+/// The netmap as this node knows it.
+#[derive(Debug, Default, Clone)]
+pub struct Netmap {
+    me: Option<Node>,
+    peers: BTreeMap<u64, Node>,
+    dns: Option<DnsConfig>,
+}
+
+impl Netmap {
+    /// This node's own record, once a full map arrived.
+    pub fn self_node(&self) -> Option<&Node> {
+        self.me.as_ref()
+    }
+
+    /// The peers by id.
+    pub fn peers(&self) -> impl Iterator<Item = &Node> {
+        self.peers.values()
+    }
+
+    /// The peer with this node key.
+    pub fn peer_by_key(&self, key: &NodePublicKey) -> Option<&Node> {
+        self.peers.values().find(|n| n.node_key == key.as_bytes())
+    }
+
+    /// MagicDNS settings.
+    pub fn dns(&self) -> Option<&DnsConfig> {
+        self.dns.as_ref()
+    }
+
+    fn key_of(&self, id: u64) -> Option<NodePublicKey> {
+        self.peers.get(&id).and_then(|n| NodePublicKey::from_slice(&n.node_key).ok())
+    }
+
+    /// Applies one message from the map stream.
+    pub fn apply(&mut self, kind: Kind) -> Result<MapChange, MapError> {
+        if self.me.is_none() && !matches!(kind, Kind::Full(_) | Kind::Keepalive(_)) {
+            return Err(MapError::NoFullMap);
+        }
+        Ok(match kind {
+            Kind::Full(full) => {
+                let mut configs = Vec::with_capacity(full.peers.len());
+                self.peers.clear();
+                for p in full.peers {
+                    match peer_config(&p) {
+                        Ok(c) => {
+                            configs.push(c);
+                            self.peers.insert(p.id, p);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "skipping malformed peer"),
+                    }
+                }
+                self.me = full.self_node;
+                self.dns = full.dns;
+                MapChange::Reset(configs)
+            }
+            Kind::PeerAdded(p) | Kind::PeerChanged(p) => {
+                let c = peer_config(&p)?;
+                if let Some(old) = self.key_of(p.id).filter(|k| *k != c.key) {
+                    // Same node, new key: the old session is gone with it.
+                    self.peers.insert(p.id, p);
+                    tracing::debug!(old = %old.short(), "peer changed key");
+                    return Ok(MapChange::Reset(self.configs()));
+                }
+                self.peers.insert(p.id, p);
+                MapChange::Upsert(c)
+            }
+            Kind::PeerRemoved(r) => match self.key_of(r.id) {
+                Some(key) => {
+                    self.peers.remove(&r.id);
+                    MapChange::Remove(key)
+                }
+                None => MapChange::None,
+            },
+            Kind::PeerEndpoints(e) => {
+                let eps = endpoints(e.id, &e.endpoints)?;
+                let key = self.key_of(e.id);
+                match (self.peers.get_mut(&e.id), key) {
+                    (Some(p), Some(key)) => {
+                        p.endpoints = e.endpoints;
+                        MapChange::Endpoints(key, eps)
+                    }
+                    _ => MapChange::None,
+                }
+            }
+            Kind::PeerOnline(o) => {
+                if let Some(p) = self.peers.get_mut(&o.id) {
+                    p.online = o.online;
+                    p.last_seen_unix_ms = o.last_seen_unix_ms;
+                }
+                MapChange::None
+            }
+            Kind::SelfChanged(n) => {
+                self.me = Some(n);
+                MapChange::None
+            }
+            Kind::Keepalive(_) => MapChange::None,
+        })
+    }
+
+    fn configs(&self) -> Vec<PeerConfig> {
+        self.peers.values().filter_map(|p| peer_config(p).ok()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_proto::control::{FullMap, PeerEndpoints, PeerRemoved};
+
+    fn node(id: u64) -> Node {
+        Node {
+            id,
+            node_key: vec![id as u8; 32],
+            given_name: format!("n{id}"),
+            addresses: vec![format!("100.64.0.{id}/32")],
+            endpoints: vec![format!("10.0.0.{id}:41641")],
+            ..Node::default()
+        }
+    }
+
+    #[test]
+    fn full_then_deltas() {
+        let mut m = Netmap::default();
+        assert_eq!(m.apply(Kind::PeerAdded(node(2))), Err(MapError::NoFullMap));
+        let full = FullMap { self_node: Some(node(1)), peers: vec![node(2)], dns: None };
+        let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else { panic!("reset") };
+        assert_eq!(c.len(), 1);
+        assert!(matches!(m.apply(Kind::PeerAdded(node(3))), Ok(MapChange::Upsert(c)) if c.name == "n3"));
+        let eps = PeerEndpoints { id: 3, endpoints: vec!["10.9.9.9:1".into()] };
+        assert!(matches!(m.apply(Kind::PeerEndpoints(eps)), Ok(MapChange::Endpoints(_, e)) if e.len() == 1));
+        assert_eq!(
+            m.apply(Kind::PeerRemoved(PeerRemoved { id: 3 })),
+            Ok(MapChange::Remove(NodePublicKey::from_bytes([3; 32])))
+        );
+        assert_eq!(m.apply(Kind::PeerRemoved(PeerRemoved { id: 3 })), Ok(MapChange::None));
+        assert_eq!(m.peers().count(), 1);
+    }
+
+    #[test]
+    fn malformed_peer_is_skipped_or_refused_alone() {
+        let mut m = Netmap::default();
+        let mut bad = node(9);
+        bad.addresses = vec!["not-an-ip".into()];
+        let full = FullMap { self_node: Some(node(1)), peers: vec![node(2), bad.clone()], dns: None };
+        let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else { panic!("reset") };
+        assert_eq!(c.len(), 1, "the malformed peer is skipped, the good one kept");
+        assert!(matches!(m.apply(Kind::PeerAdded(bad)), Err(MapError::BadAddress { id: 9, .. })));
+        let mut short_key = node(5);
+        short_key.node_key.pop();
+        assert!(matches!(m.apply(Kind::PeerChanged(short_key)), Err(MapError::BadKey { id: 5, .. })));
+    }
+}
