@@ -1,1 +1,80 @@
-//! Fixtures shared by warren's benchmarks.
+//! Fixtures shared by warren's benchmarks: a control core populated with many registered,
+//! connected nodes, so a benchmark measures one change against a realistic mesh.
+
+use warren_control::core::{Core, NewAuthKey, Settings};
+use warren_control::netmap::Subscription;
+use warren_control::store::SqliteStore;
+use warren_proto::control::DnsConfig;
+use warren_proto::{DiscoSecretKey, NodeSecretKey};
+
+/// A core with `n` registered nodes, each with an open map stream.
+pub struct Mesh {
+    /// The control server's state.
+    pub core: Core,
+    /// One open stream per node; drain them to keep them from counting as lagging.
+    pub streams: Vec<Subscription>,
+    /// A reusable pre-auth key for further joins.
+    pub auth_key: String,
+    /// A fixed clock.
+    pub now_ms: i64,
+}
+
+impl Mesh {
+    /// Builds the mesh (in-memory SQLite, so the disk does not dominate).
+    pub fn new(n: usize) -> Self {
+        let settings = Settings {
+            v4: "100.64.0.0/10".parse().expect("range"),
+            v6: "fd7a:115c:a1e0::/48".parse().expect("range"),
+            dns: DnsConfig {
+                magic_dns: true,
+                base_domain: "bench.internal".into(),
+            },
+        };
+        let now_ms = 1_700_000_000_000;
+        let store = SqliteStore::in_memory().expect("sqlite");
+        let mut core = Core::open(Box::new(store), &settings, now_ms).expect("core");
+        core.create_user("bench", now_ms).expect("user");
+        let new = NewAuthKey {
+            user: "bench".into(),
+            reusable: true,
+            ..NewAuthKey::default()
+        };
+        let (_, auth_key) = core.create_auth_key(&new, [7; 30], now_ms).expect("key");
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let node = core
+                .register(
+                    NodeSecretKey::generate().public_key(),
+                    DiscoSecretKey::generate().public_key(),
+                    &format!("node{i}"),
+                    &auth_key,
+                    now_ms,
+                )
+                .expect("register");
+            ids.push(node.id);
+        }
+        let streams = ids
+            .iter()
+            .map(|id| core.subscribe(*id, now_ms).expect("subscribe"))
+            .collect();
+        let mut mesh = Self {
+            core,
+            streams,
+            auth_key,
+            now_ms,
+        };
+        mesh.drain();
+        mesh
+    }
+
+    /// Empties every stream's queue; returns how many deltas were waiting.
+    pub fn drain(&mut self) -> usize {
+        let mut n = 0;
+        for s in &mut self.streams {
+            while s.deltas.try_recv().is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+}

@@ -16,7 +16,11 @@ use crate::config::parse_duration;
 
 /// Command line of `warren-control`.
 #[derive(Debug, Parser)]
-#[command(name = "warren-control", version, about = "warren's coordination server and its admin CLI")]
+#[command(
+    name = "warren-control",
+    version,
+    about = "warren's coordination server and its admin CLI"
+)]
 pub struct Cli {
     /// Configuration file (TOML). `serve` runs with defaults without one.
     #[arg(long, short, global = true, env = "WARREN_CONTROL_CONFIG")]
@@ -183,7 +187,12 @@ pub async fn connect(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<Admin
                 }
             }))
             .await
-            .with_context(|| format!("connecting to {} (is warren-control serve running? are you root?)", path.display()))?
+            .with_context(|| {
+                format!(
+                    "connecting to {} (is warren-control serve running? are you root?)",
+                    path.display()
+                )
+            })?
     };
     Ok(AdminClient::new(channel))
 }
@@ -191,8 +200,13 @@ pub async fn connect(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<Admin
 fn with_key<T>(cli: &Cli, msg: T) -> anyhow::Result<tonic::Request<T>> {
     let mut req = tonic::Request::new(msg);
     if cli.server.is_some() {
-        let key = cli.api_key.as_deref().context("--server needs --api-key (or WARREN_API_KEY)")?;
-        let value = format!("Bearer {key}").parse().context("API key has characters a header cannot carry")?;
+        let key = cli
+            .api_key
+            .as_deref()
+            .context("--server needs --api-key (or WARREN_API_KEY)")?;
+        let value = format!("Bearer {key}")
+            .parse()
+            .context("API key has characters a header cannot carry")?;
         req.metadata_mut().insert("authorization", value);
     }
     Ok(req)
@@ -215,7 +229,12 @@ pub fn fmt_time(ms: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
@@ -226,7 +245,11 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
@@ -282,7 +305,9 @@ impl From<&Node> for NodeView {
             addresses: n.addresses.clone(),
             endpoints: n.endpoints.clone(),
             online: n.online,
-            node_key: NodePublicKey::from_slice(&n.node_key).map(|k| k.to_string()).unwrap_or_default(),
+            node_key: NodePublicKey::from_slice(&n.node_key)
+                .map(|k| k.to_string())
+                .unwrap_or_default(),
             last_seen_unix_ms: n.last_seen_unix_ms,
             expiry_unix_ms: n.expiry_unix_ms,
             created_unix_ms: n.created_unix_ms,
@@ -364,7 +389,11 @@ fn status_error(e: tonic::Status) -> anyhow::Error {
 }
 
 fn user_row(u: &User) -> Vec<String> {
-    vec![u.id.to_string(), u.name.clone(), fmt_time(u.created_unix_ms)]
+    vec![
+        u.id.to_string(),
+        u.name.clone(),
+        fmt_time(u.created_unix_ms),
+    ]
 }
 
 fn node_rows(nodes: &[Node]) -> Vec<Vec<String>> {
@@ -376,7 +405,11 @@ fn node_rows(nodes: &[Node]) -> Vec<Vec<String>> {
                 n.given_name.clone(),
                 n.user.clone(),
                 n.addresses.join(", "),
-                if n.online { "online".into() } else { "offline".into() },
+                if n.online {
+                    "online".into()
+                } else {
+                    "offline".into()
+                },
                 fmt_time(n.last_seen_unix_ms),
                 fmt_time(n.expiry_unix_ms),
                 n.tags.join(","),
@@ -385,7 +418,16 @@ fn node_rows(nodes: &[Node]) -> Vec<Vec<String>> {
         .collect()
 }
 
-const NODE_HEADERS: &[&str] = &["ID", "NAME", "USER", "ADDRESSES", "STATUS", "LAST SEEN", "EXPIRES", "TAGS"];
+const NODE_HEADERS: &[&str] = &[
+    "ID",
+    "NAME",
+    "USER",
+    "ADDRESSES",
+    "STATUS",
+    "LAST SEEN",
+    "EXPIRES",
+    "TAGS",
+];
 
 /// Runs one admin command against the server.
 pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
@@ -395,35 +437,62 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
         Command::Serve => unreachable_serve(),
         Command::Users(cmd) => match cmd {
             UsersCmd::Create { name } => {
-                let r = c.create_user(with_key(cli, CreateUserRequest { name: name.clone() })?).await.map_err(status_error)?;
+                let r = c
+                    .create_user(with_key(cli, CreateUserRequest { name: name.clone() })?)
+                    .await
+                    .map_err(status_error)?;
                 let u = r.into_inner().user.unwrap_or_default();
                 if json {
-                    print_json(&UserView { id: u.id, name: u.name, created_unix_ms: u.created_unix_ms })?;
+                    print_json(&UserView {
+                        id: u.id,
+                        name: u.name,
+                        created_unix_ms: u.created_unix_ms,
+                    })?;
                 } else {
                     println!("user {} created (id {})", u.name, u.id);
                 }
             }
             UsersCmd::List => {
-                let users = c.list_users(with_key(cli, ListUsersRequest {})?).await.map_err(status_error)?.into_inner().users;
+                let users = c
+                    .list_users(with_key(cli, ListUsersRequest {})?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .users;
                 if json {
                     let v: Vec<_> = users
                         .iter()
-                        .map(|u| UserView { id: u.id, name: u.name.clone(), created_unix_ms: u.created_unix_ms })
+                        .map(|u| UserView {
+                            id: u.id,
+                            name: u.name.clone(),
+                            created_unix_ms: u.created_unix_ms,
+                        })
                         .collect();
                     print_json(&v)?;
                 } else {
-                    print_table(&["ID", "NAME", "CREATED"], users.iter().map(user_row).collect());
+                    print_table(
+                        &["ID", "NAME", "CREATED"],
+                        users.iter().map(user_row).collect(),
+                    );
                 }
             }
             UsersCmd::Delete { name } => {
-                c.delete_user(with_key(cli, DeleteUserRequest { name: name.clone() })?).await.map_err(status_error)?;
+                c.delete_user(with_key(cli, DeleteUserRequest { name: name.clone() })?)
+                    .await
+                    .map_err(status_error)?;
                 if !json {
                     println!("user {name} deleted");
                 }
             }
         },
         Command::Preauthkeys(cmd) => match cmd {
-            PreauthkeysCmd::Create { user, reusable, ephemeral, expiration, tags } => {
+            PreauthkeysCmd::Create {
+                user,
+                reusable,
+                ephemeral,
+                expiration,
+                tags,
+            } => {
                 let req = CreatePreAuthKeyRequest {
                     user: user.clone(),
                     reusable: *reusable,
@@ -431,17 +500,31 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                     expiration_secs: lifetime(expiration)?,
                     tags: tags.clone(),
                 };
-                let r = c.create_pre_auth_key(with_key(cli, req)?).await.map_err(status_error)?.into_inner();
+                let r = c
+                    .create_pre_auth_key(with_key(cli, req)?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
                 let key = r.key.unwrap_or_default();
                 if json {
-                    print_json(&Created { key: AuthKeyView::from(&key), secret: r.secret })?;
+                    print_json(&Created {
+                        key: AuthKeyView::from(&key),
+                        secret: r.secret,
+                    })?;
                 } else {
                     println!("{}", r.secret);
                 }
             }
             PreauthkeysCmd::List { user } => {
-                let req = ListPreAuthKeysRequest { user: user.clone().unwrap_or_default() };
-                let keys = c.list_pre_auth_keys(with_key(cli, req)?).await.map_err(status_error)?.into_inner().keys;
+                let req = ListPreAuthKeysRequest {
+                    user: user.clone().unwrap_or_default(),
+                };
+                let keys = c
+                    .list_pre_auth_keys(with_key(cli, req)?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .keys;
                 if json {
                     print_json(&keys.iter().map(AuthKeyView::from).collect::<Vec<_>>())?;
                 } else {
@@ -460,12 +543,28 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                             ]
                         })
                         .collect();
-                    print_table(&["ID", "PREFIX", "USER", "REUSABLE", "EPHEMERAL", "USED", "EXPIRES", "TAGS"], rows);
+                    print_table(
+                        &[
+                            "ID",
+                            "PREFIX",
+                            "USER",
+                            "REUSABLE",
+                            "EPHEMERAL",
+                            "USED",
+                            "EXPIRES",
+                            "TAGS",
+                        ],
+                        rows,
+                    );
                 }
             }
             PreauthkeysCmd::Expire { prefix } => {
-                let req = ExpirePreAuthKeyRequest { prefix: prefix.clone() };
-                c.expire_pre_auth_key(with_key(cli, req)?).await.map_err(status_error)?;
+                let req = ExpirePreAuthKeyRequest {
+                    prefix: prefix.clone(),
+                };
+                c.expire_pre_auth_key(with_key(cli, req)?)
+                    .await
+                    .map_err(status_error)?;
                 if !json {
                     println!("pre-auth key {prefix} expired");
                 }
@@ -473,8 +572,15 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
         },
         Command::Nodes(cmd) => match cmd {
             NodesCmd::List { user } => {
-                let req = AdminListNodesRequest { user: user.clone().unwrap_or_default() };
-                let nodes = c.list_nodes(with_key(cli, req)?).await.map_err(status_error)?.into_inner().nodes;
+                let req = AdminListNodesRequest {
+                    user: user.clone().unwrap_or_default(),
+                };
+                let nodes = c
+                    .list_nodes(with_key(cli, req)?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .nodes;
                 if json {
                     print_json(&nodes.iter().map(NodeView::from).collect::<Vec<_>>())?;
                 } else {
@@ -482,13 +588,18 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                 }
             }
             NodesCmd::Delete { id } => {
-                c.delete_node(with_key(cli, DeleteNodeRequest { id: *id })?).await.map_err(status_error)?;
+                c.delete_node(with_key(cli, DeleteNodeRequest { id: *id })?)
+                    .await
+                    .map_err(status_error)?;
                 if !json {
                     println!("node {id} deleted");
                 }
             }
             NodesCmd::Expire { id } => {
-                let r = c.expire_node(with_key(cli, ExpireNodeRequest { id: *id })?).await.map_err(status_error)?;
+                let r = c
+                    .expire_node(with_key(cli, ExpireNodeRequest { id: *id })?)
+                    .await
+                    .map_err(status_error)?;
                 let n = r.into_inner().node.unwrap_or_default();
                 if json {
                     print_json(&NodeView::from(&n))?;
@@ -497,8 +608,17 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                 }
             }
             NodesCmd::Rename { id, name } => {
-                let req = RenameNodeRequest { id: *id, new_name: name.clone() };
-                let n = c.rename_node(with_key(cli, req)?).await.map_err(status_error)?.into_inner().node.unwrap_or_default();
+                let req = RenameNodeRequest {
+                    id: *id,
+                    new_name: name.clone(),
+                };
+                let n = c
+                    .rename_node(with_key(cli, req)?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .node
+                    .unwrap_or_default();
                 if json {
                     print_json(&NodeView::from(&n))?;
                 } else {
@@ -508,17 +628,31 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
         },
         Command::Apikeys(cmd) => match cmd {
             ApikeysCmd::Create { expiration } => {
-                let req = CreateApiKeyRequest { expiration_secs: lifetime(expiration)? };
-                let r = c.create_api_key(with_key(cli, req)?).await.map_err(status_error)?.into_inner();
+                let req = CreateApiKeyRequest {
+                    expiration_secs: lifetime(expiration)?,
+                };
+                let r = c
+                    .create_api_key(with_key(cli, req)?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
                 let key = r.key.unwrap_or_default();
                 if json {
-                    print_json(&Created { key: ApiKeyView::from(&key), secret: r.secret })?;
+                    print_json(&Created {
+                        key: ApiKeyView::from(&key),
+                        secret: r.secret,
+                    })?;
                 } else {
                     println!("{}", r.secret);
                 }
             }
             ApikeysCmd::List => {
-                let keys = c.list_api_keys(with_key(cli, ListApiKeysRequest {})?).await.map_err(status_error)?.into_inner().keys;
+                let keys = c
+                    .list_api_keys(with_key(cli, ListApiKeysRequest {})?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .keys;
                 if json {
                     print_json(&keys.iter().map(ApiKeyView::from).collect::<Vec<_>>())?;
                 } else {
@@ -538,8 +672,12 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                 }
             }
             ApikeysCmd::Expire { prefix } => {
-                let req = ExpireApiKeyRequest { prefix: prefix.clone() };
-                c.expire_api_key(with_key(cli, req)?).await.map_err(status_error)?;
+                let req = ExpireApiKeyRequest {
+                    prefix: prefix.clone(),
+                };
+                c.expire_api_key(with_key(cli, req)?)
+                    .await
+                    .map_err(status_error)?;
                 if !json {
                     println!("API key {prefix} expired");
                 }

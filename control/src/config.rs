@@ -138,19 +138,27 @@ impl Default for Config {
 
 impl Default for Noise {
     fn default() -> Self {
-        Self { private_key_path: Path::new(STATE_DIR).join("control_private.key") }
+        Self {
+            private_key_path: Path::new(STATE_DIR).join("control_private.key"),
+        }
     }
 }
 
 impl Default for Database {
     fn default() -> Self {
-        Self { kind: "sqlite".into(), sqlite: Sqlite::default() }
+        Self {
+            kind: "sqlite".into(),
+            sqlite: Sqlite::default(),
+        }
     }
 }
 
 impl Default for Sqlite {
     fn default() -> Self {
-        Self { path: Path::new(STATE_DIR).join("db.sqlite"), write_ahead_log: true }
+        Self {
+            path: Path::new(STATE_DIR).join("db.sqlite"),
+            write_ahead_log: true,
+        }
     }
 }
 
@@ -158,8 +166,11 @@ impl Default for Prefixes {
     fn default() -> Self {
         Self {
             v4: Ipv4Net::new(std::net::Ipv4Addr::new(100, 64, 0, 0), 10).unwrap_or_default(),
-            v6: Ipv6Net::new(std::net::Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0), 48)
-                .unwrap_or_default(),
+            v6: Ipv6Net::new(
+                std::net::Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0),
+                48,
+            )
+            .unwrap_or_default(),
             allocation: "sequential".into(),
         }
     }
@@ -167,22 +178,29 @@ impl Default for Prefixes {
 
 impl Default for Dns {
     fn default() -> Self {
-        Self { magic_dns: true, base_domain: "warren.internal".into() }
+        Self {
+            magic_dns: true,
+            base_domain: "warren.internal".into(),
+        }
     }
 }
 
 impl Config {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses and checks configuration text; `path` is only for messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
         config.check()?;
         Ok(config)
     }
@@ -191,7 +209,10 @@ impl Config {
         if self.database.kind != "sqlite" {
             return Err(ConfigError::Invalid {
                 key: "database.type",
-                reason: format!("{:?} is not supported yet; use \"sqlite\"", self.database.kind),
+                reason: format!(
+                    "{:?} is not supported yet; use \"sqlite\"",
+                    self.database.kind
+                ),
             });
         }
         if self.prefixes.allocation != "sequential" {
@@ -208,7 +229,10 @@ impl Config {
             });
         }
         if self.prefixes.v6.prefix_len() > 120 {
-            return Err(ConfigError::Invalid { key: "prefixes.v6", reason: "must be /120 or larger".into() });
+            return Err(ConfigError::Invalid {
+                key: "prefixes.v6",
+                reason: "must be /120 or larger".into(),
+            });
         }
         if u32::from_str_radix(&self.unix_socket_permission, 8).is_err() {
             return Err(ConfigError::Invalid {
@@ -217,7 +241,10 @@ impl Config {
             });
         }
         if self.keepalive_interval.is_zero() {
-            return Err(ConfigError::Invalid { key: "keepalive_interval", reason: "must be above zero".into() });
+            return Err(ConfigError::Invalid {
+                key: "keepalive_interval",
+                reason: "must be above zero".into(),
+            });
         }
         Ok(())
     }
@@ -245,7 +272,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             chars.next();
             unit = "ms".into();
         }
-        let n: u64 = digits.parse().map_err(|_| format!("{text:?}: a number must precede {unit:?}"))?;
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{text:?}: a number must precede {unit:?}"))?;
         digits.clear();
         let d = match unit.as_str() {
             "ms" => Duration::from_millis(n),
@@ -253,7 +282,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
             "d" => Duration::from_secs(n.saturating_mul(86_400)),
-            _ => return Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m, h, d)")),
+            _ => {
+                return Err(format!(
+                    "{text:?}: unknown unit {unit:?} (use ms, s, m, h, d)"
+                ));
+            }
         };
         total = total.saturating_add(d);
     }
@@ -283,7 +316,10 @@ mod tests {
         let c = Config::parse("", Path::new("x.toml")).expect("defaults");
         assert_eq!(c.listen_addr.port(), 50443);
         assert_eq!(c.prefixes.v4.to_string(), "100.64.0.0/10");
-        assert_eq!(c.ephemeral_node_inactivity_timeout, Duration::from_secs(1800));
+        assert_eq!(
+            c.ephemeral_node_inactivity_timeout,
+            Duration::from_secs(1800)
+        );
     }
 
     #[test]
@@ -306,23 +342,30 @@ base_domain = "example.test"
         )
         .expect("parses");
         assert_eq!(c.prefixes.v4.to_string(), "100.64.0.0/24");
-        assert_eq!(c.ephemeral_node_inactivity_timeout, Duration::from_secs(120));
+        assert_eq!(
+            c.ephemeral_node_inactivity_timeout,
+            Duration::from_secs(120)
+        );
         assert_eq!(c.database.sqlite.path, Path::new("/tmp/x.sqlite"));
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::parse("[database]\nflavour = \"x\"\n", Path::new("c.toml")).expect_err("unknown");
+        let err = Config::parse("[database]\nflavour = \"x\"\n", Path::new("c.toml"))
+            .expect_err("unknown");
         assert!(err.to_string().contains("flavour"), "{err}");
-        let err = Config::parse("listen_adr = \"1.2.3.4:5\"\n", Path::new("c.toml")).expect_err("unknown");
+        let err = Config::parse("listen_adr = \"1.2.3.4:5\"\n", Path::new("c.toml"))
+            .expect_err("unknown");
         assert!(err.to_string().contains("listen_adr"), "{err}");
     }
 
     #[test]
     fn out_of_range_values_are_refused() {
-        let err = Config::parse("[prefixes]\nv4 = \"10.0.0.0/8\"\n", Path::new("c.toml")).expect_err("range");
+        let err = Config::parse("[prefixes]\nv4 = \"10.0.0.0/8\"\n", Path::new("c.toml"))
+            .expect_err("range");
         assert!(err.to_string().contains("prefixes.v4"));
-        let err = Config::parse("[database]\ntype = \"mysql\"\n", Path::new("c.toml")).expect_err("db");
+        let err =
+            Config::parse("[database]\ntype = \"mysql\"\n", Path::new("c.toml")).expect_err("db");
         assert!(err.to_string().contains("database.type"));
     }
 

@@ -60,7 +60,13 @@ fn expired(at: Option<i64>, now_ms: i64) -> bool {
 pub fn dns_label(hostname: &str) -> String {
     let mut s: String = hostname
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     s.truncate(63);
     let s = s.trim_matches('-').to_string();
@@ -72,14 +78,24 @@ fn valid_label(name: &str) -> bool {
         && name.len() <= 63
         && !name.starts_with('-')
         && !name.ends_with('-')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn check_tags(tags: &[String]) -> Result<(), ControlError> {
     let ok = tags.iter().all(|t| {
-        t.strip_prefix("tag:").is_some_and(|n| !n.is_empty() && n.len() <= 63 && valid_label(n))
+        t.strip_prefix("tag:")
+            .is_some_and(|n| !n.is_empty() && n.len() <= 63 && valid_label(n))
     });
-    if ok { Ok(()) } else { Err(ControlError::InvalidField { field: "tags", reason: "each tag is tag:<lowercase name>" }) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ControlError::InvalidField {
+            field: "tags",
+            reason: "each tag is tag:<lowercase name>",
+        })
+    }
 }
 
 /// The control server's state.
@@ -95,13 +111,20 @@ pub struct Core {
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core").field("nodes", &self.nodes.len()).field("users", &self.users.len()).finish()
+        f.debug_struct("Core")
+            .field("nodes", &self.nodes.len())
+            .field("users", &self.users.len())
+            .finish()
     }
 }
 
 impl Core {
     /// Loads everything from `store`.
-    pub fn open(store: Box<dyn Store>, settings: &Settings, now_ms: i64) -> Result<Self, ControlError> {
+    pub fn open(
+        store: Box<dyn Store>,
+        settings: &Settings,
+        now_ms: i64,
+    ) -> Result<Self, ControlError> {
         let mut core = Self {
             users: store.users()?.into_iter().map(|u| (u.id, u)).collect(),
             nodes: BTreeMap::new(),
@@ -130,7 +153,10 @@ impl Core {
     }
 
     fn user_name(&self, id: u64) -> String {
-        self.users.get(&id).map(|u| u.name.clone()).unwrap_or_default()
+        self.users
+            .get(&id)
+            .map(|u| u.name.clone())
+            .unwrap_or_default()
     }
 
     fn user_by_name(&self, name: &str) -> Result<&UserRecord, ControlError> {
@@ -179,7 +205,10 @@ impl Core {
 
     fn check_auth_key(&self, text: &str, now_ms: i64) -> Result<PreAuthKeyRecord, ControlError> {
         let presented = secret::parse(SecretKind::Auth, text)?;
-        let key = self.store.preauth_key(&presented.prefix)?.ok_or(ControlError::AuthKeyNotFound)?;
+        let key = self
+            .store
+            .preauth_key(&presented.prefix)?
+            .ok_or(ControlError::AuthKeyNotFound)?;
         if !secret::same_hash(&key.hash, &presented.hash) {
             return Err(ControlError::AuthKeyNotFound);
         }
@@ -203,10 +232,17 @@ impl Core {
         now_ms: i64,
     ) -> Result<Node, ControlError> {
         if hostname.len() > MAX_HOSTNAME {
-            return Err(ControlError::InvalidField { field: "hostname", reason: "longer than 255 bytes" });
+            return Err(ControlError::InvalidField {
+                field: "hostname",
+                reason: "longer than 255 bytes",
+            });
         }
         if let Some(&id) = self.by_key.get(&node_key) {
-            let mut n = self.nodes.get(&id).cloned().ok_or(ControlError::NodeNotFound { id })?;
+            let mut n = self
+                .nodes
+                .get(&id)
+                .cloned()
+                .ok_or(ControlError::NodeNotFound { id })?;
             if expired(n.expiry_ms, now_ms) {
                 let key = self.check_auth_key(auth_key, now_ms)?;
                 n.expiry_ms = None;
@@ -257,8 +293,14 @@ impl Core {
 
     /// The id of the node that proved `key`, if it may act.
     pub fn authenticate(&self, key: &NodePublicKey, now_ms: i64) -> Result<u64, ControlError> {
-        let id = *self.by_key.get(key).ok_or(ControlError::UnknownNode { key: *key })?;
-        let n = self.nodes.get(&id).ok_or(ControlError::UnknownNode { key: *key })?;
+        let id = *self
+            .by_key
+            .get(key)
+            .ok_or(ControlError::UnknownNode { key: *key })?;
+        let n = self
+            .nodes
+            .get(&id)
+            .ok_or(ControlError::UnknownNode { key: *key })?;
         if expired(n.expiry_ms, now_ms) {
             return Err(ControlError::NodeExpired { key: *key });
         }
@@ -267,12 +309,18 @@ impl Core {
 
     /// A node's own record.
     pub fn node(&self, id: u64) -> Result<Node, ControlError> {
-        self.nodes.get(&id).map(|n| self.view(n)).ok_or(ControlError::NodeNotFound { id })
+        self.nodes
+            .get(&id)
+            .map(|n| self.view(n))
+            .ok_or(ControlError::NodeNotFound { id })
     }
 
     /// The peers `id` can see.
     pub fn peers(&self, id: u64) -> Vec<Node> {
-        self.netmap.full_map(id).map(|m| m.peers).unwrap_or_default()
+        self.netmap
+            .full_map(id)
+            .map(|m| m.peers)
+            .unwrap_or_default()
     }
 
     /// Applies what a node reported; returns the deltas sent.
@@ -282,12 +330,22 @@ impl Core {
         endpoints: Option<Vec<SocketAddr>>,
         hostname: Option<String>,
     ) -> Result<usize, ControlError> {
-        let mut n = self.nodes.get(&id).cloned().ok_or(ControlError::NodeNotFound { id })?;
+        let mut n = self
+            .nodes
+            .get(&id)
+            .cloned()
+            .ok_or(ControlError::NodeNotFound { id })?;
         if endpoints.as_ref().is_some_and(|e| e.len() > MAX_ENDPOINTS) {
-            return Err(ControlError::InvalidField { field: "endpoints", reason: "more than 64" });
+            return Err(ControlError::InvalidField {
+                field: "endpoints",
+                reason: "more than 64",
+            });
         }
         if hostname.as_ref().is_some_and(|h| h.len() > MAX_HOSTNAME) {
-            return Err(ControlError::InvalidField { field: "hostname", reason: "longer than 255 bytes" });
+            return Err(ControlError::InvalidField {
+                field: "hostname",
+                reason: "longer than 255 bytes",
+            });
         }
         let endpoints_changed = endpoints.as_ref().is_some_and(|e| *e != n.endpoints);
         let hostname_changed = hostname.as_ref().is_some_and(|h| *h != n.hostname);
@@ -314,7 +372,9 @@ impl Core {
     /// Opens a map stream for `id` and marks it online.
     pub fn subscribe(&mut self, id: u64, now_ms: i64) -> Result<Subscription, ControlError> {
         self.netmap.set_online(id, true, now_ms);
-        self.netmap.subscribe(id).ok_or(ControlError::NodeNotFound { id })
+        self.netmap
+            .subscribe(id)
+            .ok_or(ControlError::NodeNotFound { id })
     }
 
     /// Closes stream `stream` of `id`. When that leaves the node offline, records when it was
@@ -349,8 +409,12 @@ impl Core {
     pub fn stream_end_reason(&self, id: u64, now_ms: i64) -> tonic::Status {
         match self.nodes.get(&id) {
             None => tonic::Status::not_found("node was deleted"),
-            Some(n) if expired(n.expiry_ms, now_ms) => ControlError::NodeExpired { key: n.node_key }.into(),
-            Some(_) => tonic::Status::aborted("map stream replaced or lagging; reconnect for a full map"),
+            Some(n) if expired(n.expiry_ms, now_ms) => {
+                ControlError::NodeExpired { key: n.node_key }.into()
+            }
+            Some(_) => {
+                tonic::Status::aborted("map stream replaced or lagging; reconnect for a full map")
+            }
         }
     }
 
@@ -359,7 +423,10 @@ impl Core {
     /// Adds a user.
     pub fn create_user(&mut self, name: &str, now_ms: i64) -> Result<UserRecord, ControlError> {
         if !valid_label(name) {
-            return Err(ControlError::InvalidField { field: "name", reason: "lowercase letters, digits, dashes; at most 63" });
+            return Err(ControlError::InvalidField {
+                field: "name",
+                reason: "lowercase letters, digits, dashes; at most 63",
+            });
         }
         if self.users.values().any(|u| u.name == name) {
             return Err(ControlError::UserExists { name: name.into() });
@@ -379,7 +446,10 @@ impl Core {
         let id = self.user_by_name(name)?.id;
         let count = self.nodes.values().filter(|n| n.user_id == id).count();
         if count > 0 {
-            return Err(ControlError::UserHasNodes { name: name.into(), count });
+            return Err(ControlError::UserHasNodes {
+                name: name.into(),
+                count,
+            });
         }
         self.store.delete_user(id)?;
         self.users.remove(&id);
@@ -404,7 +474,9 @@ impl Core {
             reusable: new.reusable,
             ephemeral: new.ephemeral,
             used: false,
-            expiration_ms: Some(now_ms.saturating_add(ms(new.expiration.unwrap_or(DEFAULT_AUTH_KEY_LIFETIME)))),
+            expiration_ms: Some(
+                now_ms.saturating_add(ms(new.expiration.unwrap_or(DEFAULT_AUTH_KEY_LIFETIME))),
+            ),
             created_ms: now_ms,
             tags: new.tags.clone(),
         };
@@ -414,8 +486,15 @@ impl Core {
 
     /// Pre-auth keys, of one user or all.
     pub fn auth_keys(&self, user: Option<&str>) -> Result<Vec<PreAuthKeyRecord>, ControlError> {
-        let only = user.map(|u| self.user_by_name(u).map(|u| u.id)).transpose()?;
-        Ok(self.store.preauth_keys()?.into_iter().filter(|k| only.is_none_or(|u| k.user_id == u)).collect())
+        let only = user
+            .map(|u| self.user_by_name(u).map(|u| u.id))
+            .transpose()?;
+        Ok(self
+            .store
+            .preauth_keys()?
+            .into_iter()
+            .filter(|k| only.is_none_or(|u| k.user_id == u))
+            .collect())
     }
 
     /// The owner's name of a pre-auth key.
@@ -425,10 +504,12 @@ impl Core {
 
     /// Makes a pre-auth key unusable from now on.
     pub fn expire_auth_key(&mut self, prefix: &str, now_ms: i64) -> Result<(), ControlError> {
-        let key = self
-            .store
-            .preauth_key(prefix)?
-            .ok_or_else(|| ControlError::KeyPrefixNotFound { prefix: prefix.into() })?;
+        let key =
+            self.store
+                .preauth_key(prefix)?
+                .ok_or_else(|| ControlError::KeyPrefixNotFound {
+                    prefix: prefix.into(),
+                })?;
         self.store.expire_preauth_key(key.id, now_ms)?;
         Ok(())
     }
@@ -463,15 +544,21 @@ impl Core {
         let key = self
             .store
             .api_key(prefix)?
-            .ok_or_else(|| ControlError::KeyPrefixNotFound { prefix: prefix.into() })?;
+            .ok_or_else(|| ControlError::KeyPrefixNotFound {
+                prefix: prefix.into(),
+            })?;
         self.store.expire_api_key(key.id, now_ms)?;
         Ok(())
     }
 
     /// Checks a presented API key and records its use.
     pub fn check_api_key(&mut self, text: &str, now_ms: i64) -> Result<(), ControlError> {
-        let presented = secret::parse(SecretKind::Api, text).map_err(|_| ControlError::ApiKeyInvalid)?;
-        let key = self.store.api_key(&presented.prefix)?.ok_or(ControlError::ApiKeyInvalid)?;
+        let presented =
+            secret::parse(SecretKind::Api, text).map_err(|_| ControlError::ApiKeyInvalid)?;
+        let key = self
+            .store
+            .api_key(&presented.prefix)?
+            .ok_or(ControlError::ApiKeyInvalid)?;
         if !secret::same_hash(&key.hash, &presented.hash) {
             return Err(ControlError::ApiKeyInvalid);
         }
@@ -484,7 +571,9 @@ impl Core {
 
     /// Nodes, of one user or all.
     pub fn admin_nodes(&self, user: Option<&str>) -> Result<Vec<Node>, ControlError> {
-        let only = user.map(|u| self.user_by_name(u).map(|u| u.id)).transpose()?;
+        let only = user
+            .map(|u| self.user_by_name(u).map(|u| u.id))
+            .transpose()?;
         Ok(self
             .nodes
             .values()
@@ -495,7 +584,10 @@ impl Core {
 
     /// Deletes a node: its peers drop it and its own stream ends.
     pub fn delete_node(&mut self, id: u64) -> Result<usize, ControlError> {
-        let n = self.nodes.get(&id).ok_or(ControlError::NodeNotFound { id })?;
+        let n = self
+            .nodes
+            .get(&id)
+            .ok_or(ControlError::NodeNotFound { id })?;
         self.store.delete_node(id)?;
         let n = n.clone();
         self.nodes.remove(&id);
@@ -508,7 +600,11 @@ impl Core {
 
     /// Expires a node's key now: its peers drop it and it must register again.
     pub fn expire_node(&mut self, id: u64, now_ms: i64) -> Result<Node, ControlError> {
-        let mut n = self.nodes.get(&id).cloned().ok_or(ControlError::NodeNotFound { id })?;
+        let mut n = self
+            .nodes
+            .get(&id)
+            .cloned()
+            .ok_or(ControlError::NodeNotFound { id })?;
         n.expiry_ms = Some(now_ms);
         self.store.update_node(&n)?;
         let view = self.view(&n);
@@ -520,9 +616,16 @@ impl Core {
     /// Gives a node a new unique name.
     pub fn rename_node(&mut self, id: u64, name: &str) -> Result<Node, ControlError> {
         if !valid_label(name) {
-            return Err(ControlError::InvalidField { field: "new_name", reason: "lowercase letters, digits, dashes; at most 63" });
+            return Err(ControlError::InvalidField {
+                field: "new_name",
+                reason: "lowercase letters, digits, dashes; at most 63",
+            });
         }
-        let mut n = self.nodes.get(&id).cloned().ok_or(ControlError::NodeNotFound { id })?;
+        let mut n = self
+            .nodes
+            .get(&id)
+            .cloned()
+            .ok_or(ControlError::NodeNotFound { id })?;
         if self.names.get(name).is_some_and(|other| *other != id) {
             return Err(ControlError::NameTaken { name: name.into() });
         }

@@ -105,11 +105,16 @@ impl From<ControlError> for tonic::Status {
         use ControlError as E;
         use tonic::Code;
         let code = match &e {
-            E::Proof(_) | E::ApiKeyMissing | E::ApiKeyInvalid | E::ApiKeyExpired => Code::Unauthenticated,
-            E::UnknownNode { .. } | E::UserNotFound { .. } | E::NodeNotFound { .. } | E::KeyPrefixNotFound { .. } => {
-                Code::NotFound
+            E::Proof(_) | E::ApiKeyMissing | E::ApiKeyInvalid | E::ApiKeyExpired => {
+                Code::Unauthenticated
             }
-            E::AuthKeyNotFound | E::AuthKeyExpired | E::AuthKeyUsed | E::NodeExpired { .. } => Code::PermissionDenied,
+            E::UnknownNode { .. }
+            | E::UserNotFound { .. }
+            | E::NodeNotFound { .. }
+            | E::KeyPrefixNotFound { .. } => Code::NotFound,
+            E::AuthKeyNotFound | E::AuthKeyExpired | E::AuthKeyUsed | E::NodeExpired { .. } => {
+                Code::PermissionDenied
+            }
             E::Malformed(_) | E::InvalidField { .. } => Code::InvalidArgument,
             E::UserExists { .. } | E::NameTaken { .. } => Code::AlreadyExists,
             E::UserHasNodes { .. } => Code::FailedPrecondition,

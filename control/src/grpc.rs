@@ -63,7 +63,11 @@ impl ControlService {
         Self { shared }
     }
 
-    async fn authenticate(&self, proof: Option<&NodeProof>, method: &str) -> Result<(u64, NodePublicKey), Status> {
+    async fn authenticate(
+        &self,
+        proof: Option<&NodeProof>,
+        method: &str,
+    ) -> Result<(u64, NodePublicKey), Status> {
         let now = now_ms();
         let key = verify_proof(&self.shared.key, proof, method, now).map_err(ControlError::from)?;
         let id = self.shared.core.lock().await.authenticate(&key, now)?;
@@ -73,10 +77,18 @@ impl ControlService {
 
 fn parse_endpoints(list: &[String]) -> Result<Vec<SocketAddr>, ControlError> {
     if list.len() > crate::core::MAX_ENDPOINTS {
-        return Err(ControlError::InvalidField { field: "endpoints", reason: "more than 64" });
+        return Err(ControlError::InvalidField {
+            field: "endpoints",
+            reason: "more than 64",
+        });
     }
     list.iter()
-        .map(|s| s.parse().map_err(|_| ControlError::InvalidField { field: "endpoints", reason: "not ip:port" }))
+        .map(|s| {
+            s.parse().map_err(|_| ControlError::InvalidField {
+                field: "endpoints",
+                reason: "not ip:port",
+            })
+        })
         .collect()
 }
 
@@ -84,49 +96,94 @@ type MapStream = Pin<Box<dyn Stream<Item = Result<MapResponse, Status>> + Send>>
 
 #[tonic::async_trait]
 impl Control for ControlService {
-    async fn get_server_key(&self, _: Request<GetServerKeyRequest>) -> Result<Response<GetServerKeyResponse>, Status> {
-        Ok(Response::new(GetServerKeyResponse { server_key: self.shared.key.public_key().to_vec() }))
+    async fn get_server_key(
+        &self,
+        _: Request<GetServerKeyRequest>,
+    ) -> Result<Response<GetServerKeyResponse>, Status> {
+        Ok(Response::new(GetServerKeyResponse {
+            server_key: self.shared.key.public_key().to_vec(),
+        }))
     }
 
-    async fn register_node(&self, req: Request<RegisterNodeRequest>) -> Result<Response<RegisterNodeResponse>, Status> {
+    async fn register_node(
+        &self,
+        req: Request<RegisterNodeRequest>,
+    ) -> Result<Response<RegisterNodeResponse>, Status> {
         let req = req.into_inner();
         let now = now_ms();
-        let key = verify_proof(&self.shared.key, req.proof.as_ref(), "RegisterNode", now).map_err(ControlError::from)?;
-        let disco = DiscoPublicKey::from_slice(&req.disco_key)
-            .map_err(|_| ControlError::InvalidField { field: "disco_key", reason: "must be 32 bytes" })?;
-        let node = self.shared.core.lock().await.register(key, disco, &req.hostname, &req.auth_key, now)?;
+        let key = verify_proof(&self.shared.key, req.proof.as_ref(), "RegisterNode", now)
+            .map_err(ControlError::from)?;
+        let disco =
+            DiscoPublicKey::from_slice(&req.disco_key).map_err(|_| ControlError::InvalidField {
+                field: "disco_key",
+                reason: "must be 32 bytes",
+            })?;
+        let node = self.shared.core.lock().await.register(
+            key,
+            disco,
+            &req.hostname,
+            &req.auth_key,
+            now,
+        )?;
         Ok(Response::new(RegisterNodeResponse { node: Some(node) }))
     }
 
-    async fn get_node(&self, req: Request<GetNodeRequest>) -> Result<Response<GetNodeResponse>, Status> {
-        let (id, _) = self.authenticate(req.get_ref().proof.as_ref(), "GetNode").await?;
+    async fn get_node(
+        &self,
+        req: Request<GetNodeRequest>,
+    ) -> Result<Response<GetNodeResponse>, Status> {
+        let (id, _) = self
+            .authenticate(req.get_ref().proof.as_ref(), "GetNode")
+            .await?;
         let node = self.shared.core.lock().await.node(id)?;
         Ok(Response::new(GetNodeResponse { node: Some(node) }))
     }
 
-    async fn list_nodes(&self, req: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
-        let (id, _) = self.authenticate(req.get_ref().proof.as_ref(), "ListNodes").await?;
+    async fn list_nodes(
+        &self,
+        req: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        let (id, _) = self
+            .authenticate(req.get_ref().proof.as_ref(), "ListNodes")
+            .await?;
         let nodes = self.shared.core.lock().await.peers(id);
         Ok(Response::new(ListNodesResponse { nodes }))
     }
 
-    async fn update_node(&self, req: Request<UpdateNodeRequest>) -> Result<Response<UpdateNodeResponse>, Status> {
+    async fn update_node(
+        &self,
+        req: Request<UpdateNodeRequest>,
+    ) -> Result<Response<UpdateNodeResponse>, Status> {
         let req = req.into_inner();
         let (id, _) = self.authenticate(req.proof.as_ref(), "UpdateNode").await?;
-        let endpoints = req.endpoints.map(|e| parse_endpoints(&e.endpoints)).transpose()?;
-        self.shared.core.lock().await.update_node(id, endpoints, req.hostname)?;
+        let endpoints = req
+            .endpoints
+            .map(|e| parse_endpoints(&e.endpoints))
+            .transpose()?;
+        self.shared
+            .core
+            .lock()
+            .await
+            .update_node(id, endpoints, req.hostname)?;
         Ok(Response::new(UpdateNodeResponse {}))
     }
 
     type StreamMapResponseStream = MapStream;
 
-    async fn stream_map_response(&self, req: Request<StreamMapRequest>) -> Result<Response<MapStream>, Status> {
-        let (id, key) = self.authenticate(req.get_ref().proof.as_ref(), "StreamMapResponse").await?;
+    async fn stream_map_response(
+        &self,
+        req: Request<StreamMapRequest>,
+    ) -> Result<Response<MapStream>, Status> {
+        let (id, key) = self
+            .authenticate(req.get_ref().proof.as_ref(), "StreamMapResponse")
+            .await?;
         let sub = self.shared.core.lock().await.subscribe(id, now_ms())?;
         tracing::info!(node = id, key = %key.short(), "map stream opened");
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(run_stream(Arc::clone(&self.shared), id, sub, tx));
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
@@ -138,9 +195,15 @@ async fn run_stream(
     tx: mpsc::Sender<Result<MapResponse, Status>>,
 ) {
     let mut seq = 1;
-    let first = MapResponse { seq, kind: Some(Kind::Full(std::mem::take(&mut sub.full))) };
+    let first = MapResponse {
+        seq,
+        kind: Some(Kind::Full(std::mem::take(&mut sub.full))),
+    };
     let mut open = tx.send(Ok(first)).await.is_ok();
-    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + shared.keepalive, shared.keepalive);
+    let mut keepalive = tokio::time::interval_at(
+        tokio::time::Instant::now() + shared.keepalive,
+        shared.keepalive,
+    );
     while open {
         let kind = tokio::select! {
             d = sub.deltas.recv() => match d {
@@ -157,7 +220,13 @@ async fn run_stream(
         };
         keepalive.reset();
         seq += 1;
-        open = tx.send(Ok(MapResponse { seq, kind: Some(kind) })).await.is_ok();
+        open = tx
+            .send(Ok(MapResponse {
+                seq,
+                kind: Some(kind),
+            }))
+            .await
+            .is_ok();
     }
     let now = now_ms();
     let ephemeral = shared.core.lock().await.unsubscribe(id, sub.stream, now);
@@ -183,7 +252,10 @@ pub struct AdminService {
 impl AdminService {
     /// A service over `shared`; `require_api_key` is false only on the local unix socket.
     pub fn new(shared: Arc<Shared>, require_api_key: bool) -> Self {
-        Self { shared, require_api_key }
+        Self {
+            shared,
+            require_api_key,
+        }
     }
 
     async fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -195,14 +267,20 @@ impl AdminService {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .ok_or(ControlError::ApiKeyMissing)?;
-        let key = header.strip_prefix("Bearer ").ok_or(ControlError::ApiKeyMissing)?;
+        let key = header
+            .strip_prefix("Bearer ")
+            .ok_or(ControlError::ApiKeyMissing)?;
         self.shared.core.lock().await.check_api_key(key, now_ms())?;
         Ok(())
     }
 }
 
 fn user_msg(u: &crate::store::UserRecord) -> User {
-    User { id: u.id, name: u.name.clone(), created_unix_ms: u.created_ms }
+    User {
+        id: u.id,
+        name: u.name.clone(),
+        created_unix_ms: u.created_ms,
+    }
 }
 
 fn auth_key_msg(k: &PreAuthKeyRecord, user: String) -> PreAuthKey {
@@ -239,21 +317,49 @@ fn nonempty(s: &str) -> Option<&str> {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn create_user(&self, req: Request<CreateUserRequest>) -> Result<Response<CreateUserResponse>, Status> {
+    async fn create_user(
+        &self,
+        req: Request<CreateUserRequest>,
+    ) -> Result<Response<CreateUserResponse>, Status> {
         self.authorize(&req).await?;
-        let u = self.shared.core.lock().await.create_user(&req.get_ref().name, now_ms())?;
-        Ok(Response::new(CreateUserResponse { user: Some(user_msg(&u)) }))
+        let u = self
+            .shared
+            .core
+            .lock()
+            .await
+            .create_user(&req.get_ref().name, now_ms())?;
+        Ok(Response::new(CreateUserResponse {
+            user: Some(user_msg(&u)),
+        }))
     }
 
-    async fn list_users(&self, req: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
+    async fn list_users(
+        &self,
+        req: Request<ListUsersRequest>,
+    ) -> Result<Response<ListUsersResponse>, Status> {
         self.authorize(&req).await?;
-        let users = self.shared.core.lock().await.users().iter().map(user_msg).collect();
+        let users = self
+            .shared
+            .core
+            .lock()
+            .await
+            .users()
+            .iter()
+            .map(user_msg)
+            .collect();
         Ok(Response::new(ListUsersResponse { users }))
     }
 
-    async fn delete_user(&self, req: Request<DeleteUserRequest>) -> Result<Response<DeleteUserResponse>, Status> {
+    async fn delete_user(
+        &self,
+        req: Request<DeleteUserRequest>,
+    ) -> Result<Response<DeleteUserResponse>, Status> {
         self.authorize(&req).await?;
-        self.shared.core.lock().await.delete_user(&req.get_ref().name)?;
+        self.shared
+            .core
+            .lock()
+            .await
+            .delete_user(&req.get_ref().name)?;
         Ok(Response::new(DeleteUserResponse {}))
     }
 
@@ -273,7 +379,10 @@ impl Admin for AdminService {
         let mut core = self.shared.core.lock().await;
         let (k, secret) = core.create_auth_key(&new, random30()?, now_ms())?;
         let user = core.auth_key_user(&k);
-        Ok(Response::new(CreatePreAuthKeyResponse { key: Some(auth_key_msg(&k, user)), secret }))
+        Ok(Response::new(CreatePreAuthKeyResponse {
+            key: Some(auth_key_msg(&k, user)),
+            secret,
+        }))
     }
 
     async fn list_pre_auth_keys(
@@ -295,51 +404,115 @@ impl Admin for AdminService {
         req: Request<ExpirePreAuthKeyRequest>,
     ) -> Result<Response<ExpirePreAuthKeyResponse>, Status> {
         self.authorize(&req).await?;
-        self.shared.core.lock().await.expire_auth_key(&req.get_ref().prefix, now_ms())?;
+        self.shared
+            .core
+            .lock()
+            .await
+            .expire_auth_key(&req.get_ref().prefix, now_ms())?;
         Ok(Response::new(ExpirePreAuthKeyResponse {}))
     }
 
-    async fn create_api_key(&self, req: Request<CreateApiKeyRequest>) -> Result<Response<CreateApiKeyResponse>, Status> {
+    async fn create_api_key(
+        &self,
+        req: Request<CreateApiKeyRequest>,
+    ) -> Result<Response<CreateApiKeyResponse>, Status> {
         self.authorize(&req).await?;
         let exp = secs(req.get_ref().expiration_secs);
-        let (k, secret) = self.shared.core.lock().await.create_api_key(exp, random30()?, now_ms())?;
-        Ok(Response::new(CreateApiKeyResponse { key: Some(api_key_msg(&k)), secret }))
+        let (k, secret) =
+            self.shared
+                .core
+                .lock()
+                .await
+                .create_api_key(exp, random30()?, now_ms())?;
+        Ok(Response::new(CreateApiKeyResponse {
+            key: Some(api_key_msg(&k)),
+            secret,
+        }))
     }
 
-    async fn list_api_keys(&self, req: Request<ListApiKeysRequest>) -> Result<Response<ListApiKeysResponse>, Status> {
+    async fn list_api_keys(
+        &self,
+        req: Request<ListApiKeysRequest>,
+    ) -> Result<Response<ListApiKeysResponse>, Status> {
         self.authorize(&req).await?;
-        let keys = self.shared.core.lock().await.api_keys()?.iter().map(api_key_msg).collect();
+        let keys = self
+            .shared
+            .core
+            .lock()
+            .await
+            .api_keys()?
+            .iter()
+            .map(api_key_msg)
+            .collect();
         Ok(Response::new(ListApiKeysResponse { keys }))
     }
 
-    async fn expire_api_key(&self, req: Request<ExpireApiKeyRequest>) -> Result<Response<ExpireApiKeyResponse>, Status> {
+    async fn expire_api_key(
+        &self,
+        req: Request<ExpireApiKeyRequest>,
+    ) -> Result<Response<ExpireApiKeyResponse>, Status> {
         self.authorize(&req).await?;
-        self.shared.core.lock().await.expire_api_key(&req.get_ref().prefix, now_ms())?;
+        self.shared
+            .core
+            .lock()
+            .await
+            .expire_api_key(&req.get_ref().prefix, now_ms())?;
         Ok(Response::new(ExpireApiKeyResponse {}))
     }
 
-    async fn list_nodes(&self, req: Request<AdminListNodesRequest>) -> Result<Response<AdminListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        req: Request<AdminListNodesRequest>,
+    ) -> Result<Response<AdminListNodesResponse>, Status> {
         self.authorize(&req).await?;
-        let nodes = self.shared.core.lock().await.admin_nodes(nonempty(&req.get_ref().user))?;
+        let nodes = self
+            .shared
+            .core
+            .lock()
+            .await
+            .admin_nodes(nonempty(&req.get_ref().user))?;
         Ok(Response::new(AdminListNodesResponse { nodes }))
     }
 
-    async fn delete_node(&self, req: Request<DeleteNodeRequest>) -> Result<Response<DeleteNodeResponse>, Status> {
+    async fn delete_node(
+        &self,
+        req: Request<DeleteNodeRequest>,
+    ) -> Result<Response<DeleteNodeResponse>, Status> {
         self.authorize(&req).await?;
-        self.shared.core.lock().await.delete_node(req.get_ref().id)?;
+        self.shared
+            .core
+            .lock()
+            .await
+            .delete_node(req.get_ref().id)?;
         Ok(Response::new(DeleteNodeResponse {}))
     }
 
-    async fn expire_node(&self, req: Request<ExpireNodeRequest>) -> Result<Response<ExpireNodeResponse>, Status> {
+    async fn expire_node(
+        &self,
+        req: Request<ExpireNodeRequest>,
+    ) -> Result<Response<ExpireNodeResponse>, Status> {
         self.authorize(&req).await?;
-        let node = self.shared.core.lock().await.expire_node(req.get_ref().id, now_ms())?;
+        let node = self
+            .shared
+            .core
+            .lock()
+            .await
+            .expire_node(req.get_ref().id, now_ms())?;
         Ok(Response::new(ExpireNodeResponse { node: Some(node) }))
     }
 
-    async fn rename_node(&self, req: Request<RenameNodeRequest>) -> Result<Response<RenameNodeResponse>, Status> {
+    async fn rename_node(
+        &self,
+        req: Request<RenameNodeRequest>,
+    ) -> Result<Response<RenameNodeResponse>, Status> {
         self.authorize(&req).await?;
         let r = req.get_ref();
-        let node = self.shared.core.lock().await.rename_node(r.id, &r.new_name)?;
+        let node = self
+            .shared
+            .core
+            .lock()
+            .await
+            .rename_node(r.id, &r.new_name)?;
         Ok(Response::new(RenameNodeResponse { node: Some(node) }))
     }
 }

@@ -29,11 +29,17 @@ pub struct Ipam {
 impl Ipam {
     /// An allocator with nothing used.
     pub fn new(v4: Ipv4Net, v6: Ipv6Net) -> Self {
-        Self { v4: v4.trunc(), v6: v6.trunc(), used: BTreeSet::new(), hint: 1 }
+        Self {
+            v4: v4.trunc(),
+            v6: v6.trunc(),
+            used: BTreeSet::new(),
+            hint: 1,
+        }
     }
 
     fn size(&self) -> u32 {
-        1u32.checked_shl(32 - u32::from(self.v4.prefix_len())).unwrap_or(u32::MAX)
+        1u32.checked_shl(32 - u32::from(self.v4.prefix_len()))
+            .unwrap_or(u32::MAX)
     }
 
     fn offset(&self, a: Ipv4Addr) -> u32 {
@@ -82,7 +88,10 @@ mod tests {
     use super::*;
 
     fn ipam(v4: &str) -> Ipam {
-        Ipam::new(v4.parse().expect("v4"), "fd7a:115c:a1e0::/48".parse().expect("v6"))
+        Ipam::new(
+            v4.parse().expect("v4"),
+            "fd7a:115c:a1e0::/48".parse().expect("v6"),
+        )
     }
 
     #[test]
@@ -90,12 +99,21 @@ mod tests {
         let mut a = ipam("100.64.0.0/10");
         assert_eq!(
             a.allocate(),
-            Ok(("100.64.0.1".parse().expect("ip"), "fd7a:115c:a1e0::1".parse().expect("ip")))
+            Ok((
+                "100.64.0.1".parse().expect("ip"),
+                "fd7a:115c:a1e0::1".parse().expect("ip")
+            ))
         );
         a.reserve("100.64.0.2".parse().expect("ip"));
-        assert_eq!(a.allocate().map(|p| p.0), Ok("100.64.0.3".parse().expect("ip")));
+        assert_eq!(
+            a.allocate().map(|p| p.0),
+            Ok("100.64.0.3".parse().expect("ip"))
+        );
         a.release("100.64.0.1".parse().expect("ip"));
-        assert_eq!(a.allocate().map(|p| p.0), Ok("100.64.0.1".parse().expect("ip")));
+        assert_eq!(
+            a.allocate().map(|p| p.0),
+            Ok("100.64.0.1".parse().expect("ip"))
+        );
     }
 
     #[test]
@@ -109,7 +127,10 @@ mod tests {
     #[test]
     fn magic_dns_address_is_skipped() {
         let mut a = ipam("100.100.100.96/29");
-        let got: Vec<_> = (0..6).filter_map(|_| a.allocate().ok()).map(|p| p.0.to_string()).collect();
+        let got: Vec<_> = (0..6)
+            .filter_map(|_| a.allocate().ok())
+            .map(|p| p.0.to_string())
+            .collect();
         assert!(!got.contains(&"100.100.100.100".to_string()));
         assert_eq!(got.len(), 5);
     }

@@ -35,7 +35,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => Config::default(),
     };
     match cli.command {
-        Command::Serve => warren_control::serve::serve(config, warren_control::serve::signal()).await,
+        Command::Serve => {
+            warren_control::serve::serve(config, warren_control::serve::signal()).await
+        }
         _ => warren_control::cli::run(&cli, config.unix_socket.clone()).await,
     }
 }

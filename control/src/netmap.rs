@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use warren_proto::control::{DnsConfig, FullMap, Node, PeerEndpoints, PeerOnline, PeerRemoved, map_response::Kind};
+use warren_proto::control::{
+    DnsConfig, FullMap, Node, PeerEndpoints, PeerOnline, PeerRemoved, map_response::Kind,
+};
 
 /// One change, shared by every stream that receives it.
 pub type Delta = Arc<Kind>;
@@ -46,7 +48,10 @@ pub struct Netmap {
 impl Netmap {
     /// An empty netmap with these DNS settings.
     pub fn new(dns: DnsConfig) -> Self {
-        Self { dns, ..Self::default() }
+        Self {
+            dns,
+            ..Self::default()
+        }
     }
 
     /// Number of nodes in the map.
@@ -84,7 +89,11 @@ impl Netmap {
             .filter(|(other, _)| **other != id && self.visible(id, **other))
             .map(|(_, n)| Node::clone(n))
             .collect();
-        Some(FullMap { self_node: Some(Node::clone(me)), peers, dns: Some(self.dns.clone()) })
+        Some(FullMap {
+            self_node: Some(Node::clone(me)),
+            peers,
+            dns: Some(self.dns.clone()),
+        })
     }
 
     /// Opens a stream for `id`, replacing (and so closing) any earlier one of that node.
@@ -94,12 +103,20 @@ impl Netmap {
         self.next_stream += 1;
         let stream = self.next_stream;
         self.subscribers.insert(id, Subscriber { stream, tx });
-        Some(Subscription { stream, full, deltas })
+        Some(Subscription {
+            stream,
+            full,
+            deltas,
+        })
     }
 
     /// Closes stream `stream` of `id`; false when a newer stream had already replaced it.
     pub fn unsubscribe(&mut self, id: u64, stream: u64) -> bool {
-        if self.subscribers.get(&id).is_some_and(|s| s.stream == stream) {
+        if self
+            .subscribers
+            .get(&id)
+            .is_some_and(|s| s.stream == stream)
+        {
             self.subscribers.remove(&id);
             return true;
         }
@@ -116,7 +133,11 @@ impl Netmap {
         let id = node.id;
         let node = Arc::new(node);
         let existed = self.nodes.insert(id, Arc::clone(&node)).is_some();
-        let delta = Arc::new(if existed { Kind::PeerChanged(Node::clone(&node)) } else { Kind::PeerAdded(Node::clone(&node)) });
+        let delta = Arc::new(if existed {
+            Kind::PeerChanged(Node::clone(&node))
+        } else {
+            Kind::PeerAdded(Node::clone(&node))
+        });
         let mut sent = self.fanout(id, &delta);
         if existed && self.send(id, Arc::new(Kind::SelfChanged(Node::clone(&node)))) {
             sent += 1;
@@ -136,7 +157,9 @@ impl Netmap {
 
     /// Replaces a node's endpoints; tells every subscriber that can see it.
     pub fn set_endpoints(&mut self, id: u64, endpoints: Vec<String>) -> usize {
-        let Some(node) = self.nodes.get_mut(&id) else { return 0 };
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return 0;
+        };
         Arc::make_mut(node).endpoints = endpoints.clone();
         let delta = Arc::new(Kind::PeerEndpoints(PeerEndpoints { id, endpoints }));
         self.fanout(id, &delta)
@@ -144,14 +167,20 @@ impl Netmap {
 
     /// Marks a node online or offline; tells every subscriber that can see it.
     pub fn set_online(&mut self, id: u64, online: bool, last_seen_unix_ms: i64) -> usize {
-        let Some(node) = self.nodes.get_mut(&id) else { return 0 };
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return 0;
+        };
         let n = Arc::make_mut(node);
         if n.online == online {
             return 0;
         }
         n.online = online;
         n.last_seen_unix_ms = last_seen_unix_ms;
-        let delta = Arc::new(Kind::PeerOnline(PeerOnline { id, online, last_seen_unix_ms }));
+        let delta = Arc::new(Kind::PeerOnline(PeerOnline {
+            id,
+            online,
+            last_seen_unix_ms,
+        }));
         self.fanout(id, &delta)
     }
 
@@ -162,15 +191,23 @@ impl Netmap {
             .copied()
             .filter(|viewer| *viewer != about && self.visible(*viewer, about))
             .collect();
-        targets.into_iter().filter(|t| self.send(*t, Arc::clone(delta))).count()
+        targets
+            .into_iter()
+            .filter(|t| self.send(*t, Arc::clone(delta)))
+            .count()
     }
 
     fn send(&mut self, to: u64, delta: Delta) -> bool {
-        let Some(sub) = self.subscribers.get(&to) else { return false };
+        let Some(sub) = self.subscribers.get(&to) else {
+            return false;
+        };
         match sub.tx.try_send(delta) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(node = to, "map stream lagging; closing it so the node resyncs");
+                tracing::warn!(
+                    node = to,
+                    "map stream lagging; closing it so the node resyncs"
+                );
                 self.lagged += 1;
                 self.subscribers.remove(&to);
                 false
@@ -188,7 +225,11 @@ mod tests {
     use super::*;
 
     fn node(id: u64) -> Node {
-        Node { id, given_name: format!("n{id}"), ..Node::default() }
+        Node {
+            id,
+            given_name: format!("n{id}"),
+            ..Node::default()
+        }
     }
 
     #[test]
@@ -202,15 +243,21 @@ mod tests {
         assert_eq!(m.upsert(node(3)), 1);
         assert!(matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerAdded(n) if n.id == 3));
         assert_eq!(m.set_endpoints(3, vec!["10.0.0.3:1".into()]), 1);
-        assert!(matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerEndpoints(e) if e.id == 3));
+        assert!(
+            matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerEndpoints(e) if e.id == 3)
+        );
         assert_eq!(m.set_online(2, true, 7), 1);
         assert_eq!(m.set_online(2, true, 8), 0, "no change, no delta");
         assert_eq!(m.remove(3), 1);
         let _ = sub.deltas.try_recv();
-        assert!(matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerRemoved(r) if r.id == 3));
+        assert!(
+            matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerRemoved(r) if r.id == 3)
+        );
         // A change to the subscriber itself arrives as SelfChanged, not as a peer.
         assert_eq!(m.upsert(node(1)), 1);
-        assert!(matches!(&*sub.deltas.try_recv().expect("delta"), Kind::SelfChanged(n) if n.id == 1));
+        assert!(
+            matches!(&*sub.deltas.try_recv().expect("delta"), Kind::SelfChanged(n) if n.id == 1)
+        );
     }
 
     #[test]

@@ -57,20 +57,32 @@ fn hash(secret: &str) -> [u8; 32] {
 pub fn issue(kind: SecretKind, random: [u8; 30]) -> Issued {
     let prefix = hex::encode(&random[..6]);
     let secret = hex::encode(&random[6..]);
-    Issued { text: format!("warren-{}-{prefix}-{secret}", kind.label()), hash: hash(&secret), prefix }
+    Issued {
+        text: format!("warren-{}-{prefix}-{secret}", kind.label()),
+        hash: hash(&secret),
+        prefix,
+    }
 }
 
 /// Reads a presented secret of `kind`.
 pub fn parse(kind: SecretKind, text: &str) -> Result<Presented, MalformedSecret> {
-    let err = MalformedSecret { expected: kind.label() };
+    let err = MalformedSecret {
+        expected: kind.label(),
+    };
     let rest = text.trim().strip_prefix("warren-").ok_or(err)?;
-    let rest = rest.strip_prefix(kind.label()).and_then(|r| r.strip_prefix('-')).ok_or(err)?;
+    let rest = rest
+        .strip_prefix(kind.label())
+        .and_then(|r| r.strip_prefix('-'))
+        .ok_or(err)?;
     let (prefix, secret) = rest.split_once('-').ok_or(err)?;
     let is_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     if !is_hex(prefix, 12) || !is_hex(secret, 48) {
         return Err(err);
     }
-    Ok(Presented { prefix: prefix.to_ascii_lowercase(), hash: hash(&secret.to_ascii_lowercase()) })
+    Ok(Presented {
+        prefix: prefix.to_ascii_lowercase(),
+        hash: hash(&secret.to_ascii_lowercase()),
+    })
 }
 
 /// Compares two hashes in constant time.

@@ -22,10 +22,12 @@ use crate::store::SqliteStore;
 /// Reads the server key at `path`, creating it (mode 0600) on first start.
 pub fn load_or_create_key(path: &Path) -> anyhow::Result<ControlSecretKey> {
     match std::fs::read_to_string(path) {
-        Ok(text) => ControlSecretKey::from_text(&text).with_context(|| format!("reading key {}", path.display())),
+        Ok(text) => ControlSecretKey::from_text(&text)
+            .with_context(|| format!("reading key {}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
             }
             let key = ControlSecretKey::generate();
             write_private(path, key.to_text().as_bytes())?;
@@ -54,12 +56,18 @@ pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 /// Builds the shared state from the configuration.
 pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
     let key = load_or_create_key(&config.noise.private_key_path)?;
-    let store = SqliteStore::open(&config.database.sqlite.path, config.database.sqlite.write_ahead_log)
-        .with_context(|| format!("opening database {}", config.database.sqlite.path.display()))?;
+    let store = SqliteStore::open(
+        &config.database.sqlite.path,
+        config.database.sqlite.write_ahead_log,
+    )
+    .with_context(|| format!("opening database {}", config.database.sqlite.path.display()))?;
     let settings = Settings {
         v4: config.prefixes.v4,
         v6: config.prefixes.v6,
-        dns: DnsConfig { magic_dns: config.dns.magic_dns, base_domain: config.dns.base_domain.clone() },
+        dns: DnsConfig {
+            magic_dns: config.dns.magic_dns,
+            base_domain: config.dns.base_domain.clone(),
+        },
     };
     let core = Core::open(Box::new(store), &settings, now_ms())?;
     tracing::info!(nodes = core.netmap().len(), "state loaded");
@@ -72,7 +80,10 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
 }
 
 /// Serves until `shutdown` completes.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let shared = open(&config)?;
     let control = ControlServer::new(ControlService::new(Arc::clone(&shared)))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
@@ -90,7 +101,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing stale {}", socket.display())),
     }
-    let unix = tokio::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    let unix = tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
     let mode = u32::from_str_radix(&config.unix_socket_permission, 8).unwrap_or(0o770);
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))?;
     let tcp = tokio::net::TcpListener::bind(config.listen_addr)
@@ -110,10 +122,16 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
         .add_service(control)
         .add_service(admin_tcp)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(tcp), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(tcp),
+            stopped(stop_rx.clone()),
+        );
     let unix_server = Server::builder()
         .add_service(admin_local)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(unix), stopped(stop_rx));
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(unix),
+            stopped(stop_rx),
+        );
     let result = tokio::try_join!(tcp_server, unix_server);
     let _ = std::fs::remove_file(socket);
     result?;

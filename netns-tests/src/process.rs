@@ -122,8 +122,7 @@ impl ProcHandle {
 
     /// Sends SIGTERM without waiting (no-op if it already exited).
     pub fn terminate(&self) {
-        let child = self.child();
-        let mut child = child;
+        let mut child = self.child();
         if matches!(child.try_wait(), Ok(None)) {
             // The child is not reaped yet, so its pid cannot have been reused.
             let _ = Command::new("kill")

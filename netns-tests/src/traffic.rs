@@ -96,6 +96,60 @@ impl TransferReport {
     }
 }
 
+/// Runs `warren-labtool tcp-sink` in `sink_ns` listening on `to`, then `tcp-send` of `bytes`
+/// bytes from `src_ns`, and returns (sender's report, sink's report). `deadline` bounds the
+/// whole transfer.
+pub fn tcp_transfer(
+    lab: &mut crate::Lab,
+    labtool: &std::path::Path,
+    src_ns: &str,
+    sink_ns: &str,
+    to: std::net::SocketAddr,
+    bytes: u64,
+    deadline: std::time::Duration,
+) -> Result<(TransferReport, TransferReport)> {
+    let secs = deadline.as_secs().max(1).to_string();
+    let target = to.to_string();
+    let sink = lab.spawn(
+        sink_ns,
+        &format!("tcp-sink {target}"),
+        labtool,
+        ["tcp-sink", "--listen", &target, "--timeout-secs", &secs],
+    )?;
+    let bytes_arg = bytes.to_string();
+    let sent = lab.run_timeout(
+        src_ns,
+        labtool,
+        [
+            "tcp-send",
+            "--to",
+            &target,
+            "--bytes",
+            &bytes_arg,
+            "--timeout-secs",
+            &secs,
+        ],
+        deadline + std::time::Duration::from_secs(5),
+    )?;
+    anyhow::ensure!(
+        sent.status.success(),
+        "tcp-send to {target} failed ({}): {}\nsink stderr: {}",
+        sent.status,
+        String::from_utf8_lossy(&sent.stderr),
+        sink.stderr()
+    );
+    let sent = TransferReport::parse(&String::from_utf8_lossy(&sent.stdout))?;
+    let status = sink
+        .wait_exit(std::time::Duration::from_secs(10))
+        .context("tcp-sink did not exit after the sender finished")?;
+    anyhow::ensure!(
+        status.success(),
+        "tcp-sink failed ({status}): {}",
+        sink.stderr()
+    );
+    Ok((sent, TransferReport::parse(&sink.stdout())?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +172,9 @@ mod tests {
     fn report_round_trips() {
         let r = TransferReport::expected(1000);
         assert_eq!(r.bytes, 1000);
-        assert_eq!(TransferReport::parse(&format!("noise\n{}\n", r.to_json())).unwrap(), r);
+        assert_eq!(
+            TransferReport::parse(&format!("noise\n{}\n", r.to_json())).expect("should succeed"),
+            r
+        );
     }
 }

@@ -26,9 +26,9 @@ pub fn wait_until(
         }
         if start.elapsed() >= deadline {
             match last_err {
-                Some(e) => bail!(
-                    "timed out after {deadline:?} waiting until {what} (last error: {e:#})"
-                ),
+                Some(e) => {
+                    bail!("timed out after {deadline:?} waiting until {what} (last error: {e:#})")
+                }
                 None => bail!("timed out after {deadline:?} waiting until {what}"),
             }
         }
@@ -47,7 +47,7 @@ mod tests {
             n += 1;
             Ok(n >= 3)
         })
-        .unwrap();
+        .expect("should succeed");
         assert!(took < Duration::from_secs(5));
         assert_eq!(n, 3);
     }
@@ -57,7 +57,7 @@ mod tests {
         let err = wait_until(Duration::from_millis(120), "never", || {
             anyhow::bail!("probe failed")
         })
-        .unwrap_err()
+        .expect_err("should fail")
         .to_string();
         assert!(err.contains("never"), "{err}");
         assert!(err.contains("probe failed"), "{err}");

@@ -209,9 +209,14 @@ mod tests {
         let pk = DiscoSecretKey::generate().public_key();
         assert_eq!(
             pk.to_string().parse::<NodePublicKey>(),
-            Err(KeyParseError::WrongPrefix { expected: "nodekey:" })
+            Err(KeyParseError::WrongPrefix {
+                expected: "nodekey:"
+            })
         );
-        assert_eq!("nodekey:zz".parse::<NodePublicKey>(), Err(KeyParseError::BadHex));
+        assert_eq!(
+            "nodekey:zz".parse::<NodePublicKey>(),
+            Err(KeyParseError::BadHex)
+        );
         assert_eq!(
             NodePublicKey::from_slice(&[0; 31]),
             Err(KeyParseError::BadLength { len: 31 })

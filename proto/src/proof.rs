@@ -51,7 +51,12 @@ fn salsa_box(secret: &[u8; 32], public: &[u8; 32]) -> crypto_box::SalsaBox {
 }
 
 /// Seals `plaintext` in a NaCl box from `secret` to `public` under `nonce`.
-pub fn seal_box(secret: &[u8; 32], public: &[u8; 32], nonce: &[u8; 24], plaintext: &[u8]) -> Vec<u8> {
+pub fn seal_box(
+    secret: &[u8; 32],
+    public: &[u8; 32],
+    nonce: &[u8; 24],
+    plaintext: &[u8],
+) -> Vec<u8> {
     salsa_box(secret, public)
         .encrypt(nonce.into(), plaintext)
         // Encryption into a Vec only fails on allocation limits far above any message here.
@@ -92,7 +97,12 @@ pub fn make_proof(
     NodeProof {
         node_key: node.public_key().to_vec(),
         nonce: nonce.to_vec(),
-        sealed: seal_box(&secret, server.as_bytes(), &nonce, &plaintext(method, unix_ms)),
+        sealed: seal_box(
+            &secret,
+            server.as_bytes(),
+            &nonce,
+            &plaintext(method, unix_ms),
+        ),
     }
 }
 
@@ -109,7 +119,9 @@ pub fn verify_proof(
         .nonce
         .as_slice()
         .try_into()
-        .map_err(|_| ProofError::BadNonce { len: proof.nonce.len() })?;
+        .map_err(|_| ProofError::BadNonce {
+            len: proof.nonce.len(),
+        })?;
     let secret = server.to_bytes();
     let opened =
         open_box(&secret, node.as_bytes(), &nonce, &proof.sealed).ok_or(ProofError::Forged)?;
@@ -151,19 +163,30 @@ mod tests {
         let attacker = NodeSecretKey::generate();
         let mut p = make_proof(&attacker, &server.public_key(), "GetNode", 1_000, [1; 24]);
         p.node_key = node.public_key().to_vec();
-        assert_eq!(verify_proof(&server, Some(&p), "GetNode", 1_000), Err(ProofError::Forged));
+        assert_eq!(
+            verify_proof(&server, Some(&p), "GetNode", 1_000),
+            Err(ProofError::Forged)
+        );
     }
 
     #[test]
     fn wrong_method_stale_and_malformed_are_refused() {
         let (node, server) = setup();
         let p = make_proof(&node, &server.public_key(), "GetNode", 0, [2; 24]);
-        assert_eq!(verify_proof(&server, Some(&p), "ListNodes", 0), Err(ProofError::WrongMethod));
+        assert_eq!(
+            verify_proof(&server, Some(&p), "ListNodes", 0),
+            Err(ProofError::WrongMethod)
+        );
         assert_eq!(
             verify_proof(&server, Some(&p), "GetNode", MAX_SKEW_MS + 1),
-            Err(ProofError::Stale { skew_ms: -(MAX_SKEW_MS + 1) })
+            Err(ProofError::Stale {
+                skew_ms: -(MAX_SKEW_MS + 1)
+            })
         );
-        assert_eq!(verify_proof(&server, None, "GetNode", 0), Err(ProofError::Missing));
+        assert_eq!(
+            verify_proof(&server, None, "GetNode", 0),
+            Err(ProofError::Missing)
+        );
         let mut bad = p.clone();
         bad.nonce.pop();
         assert_eq!(
@@ -172,6 +195,9 @@ mod tests {
         );
         let mut bad = p;
         bad.sealed[0] ^= 1;
-        assert_eq!(verify_proof(&server, Some(&bad), "GetNode", 0), Err(ProofError::Forged));
+        assert_eq!(
+            verify_proof(&server, Some(&bad), "GetNode", 0),
+            Err(ProofError::Forged)
+        );
     }
 }

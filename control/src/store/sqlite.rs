@@ -60,15 +60,23 @@ pub struct SqliteStore {
 
 fn conflict(e: rusqlite::Error, what: &'static str) -> StoreError {
     match e {
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
             StoreError::Conflict { what }
         }
         e => StoreError::Sqlite(e),
     }
 }
 
-fn json_list<T: serde::de::DeserializeOwned>(column: &'static str, text: String) -> Result<Vec<T>, StoreError> {
-    serde_json::from_str(&text).map_err(|_| StoreError::Corrupt { column, value: text })
+fn json_list<T: serde::de::DeserializeOwned>(
+    column: &'static str,
+    text: String,
+) -> Result<Vec<T>, StoreError> {
+    serde_json::from_str(&text).map_err(|_| StoreError::Corrupt {
+        column,
+        value: text,
+    })
 }
 
 fn to_json<T: serde::Serialize>(v: &[T]) -> String {
@@ -76,13 +84,17 @@ fn to_json<T: serde::Serialize>(v: &[T]) -> String {
 }
 
 fn parse<T: std::str::FromStr>(column: &'static str, text: String) -> Result<T, StoreError> {
-    text.parse().map_err(|_| StoreError::Corrupt { column, value: text })
+    text.parse().map_err(|_| StoreError::Corrupt {
+        column,
+        value: text,
+    })
 }
 
 fn hash32(column: &'static str, blob: Vec<u8>) -> Result<[u8; 32], StoreError> {
-    blob.as_slice()
-        .try_into()
-        .map_err(|_| StoreError::Corrupt { column, value: hex::encode(&blob) })
+    blob.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+        column,
+        value: hex::encode(&blob),
+    })
 }
 
 fn id(v: i64) -> u64 {
@@ -121,12 +133,21 @@ impl SqliteStore {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
         let supported = MIGRATIONS.len() as i64;
         if version > supported {
-            return Err(StoreError::TooNew { found: version, supported });
+            return Err(StoreError::TooNew {
+                found: version,
+                supported,
+            });
         }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(version).unwrap_or(0))
+        {
             let tx = self.conn.transaction()?;
             tx.execute_batch(sql)?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
@@ -138,7 +159,9 @@ impl SqliteStore {
 
     /// The schema version of the open database.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 }
 
@@ -146,13 +169,36 @@ const PAK_COLUMNS: &str =
     "id, user_id, prefix, hash, reusable, ephemeral, used, expiration_ms, created_ms, tags";
 
 fn pak_row(r: &Row<'_>) -> rusqlite::Result<PakRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+    ))
 }
 
-type PakRow = (i64, i64, String, Vec<u8>, bool, bool, bool, Option<i64>, i64, String);
+type PakRow = (
+    i64,
+    i64,
+    String,
+    Vec<u8>,
+    bool,
+    bool,
+    bool,
+    Option<i64>,
+    i64,
+    String,
+);
 
 fn pak(row: PakRow) -> Result<PreAuthKeyRecord, StoreError> {
-    let (id_, user_id, prefix, hash, reusable, ephemeral, used, expiration_ms, created_ms, tags) = row;
+    let (id_, user_id, prefix, hash, reusable, ephemeral, used, expiration_ms, created_ms, tags) =
+        row;
     Ok(PreAuthKeyRecord {
         id: id(id_),
         user_id: id(user_id),
@@ -172,12 +218,26 @@ const API_COLUMNS: &str = "id, prefix, hash, expiration_ms, created_ms, last_use
 type ApiRow = (i64, String, Vec<u8>, Option<i64>, i64, Option<i64>);
 
 fn api_row(r: &Row<'_>) -> rusqlite::Result<ApiRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
 }
 
 fn api(row: ApiRow) -> Result<ApiKeyRecord, StoreError> {
     let (id_, prefix, hash, expiration_ms, created_ms, last_used_ms) = row;
-    Ok(ApiKeyRecord { id: id(id_), prefix, hash: hash32("api_keys.hash", hash)?, expiration_ms, created_ms, last_used_ms })
+    Ok(ApiKeyRecord {
+        id: id(id_),
+        prefix,
+        hash: hash32("api_keys.hash", hash)?,
+        expiration_ms,
+        created_ms,
+        last_used_ms,
+    })
 }
 
 const NODE_COLUMNS: &str = "id, node_key, disco_key, hostname, given_name, user_id, tags, ipv4, ipv6, \
@@ -244,21 +304,35 @@ fn node(r: NodeRow) -> Result<NodeRecord, StoreError> {
 impl Store for SqliteStore {
     fn create_user(&mut self, name: &str, now_ms: i64) -> Result<UserRecord, StoreError> {
         self.conn
-            .execute("INSERT INTO users (name, created_ms) VALUES (?1, ?2)", params![name, now_ms])
+            .execute(
+                "INSERT INTO users (name, created_ms) VALUES (?1, ?2)",
+                params![name, now_ms],
+            )
             .map_err(|e| conflict(e, "user"))?;
-        Ok(UserRecord { id: id(self.conn.last_insert_rowid()), name: name.into(), created_ms: now_ms })
+        Ok(UserRecord {
+            id: id(self.conn.last_insert_rowid()),
+            name: name.into(),
+            created_ms: now_ms,
+        })
     }
 
     fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
-        let mut st = self.conn.prepare("SELECT id, name, created_ms FROM users ORDER BY id")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT id, name, created_ms FROM users ORDER BY id")?;
         let rows = st.query_map([], |r| {
-            Ok(UserRecord { id: id(r.get(0)?), name: r.get(1)?, created_ms: r.get(2)? })
+            Ok(UserRecord {
+                id: id(r.get(0)?),
+                name: r.get(1)?,
+                created_ms: r.get(2)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn delete_user(&mut self, user: u64) -> Result<(), StoreError> {
-        self.conn.execute("DELETE FROM users WHERE id = ?1", params![sql_id(user)])?;
+        self.conn
+            .execute("DELETE FROM users WHERE id = ?1", params![sql_id(user)])?;
         Ok(())
     }
 
@@ -285,7 +359,11 @@ impl Store for SqliteStore {
 
     fn preauth_key(&self, prefix: &str) -> Result<Option<PreAuthKeyRecord>, StoreError> {
         let sql = format!("SELECT {PAK_COLUMNS} FROM preauth_keys WHERE prefix = ?1");
-        self.conn.query_row(&sql, params![prefix], pak_row).optional()?.map(pak).transpose()
+        self.conn
+            .query_row(&sql, params![prefix], pak_row)
+            .optional()?
+            .map(pak)
+            .transpose()
     }
 
     fn preauth_keys(&self) -> Result<Vec<PreAuthKeyRecord>, StoreError> {
@@ -315,7 +393,11 @@ impl Store for SqliteStore {
 
     fn api_key(&self, prefix: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         let sql = format!("SELECT {API_COLUMNS} FROM api_keys WHERE prefix = ?1");
-        self.conn.query_row(&sql, params![prefix], api_row).optional()?.map(api).transpose()
+        self.conn
+            .query_row(&sql, params![prefix], api_row)
+            .optional()?
+            .map(api)
+            .transpose()
     }
 
     fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
@@ -326,14 +408,18 @@ impl Store for SqliteStore {
     }
 
     fn expire_api_key(&mut self, key: u64, at_ms: i64) -> Result<(), StoreError> {
-        self.conn
-            .execute("UPDATE api_keys SET expiration_ms = ?2 WHERE id = ?1", params![sql_id(key), at_ms])?;
+        self.conn.execute(
+            "UPDATE api_keys SET expiration_ms = ?2 WHERE id = ?1",
+            params![sql_id(key), at_ms],
+        )?;
         Ok(())
     }
 
     fn touch_api_key(&mut self, key: u64, at_ms: i64) -> Result<(), StoreError> {
-        self.conn
-            .execute("UPDATE api_keys SET last_used_ms = ?2 WHERE id = ?1", params![sql_id(key), at_ms])?;
+        self.conn.execute(
+            "UPDATE api_keys SET last_used_ms = ?2 WHERE id = ?1",
+            params![sql_id(key), at_ms],
+        )?;
         Ok(())
     }
 
@@ -370,7 +456,10 @@ impl Store for SqliteStore {
         .map_err(|e| conflict(e, "node"))?;
         let node_id = id(tx.last_insert_rowid());
         if let Some(key) = n.auth_key_id {
-            tx.execute("UPDATE preauth_keys SET used = 1 WHERE id = ?1", params![sql_id(key)])?;
+            tx.execute(
+                "UPDATE preauth_keys SET used = 1 WHERE id = ?1",
+                params![sql_id(key)],
+            )?;
         }
         tx.commit()?;
         Ok(node_id)
@@ -395,13 +484,17 @@ impl Store for SqliteStore {
             )
             .map_err(|e| conflict(e, "node name"))?;
         if let Some(key) = n.auth_key_id {
-            self.conn.execute("UPDATE preauth_keys SET used = 1 WHERE id = ?1", params![sql_id(key)])?;
+            self.conn.execute(
+                "UPDATE preauth_keys SET used = 1 WHERE id = ?1",
+                params![sql_id(key)],
+            )?;
         }
         Ok(())
     }
 
     fn delete_node(&mut self, node_id: u64) -> Result<(), StoreError> {
-        self.conn.execute("DELETE FROM nodes WHERE id = ?1", params![sql_id(node_id)])?;
+        self.conn
+            .execute("DELETE FROM nodes WHERE id = ?1", params![sql_id(node_id)])?;
         Ok(())
     }
 }
@@ -456,7 +549,10 @@ mod tests {
             n
         };
         let s = SqliteStore::open(&path, true).expect("reopen");
-        assert_eq!(s.schema_version().expect("version"), MIGRATIONS.len() as i64);
+        assert_eq!(
+            s.schema_version().expect("version"),
+            MIGRATIONS.len() as i64
+        );
         assert_eq!(s.nodes().expect("nodes"), vec![node]);
         assert!(s.preauth_key("abc").expect("get").expect("exists").used);
     }
@@ -465,13 +561,19 @@ mod tests {
     fn conflicts_are_typed_and_atomic() {
         let mut s = SqliteStore::in_memory().expect("open");
         let u = s.create_user("bob", 1).expect("user");
-        assert!(matches!(s.create_user("bob", 2), Err(StoreError::Conflict { what: "user" })));
+        assert!(matches!(
+            s.create_user("bob", 2),
+            Err(StoreError::Conflict { what: "user" })
+        ));
         let n = sample_node(u.id, 2, None);
         s.register_node(&n).expect("first");
         let mut dup = sample_node(u.id, 2, None);
         dup.given_name = "other".into();
         dup.ipv6 = "fd7a:115c:a1e0::99".parse().expect("v6");
-        assert!(matches!(s.register_node(&dup), Err(StoreError::Conflict { what: "node" })));
+        assert!(matches!(
+            s.register_node(&dup),
+            Err(StoreError::Conflict { what: "node" })
+        ));
         assert_eq!(s.nodes().expect("nodes").len(), 1);
     }
 }

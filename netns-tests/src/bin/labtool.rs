@@ -87,10 +87,11 @@ impl Flags {
     fn secs(&self, default: u64) -> Result<Duration> {
         match self.get("timeout-secs") {
             None => Ok(Duration::from_secs(default)),
-            Some(v) => Ok(Duration::from_secs(
-                v.parse()
-                    .with_context(|| format!("--timeout-secs {v:?} is not a number"))?,
-            )),
+            Some(v) => {
+                Ok(Duration::from_secs(v.parse().with_context(|| {
+                    format!("--timeout-secs {v:?} is not a number")
+                })?))
+            }
         }
     }
 }
@@ -154,7 +155,10 @@ fn tcp_send(to: SocketAddr, bytes: u64, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     let mut stream = loop {
         let left = timeout.saturating_sub(start.elapsed());
-        match TcpStream::connect_timeout(&to, left.clamp(Duration::from_millis(100), Duration::from_secs(2))) {
+        match TcpStream::connect_timeout(
+            &to,
+            left.clamp(Duration::from_millis(100), Duration::from_secs(2)),
+        ) {
             Ok(s) => break s,
             Err(e) if start.elapsed() >= timeout => {
                 return Err(e).with_context(|| format!("connect to {to} for {timeout:?}"));

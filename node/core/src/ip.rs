@@ -41,15 +41,23 @@ pub fn addresses(packet: &[u8]) -> Result<Addresses, IpError> {
                 .ok_or(IpError::TooShort { len: packet.len() })?;
             let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
             let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
-            Ok(Addresses { src: src.into(), dst: dst.into() })
+            Ok(Addresses {
+                src: src.into(),
+                dst: dst.into(),
+            })
         }
         6 => {
-            let h = packet.get(..40).ok_or(IpError::TooShort { len: packet.len() })?;
+            let h = packet
+                .get(..40)
+                .ok_or(IpError::TooShort { len: packet.len() })?;
             let mut s = [0u8; 16];
             let mut d = [0u8; 16];
             s.copy_from_slice(&h[8..24]);
             d.copy_from_slice(&h[24..40]);
-            Ok(Addresses { src: Ipv6Addr::from(s).into(), dst: Ipv6Addr::from(d).into() })
+            Ok(Addresses {
+                src: Ipv6Addr::from(s).into(),
+                dst: Ipv6Addr::from(d).into(),
+            })
         }
         version => Err(IpError::BadVersion { version }),
     }
@@ -82,6 +90,9 @@ mod tests {
     fn malformed_is_an_error() {
         assert_eq!(addresses(&[]), Err(IpError::TooShort { len: 0 }));
         assert_eq!(addresses(&[0x45, 0, 0]), Err(IpError::TooShort { len: 3 }));
-        assert_eq!(addresses(&[0x10; 40]), Err(IpError::BadVersion { version: 1 }));
+        assert_eq!(
+            addresses(&[0x10; 40]),
+            Err(IpError::BadVersion { version: 1 })
+        );
     }
 }

@@ -54,18 +54,34 @@ pub enum MapChange {
 
 /// Reads a peer's data-plane configuration out of its control record.
 pub fn peer_config(n: &Node) -> Result<PeerConfig, MapError> {
-    let key = NodePublicKey::from_slice(&n.node_key).map_err(|error| MapError::BadKey { id: n.id, error })?;
+    let key = NodePublicKey::from_slice(&n.node_key)
+        .map_err(|error| MapError::BadKey { id: n.id, error })?;
     let allowed_ips = n
         .addresses
         .iter()
-        .map(|a| a.parse::<IpNet>().map_err(|_| MapError::BadAddress { id: n.id, text: a.clone() }))
+        .map(|a| {
+            a.parse::<IpNet>().map_err(|_| MapError::BadAddress {
+                id: n.id,
+                text: a.clone(),
+            })
+        })
         .collect::<Result<_, _>>()?;
-    Ok(PeerConfig { key, name: n.given_name.clone(), allowed_ips, endpoints: endpoints(n.id, &n.endpoints)? })
+    Ok(PeerConfig {
+        key,
+        name: n.given_name.clone(),
+        allowed_ips,
+        endpoints: endpoints(n.id, &n.endpoints)?,
+    })
 }
 
 fn endpoints(id: u64, list: &[String]) -> Result<Vec<SocketAddr>, MapError> {
     list.iter()
-        .map(|e| e.parse().map_err(|_| MapError::BadAddress { id, text: e.clone() }))
+        .map(|e| {
+            e.parse().map_err(|_| MapError::BadAddress {
+                id,
+                text: e.clone(),
+            })
+        })
         .collect()
 }
 
@@ -99,7 +115,9 @@ impl Netmap {
     }
 
     fn key_of(&self, id: u64) -> Option<NodePublicKey> {
-        self.peers.get(&id).and_then(|n| NodePublicKey::from_slice(&n.node_key).ok())
+        self.peers
+            .get(&id)
+            .and_then(|n| NodePublicKey::from_slice(&n.node_key).ok())
     }
 
     /// Applies one message from the map stream.
@@ -169,7 +187,10 @@ impl Netmap {
     }
 
     fn configs(&self) -> Vec<PeerConfig> {
-        self.peers.values().filter_map(|p| peer_config(p).ok()).collect()
+        self.peers
+            .values()
+            .filter_map(|p| peer_config(p).ok())
+            .collect()
     }
 }
 
@@ -193,17 +214,33 @@ mod tests {
     fn full_then_deltas() {
         let mut m = Netmap::default();
         assert_eq!(m.apply(Kind::PeerAdded(node(2))), Err(MapError::NoFullMap));
-        let full = FullMap { self_node: Some(node(1)), peers: vec![node(2)], dns: None };
-        let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else { panic!("reset") };
+        let full = FullMap {
+            self_node: Some(node(1)),
+            peers: vec![node(2)],
+            dns: None,
+        };
+        let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else {
+            panic!("reset")
+        };
         assert_eq!(c.len(), 1);
-        assert!(matches!(m.apply(Kind::PeerAdded(node(3))), Ok(MapChange::Upsert(c)) if c.name == "n3"));
-        let eps = PeerEndpoints { id: 3, endpoints: vec!["10.9.9.9:1".into()] };
-        assert!(matches!(m.apply(Kind::PeerEndpoints(eps)), Ok(MapChange::Endpoints(_, e)) if e.len() == 1));
+        assert!(
+            matches!(m.apply(Kind::PeerAdded(node(3))), Ok(MapChange::Upsert(c)) if c.name == "n3")
+        );
+        let eps = PeerEndpoints {
+            id: 3,
+            endpoints: vec!["10.9.9.9:1".into()],
+        };
+        assert!(
+            matches!(m.apply(Kind::PeerEndpoints(eps)), Ok(MapChange::Endpoints(_, e)) if e.len() == 1)
+        );
         assert_eq!(
             m.apply(Kind::PeerRemoved(PeerRemoved { id: 3 })),
             Ok(MapChange::Remove(NodePublicKey::from_bytes([3; 32])))
         );
-        assert_eq!(m.apply(Kind::PeerRemoved(PeerRemoved { id: 3 })), Ok(MapChange::None));
+        assert_eq!(
+            m.apply(Kind::PeerRemoved(PeerRemoved { id: 3 })),
+            Ok(MapChange::None)
+        );
         assert_eq!(m.peers().count(), 1);
     }
 
@@ -212,12 +249,28 @@ mod tests {
         let mut m = Netmap::default();
         let mut bad = node(9);
         bad.addresses = vec!["not-an-ip".into()];
-        let full = FullMap { self_node: Some(node(1)), peers: vec![node(2), bad.clone()], dns: None };
-        let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else { panic!("reset") };
-        assert_eq!(c.len(), 1, "the malformed peer is skipped, the good one kept");
-        assert!(matches!(m.apply(Kind::PeerAdded(bad)), Err(MapError::BadAddress { id: 9, .. })));
+        let full = FullMap {
+            self_node: Some(node(1)),
+            peers: vec![node(2), bad.clone()],
+            dns: None,
+        };
+        let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else {
+            panic!("reset")
+        };
+        assert_eq!(
+            c.len(),
+            1,
+            "the malformed peer is skipped, the good one kept"
+        );
+        assert!(matches!(
+            m.apply(Kind::PeerAdded(bad)),
+            Err(MapError::BadAddress { id: 9, .. })
+        ));
         let mut short_key = node(5);
         short_key.node_key.pop();
-        assert!(matches!(m.apply(Kind::PeerChanged(short_key)), Err(MapError::BadKey { id: 5, .. })));
+        assert!(matches!(
+            m.apply(Kind::PeerChanged(short_key)),
+            Err(MapError::BadKey { id: 5, .. })
+        ));
     }
 }

@@ -118,7 +118,11 @@ struct Peer {
 
 /// Where a message for a peer goes: handshake initiations try every known address of the
 /// peer, so a stale endpoint heals; everything else goes to the best one.
-fn destinations(config: &PeerConfig, confirmed: Option<SocketAddr>, datagram: &[u8]) -> Vec<SocketAddr> {
+fn destinations(
+    config: &PeerConfig,
+    confirmed: Option<SocketAddr>,
+    datagram: &[u8],
+) -> Vec<SocketAddr> {
     let is_initiation = datagram.first() == Some(&1);
     let mut out: Vec<SocketAddr> = confirmed.into_iter().collect();
     if is_initiation || out.is_empty() {
@@ -172,7 +176,12 @@ impl Node {
     /// Replaces the whole peer set with a full netmap's; known peers keep their sessions.
     pub fn set_peers(&mut self, peers: Vec<PeerConfig>) {
         let keep: std::collections::BTreeSet<_> = peers.iter().map(|p| p.key).collect();
-        let gone: Vec<_> = self.peers.keys().filter(|k| !keep.contains(k)).copied().collect();
+        let gone: Vec<_> = self
+            .peers
+            .keys()
+            .filter(|k| !keep.contains(k))
+            .copied()
+            .collect();
         for key in gone {
             self.remove_peer(&key);
         }
@@ -195,7 +204,15 @@ impl Node {
         let session = Session::new(&self.secret, &config.key, index);
         self.by_index.insert(index, config.key);
         tracing::debug!(peer = %config.key.short(), name = %config.name, "peer added");
-        self.peers.insert(config.key, Peer { config, index, session, confirmed: None });
+        self.peers.insert(
+            config.key,
+            Peer {
+                config,
+                index,
+                session,
+                confirmed: None,
+            },
+        );
     }
 
     /// Forgets a peer: its session, routes and queued traffic.
@@ -228,19 +245,35 @@ impl Node {
     pub fn handle_tun_packet(&mut self, packet: &[u8], _now: Instant) -> Result<(), NodeError> {
         let dst = ip::addresses(packet)?.dst;
         let key = self.routes.lookup(dst).ok_or(NodeError::NoRoute { dst })?;
-        let Self { peers, scratch, transmits, .. } = self;
+        let Self {
+            peers,
+            scratch,
+            transmits,
+            ..
+        } = self;
         let peer = peers.get_mut(&key).ok_or(NodeError::NoRoute { dst })?;
-        let Peer { config, session, confirmed, .. } = peer;
+        let Peer {
+            config,
+            session,
+            confirmed,
+            ..
+        } = peer;
         let mut no_endpoint = false;
         session
             .encapsulate(packet, scratch, &mut |out| {
                 if let WgOutput::Network(d) = out {
                     let dsts = destinations(config, *confirmed, d);
                     no_endpoint = dsts.is_empty();
-                    transmits.extend(dsts.into_iter().map(|dst| Transmit { dst, payload: d.to_vec() }));
+                    transmits.extend(dsts.into_iter().map(|dst| Transmit {
+                        dst,
+                        payload: d.to_vec(),
+                    }));
                 }
             })
-            .map_err(|error| NodeError::Wg { peer: Some(key), error })?;
+            .map_err(|error| NodeError::Wg {
+                peer: Some(key),
+                error,
+            })?;
         if no_endpoint {
             return Err(NodeError::NoEndpoint { peer: key });
         }
@@ -248,17 +281,37 @@ impl Node {
     }
 
     /// A datagram read from the UDP socket: WireGuard for one of the peers.
-    pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], _now: Instant) -> Result<(), NodeError> {
-        let key = match wg::receiver(&self.secret, datagram).map_err(|error| NodeError::Wg { peer: None, error })? {
+    pub fn handle_udp(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        _now: Instant,
+    ) -> Result<(), NodeError> {
+        let key = match wg::receiver(&self.secret, datagram)
+            .map_err(|error| NodeError::Wg { peer: None, error })?
+        {
             Receiver::Initiator(key) => key,
-            Receiver::Index(i) => *self.by_index.get(&i).ok_or(NodeError::UnknownPeer { from })?,
+            Receiver::Index(i) => *self
+                .by_index
+                .get(&i)
+                .ok_or(NodeError::UnknownPeer { from })?,
         };
-        let Self { peers, scratch, transmits, to_tun, routes, .. } = self;
+        let Self {
+            peers,
+            scratch,
+            transmits,
+            to_tun,
+            routes,
+            ..
+        } = self;
         let peer = peers.get_mut(&key).ok_or(NodeError::UnknownPeer { from })?;
         let mut refused = None;
         peer.session
             .decapsulate(Some(from.ip()), datagram, scratch, &mut |out| match out {
-                WgOutput::Network(d) => transmits.push_back(Transmit { dst: from, payload: d.to_vec() }),
+                WgOutput::Network(d) => transmits.push_back(Transmit {
+                    dst: from,
+                    payload: d.to_vec(),
+                }),
                 WgOutput::Tunnel(p, src) => {
                     if routes.allows(&key, src) {
                         to_tun.push_back(p.to_vec());
@@ -267,7 +320,10 @@ impl Node {
                     }
                 }
             })
-            .map_err(|error| NodeError::Wg { peer: Some(key), error })?;
+            .map_err(|error| NodeError::Wg {
+                peer: Some(key),
+                error,
+            })?;
         if peer.confirmed != Some(from) {
             tracing::debug!(peer = %key.short(), endpoint = %from, "endpoint confirmed");
             peer.confirmed = Some(from);
@@ -284,13 +340,26 @@ impl Node {
             return;
         }
         self.next_timers = now + TIMER_INTERVAL;
-        let Self { peers, scratch, transmits, .. } = self;
+        let Self {
+            peers,
+            scratch,
+            transmits,
+            ..
+        } = self;
         for (key, peer) in peers.iter_mut() {
-            let Peer { config, session, confirmed, .. } = peer;
+            let Peer {
+                config,
+                session,
+                confirmed,
+                ..
+            } = peer;
             let result = session.update_timers(scratch, &mut |out| {
                 if let WgOutput::Network(d) = out {
                     let dsts = destinations(config, *confirmed, d);
-                    transmits.extend(dsts.into_iter().map(|dst| Transmit { dst, payload: d.to_vec() }));
+                    transmits.extend(dsts.into_iter().map(|dst| Transmit {
+                        dst,
+                        payload: d.to_vec(),
+                    }));
                 }
             });
             if let Err(error) = result {
@@ -370,7 +439,12 @@ mod tests {
             allowed_ips: vec!["100.64.0.1/32".parse().expect("net")],
             endpoints: vec![a_addr],
         }]);
-        Pair { a, b, a_addr, b_addr }
+        Pair {
+            a,
+            b,
+            a_addr,
+            b_addr,
+        }
     }
 
     /// Delivers every queued datagram between the two nodes until both are quiet.
@@ -428,10 +502,18 @@ mod tests {
         let packet = ip_packet([100, 64, 0, 1], [100, 64, 0, 77], 40);
         assert_eq!(
             p.a.handle_tun_packet(&packet, now),
-            Err(NodeError::NoRoute { dst: IpAddr::from([100, 64, 0, 77]) })
+            Err(NodeError::NoRoute {
+                dst: IpAddr::from([100, 64, 0, 77])
+            })
         );
-        assert_eq!(p.a.handle_tun_packet(&[1, 2], now), Err(NodeError::Ip(IpError::BadVersion { version: 0 })));
-        assert!(matches!(p.a.handle_udp(p.b_addr, &[4, 0, 0, 0, 1], now), Err(NodeError::Wg { .. })));
+        assert_eq!(
+            p.a.handle_tun_packet(&[1, 2], now),
+            Err(NodeError::Ip(IpError::BadVersion { version: 0 }))
+        );
+        assert!(matches!(
+            p.a.handle_udp(p.b_addr, &[4, 0, 0, 0, 1], now),
+            Err(NodeError::Wg { .. })
+        ));
         let mut data = vec![0u8; 64];
         data[0] = 4;
         data[4] = 0x77;
@@ -446,7 +528,10 @@ mod tests {
         let kb = p.a.peer_stats()[0].key;
         p.a.remove_peer(&kb);
         let packet = ip_packet([100, 64, 0, 1], [100, 64, 0, 2], 40);
-        assert!(matches!(p.a.handle_tun_packet(&packet, now), Err(NodeError::NoRoute { .. })));
+        assert!(matches!(
+            p.a.handle_tun_packet(&packet, now),
+            Err(NodeError::NoRoute { .. })
+        ));
         assert_eq!(p.a.poll_timeout(), None);
     }
 }

@@ -19,7 +19,8 @@ impl RouteTable {
     /// Replaces the allowed IPs of `peer`.
     pub fn set(&mut self, peer: NodePublicKey, allowed: &[IpNet]) {
         self.remove(&peer);
-        self.entries.extend(allowed.iter().map(|n| (n.trunc(), peer)));
+        self.entries
+            .extend(allowed.iter().map(|n| (n.trunc(), peer)));
         self.entries.sort_by(|a, b| {
             b.0.prefix_len()
                 .cmp(&a.0.prefix_len())

@@ -56,16 +56,18 @@ impl From<WireGuardError> for WgError {
         use WireGuardError as E;
         match e {
             E::DestinationBufferTooSmall => Self::BufferTooSmall,
-            E::IncorrectPacketLength | E::UnexpectedPacket | E::WrongPacketType | E::InvalidPacket => {
-                Self::Malformed
-            }
+            E::IncorrectPacketLength
+            | E::UnexpectedPacket
+            | E::WrongPacketType
+            | E::InvalidPacket => Self::Malformed,
             E::WrongIndex => Self::UnknownIndex,
             E::WrongKey => Self::Auth { reason: "key" },
             E::InvalidMac => Self::Auth { reason: "mac" },
             E::InvalidAeadTag => Self::Auth { reason: "aead" },
-            E::InvalidTai64nTimestamp | E::WrongTai64nTimestamp | E::InvalidCounter | E::DuplicateCounter => {
-                Self::Replay
-            }
+            E::InvalidTai64nTimestamp
+            | E::WrongTai64nTimestamp
+            | E::InvalidCounter
+            | E::DuplicateCounter => Self::Replay,
             E::NoCurrentSession => Self::NoSession,
             E::ConnectionExpired => Self::Expired,
             E::UnderLoad | E::LockFailed => Self::UnderLoad,
@@ -98,7 +100,9 @@ pub fn receiver(local: &NodeSecretKey, datagram: &[u8]) -> Result<Receiver, WgEr
             let secret = local.as_x25519();
             let public = x25519::PublicKey::from(secret);
             let half = parse_handshake_anon(secret, &public, &init)?;
-            Ok(Receiver::Initiator(NodePublicKey::from_bytes(half.peer_static_public)))
+            Ok(Receiver::Initiator(NodePublicKey::from_bytes(
+                half.peer_static_public,
+            )))
         }
         Packet::HandshakeResponse(r) => Ok(Receiver::Index(r.receiver_idx >> 8)),
         Packet::PacketCookieReply(c) => Ok(Receiver::Index(c.receiver_idx >> 8)),
@@ -133,7 +137,9 @@ impl Session {
     pub fn new(local: &NodeSecretKey, peer: &NodePublicKey, index: u32) -> Self {
         let secret = local.as_x25519().clone();
         let peer = x25519::PublicKey::from(*peer.as_bytes());
-        Self { tunn: Tunn::new(secret, peer, None, None, index & MAX_INDEX, None) }
+        Self {
+            tunn: Tunn::new(secret, peer, None, None, index & MAX_INDEX, None),
+        }
     }
 
     /// Encrypts an IP packet, or starts a handshake and queues it.
@@ -207,14 +213,17 @@ impl Session {
     /// The session's counters.
     pub fn stats(&self) -> SessionStats {
         let (since_handshake, tx, rx, _loss, _rtt) = self.tunn.stats();
-        SessionStats { since_handshake, tx_bytes: tx as u64, rx_bytes: rx as u64 }
+        SessionStats {
+            since_handshake,
+            tx_bytes: tx as u64,
+            rx_bytes: rx as u64,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
 
     #[test]
     fn two_sessions_handshake_and_carry_a_packet() {
@@ -236,7 +245,10 @@ mod tests {
         })
         .expect("encapsulate");
         assert_eq!(to_b.len(), 1);
-        assert_eq!(receiver(&b, &to_b[0]), Ok(Receiver::Initiator(a.public_key())));
+        assert_eq!(
+            receiver(&b, &to_b[0]),
+            Ok(Receiver::Initiator(a.public_key()))
+        );
 
         // B answers; A then flushes the queued packet; B decrypts it.
         let mut to_a = Vec::new();

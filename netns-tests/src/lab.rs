@@ -1,0 +1,476 @@
+//! The lab: namespaces, the bridges between them and the processes inside them.
+
+use std::ffi::OsStr;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::process::{ProcHandle, TERM_GRACE};
+
+/// Default time limit of [`Lab::run`].
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many log lines per process a failing test prints.
+const LOG_TAIL_LINES: usize = 200;
+
+static LOCK: Mutex<()> = Mutex::new(());
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Serialises lab tests inside one test binary: take it first thing in every test. A test that
+/// panicked while holding it does not poison the rest.
+pub fn serial() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// An RAII guard over a set of network namespaces and the processes running in them.
+///
+/// Dropping it kills every spawned process (SIGTERM, then SIGKILL after a bounded wait) and
+/// deletes every namespace it created, which also removes their veth interfaces. If the drop
+/// happens during a panic (a failing test), it first prints every process's log to stderr.
+/// Set `WARREN_LAB_KEEP=1` to keep the lab's directory (configs, state, logs) afterwards.
+pub struct Lab {
+    name: String,
+    prefix: String,
+    dir: Option<tempfile::TempDir>,
+    namespaces: Vec<String>,
+    procs: Vec<ProcHandle>,
+    ports: usize,
+    runs: AtomicUsize,
+}
+
+/// A LAN: one "switch" namespace holding the Linux bridge `br0`, to which hosts are attached
+/// with [`Lab::attach`].
+#[derive(Debug, Clone)]
+pub struct Lan {
+    switch_ns: String,
+}
+
+impl Lan {
+    /// The namespace holding the bridge.
+    pub fn switch_ns(&self) -> &str {
+        &self.switch_ns
+    }
+}
+
+impl Lab {
+    /// Creates an empty lab. `name` labels its directory and messages; namespaces get a short
+    /// unique prefix (`wt<pid%10000><n>`) that no existing namespace uses.
+    pub fn new(name: &str) -> Result<Self> {
+        let existing = list_namespaces()?;
+        let pid = std::process::id() % 10_000;
+        let prefix = loop {
+            let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let prefix = format!("wt{pid}{n}");
+            let taken = existing
+                .iter()
+                .any(|ns| ns.starts_with(&format!("{prefix}-")));
+            if !taken {
+                break prefix;
+            }
+        };
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("warren-lab-{name}-"))
+            .tempdir()
+            .context("create the lab directory")?;
+        std::fs::create_dir(dir.path().join("logs"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            prefix,
+            dir: Some(dir),
+            namespaces: Vec::new(),
+            procs: Vec::new(),
+            ports: 0,
+            runs: AtomicUsize::new(0),
+        })
+    }
+
+    /// The lab's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The prefix of every namespace this lab creates (`<prefix>-<short>`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The lab's private directory, for configs, state directories and logs.
+    pub fn dir(&self) -> &Path {
+        match &self.dir {
+            Some(d) => d.path(),
+            None => Path::new("/nonexistent"),
+        }
+    }
+
+    /// The namespaces created so far, full names, in creation order.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
+    /// The processes spawned so far.
+    pub fn procs(&self) -> &[ProcHandle] {
+        &self.procs
+    }
+
+    /// Creates namespace `<prefix>-<short>` with `lo` up, and returns its full name.
+    pub fn add_ns(&mut self, short: &str) -> Result<String> {
+        ensure!(
+            !short.is_empty()
+                && short.len() <= 24
+                && short.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "bad namespace short name {short:?}"
+        );
+        let ns = format!("{}-{short}", self.prefix);
+        ensure!(
+            !self.namespaces.contains(&ns),
+            "namespace {ns} already exists in this lab"
+        );
+        ip(&["netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Creates a LAN: a namespace `<prefix>-<short>` holding an up bridge `br0`.
+    pub fn add_lan(&mut self, short: &str) -> Result<Lan> {
+        let ns = self.add_ns(short)?;
+        ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+        Ok(Lan { switch_ns: ns })
+    }
+
+    /// Connects namespace `ns` to `lan` with a veth pair: the end in `ns` is named `ifname`,
+    /// gets `addr_cidr` (e.g. `"10.77.0.11/24"`, which must lie in 10.77.0.0/16) and is up;
+    /// the other end is a port of the LAN's bridge.
+    pub fn attach(&mut self, lan: &Lan, ns: &str, ifname: &str, addr_cidr: &str) -> Result<()> {
+        ensure!(
+            !ifname.is_empty() && ifname.len() <= 15,
+            "interface name {ifname:?} must be 1-15 characters"
+        );
+        self.check_own(ns)?;
+        let (addr, len) = parse_lab_cidr(addr_cidr)?;
+        self.ports += 1;
+        let port = format!("p{}", self.ports);
+        let sw = lan.switch_ns();
+        ip(&[
+            "-n", sw, "link", "add", &port, "type", "veth", "peer", "name", ifname, "netns", ns,
+        ])?;
+        ip(&["-n", sw, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/{len}"),
+            "dev",
+            ifname,
+        ])?;
+        ip(&["-n", ns, "link", "set", ifname, "up"])?;
+        Ok(())
+    }
+
+    /// Adds a route in `ns`: `dest` is `"default"` or a CIDR, `via` a gateway in 10.77.0.0/16.
+    pub fn add_route(&self, ns: &str, dest: &str, via: Ipv4Addr) -> Result<()> {
+        self.check_own(ns)?;
+        ensure!(is_lab_addr(via), "gateway {via} is outside 10.77.0.0/16");
+        ip(&["-n", ns, "route", "add", dest, "via", &via.to_string()])
+    }
+
+    /// Sets a sysctl inside `ns` (e.g. `net.ipv4.ip_forward`, `1`).
+    pub fn sysctl(&self, ns: &str, key: &str, value: &str) -> Result<()> {
+        self.run_ok(ns, "sysctl", ["-q", "-w", &format!("{key}={value}")])?;
+        Ok(())
+    }
+
+    fn check_own(&self, ns: &str) -> Result<()> {
+        ensure!(
+            self.namespaces.iter().any(|n| n == ns),
+            "namespace {ns} was not created by this lab"
+        );
+        Ok(())
+    }
+
+    fn netns_exec<S: AsRef<OsStr>>(
+        &self,
+        ns: &str,
+        program: impl AsRef<OsStr>,
+        args: impl IntoIterator<Item = S>,
+    ) -> Result<Command> {
+        self.check_own(ns)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(program).args(args);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info,warren=debug");
+        }
+        Ok(cmd)
+    }
+
+    /// Starts `program args…` inside `ns` (via `ip netns exec`), stdout and stderr going to log
+    /// files in the lab's directory. The lab kills it on drop; the returned handle (a clone)
+    /// can kill it earlier, wait for it and read its output.
+    pub fn spawn<S: AsRef<OsStr>>(
+        &mut self,
+        ns: &str,
+        name: &str,
+        program: impl AsRef<OsStr>,
+        args: impl IntoIterator<Item = S>,
+    ) -> Result<ProcHandle> {
+        let cmd = self.netns_exec(ns, program, args)?;
+        let seq = self.procs.len();
+        let logs = self.dir().join("logs");
+        let stem: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let handle = ProcHandle::spawn(
+            name,
+            ns,
+            cmd,
+            logs.join(format!("{seq:02}-{stem}.stdout")),
+            logs.join(format!("{seq:02}-{stem}.stderr")),
+        )?;
+        self.procs.push(handle.clone());
+        Ok(handle)
+    }
+
+    /// Runs `program args…` inside `ns` to completion, with [`RUN_TIMEOUT`], capturing its
+    /// output. A non-zero exit is not an error here; see [`Lab::run_ok`].
+    pub fn run<S: AsRef<OsStr>>(
+        &self,
+        ns: &str,
+        program: impl AsRef<OsStr>,
+        args: impl IntoIterator<Item = S>,
+    ) -> Result<Output> {
+        self.run_timeout(ns, program, args, RUN_TIMEOUT)
+    }
+
+    /// [`Lab::run`] with an explicit time limit; the process is killed and an error returned
+    /// when it runs longer.
+    pub fn run_timeout<S: AsRef<OsStr>>(
+        &self,
+        ns: &str,
+        program: impl AsRef<OsStr>,
+        args: impl IntoIterator<Item = S>,
+        timeout: Duration,
+    ) -> Result<Output> {
+        let mut cmd = self.netns_exec(ns, program, args)?;
+        let desc = format!("{cmd:?}");
+        // Output goes to files, not pipes: nothing can block on a full pipe, and a stray
+        // grandchild keeping a pipe open cannot hang us.
+        let n = self.runs.fetch_add(1, Ordering::Relaxed);
+        let out_path = self.dir().join(format!("logs/run-{n:04}.stdout"));
+        let err_path = self.dir().join(format!("logs/run-{n:04}.stderr"));
+        cmd.stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out_path)?)
+            .stderr(std::fs::File::create(&err_path)?);
+        let mut child = cmd.spawn().with_context(|| format!("spawn {desc}"))?;
+        let start = Instant::now();
+        let status: ExitStatus = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if start.elapsed() >= timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{desc} did not finish within {timeout:?}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        let output = Output {
+            status,
+            stdout: std::fs::read(&out_path)?,
+            stderr: std::fs::read(&err_path)?,
+        };
+        let _ = std::fs::remove_file(&out_path);
+        let _ = std::fs::remove_file(&err_path);
+        Ok(output)
+    }
+
+    /// [`Lab::run`], failing (with its output in the message) unless it exits 0.
+    pub fn run_ok<S: AsRef<OsStr>>(
+        &self,
+        ns: &str,
+        program: impl AsRef<OsStr>,
+        args: impl IntoIterator<Item = S>,
+    ) -> Result<Output> {
+        let program = program.as_ref().to_owned();
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = self.run(ns, &program, &args)?;
+        if !out.status.success() {
+            bail!(
+                "`{} {}` in {ns} failed ({}):\n{}{}",
+                program.to_string_lossy(),
+                args.iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+            );
+        }
+        Ok(out)
+    }
+
+    /// One ICMP echo from `ns` to `addr` (`ping -c 1 -W 1`): true iff a reply came back.
+    pub fn ping(&self, ns: &str, addr: IpAddr) -> Result<bool> {
+        self.ping_wait(ns, addr, Duration::from_secs(1))
+    }
+
+    /// One ICMP echo from `ns` to `addr`, waiting at most `wait` for the reply (`ping -W`
+    /// takes fractions of a second): true iff a reply came back.
+    pub fn ping_wait(&self, ns: &str, addr: IpAddr, wait: Duration) -> Result<bool> {
+        let out = self.run_timeout(
+            ns,
+            "ping",
+            [
+                "-n",
+                "-c",
+                "1",
+                "-W",
+                &format!("{:.3}", wait.as_secs_f64()),
+                &addr.to_string(),
+            ],
+            wait + Duration::from_secs(10),
+        )?;
+        Ok(out.status.success())
+    }
+
+    /// Kills every process spawned so far: SIGTERM to all, then SIGKILL to those still alive
+    /// after [`TERM_GRACE`].
+    pub fn kill_all(&self) {
+        for p in &self.procs {
+            p.terminate();
+        }
+        let start = Instant::now();
+        for p in &self.procs {
+            if p.wait_exit(TERM_GRACE.saturating_sub(start.elapsed()))
+                .is_none()
+            {
+                let _ = p.force_kill();
+            }
+        }
+    }
+
+    /// Every process's log tail, for a failure report.
+    pub fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| p.log_tail(LOG_TAIL_LINES))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.kill_all();
+        if thread::panicking() {
+            eprintln!(
+                "\n##### lab `{}` failed: logs of its {} processes #####\n{}",
+                self.name,
+                self.procs.len(),
+                self.logs()
+            );
+        }
+        for ns in self.namespaces.iter().rev() {
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                eprintln!(
+                    "lab `{}`: could not delete namespace {ns}: {e:#}",
+                    self.name
+                );
+            }
+        }
+        if std::env::var_os("WARREN_LAB_KEEP").is_some_and(|v| v != "0")
+            && let Some(dir) = self.dir.take()
+        {
+            let path: PathBuf = dir.keep();
+            eprintln!("lab `{}`: kept its directory {}", self.name, path.display());
+        }
+    }
+}
+
+/// Runs `ip ARGS` (in the host namespace, so only ever with `netns add|del` or `-n NS`).
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("run `ip` (is iproute2 installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "`ip {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Names of all network namespaces (`ip netns list`).
+pub fn list_namespaces() -> Result<Vec<String>> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .stdin(Stdio::null())
+        .output()
+        .context("run `ip netns list` (is iproute2 installed?)")?;
+    ensure!(
+        out.status.success(),
+        "`ip netns list` failed: {}",
+        out.status
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect())
+}
+
+fn is_lab_addr(a: Ipv4Addr) -> bool {
+    let o = a.octets();
+    o[0] == 10 && o[1] == 77
+}
+
+/// Parses `a.b.c.d/len`, requiring the address to lie in 10.77.0.0/16 and `len >= 16`.
+fn parse_lab_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
+    let (addr, len) = cidr
+        .split_once('/')
+        .with_context(|| format!("{cidr:?} is not ADDR/LEN"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .with_context(|| format!("bad address in {cidr:?}"))?;
+    let len: u8 = len
+        .parse()
+        .with_context(|| format!("bad prefix length in {cidr:?}"))?;
+    ensure!(
+        is_lab_addr(addr) && (16..=32).contains(&len),
+        "{cidr} is outside 10.77.0.0/16: the lab only uses addresses there"
+    );
+    Ok((addr, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_cidrs_are_confined_to_10_77() {
+        assert!(parse_lab_cidr("10.77.0.11/24").is_ok());
+        assert!(parse_lab_cidr("10.78.0.11/24").is_err());
+        assert!(parse_lab_cidr("10.77.0.11/8").is_err());
+        assert!(parse_lab_cidr("192.168.1.1/24").is_err());
+        assert!(parse_lab_cidr("10.77.0.11").is_err());
+    }
+}

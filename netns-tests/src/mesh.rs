@@ -1,0 +1,660 @@
+//! Driving the real `warren-control` and `warren` binaries inside a [`Lab`].
+//!
+//! [`Mesh::start`] builds the usual topology: one LAN `10.77.0.0/24`, control at `10.77.0.1`,
+//! nodes at `10.77.0.11`, `.12`, … each in its own namespace with TUN `warren0`.
+
+use std::ffi::OsStr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::binaries::Binaries;
+use crate::lab::{Lab, Lan};
+use crate::process::ProcHandle;
+use crate::traffic::TransferReport;
+use crate::wait::wait_until;
+
+/// How long a control server or node gets to become ready.
+pub const READY_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A control server process and the files it owns.
+#[derive(Debug)]
+pub struct Control {
+    /// Namespace it runs in.
+    pub ns: String,
+    /// Its LAN address; it listens on port [`Control::PORT`] there.
+    pub addr: Ipv4Addr,
+    /// The URL nodes are given: `http://ADDR:PORT`.
+    pub url: String,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its admin unix socket.
+    pub socket: PathBuf,
+    /// Its SQLite database.
+    pub db: PathBuf,
+    bins: Binaries,
+    proc: Option<ProcHandle>,
+}
+
+/// A pre-auth key as `preauthkeys create` returned it.
+#[derive(Debug, Clone)]
+pub struct PreAuthKey {
+    /// The full secret key, as given to `warren up --auth-key`.
+    pub secret: String,
+    /// Its public prefix, used by `preauthkeys expire`.
+    pub prefix: String,
+    /// The JSON object describing the key.
+    pub info: Value,
+}
+
+/// One entry of `warren-control nodes list --output json`.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// Node id, as `nodes delete` takes it.
+    pub id: u64,
+    /// Name given by control (unique in the tailnet).
+    pub given_name: String,
+    /// Hostname the node reported.
+    pub hostname: String,
+    /// Mesh addresses (prefix lengths dropped).
+    pub addresses: Vec<IpAddr>,
+    /// Whether control sees it connected.
+    pub online: bool,
+}
+
+/// `warren status --json`.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// The node's own name.
+    pub name: String,
+    /// The node's own mesh addresses.
+    pub addresses: Vec<IpAddr>,
+    /// The node's public key.
+    pub node_key: String,
+    /// Whether the node currently has a connection to control.
+    pub control_connected: bool,
+    /// The peers in its netmap.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One peer in [`NodeStatus`].
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    /// Peer name.
+    pub name: String,
+    /// Peer mesh addresses.
+    pub addresses: Vec<IpAddr>,
+    /// Current endpoint (`ip:port`), if any.
+    pub endpoint: Option<String>,
+    /// Time of the last WireGuard handshake, Unix milliseconds.
+    pub last_handshake_unix_ms: Option<u64>,
+    /// Bytes received from it.
+    pub rx_bytes: u64,
+    /// Bytes sent to it.
+    pub tx_bytes: u64,
+    /// Whether control reports it online.
+    pub online: bool,
+}
+
+impl NodeStatus {
+    /// Parses the JSON `warren status --json` prints.
+    pub fn parse(json: &str) -> Result<Self> {
+        let v: Value = serde_json::from_str(json)
+            .with_context(|| format!("`warren status --json` printed non-JSON: {json:?}"))?;
+        let me = &v["self"];
+        let peers = match &v["peers"] {
+            Value::Null => Vec::new(),
+            Value::Array(a) => a.iter().map(PeerStatus::from_json).collect::<Result<_>>()?,
+            other => bail!("`peers` is not an array: {other}"),
+        };
+        Ok(Self {
+            name: str_field(me, "name")?,
+            addresses: addrs_field(me, "addresses")?,
+            node_key: me["node_key"].as_str().unwrap_or_default().to_owned(),
+            control_connected: v["control_connected"]
+                .as_bool()
+                .context("no bool `control_connected` in status")?,
+            peers,
+        })
+    }
+
+    /// The peer owning mesh address `addr`, if any.
+    pub fn peer_with_addr(&self, addr: IpAddr) -> Option<&PeerStatus> {
+        self.peers.iter().find(|p| p.addresses.contains(&addr))
+    }
+
+    /// The first IPv4 mesh address.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        first_v4(&self.addresses)
+    }
+}
+
+impl PeerStatus {
+    fn from_json(v: &Value) -> Result<Self> {
+        Ok(Self {
+            name: str_field(v, "name")?,
+            addresses: addrs_field(v, "addresses")?,
+            endpoint: v["endpoint"].as_str().map(str::to_owned),
+            last_handshake_unix_ms: v["last_handshake_unix_ms"].as_u64(),
+            rx_bytes: v["rx_bytes"].as_u64().unwrap_or(0),
+            tx_bytes: v["tx_bytes"].as_u64().unwrap_or(0),
+            online: v["online"].as_bool().unwrap_or(false),
+        })
+    }
+}
+
+impl NodeInfo {
+    /// Parses `nodes list --output json` (an array of node objects).
+    pub fn parse_list(json: &str) -> Result<Vec<Self>> {
+        let v: Value = serde_json::from_str(json)
+            .with_context(|| format!("`nodes list` printed non-JSON: {json:?}"))?;
+        let list = match &v {
+            Value::Array(a) => a,
+            Value::Null => return Ok(Vec::new()),
+            other => bail!("`nodes list` output is not an array: {other}"),
+        };
+        list.iter()
+            .map(|n| {
+                Ok(Self {
+                    id: n["id"].as_u64().context("node without numeric `id`")?,
+                    given_name: n["given_name"].as_str().unwrap_or_default().to_owned(),
+                    hostname: n["hostname"].as_str().unwrap_or_default().to_owned(),
+                    addresses: addrs_field(n, "addresses")?,
+                    online: n["online"].as_bool().unwrap_or(false),
+                })
+            })
+            .collect()
+    }
+}
+
+fn str_field(v: &Value, key: &str) -> Result<String> {
+    Ok(v[key]
+        .as_str()
+        .with_context(|| format!("no string `{key}` in {v}"))?
+        .to_owned())
+}
+
+/// Parses an address that may carry a prefix length (`100.64.0.1/32`).
+pub fn parse_addr(s: &str) -> Result<IpAddr> {
+    let bare = s.trim().split('/').next().unwrap_or_default();
+    bare.parse()
+        .with_context(|| format!("{s:?} is not an IP address"))
+}
+
+fn addrs_field(v: &Value, key: &str) -> Result<Vec<IpAddr>> {
+    match &v[key] {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(a) => a
+            .iter()
+            .map(|s| parse_addr(s.as_str().context("address is not a string")?))
+            .collect(),
+        other => bail!("`{key}` is not an array: {other}"),
+    }
+}
+
+fn first_v4(addrs: &[IpAddr]) -> Option<Ipv4Addr> {
+    addrs.iter().find_map(|a| match a {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    })
+}
+
+fn toml_str(p: &Path) -> String {
+    let s = p.to_string_lossy();
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn stdout_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Control {
+    /// The port control listens on.
+    pub const PORT: u16 = 50443;
+
+    /// Writes a config for a control server in namespace `ns` at `addr` (files under
+    /// `<lab dir>/control`), starts it and waits until it is ready.
+    pub fn start(lab: &mut Lab, bins: &Binaries, ns: &str, addr: Ipv4Addr) -> Result<Self> {
+        Self::start_named(lab, bins, ns, addr, "control")
+    }
+
+    /// [`Control::start`] with its files under `<lab dir>/<name>`, for labs with more than one
+    /// control server.
+    pub fn start_named(
+        lab: &mut Lab,
+        bins: &Binaries,
+        ns: &str,
+        addr: Ipv4Addr,
+        name: &str,
+    ) -> Result<Self> {
+        let dir = lab.dir().join(name);
+        std::fs::create_dir_all(&dir)?;
+        let url = format!("http://{addr}:{}", Self::PORT);
+        let mut control = Self {
+            ns: ns.to_owned(),
+            addr,
+            url: url.clone(),
+            config: dir.join("control.toml"),
+            socket: dir.join("control.sock"),
+            db: dir.join("db.sqlite"),
+            bins: bins.clone(),
+            proc: None,
+        };
+        let config = format!(
+            "server_url = \"{url}\"\n\
+             listen_addr = \"{addr}:{port}\"\n\
+             unix_socket = {socket}\n\
+             ephemeral_node_inactivity_timeout = \"30m\"\n\
+             \n[noise]\nprivate_key_path = {key}\n\
+             \n[database]\ntype = \"sqlite\"\n\
+             \n[database.sqlite]\npath = {db}\n\
+             \n[prefixes]\nv4 = \"100.64.0.0/10\"\nv6 = \"fd7a:115c:a1e0::/48\"\n\
+             \n[dns]\nmagic_dns = true\nbase_domain = \"warren.internal\"\n",
+            port = Self::PORT,
+            socket = toml_str(&control.socket),
+            key = toml_str(&dir.join("control_private.key")),
+            db = toml_str(&control.db),
+        );
+        std::fs::write(&control.config, config)
+            .with_context(|| format!("write {}", control.config.display()))?;
+        control.restart(lab)?;
+        Ok(control)
+    }
+
+    /// Starts the server (again) with the same config and database, and waits until it is
+    /// ready. Fails if it is already running.
+    pub fn restart(&mut self, lab: &mut Lab) -> Result<()> {
+        if let Some(p) = &self.proc {
+            ensure!(!p.is_running(), "control is already running");
+        }
+        let config = self.config.clone();
+        let proc = lab.spawn(
+            &self.ns,
+            &format!("warren-control {}", self.addr),
+            &self.bins.control,
+            [
+                OsStr::new("serve"),
+                OsStr::new("--config"),
+                config.as_os_str(),
+            ],
+        )?;
+        self.proc = Some(proc);
+        self.wait_ready(lab, READY_DEADLINE)?;
+        Ok(())
+    }
+
+    /// Waits until the admin socket answers `users list` and the gRPC port accepts TCP.
+    pub fn wait_ready(&self, lab: &Lab, deadline: Duration) -> Result<Duration> {
+        let target = SocketAddr::from((self.addr, Self::PORT)).to_string();
+        wait_until(deadline, "control answers on its socket and port", || {
+            if let Some(p) = &self.proc
+                && let Some(status) = p.try_status()
+            {
+                bail!("warren-control exited ({status}):\n{}", p.stderr());
+            }
+            self.admin_ok(lab, ["users", "list"])?;
+            let probe = lab.run(&self.ns, &self.bins.labtool, ["tcp-probe", "--to", &target])?;
+            Ok(probe.status.success())
+        })
+    }
+
+    /// The server process, once started.
+    pub fn proc(&self) -> Option<&ProcHandle> {
+        self.proc.as_ref()
+    }
+
+    /// Stops the server (SIGTERM, SIGKILL fallback).
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        self.proc
+            .as_ref()
+            .context("control was never started")?
+            .kill()
+    }
+
+    /// Runs the admin CLI (`warren-control --socket S --output json ARGS`) in control's
+    /// namespace; the caller checks the exit status.
+    pub fn admin<S: AsRef<OsStr>>(
+        &self,
+        lab: &Lab,
+        args: impl IntoIterator<Item = S>,
+    ) -> Result<Output> {
+        let mut all = vec![
+            OsStr::new("--socket").to_owned(),
+            self.socket.as_os_str().to_owned(),
+            OsStr::new("--output").to_owned(),
+            OsStr::new("json").to_owned(),
+        ];
+        all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        lab.run(&self.ns, &self.bins.control, &all)
+    }
+
+    /// [`Control::admin`], failing unless it exits 0; returns its stdout.
+    pub fn admin_ok<S: AsRef<OsStr>>(
+        &self,
+        lab: &Lab,
+        args: impl IntoIterator<Item = S>,
+    ) -> Result<String> {
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = self.admin(lab, &args)?;
+        if !out.status.success() {
+            bail!(
+                "`warren-control {}` failed ({}):\n{}{}",
+                args.iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                out.status,
+                stdout_of(&out),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout_of(&out))
+    }
+
+    /// `users create NAME`.
+    pub fn create_user(&self, lab: &Lab, name: &str) -> Result<()> {
+        self.admin_ok(lab, ["users", "create", name])?;
+        Ok(())
+    }
+
+    /// `preauthkeys create --user USER EXTRA…` (e.g. `["--reusable"]`,
+    /// `["--expiration", "1h"]`).
+    pub fn create_preauth_key(&self, lab: &Lab, user: &str, extra: &[&str]) -> Result<PreAuthKey> {
+        let mut args = vec!["preauthkeys", "create", "--user", user];
+        args.extend_from_slice(extra);
+        let out = self.admin_ok(lab, &args)?;
+        let v: Value = serde_json::from_str(&out)
+            .with_context(|| format!("`preauthkeys create` printed non-JSON: {out:?}"))?;
+        Ok(PreAuthKey {
+            secret: str_field(&v, "secret")?,
+            prefix: str_field(&v["key"], "prefix")?,
+            info: v["key"].clone(),
+        })
+    }
+
+    /// `preauthkeys expire PREFIX`.
+    pub fn expire_preauth_key(&self, lab: &Lab, prefix: &str) -> Result<()> {
+        self.admin_ok(lab, ["preauthkeys", "expire", prefix])?;
+        Ok(())
+    }
+
+    /// `nodes list`.
+    pub fn nodes(&self, lab: &Lab) -> Result<Vec<NodeInfo>> {
+        NodeInfo::parse_list(&self.admin_ok(lab, ["nodes", "list"])?)
+    }
+
+    /// The node control knows under `hostname`.
+    pub fn node_by_hostname(&self, lab: &Lab, hostname: &str) -> Result<NodeInfo> {
+        self.nodes(lab)?
+            .into_iter()
+            .find(|n| n.hostname == hostname)
+            .with_context(|| format!("control lists no node with hostname {hostname}"))
+    }
+
+    /// `nodes delete ID`.
+    pub fn delete_node(&self, lab: &Lab, id: u64) -> Result<()> {
+        self.admin_ok(lab, ["nodes", "delete", &id.to_string()])?;
+        Ok(())
+    }
+}
+
+/// A `warren up` process in its own namespace.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The hostname it registered with.
+    pub hostname: String,
+    /// Namespace it runs in.
+    pub ns: String,
+    /// Its LAN address.
+    pub lan_addr: Ipv4Addr,
+    /// Its state directory (the local API socket is `warren.sock` in it).
+    pub state_dir: PathBuf,
+    warren: PathBuf,
+    proc: ProcHandle,
+}
+
+impl Node {
+    /// Starts `warren up --control URL --auth-key KEY --hostname H --state-dir
+    /// <lab dir>/nodes/H --tun warren0` in `ns`, without waiting for anything.
+    pub fn spawn(
+        lab: &mut Lab,
+        bins: &Binaries,
+        ns: &str,
+        lan_addr: Ipv4Addr,
+        hostname: &str,
+        control_url: &str,
+        auth_key: &str,
+    ) -> Result<Self> {
+        let state_dir = lab.dir().join("nodes").join(hostname);
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("create {}", state_dir.display()))?;
+        let state = state_dir.to_string_lossy().into_owned();
+        let proc = lab.spawn(
+            ns,
+            &format!("warren {hostname}"),
+            &bins.warren,
+            [
+                "up",
+                "--control",
+                control_url,
+                "--auth-key",
+                auth_key,
+                "--hostname",
+                hostname,
+                "--state-dir",
+                &state,
+                "--tun",
+                "warren0",
+            ],
+        )?;
+        Ok(Self {
+            hostname: hostname.to_owned(),
+            ns: ns.to_owned(),
+            lan_addr,
+            state_dir,
+            warren: bins.warren.clone(),
+            proc,
+        })
+    }
+
+    /// The `warren up` process.
+    pub fn proc(&self) -> &ProcHandle {
+        &self.proc
+    }
+
+    fn cli(&self, lab: &Lab, args: &[&str]) -> Result<String> {
+        let state = self.state_dir.to_string_lossy();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--state-dir", &state]);
+        let out = lab.run(&self.ns, &self.warren, &all)?;
+        if !out.status.success() {
+            bail!(
+                "`warren {}` on {} failed ({}):\n{}{}",
+                all.join(" "),
+                self.hostname,
+                out.status,
+                stdout_of(&out),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout_of(&out))
+    }
+
+    /// `warren status --json`.
+    pub fn status(&self, lab: &Lab) -> Result<NodeStatus> {
+        NodeStatus::parse(&self.cli(lab, &["status", "--json"])?)
+    }
+
+    /// `warren ip`: its mesh addresses, IPv4 first.
+    pub fn addresses(&self, lab: &Lab) -> Result<Vec<IpAddr>> {
+        self.cli(lab, &["ip"])?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(parse_addr)
+            .collect()
+    }
+
+    /// Its mesh IPv4 address.
+    pub fn ipv4(&self, lab: &Lab) -> Result<Ipv4Addr> {
+        first_v4(&self.addresses(lab)?)
+            .with_context(|| format!("{} has no IPv4 mesh address", self.hostname))
+    }
+
+    /// `warren down`.
+    pub fn down(&self, lab: &Lab) -> Result<()> {
+        self.cli(lab, &["down"])?;
+        Ok(())
+    }
+
+    /// Waits until `warren status` lists exactly `n` peers. Fails early if `warren up` exits.
+    pub fn wait_peers(&self, lab: &Lab, n: usize, deadline: Duration) -> Result<Duration> {
+        wait_until(
+            deadline,
+            &format!("{} lists {n} peers", self.hostname),
+            || {
+                self.check_running()?;
+                Ok(self.status(lab)?.peers.len() == n)
+            },
+        )
+    }
+
+    /// Fails (with its stderr) if `warren up` has exited.
+    pub fn check_running(&self) -> Result<()> {
+        if let Some(status) = self.proc.try_status() {
+            bail!(
+                "`warren up` for {} exited ({status}):\n{}",
+                self.hostname,
+                self.proc.stderr()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The usual topology: a LAN, a control server, a user with a reusable key, and nodes.
+#[derive(Debug)]
+pub struct Mesh {
+    /// The LAN everything is attached to (10.77.0.0/24).
+    pub lan: Lan,
+    /// The control server at 10.77.0.1.
+    pub control: Control,
+    /// The user nodes register as.
+    pub user: String,
+    /// A reusable pre-auth key of that user.
+    pub key: PreAuthKey,
+    /// The nodes started with [`Mesh::spawn_node`], in order.
+    pub nodes: Vec<Node>,
+    bins: Binaries,
+    hosts: u8,
+}
+
+impl Mesh {
+    /// Control's LAN address.
+    pub const CONTROL_ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+
+    /// Builds the LAN and control, creates user `lab` and a reusable key, starts `nodes` nodes
+    /// and waits until each lists all the others as peers.
+    pub fn start(lab: &mut Lab, bins: &Binaries, nodes: usize) -> Result<Self> {
+        let lan = lab.add_lan("lan")?;
+        let ctl = lab.add_ns("ctl")?;
+        lab.attach(&lan, &ctl, "eth0", &format!("{}/24", Self::CONTROL_ADDR))?;
+        let control = Control::start(lab, bins, &ctl, Self::CONTROL_ADDR)?;
+        let user = "lab".to_owned();
+        control.create_user(lab, &user)?;
+        let key = control.create_preauth_key(lab, &user, &["--reusable"])?;
+        let mut mesh = Self {
+            lan,
+            control,
+            user,
+            key,
+            nodes: Vec::new(),
+            bins: bins.clone(),
+            hosts: 0,
+        };
+        for _ in 0..nodes {
+            mesh.spawn_node(lab)?;
+        }
+        mesh.wait_full_mesh(lab, READY_DEADLINE)?;
+        Ok(mesh)
+    }
+
+    /// Creates a namespace `h<N>` attached to the LAN at `10.77.0.<10+N>/24`, with no process in
+    /// it yet. Returns the namespace and the address.
+    pub fn add_host(&mut self, lab: &mut Lab) -> Result<(String, Ipv4Addr)> {
+        ensure!(self.hosts < 200, "too many hosts");
+        self.hosts += 1;
+        let addr = Ipv4Addr::new(10, 77, 0, 10 + self.hosts);
+        let ns = lab.add_ns(&format!("h{}", self.hosts))?;
+        lab.attach(&self.lan, &ns, "eth0", &format!("{addr}/24"))?;
+        Ok((ns, addr))
+    }
+
+    /// Starts a node `node<N>` on a new host with `auth_key`, without waiting; it is not added
+    /// to [`Mesh::nodes`].
+    pub fn spawn_node_with_key(&mut self, lab: &mut Lab, auth_key: &str) -> Result<Node> {
+        let (ns, addr) = self.add_host(lab)?;
+        let hostname = format!("node{}", self.hosts);
+        Node::spawn(
+            lab,
+            &self.bins,
+            &ns,
+            addr,
+            &hostname,
+            &self.control.url,
+            auth_key,
+        )
+    }
+
+    /// Starts a node with the mesh's reusable key on a new host and adds it to
+    /// [`Mesh::nodes`], without waiting. Returns its index.
+    pub fn spawn_node(&mut self, lab: &mut Lab) -> Result<usize> {
+        let secret = self.key.secret.clone();
+        let node = self.spawn_node_with_key(lab, &secret)?;
+        self.nodes.push(node);
+        Ok(self.nodes.len() - 1)
+    }
+
+    /// Waits until every node in [`Mesh::nodes`] lists all the others as peers.
+    pub fn wait_full_mesh(&self, lab: &Lab, deadline: Duration) -> Result<Duration> {
+        let n = self.nodes.len();
+        wait_until(
+            deadline,
+            &format!("all {n} nodes list {} peers", n.saturating_sub(1)),
+            || {
+                for node in &self.nodes {
+                    node.check_running()?;
+                    if node.status(lab)?.peers.len() != n - 1 {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            },
+        )
+    }
+
+    /// Sends `bytes` bytes over TCP from node `from` to node `to`'s mesh IPv4 address with
+    /// `warren-labtool`, and returns (what the sender sent, what the sink received).
+    pub fn tcp_transfer(
+        &self,
+        lab: &mut Lab,
+        from: usize,
+        to: usize,
+        bytes: u64,
+        deadline: Duration,
+    ) -> Result<(TransferReport, TransferReport)> {
+        let dst = self.nodes[to].ipv4(lab)?;
+        crate::traffic::tcp_transfer(
+            lab,
+            &self.bins.labtool,
+            &self.nodes[from].ns,
+            &self.nodes[to].ns,
+            SocketAddr::from((dst, 5201)),
+            bytes,
+            deadline,
+        )
+    }
+}

@@ -1,0 +1,311 @@
+//! Mesh tests: the real `warren-control` and `warren` binaries in network namespaces.
+//!
+//! One LAN 10.77.0.0/24, control at 10.77.0.1, nodes at 10.77.0.11, .12, … Run as root after
+//! `cargo build --bins`; without root every test prints why it is skipped and passes. Tests
+//! run one at a time (each takes the lab's serial lock) and wait on conditions, never sleeps.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use warren_netns_tests::mesh::Control;
+use warren_netns_tests::{
+    Binaries, Lab, Mesh, Node, TransferReport, binaries_with_labtool, require_root, serial,
+    wait_until,
+};
+
+const LABTOOL: &str = env!("CARGO_BIN_EXE_warren-labtool");
+
+/// Generous deadline for anything the mesh should do "soon".
+const SOON: Duration = Duration::from_secs(20);
+
+/// Runs `body` in a fresh lab, serially, if root. An error fails the test while the lab is
+/// still alive, so its drop prints every process's log.
+fn lab_test(name: &str, body: impl FnOnce(&mut Lab, &Binaries) -> Result<()>) {
+    let _serial = serial();
+    if !require_root() {
+        return;
+    }
+    let bins = match binaries_with_labtool(LABTOOL) {
+        Ok(b) => b,
+        Err(e) => panic!("{e:#}"),
+    };
+    let mut lab = match Lab::new(name) {
+        Ok(lab) => lab,
+        Err(e) => panic!("cannot create the lab: {e:#}"),
+    };
+    if let Err(e) = body(&mut lab, &bins) {
+        panic!("{name} failed: {e:?}");
+    }
+}
+
+fn v4(a: Ipv4Addr) -> IpAddr {
+    IpAddr::V4(a)
+}
+
+/// Waits until `from` gets a reply from `to`.
+fn wait_ping(lab: &Lab, from: &Node, to: Ipv4Addr) -> Result<Duration> {
+    wait_until(SOON, &format!("{} pings {to}", from.hostname), || {
+        lab.ping(&from.ns, v4(to))
+    })
+}
+
+/// Waits until `node` has its mesh IPv4 address, and returns it.
+fn wait_ipv4(lab: &Lab, node: &Node) -> Result<Ipv4Addr> {
+    let mut addr = None;
+    wait_until(
+        SOON,
+        &format!("{} has a mesh address", node.hostname),
+        || {
+            node.check_running()?;
+            addr = Some(node.ipv4(lab)?);
+            Ok(true)
+        },
+    )?;
+    addr.context("no address")
+}
+
+#[test]
+fn two_nodes_ping_and_move_10mb() {
+    lab_test("two-nodes", |lab, bins| {
+        let mesh = Mesh::start(lab, bins, 2)?;
+        let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+        let a1 = n1.ipv4(lab)?;
+        let a2 = n2.ipv4(lab)?;
+        ensure!(a1 != a2, "both nodes got {a1}");
+
+        // `warren ip` and `warren status` agree, and each node sees the other.
+        let s1 = n1.status(lab)?;
+        let s2 = n2.status(lab)?;
+        ensure!(s1.ipv4() == Some(a1), "status of node 1: {s1:?}");
+        ensure!(s2.ipv4() == Some(a2), "status of node 2: {s2:?}");
+        ensure!(s1.peer_with_addr(v4(a2)).is_some(), "node 1 peers: {s1:?}");
+        ensure!(s2.peer_with_addr(v4(a1)).is_some(), "node 2 peers: {s2:?}");
+
+        wait_ping(lab, n1, a2)?;
+        wait_ping(lab, n2, a1)?;
+
+        let bytes = 10_000_000;
+        let (sent, received) = mesh.tcp_transfer(lab, 0, 1, bytes, Duration::from_secs(120))?;
+        ensure!(
+            sent == TransferReport::expected(bytes),
+            "sender report {sent:?}"
+        );
+        ensure!(
+            received == sent,
+            "sent {sent:?} but the sink received {received:?}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn third_node_joins_live() {
+    lab_test("third-node", |lab, bins| {
+        let mut mesh = Mesh::start(lab, bins, 2)?;
+        wait_ping(lab, &mesh.nodes[0], mesh.nodes[1].ipv4(lab)?)?;
+
+        let start = Instant::now();
+        let i = mesh.spawn_node(lab)?;
+        let n3 = mesh.nodes[i].clone();
+        let a3 = wait_ipv4(lab, &n3)?;
+        let n1 = &mesh.nodes[0];
+        wait_until(SOON, "node 1 pings node 3", || {
+            n3.check_running()?;
+            lab.ping_wait(&n1.ns, v4(a3), Duration::from_millis(200))
+        })?;
+        let ms = start.elapsed().as_millis();
+        eprintln!("third node: first reply after {ms} ms");
+
+        wait_ping(lab, &mesh.nodes[1], a3)?;
+        wait_ping(lab, &n3, mesh.nodes[0].ipv4(lab)?)?;
+        mesh.wait_full_mesh(lab, SOON)?;
+        Ok(())
+    });
+}
+
+#[test]
+fn deleted_node_is_cut_off() {
+    lab_test("delete-node", |lab, bins| {
+        let mesh = Mesh::start(lab, bins, 3)?;
+        let addrs = mesh
+            .nodes
+            .iter()
+            .map(|n| n.ipv4(lab))
+            .collect::<Result<Vec<_>>>()?;
+        let victim = &mesh.nodes[2];
+        let a3 = addrs[2];
+        for (n, &a) in mesh.nodes[..2].iter().zip(&addrs) {
+            wait_ping(lab, n, a3)?;
+            wait_ping(lab, victim, a)?;
+        }
+
+        let info = mesh.control.node_by_hostname(lab, &victim.hostname)?;
+        mesh.control.delete_node(lab, info.id)?;
+        ensure!(
+            !mesh.control.nodes(lab)?.iter().any(|n| n.id == info.id),
+            "control still lists node {}",
+            info.id
+        );
+        wait_until(SOON, "nodes 1 and 2 no longer list node 3", || {
+            for n in &mesh.nodes[..2] {
+                if n.status(lab)?.peer_with_addr(v4(a3)).is_some() {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })?;
+
+        for (n, &a) in mesh.nodes[..2].iter().zip(&addrs) {
+            for _ in 0..3 {
+                ensure!(
+                    !lab.ping(&victim.ns, v4(a))?,
+                    "the deleted node still reaches {}",
+                    n.hostname
+                );
+                ensure!(
+                    !lab.ping(&n.ns, v4(a3))?,
+                    "{} still reaches the deleted node",
+                    n.hostname
+                );
+            }
+        }
+        // The two remaining nodes still reach each other.
+        ensure!(
+            lab.ping(&mesh.nodes[0].ns, v4(addrs[1]))?,
+            "node 1 lost node 2"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn control_restart_keeps_addresses_and_traffic() {
+    lab_test("control-restart", |lab, bins| {
+        let mut mesh = Mesh::start(lab, bins, 2)?;
+        let before: Vec<Vec<IpAddr>> = mesh
+            .nodes
+            .iter()
+            .map(|n| n.addresses(lab))
+            .collect::<Result<_>>()?;
+        let a1 = mesh.nodes[0].ipv4(lab)?;
+        let a2 = mesh.nodes[1].ipv4(lab)?;
+        wait_ping(lab, &mesh.nodes[0], a2)?;
+        wait_ping(lab, &mesh.nodes[1], a1)?;
+        wait_until(SOON, "both nodes report a control connection", || {
+            all_connected(lab, &mesh.nodes, true)
+        })?;
+
+        mesh.control.stop()?;
+        wait_until(SOON, "both nodes notice control is gone", || {
+            all_connected(lab, &mesh.nodes, false)
+        })?;
+        for i in 0..10 {
+            ensure!(
+                lab.ping(&mesh.nodes[0].ns, v4(a2))?,
+                "ping {i} node 1 -> node 2 failed with control down"
+            );
+            ensure!(
+                lab.ping(&mesh.nodes[1].ns, v4(a1))?,
+                "ping {i} node 2 -> node 1 failed with control down"
+            );
+        }
+
+        mesh.control.restart(lab)?;
+        let took = wait_until(SOON, "both nodes reconnect to control", || {
+            all_connected(lab, &mesh.nodes, true)
+        })?;
+        eprintln!(
+            "nodes reconnected {} ms after control was ready",
+            took.as_millis()
+        );
+        for (n, old) in mesh.nodes.iter().zip(&before) {
+            let now = n.addresses(lab)?;
+            ensure!(
+                &now == old,
+                "{} changed addresses: {old:?} -> {now:?}",
+                n.hostname
+            );
+        }
+        let listed = mesh.control.nodes(lab)?;
+        ensure!(listed.len() == 2, "control lists {listed:?}");
+        ensure!(
+            lab.ping(&mesh.nodes[0].ns, v4(a2))?,
+            "node 1 -> node 2 after restart"
+        );
+        ensure!(
+            lab.ping(&mesh.nodes[1].ns, v4(a1))?,
+            "node 2 -> node 1 after restart"
+        );
+        Ok(())
+    });
+}
+
+fn all_connected(lab: &Lab, nodes: &[Node], want: bool) -> Result<bool> {
+    for n in nodes {
+        n.check_running()?;
+        if n.status(lab)?.control_connected != want {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+#[test]
+fn bad_auth_keys_are_refused() {
+    lab_test("bad-keys", |lab, bins| {
+        let mut mesh = Mesh::start(lab, bins, 0)?;
+        let user = mesh.user.clone();
+
+        // (b) needs a key that is well formed but unknown here: one minted by another server.
+        let other_ns = lab.add_ns("ctl2")?;
+        let other_addr = Ipv4Addr::new(10, 77, 0, 2);
+        lab.attach(&mesh.lan, &other_ns, "eth0", &format!("{other_addr}/24"))?;
+        let other = Control::start_named(lab, bins, &other_ns, other_addr, "control-2")?;
+        other.create_user(lab, &user)?;
+        let foreign = other.create_preauth_key(lab, &user, &[])?;
+        ensure!(
+            foreign.secret != mesh.key.secret,
+            "two servers minted the same key"
+        );
+
+        let expired = mesh.control.create_preauth_key(lab, &user, &[])?;
+        mesh.control.expire_preauth_key(lab, &expired.prefix)?;
+
+        // (d) a single-use key, used once successfully.
+        let single = mesh.control.create_preauth_key(lab, &user, &[])?;
+        let first = mesh.spawn_node_with_key(lab, &single.secret)?;
+        wait_ipv4(lab, &first)?;
+        let count = mesh.control.nodes(lab)?.len();
+        ensure!(count == 1, "control lists {count} nodes, expected 1");
+
+        let cases: [(&str, &str, &[&str]); 4] = [
+            ("garbage", "this is not a key!", &["malformed", "invalid"]),
+            ("unknown", &foreign.secret, &["not found", "unknown"]),
+            ("expired", &expired.secret, &["expired"]),
+            ("used", &single.secret, &["used"]),
+        ];
+        for (what, key, words) in cases {
+            let node = mesh.spawn_node_with_key(lab, key)?;
+            let Some(status) = node.proc().wait_exit(SOON) else {
+                bail!("`warren up` with a {what} key is still running after {SOON:?}");
+            };
+            ensure!(
+                !status.success(),
+                "`warren up` with a {what} key exited with {status}"
+            );
+            let stderr = node.proc().stderr().to_lowercase();
+            ensure!(
+                words.iter().any(|w| stderr.contains(w)),
+                "`warren up` with a {what} key: stderr mentions none of {words:?}:\n{stderr}"
+            );
+            let now = mesh.control.nodes(lab)?.len();
+            ensure!(
+                now == count,
+                "control lists {now} nodes after the {what} key, expected {count}"
+            );
+        }
+        first.check_running()?;
+        Ok(())
+    });
+}

@@ -1,0 +1,205 @@
+//! The node's side of the control protocol: a gRPC client that seals a fresh proof of its node
+//! key into every call, registers, reports endpoints, and follows the map stream, reconnecting
+//! with backoff when control goes away. The data plane never waits on it.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use warren_proto::control::control_client::ControlClient;
+use warren_proto::control::map_response::Kind;
+use warren_proto::control::*;
+use warren_proto::proof::make_proof;
+use warren_proto::{ControlPublicKey, DiscoPublicKey, NodeSecretKey};
+
+/// A connection to control, able to prove the node's identity.
+#[derive(Debug, Clone)]
+pub struct Client {
+    grpc: ControlClient<Channel>,
+    node: NodeSecretKey,
+    server: ControlPublicKey,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Client {
+    /// Connects to `url` and fetches the server's key.
+    pub async fn connect(url: &str, node: NodeSecretKey) -> anyhow::Result<Self> {
+        let channel = Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("bad control URL {url:?}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .with_context(|| format!("connecting to control at {url}"))?;
+        let mut grpc = ControlClient::new(channel);
+        let key = grpc
+            .get_server_key(GetServerKeyRequest {})
+            .await
+            .context("fetching control's key")?;
+        let server = ControlPublicKey::from_slice(&key.into_inner().server_key)
+            .context("control sent a malformed key")?;
+        Ok(Self { grpc, node, server })
+    }
+
+    fn proof(&self, method: &str) -> NodeProof {
+        let mut nonce = [0u8; 24];
+        // getrandom only fails without an OS generator; a zero nonce then still proves the key.
+        let _ = getrandom::getrandom(&mut nonce);
+        make_proof(&self.node, &self.server, method, now_ms(), nonce)
+    }
+
+    /// Registers with a pre-auth key (ignored by control when the node is known).
+    pub async fn register(
+        &mut self,
+        auth_key: &str,
+        disco: DiscoPublicKey,
+        hostname: &str,
+    ) -> Result<Node, tonic::Status> {
+        let req = RegisterNodeRequest {
+            proof: Some(self.proof("RegisterNode")),
+            auth_key: auth_key.to_string(),
+            disco_key: disco.to_vec(),
+            hostname: hostname.to_string(),
+        };
+        let node = self.grpc.register_node(req).await?.into_inner().node;
+        node.ok_or_else(|| tonic::Status::internal("control answered without a node"))
+    }
+
+    /// Reports the node's endpoints.
+    pub async fn report_endpoints(
+        &mut self,
+        endpoints: &[SocketAddr],
+    ) -> Result<(), tonic::Status> {
+        let req = UpdateNodeRequest {
+            proof: Some(self.proof("UpdateNode")),
+            endpoints: Some(EndpointList {
+                endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            }),
+            hostname: None,
+        };
+        self.grpc.update_node(req).await.map(|_| ())
+    }
+
+    /// Opens the map stream.
+    pub async fn stream(&mut self) -> Result<tonic::Streaming<MapResponse>, tonic::Status> {
+        let req = StreamMapRequest {
+            proof: Some(self.proof("StreamMapResponse")),
+        };
+        Ok(self.grpc.stream_map_response(req).await?.into_inner())
+    }
+}
+
+/// What the map follower tells the daemon.
+#[derive(Debug)]
+pub enum MapEvent {
+    /// The stream is open (again).
+    Connected,
+    /// One message of the stream.
+    Message(Box<Kind>),
+    /// The stream ended; the follower retries.
+    Disconnected {
+        /// Why.
+        reason: String,
+        /// Control said this node is deleted or expired: its peers must go.
+        revoked: bool,
+    },
+}
+
+/// Follows the map stream forever: connect, report endpoints, forward messages; on failure wait
+/// with exponential backoff (250 ms up to 15 s) and start over.
+pub async fn follow(
+    url: String,
+    node: NodeSecretKey,
+    endpoints: impl Fn() -> Vec<SocketAddr> + Send + 'static,
+    events: mpsc::Sender<MapEvent>,
+) {
+    let mut backoff = Duration::from_millis(250);
+    let max = Duration::from_secs(15);
+    loop {
+        let (reason, revoked) = match follow_once(&url, &node, &endpoints, &events).await {
+            Ok(()) => ("control closed the stream".to_string(), false),
+            Err(Failure::Status(s)) => {
+                let revoked = matches!(
+                    s.code(),
+                    tonic::Code::NotFound | tonic::Code::PermissionDenied
+                );
+                (format!("{} ({:?})", s.message(), s.code()), revoked)
+            }
+            Err(Failure::Other(e)) => (format!("{e:#}"), false),
+            Err(Failure::Stopped) => return,
+        };
+        tracing::warn!(%reason, retry_in = ?backoff, "control stream down");
+        if events
+            .send(MapEvent::Disconnected { reason, revoked })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(max);
+        if revoked {
+            backoff = max;
+        }
+    }
+}
+
+enum Failure {
+    Status(tonic::Status),
+    Other(anyhow::Error),
+    Stopped,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status(s)
+    }
+}
+
+async fn follow_once(
+    url: &str,
+    node: &NodeSecretKey,
+    endpoints: &(impl Fn() -> Vec<SocketAddr> + Send),
+    events: &mpsc::Sender<MapEvent>,
+) -> Result<(), Failure> {
+    let mut client = Client::connect(url, node.clone())
+        .await
+        .map_err(Failure::Other)?;
+    let mut stream = client.stream().await?;
+    let mut reported = endpoints();
+    client.report_endpoints(&reported).await?;
+    events
+        .send(MapEvent::Connected)
+        .await
+        .map_err(|_| Failure::Stopped)?;
+    let mut recheck = tokio::time::interval(Duration::from_secs(20));
+    loop {
+        tokio::select! {
+            msg = stream.message() => match msg? {
+                Some(m) => {
+                    if let Some(kind) = m.kind {
+                        tracing::trace!(seq = m.seq, "map message");
+                        events.send(MapEvent::Message(Box::new(kind))).await.map_err(|_| Failure::Stopped)?;
+                    }
+                }
+                None => return Ok(()),
+            },
+            _ = recheck.tick() => {
+                let now = endpoints();
+                if now != reported {
+                    client.report_endpoints(&now).await?;
+                    reported = now;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+# shellcheck shell=bash
+# Shared by scripts/test and scripts/demo: root, tools, cargo, headers. Source it; don't run it.
+
+# Repository root (the directory above scripts/).
+WARREN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+section() {
+    printf '\n\033[1m==> %s\033[0m\n' "$*"
+}
+
+die() {
+    echo "error: $*" >&2
+    exit 1
+}
+
+# Re-executes the calling script as root (with sudo if present), or explains and exits.
+# Usage: ensure_root "$@"
+ensure_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        return 0
+    fi
+    if command -v sudo >/dev/null 2>&1; then
+        echo "not root: re-running with sudo" >&2
+        exec sudo --preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,CARGO_TARGET_DIR,RUST_LOG \
+            "$(realpath "$0")" "$@"
+    fi
+    die "this script needs root (network namespaces, TUN devices) and sudo is not installed; run it as root"
+}
+
+# Installs the packages of missing commands with apt-get (one `apt-get update` at most).
+ensure_tools() {
+    local missing=() cmd pkg
+    # command:package
+    for pair in ip:iproute2 ping:iputils-ping nft:nftables kill:procps sysctl:procps; do
+        cmd="${pair%%:*}"
+        pkg="${pair#*:}"
+        # `type -P`: a program file, not a shell builtin (the lab runs /usr/bin/kill).
+        if ! type -P "$cmd" >/dev/null 2>&1 && [[ " ${missing[*]} " != *" $pkg "* ]]; then
+            missing+=("$pkg")
+        fi
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        die "missing packages ${missing[*]} and no apt-get to install them; install them by hand"
+    section "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends iproute2 iputils-ping nftables procps
+}
+
+# Makes sure cargo is on PATH (root's PATH often lacks ~/.cargo/bin, also after sudo).
+ensure_cargo() {
+    if command -v cargo >/dev/null 2>&1; then
+        return 0
+    fi
+    local home
+    for home in "${CARGO_HOME:-}" "$HOME/.cargo" ${SUDO_USER:+"$(getent passwd "$SUDO_USER" | cut -d: -f6)/.cargo"}; do
+        if [ -n "$home" ] && [ -x "$home/bin/cargo" ]; then
+            export PATH="$home/bin:$PATH"
+            return 0
+        fi
+    done
+    die "cargo not found: install Rust (https://rustup.rs), then run this again"
+}
+
+# Directory holding the built binaries ($WARREN_BIN_DIR overrides, as in the netns tests).
+bin_dir() {
+    echo "${WARREN_BIN_DIR:-${CARGO_TARGET_DIR:-$WARREN_ROOT/target}/debug}"
+}
+
+# Polls COMMAND until it succeeds or SECONDS pass. Usage: wait_for SECONDS WHAT COMMAND...
+wait_for() {
+    local secs="$1" what="$2"
+    shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            echo "timed out after ${secs}s waiting until $what" >&2
+            return 1
+        fi
+        sleep 0.2
+    done
+}
