@@ -79,9 +79,21 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
     }))
 }
 
-/// Serves until `shutdown` completes.
+/// Serves on `config.listen_addr` until `shutdown` completes.
 pub async fn serve(
     config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let tcp = tokio::net::TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("listening on {}", config.listen_addr))?;
+    serve_on(config, tcp, shutdown).await
+}
+
+/// Serves on an already bound `tcp` listener until `shutdown` completes.
+pub async fn serve_on(
+    config: Config,
+    tcp: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shared = open(&config)?;
@@ -105,10 +117,7 @@ pub async fn serve(
         .with_context(|| format!("binding {}", socket.display()))?;
     let mode = u32::from_str_radix(&config.unix_socket_permission, 8).unwrap_or(0o770);
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))?;
-    let tcp = tokio::net::TcpListener::bind(config.listen_addr)
-        .await
-        .with_context(|| format!("listening on {}", config.listen_addr))?;
-    tracing::info!(listen = %config.listen_addr, socket = %socket.display(), "warren-control serving");
+    tracing::info!(listen = %tcp.local_addr()?, socket = %socket.display(), "warren-control serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

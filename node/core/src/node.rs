@@ -399,6 +399,8 @@ impl Node {
 }
 
 #[cfg(test)]
+// A test needs one real instant as the origin of its virtual time.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

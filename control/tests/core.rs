@@ -1,0 +1,267 @@
+//! The control core's rules, driven directly with a real SQLite file: registration with every
+//! kind of bad pre-auth key stores nothing, addresses are stable across re-registration and
+//! restarts, and admin changes reach connected peers as deltas.
+
+use std::path::Path;
+use std::time::Duration;
+
+use warren_control::core::{Core, NewAuthKey, Settings};
+use warren_control::error::ControlError;
+use warren_control::store::SqliteStore;
+use warren_proto::control::DnsConfig;
+use warren_proto::control::map_response::Kind;
+use warren_proto::{DiscoPublicKey, DiscoSecretKey, NodePublicKey, NodeSecretKey};
+
+const T0: i64 = 1_700_000_000_000;
+
+fn settings() -> Settings {
+    Settings {
+        v4: "100.64.0.0/10".parse().expect("v4"),
+        v6: "fd7a:115c:a1e0::/48".parse().expect("v6"),
+        dns: DnsConfig {
+            magic_dns: true,
+            base_domain: "test.internal".into(),
+        },
+    }
+}
+
+fn open(path: &Path, now: i64) -> Core {
+    Core::open(
+        Box::new(SqliteStore::open(path, true).expect("store")),
+        &settings(),
+        now,
+    )
+    .expect("core")
+}
+
+fn keys() -> (NodePublicKey, DiscoPublicKey) {
+    (
+        NodeSecretKey::generate().public_key(),
+        DiscoSecretKey::generate().public_key(),
+    )
+}
+
+fn auth_key(core: &mut Core, reusable: bool, seed: u8) -> String {
+    let new = NewAuthKey {
+        user: "alice".into(),
+        reusable,
+        ..NewAuthKey::default()
+    };
+    core.create_auth_key(&new, [seed; 30], T0).expect("key").1
+}
+
+fn node_count(core: &Core) -> usize {
+    core.admin_nodes(None).expect("nodes").len()
+}
+
+#[test]
+fn bad_pre_auth_keys_are_refused_and_store_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("db.sqlite");
+    let mut core = open(&db, T0);
+    core.create_user("alice", T0).expect("user");
+    let single = auth_key(&mut core, false, 1);
+    let expiring = {
+        let new = NewAuthKey {
+            user: "alice".into(),
+            expiration: Some(Duration::from_secs(1)),
+            ..NewAuthKey::default()
+        };
+        core.create_auth_key(&new, [2; 30], T0).expect("key").1
+    };
+    let revoked = auth_key(&mut core, true, 3);
+    let revoked_prefix = revoked.split('-').nth(2).expect("prefix").to_string();
+    core.expire_auth_key(&revoked_prefix, T0).expect("expire");
+
+    let (k, d) = keys();
+    core.register(k, d, "first", &single, T0)
+        .expect("first use");
+
+    let mut wrong_secret = single.clone();
+    let last = wrong_secret.pop().expect("char");
+    wrong_secret.push(if last == '0' { '1' } else { '0' });
+    let cases: Vec<(&str, String, fn(&ControlError) -> bool)> = vec![
+        ("garbage", "hello".into(), |e| {
+            matches!(e, ControlError::Malformed(_))
+        }),
+        (
+            "unknown",
+            format!("warren-auth-{}-{}", "0".repeat(12), "0".repeat(48)),
+            |e| matches!(e, ControlError::AuthKeyNotFound),
+        ),
+        ("wrong secret", wrong_secret, |e| {
+            matches!(e, ControlError::AuthKeyNotFound)
+        }),
+        ("used", single.clone(), |e| {
+            matches!(e, ControlError::AuthKeyUsed)
+        }),
+        ("expired", expiring, |e| {
+            matches!(e, ControlError::AuthKeyExpired)
+        }),
+        ("revoked", revoked, |e| {
+            matches!(e, ControlError::AuthKeyExpired)
+        }),
+    ];
+    for (what, key, expected) in cases {
+        let (k, d) = keys();
+        let err = core
+            .register(k, d, "intruder", &key, T0 + 2_000)
+            .expect_err(what);
+        assert!(expected(&err), "{what}: got {err:?}");
+        let status = tonic::Status::from(err);
+        assert_ne!(status.code(), tonic::Code::Internal, "{what}");
+    }
+    assert_eq!(node_count(&core), 1);
+    drop(core);
+    assert_eq!(
+        node_count(&open(&db, T0)),
+        1,
+        "nothing was stored for the refused keys"
+    );
+}
+
+#[test]
+fn addresses_are_stable_across_reregistration_and_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("db.sqlite");
+    let mut core = open(&db, T0);
+    core.create_user("alice", T0).expect("user");
+    let key = auth_key(&mut core, true, 4);
+    let (k1, d1) = keys();
+    let (k2, d2) = keys();
+    let a = core.register(k1, d1, "laptop", &key, T0).expect("a");
+    let b = core.register(k2, d2, "laptop", &key, T0).expect("b");
+    assert_eq!(a.addresses, vec!["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]);
+    assert_eq!(b.addresses, vec!["100.64.0.2/32", "fd7a:115c:a1e0::2/128"]);
+    assert_eq!(
+        (a.given_name.as_str(), b.given_name.as_str()),
+        ("laptop", "laptop-2")
+    );
+    // A known key needs no pre-auth key at all.
+    let again = core
+        .register(k1, d1, "laptop", "", T0)
+        .expect("re-register");
+    assert_eq!(again.addresses, a.addresses);
+    drop(core);
+
+    let mut core = open(&db, T0 + 10);
+    assert_eq!(
+        core.register(k2, d2, "laptop", "", T0)
+            .expect("after restart")
+            .addresses,
+        b.addresses
+    );
+    let (k3, d3) = keys();
+    let c = core.register(k3, d3, "desk", &key, T0).expect("c");
+    assert_eq!(
+        c.addresses[0], "100.64.0.3/32",
+        "no address is handed out twice"
+    );
+}
+
+#[test]
+fn admin_changes_reach_connected_peers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut core = open(&dir.path().join("db.sqlite"), T0);
+    core.create_user("alice", T0).expect("user");
+    let key = auth_key(&mut core, true, 5);
+    let (k1, d1) = keys();
+    let (k2, d2) = keys();
+    let a = core.register(k1, d1, "a", &key, T0).expect("a");
+    let b = core.register(k2, d2, "b", &key, T0).expect("b");
+    let mut sub = core.subscribe(a.id, T0).expect("subscribe");
+    assert_eq!(sub.full.peers.len(), 1);
+
+    core.rename_node(b.id, "bee").expect("rename");
+    assert!(
+        matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerChanged(n) if n.given_name == "bee")
+    );
+    assert!(matches!(
+        core.rename_node(b.id, "a"),
+        Err(ControlError::NameTaken { .. })
+    ));
+
+    core.expire_node(b.id, T0 + 1).expect("expire");
+    assert!(
+        matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerRemoved(r) if r.id == b.id)
+    );
+    assert!(matches!(
+        core.authenticate(&k2, T0 + 2),
+        Err(ControlError::NodeExpired { .. })
+    ));
+    // An expired node comes back only with a valid pre-auth key.
+    assert!(matches!(
+        core.register(k2, d2, "b", "", T0 + 3),
+        Err(ControlError::Malformed(_))
+    ));
+    let back = core.register(k2, d2, "b", &key, T0 + 3).expect("re-auth");
+    assert_eq!(back.addresses, b.addresses);
+    assert!(matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerAdded(n) if n.id == b.id));
+
+    assert!(matches!(
+        core.delete_user("alice"),
+        Err(ControlError::UserHasNodes { count: 2, .. })
+    ));
+    core.delete_node(b.id).expect("delete");
+    assert!(
+        matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerRemoved(r) if r.id == b.id)
+    );
+    assert!(matches!(
+        core.authenticate(&k2, T0),
+        Err(ControlError::UnknownNode { .. })
+    ));
+}
+
+#[test]
+fn ephemeral_nodes_are_reaped_only_while_offline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut core = open(&dir.path().join("db.sqlite"), T0);
+    core.create_user("alice", T0).expect("user");
+    let new = NewAuthKey {
+        user: "alice".into(),
+        reusable: true,
+        ephemeral: true,
+        ..NewAuthKey::default()
+    };
+    let key = core.create_auth_key(&new, [6; 30], T0).expect("key").1;
+    let (k, d) = keys();
+    let n = core
+        .register(k, d, "ci-runner", &key, T0)
+        .expect("register");
+    let sub = core.subscribe(n.id, T0).expect("subscribe");
+    assert_eq!(
+        core.unsubscribe(n.id, sub.stream, T0 + 5),
+        Some(true),
+        "ephemeral"
+    );
+    // It came back before the timeout: the pending reap must not delete it.
+    let sub2 = core.subscribe(n.id, T0 + 6).expect("subscribe again");
+    assert!(!core.reap_if_idle(n.id, T0 + 5).expect("reap"));
+    assert_eq!(core.unsubscribe(n.id, sub2.stream, T0 + 9), Some(true));
+    assert!(core.reap_if_idle(n.id, T0 + 9).expect("reap"));
+    assert_eq!(node_count(&core), 0);
+}
+
+#[test]
+fn api_keys_check_and_expire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut core = open(&dir.path().join("db.sqlite"), T0);
+    let (rec, text) = core
+        .create_api_key(Some(Duration::from_secs(60)), [9; 30], T0)
+        .expect("key");
+    core.check_api_key(&text, T0 + 1).expect("valid");
+    assert!(matches!(
+        core.check_api_key("warren-api-nope", T0),
+        Err(ControlError::ApiKeyInvalid)
+    ));
+    assert!(matches!(
+        core.check_api_key(&text, T0 + 61_000),
+        Err(ControlError::ApiKeyExpired)
+    ));
+    core.expire_api_key(&rec.prefix, T0 + 2).expect("expire");
+    assert!(matches!(
+        core.check_api_key(&text, T0 + 3),
+        Err(ControlError::ApiKeyExpired)
+    ));
+    assert!(core.api_keys().expect("list")[0].last_used_ms.is_some());
+}

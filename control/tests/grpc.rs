@@ -1,0 +1,349 @@
+//! The gRPC services over a real loopback socket: proofs of key possession, precise errors for
+//! bad requests that change nothing, API-key protection of the admin API, and the map stream's
+//! full map, deltas and sequence numbers.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::Code;
+use tonic::transport::Channel;
+use warren_control::config::Config;
+use warren_proto::control::admin_client::AdminClient;
+use warren_proto::control::control_client::ControlClient;
+use warren_proto::control::map_response::Kind;
+use warren_proto::control::*;
+use warren_proto::proof::make_proof;
+use warren_proto::{ControlPublicKey, DiscoSecretKey, NodeSecretKey};
+
+struct Server {
+    _dir: tempfile::TempDir,
+    url: String,
+    socket: std::path::PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default();
+        config.unix_socket = dir.path().join("control.sock");
+        config.noise.private_key_path = dir.path().join("control.key");
+        config.database.sqlite.path = dir.path().join("db.sqlite");
+        config.keepalive_interval = Duration::from_millis(300);
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", tcp.local_addr().expect("addr"));
+        let socket = config.unix_socket.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(warren_control::serve::serve_on(config, tcp, async move {
+            let _ = stopped.await;
+        }));
+        let server = Self {
+            _dir: dir,
+            url,
+            socket,
+            stop: Some(stop),
+            task,
+        };
+        // Wait until the unix socket exists (the server is then listening on both).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !server.socket.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server
+    }
+
+    async fn control(&self) -> ControlClient<Channel> {
+        ControlClient::connect(self.url.clone())
+            .await
+            .expect("connect")
+    }
+
+    async fn local_admin(&self) -> AdminClient<Channel> {
+        let path = self.socket.clone();
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let p = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(p).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .expect("unix connect");
+        AdminClient::new(channel)
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await.expect("join").expect("server ran cleanly");
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+}
+
+async fn server_key(c: &mut ControlClient<Channel>) -> ControlPublicKey {
+    let r = c
+        .get_server_key(GetServerKeyRequest {})
+        .await
+        .expect("key")
+        .into_inner();
+    ControlPublicKey::from_slice(&r.server_key).expect("32 bytes")
+}
+
+async fn new_auth_key(admin: &mut AdminClient<Channel>) -> String {
+    let _ = admin
+        .create_user(CreateUserRequest {
+            name: "alice".into(),
+        })
+        .await;
+    let r = admin
+        .create_pre_auth_key(CreatePreAuthKeyRequest {
+            user: "alice".into(),
+            reusable: true,
+            ..Default::default()
+        })
+        .await
+        .expect("key");
+    r.into_inner().secret
+}
+
+fn register_req(
+    node: &NodeSecretKey,
+    server: &ControlPublicKey,
+    auth_key: &str,
+    host: &str,
+) -> RegisterNodeRequest {
+    RegisterNodeRequest {
+        proof: Some(make_proof(node, server, "RegisterNode", now_ms(), [1; 24])),
+        auth_key: auth_key.into(),
+        disco_key: DiscoSecretKey::generate().public_key().to_vec(),
+        hostname: host.into(),
+    }
+}
+
+#[tokio::test]
+async fn proofs_are_required_and_bad_requests_change_nothing() {
+    let server = Server::start().await;
+    let mut c = server.control().await;
+    let mut admin = server.local_admin().await;
+    let sk = server_key(&mut c).await;
+    let auth = new_auth_key(&mut admin).await;
+
+    let victim = NodeSecretKey::generate();
+    c.register_node(register_req(&victim, &sk, &auth, "victim"))
+        .await
+        .expect("register");
+
+    // Knowing the victim's public key is not enough: a proof sealed with another key fails.
+    let attacker = NodeSecretKey::generate();
+    let mut forged = make_proof(&attacker, &sk, "GetNode", now_ms(), [2; 24]);
+    forged.node_key = victim.public_key().to_vec();
+    let err = c
+        .get_node(GetNodeRequest {
+            proof: Some(forged),
+        })
+        .await
+        .expect_err("forged");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    let err = c
+        .get_node(GetNodeRequest { proof: None })
+        .await
+        .expect_err("missing");
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // A proof for one method does not work on another.
+    let other = make_proof(&victim, &sk, "GetNode", now_ms(), [3; 24]);
+    let err = c
+        .update_node(UpdateNodeRequest {
+            proof: Some(other),
+            endpoints: None,
+            hostname: None,
+        })
+        .await
+        .expect_err("wrong method");
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let mut bad = register_req(&NodeSecretKey::generate(), &sk, &auth, "x");
+    bad.disco_key = vec![1, 2, 3];
+    assert_eq!(
+        c.register_node(bad).await.expect_err("disco").code(),
+        Code::InvalidArgument
+    );
+
+    let huge = register_req(&NodeSecretKey::generate(), &sk, &auth, &"h".repeat(200_000));
+    let err = c.register_node(huge).await.expect_err("oversized");
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ),
+        "{err:?}"
+    );
+
+    let bad_eps = UpdateNodeRequest {
+        proof: Some(make_proof(&victim, &sk, "UpdateNode", now_ms(), [4; 24])),
+        endpoints: Some(EndpointList {
+            endpoints: vec!["not an endpoint".into()],
+        }),
+        hostname: None,
+    };
+    assert_eq!(
+        c.update_node(bad_eps).await.expect_err("endpoints").code(),
+        Code::InvalidArgument
+    );
+
+    let unknown = NodeSecretKey::generate();
+    let proof = make_proof(&unknown, &sk, "GetNode", now_ms(), [5; 24]);
+    assert_eq!(
+        c.get_node(GetNodeRequest { proof: Some(proof) })
+            .await
+            .expect_err("unknown")
+            .code(),
+        Code::NotFound
+    );
+
+    // The server is still up and exactly one node is stored.
+    let nodes = admin
+        .list_nodes(AdminListNodesRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), 1);
+    assert!(nodes[0].endpoints.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn admin_over_tcp_needs_an_api_key() {
+    let server = Server::start().await;
+    let mut local = server.local_admin().await;
+    let channel = Channel::from_shared(server.url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut remote = AdminClient::new(channel);
+    let err = remote
+        .list_users(ListUsersRequest {})
+        .await
+        .expect_err("no key");
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let key = local
+        .create_api_key(CreateApiKeyRequest {
+            expiration_secs: 3600,
+        })
+        .await
+        .expect("api key");
+    let secret = key.into_inner().secret;
+    let mut req = tonic::Request::new(ListUsersRequest {});
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {secret}").parse().expect("header"),
+    );
+    remote.list_users(req).await.expect("with key");
+
+    let mut req = tonic::Request::new(ListUsersRequest {});
+    req.metadata_mut().insert(
+        "authorization",
+        "Bearer warren-api-000000000000-000"
+            .parse()
+            .expect("header"),
+    );
+    assert_eq!(
+        remote.list_users(req).await.expect_err("bad key").code(),
+        Code::Unauthenticated
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn map_stream_sends_full_map_then_numbered_deltas() {
+    let server = Server::start().await;
+    let mut c = server.control().await;
+    let mut admin = server.local_admin().await;
+    let sk = server_key(&mut c).await;
+    let auth = new_auth_key(&mut admin).await;
+    let a = NodeSecretKey::generate();
+    c.register_node(register_req(&a, &sk, &auth, "a"))
+        .await
+        .expect("a");
+
+    let proof = make_proof(&a, &sk, "StreamMapResponse", now_ms(), [6; 24]);
+    let mut stream = c
+        .stream_map_response(StreamMapRequest { proof: Some(proof) })
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = stream.message().await.expect("ok").expect("message");
+    assert_eq!(first.seq, 1);
+    let Some(Kind::Full(full)) = first.kind else {
+        panic!("first message is a full map: {first:?}")
+    };
+    assert!(full.peers.is_empty());
+    assert_eq!(full.self_node.expect("self").hostname, "a");
+
+    let b = NodeSecretKey::generate();
+    let bnode = c
+        .register_node(register_req(&b, &sk, &auth, "b"))
+        .await
+        .expect("b")
+        .into_inner()
+        .node
+        .expect("node");
+    let update = UpdateNodeRequest {
+        proof: Some(make_proof(&b, &sk, "UpdateNode", now_ms(), [7; 24])),
+        endpoints: Some(EndpointList {
+            endpoints: vec!["192.0.2.7:41641".into()],
+        }),
+        hostname: None,
+    };
+    c.update_node(update).await.expect("endpoints");
+    admin
+        .delete_node(DeleteNodeRequest { id: bnode.id })
+        .await
+        .expect("delete");
+
+    let mut kinds = Vec::new();
+    let mut seq = 1;
+    while kinds.len() < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("in time")
+            .expect("ok")
+            .expect("msg");
+        seq += 1;
+        assert_eq!(m.seq, seq, "sequence numbers have no gaps");
+        match m.kind.expect("kind") {
+            Kind::Keepalive(_) => {}
+            k => kinds.push(k),
+        }
+    }
+    assert!(matches!(&kinds[0], Kind::PeerAdded(n) if n.id == bnode.id));
+    assert!(matches!(&kinds[1], Kind::PeerEndpoints(e) if e.endpoints == ["192.0.2.7:41641"]));
+    assert!(matches!(&kinds[2], Kind::PeerRemoved(r) if r.id == bnode.id));
+
+    // Idle streams get keepalives.
+    let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("msg");
+    assert!(matches!(m.kind, Some(Kind::Keepalive(_))));
+    drop(stream);
+    server.stop().await;
+}
