@@ -80,7 +80,8 @@ fn bad_pre_auth_keys_are_refused_and_store_nothing() {
     let mut wrong_secret = single.clone();
     let last = wrong_secret.pop().expect("char");
     wrong_secret.push(if last == '0' { '1' } else { '0' });
-    let cases: Vec<(&str, String, fn(&ControlError) -> bool)> = vec![
+    type Case = (&'static str, String, fn(&ControlError) -> bool);
+    let cases: Vec<Case> = vec![
         ("garbage", "hello".into(), |e| {
             matches!(e, ControlError::Malformed(_))
         }),
