@@ -26,11 +26,13 @@ struct Server {
 impl Server {
     async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::default();
-        config.unix_socket = dir.path().join("control.sock");
+        let mut config = Config {
+            unix_socket: dir.path().join("control.sock"),
+            keepalive_interval: Duration::from_millis(300),
+            ..Config::default()
+        };
         config.noise.private_key_path = dir.path().join("control.key");
         config.database.sqlite.path = dir.path().join("db.sqlite");
-        config.keepalive_interval = Duration::from_millis(300);
         let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", tcp.local_addr().expect("addr"));
         let socket = config.unix_socket.clone();
