@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use warren_proto::control::{DnsConfig, Node};
+use tokio::sync::mpsc;
+use warren_proto::control::{DnsConfig, FullMap, Node};
 use warren_proto::{DiscoPublicKey, NodePublicKey};
 
 use crate::error::ControlError;
 use crate::ipam::Ipam;
-use crate::netmap::{Netmap, Subscription};
+use crate::netmap::{Delta, Netmap, Subscription};
 use crate::secret::{self, SecretKind};
 use crate::store::{ApiKeyRecord, NodeRecord, PreAuthKeyRecord, Store, UserRecord};
 
@@ -377,6 +378,11 @@ impl Core {
             .ok_or(ControlError::NodeNotFound { id })
     }
 
+    /// A fresh full map and queue for a lagging stream; see [`Netmap::resync`].
+    pub fn resync(&mut self, id: u64, stream: u64) -> Option<(FullMap, mpsc::Receiver<Delta>)> {
+        self.netmap.resync(id, stream)
+    }
+
     /// Closes stream `stream` of `id`. When that leaves the node offline, records when it was
     /// last seen and returns whether it is ephemeral (and so due for reaping).
     pub fn unsubscribe(&mut self, id: u64, stream: u64, now_ms: i64) -> Option<bool> {
@@ -412,9 +418,7 @@ impl Core {
             Some(n) if expired(n.expiry_ms, now_ms) => {
                 ControlError::NodeExpired { key: n.node_key }.into()
             }
-            Some(_) => {
-                tonic::Status::aborted("map stream replaced or lagging; reconnect for a full map")
-            }
+            Some(_) => tonic::Status::aborted("map stream replaced by a newer one"),
         }
     }
 

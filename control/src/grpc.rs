@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Mutex, mpsc};
@@ -207,9 +208,19 @@ async fn run_stream(
     while open {
         let kind = tokio::select! {
             d = sub.deltas.recv() => match d {
+                Some(_) if sub.lagging.load(Ordering::Acquire) => {
+                    // Deltas were skipped: the backlog is worthless, a full map replaces it.
+                    match shared.core.lock().await.resync(id, sub.stream) {
+                        Some((full, rx)) => {
+                            sub.deltas = rx;
+                            Kind::Full(full)
+                        }
+                        None => break,
+                    }
+                }
                 Some(d) => Kind::clone(&d),
                 None => {
-                    // The server closed this stream: deleted, expired, replaced or lagging.
+                    // The server closed this stream: deleted, expired or replaced.
                     let status = shared.core.lock().await.stream_end_reason(id, now_ms());
                     let _ = tx.send(Err(status)).await;
                     break;

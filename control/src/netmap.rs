@@ -1,11 +1,13 @@
 //! The live netmap: every node as its peers see it, and the open map streams. A change is turned
 //! into one delta, built once and shared by reference with each subscriber that can see the
 //! node, so a join, move or leave costs work in proportion to the peers it affects, never a
-//! rebuild of every node's map. A subscriber that cannot keep up is dropped; its node
-//! reconnects and gets a fresh full map, and nobody else waits for it.
+//! rebuild of every node's map. A subscriber that cannot keep up is marked lagging and gets no
+//! more deltas; its stream then replaces the backlog with a fresh full map ([`Netmap::resync`]),
+//! so its memory stays bounded, nobody else waits for it, and it does not have to reconnect.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::mpsc;
 use warren_proto::control::{
@@ -22,6 +24,7 @@ pub const STREAM_QUEUE: usize = 256;
 struct Subscriber {
     stream: u64,
     tx: mpsc::Sender<Delta>,
+    lagging: Arc<AtomicBool>,
 }
 
 /// What a new subscription gets.
@@ -33,6 +36,8 @@ pub struct Subscription {
     pub full: FullMap,
     /// The deltas.
     pub deltas: mpsc::Receiver<Delta>,
+    /// Set when deltas were skipped because the queue was full: call [`Netmap::resync`].
+    pub lagging: Arc<AtomicBool>,
 }
 
 /// Every visible node and every open stream.
@@ -102,12 +107,33 @@ impl Netmap {
         let (tx, deltas) = mpsc::channel(STREAM_QUEUE);
         self.next_stream += 1;
         let stream = self.next_stream;
-        self.subscribers.insert(id, Subscriber { stream, tx });
+        let lagging = Arc::new(AtomicBool::new(false));
+        let sub = Subscriber {
+            stream,
+            tx,
+            lagging: Arc::clone(&lagging),
+        };
+        self.subscribers.insert(id, sub);
         Some(Subscription {
             stream,
             full,
             deltas,
+            lagging,
         })
+    }
+
+    /// Replaces a lagging stream's backlog with a fresh full map and a new, empty queue.
+    /// `None` when `stream` is no longer the node's stream.
+    pub fn resync(&mut self, id: u64, stream: u64) -> Option<(FullMap, mpsc::Receiver<Delta>)> {
+        if self.subscribers.get(&id).is_none_or(|s| s.stream != stream) {
+            return None;
+        }
+        let full = self.full_map(id)?;
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let sub = self.subscribers.get_mut(&id)?;
+        sub.tx = tx;
+        sub.lagging.store(false, Ordering::Release);
+        Some((full, rx))
     }
 
     /// Closes stream `stream` of `id`; false when a newer stream had already replaced it.
@@ -201,15 +227,15 @@ impl Netmap {
         let Some(sub) = self.subscribers.get(&to) else {
             return false;
         };
+        if sub.lagging.load(Ordering::Acquire) {
+            return false;
+        }
         match sub.tx.try_send(delta) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(
-                    node = to,
-                    "map stream lagging; closing it so the node resyncs"
-                );
+                tracing::warn!(node = to, "map stream lagging; it gets a fresh full map");
                 self.lagged += 1;
-                self.subscribers.remove(&to);
+                sub.lagging.store(true, Ordering::Release);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -274,20 +300,40 @@ mod tests {
     }
 
     #[test]
-    fn a_lagging_stream_is_closed_and_others_keep_theirs() {
+    fn a_lagging_stream_is_resynced_and_others_keep_their_deltas() {
         let mut m = Netmap::default();
         m.upsert(node(1));
         m.upsert(node(2));
-        let slow = m.subscribe(1).expect("known");
+        let mut slow = m.subscribe(1).expect("known");
         let mut fast = m.subscribe(2).expect("known");
-        for i in 0..(STREAM_QUEUE as u64 + 5) {
+        let joins = STREAM_QUEUE as u64 + 5;
+        let mut fast_got = 0;
+        for i in 0..joins {
             m.upsert(node(100 + i));
-            while fast.deltas.try_recv().is_ok() {}
+            while fast.deltas.try_recv().is_ok() {
+                fast_got += 1;
+            }
         }
-        assert!(!m.is_subscribed(1));
-        assert!(m.is_subscribed(2));
+        assert_eq!(fast_got, joins, "the fast stream missed nothing");
+        assert!(slow.lagging.load(Ordering::Acquire));
         assert_eq!(m.lagged(), 1);
-        drop(slow);
+        // The slow stream's memory stayed bounded: only the queue's worth was kept.
+        let mut queued = 0;
+        while slow.deltas.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, STREAM_QUEUE);
+        let (full, mut rx) = m.resync(1, slow.stream).expect("still subscribed");
+        assert_eq!(
+            full.peers.len() as u64,
+            1 + joins,
+            "the full map has all it missed"
+        );
+        assert!(!slow.lagging.load(Ordering::Acquire));
+        m.upsert(node(9999));
+        let d = rx.try_recv().expect("delta after resync");
+        assert!(matches!(&*d, Kind::PeerAdded(n) if n.id == 9999));
+        assert!(m.resync(1, slow.stream + 100).is_none());
     }
 
     #[test]

@@ -26,8 +26,7 @@ pub fn load_or_create_key(path: &Path) -> anyhow::Result<ControlSecretKey> {
             .with_context(|| format!("reading key {}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
+                private_dir(dir)?;
             }
             let key = ControlSecretKey::generate();
             write_private(path, key.to_text().as_bytes())?;
@@ -36,6 +35,16 @@ pub fn load_or_create_key(path: &Path) -> anyhow::Result<ControlSecretKey> {
         }
         Err(e) => Err(e).with_context(|| format!("reading key {}", path.display())),
     }
+}
+
+/// Creates a directory (and its parents) that only its owner can enter.
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
 }
 
 /// Writes a file readable only by its owner.
@@ -56,6 +65,15 @@ pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 /// Builds the shared state from the configuration.
 pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
     let key = load_or_create_key(&config.noise.private_key_path)?;
+    if let Some(dir) = config
+        .database
+        .sqlite
+        .path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        private_dir(dir)?;
+    }
     let store = SqliteStore::open(
         &config.database.sqlite.path,
         config.database.sqlite.write_ahead_log,
