@@ -65,7 +65,10 @@ impl Mesh {
             if i % 128 == 0 {
                 mesh.drain();
             }
-            let sub = mesh.core.subscribe(*id, now_ms).expect("subscribe");
+            let mut sub = mesh.core.subscribe(*id, now_ms).expect("subscribe");
+            // A stream task sends the full map and drops it; keeping 10,000 of them would hold
+            // 10,000 x 10,000 node records.
+            sub.full = Default::default();
             mesh.streams.push(sub);
         }
         mesh.drain();

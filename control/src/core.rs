@@ -84,6 +84,23 @@ fn valid_label(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
+/// A hostname is shown to other users (status, CLI): no control characters, at most 255 bytes.
+fn check_hostname(hostname: &str) -> Result<(), ControlError> {
+    if hostname.len() > MAX_HOSTNAME {
+        return Err(ControlError::InvalidField {
+            field: "hostname",
+            reason: "longer than 255 bytes",
+        });
+    }
+    if hostname.chars().any(char::is_control) {
+        return Err(ControlError::InvalidField {
+            field: "hostname",
+            reason: "contains control characters",
+        });
+    }
+    Ok(())
+}
+
 fn check_tags(tags: &[String]) -> Result<(), ControlError> {
     let ok = tags.iter().all(|t| {
         t.strip_prefix("tag:")
@@ -232,12 +249,7 @@ impl Core {
         auth_key: &str,
         now_ms: i64,
     ) -> Result<Node, ControlError> {
-        if hostname.len() > MAX_HOSTNAME {
-            return Err(ControlError::InvalidField {
-                field: "hostname",
-                reason: "longer than 255 bytes",
-            });
-        }
+        check_hostname(hostname)?;
         if let Some(&id) = self.by_key.get(&node_key) {
             let mut n = self
                 .nodes
@@ -245,9 +257,13 @@ impl Core {
                 .cloned()
                 .ok_or(ControlError::NodeNotFound { id })?;
             if expired(n.expiry_ms, now_ms) {
+                // Coming back after expiry takes a valid key, which then owns the node.
                 let key = self.check_auth_key(auth_key, now_ms)?;
                 n.expiry_ms = None;
                 n.auth_key_id = Some(key.id);
+                n.user_id = key.user_id;
+                n.tags = key.tags;
+                n.ephemeral = key.ephemeral;
             }
             n.disco_key = disco_key;
             n.hostname = hostname.to_string();
@@ -342,11 +358,8 @@ impl Core {
                 reason: "more than 64",
             });
         }
-        if hostname.as_ref().is_some_and(|h| h.len() > MAX_HOSTNAME) {
-            return Err(ControlError::InvalidField {
-                field: "hostname",
-                reason: "longer than 255 bytes",
-            });
+        if let Some(h) = &hostname {
+            check_hostname(h)?;
         }
         let endpoints_changed = endpoints.as_ref().is_some_and(|e| *e != n.endpoints);
         let hostname_changed = hostname.as_ref().is_some_and(|h| *h != n.hostname);
@@ -399,16 +412,25 @@ impl Core {
         Some(n.ephemeral)
     }
 
-    /// Deletes ephemeral node `id` if it has stayed offline since `since_ms`.
-    pub fn reap_if_idle(&mut self, id: u64, since_ms: i64) -> Result<bool, ControlError> {
-        let idle = self.nodes.get(&id).is_some_and(|n| {
-            n.ephemeral && n.last_seen_ms == Some(since_ms) && !self.netmap.is_subscribed(id)
-        });
-        if idle {
+    /// Deletes every ephemeral node that has been offline (or never connected) for longer than
+    /// `timeout_ms`; returns the ids deleted.
+    pub fn reap_ephemeral(
+        &mut self,
+        now_ms: i64,
+        timeout_ms: i64,
+    ) -> Result<Vec<u64>, ControlError> {
+        let due: Vec<u64> = self
+            .nodes
+            .values()
+            .filter(|n| n.ephemeral && !self.netmap.is_subscribed(n.id))
+            .filter(|n| now_ms.saturating_sub(n.last_seen_ms.unwrap_or(n.created_ms)) > timeout_ms)
+            .map(|n| n.id)
+            .collect();
+        for id in &due {
             tracing::info!(node = id, "ephemeral node inactive; deleting");
-            self.delete_node(id)?;
+            self.delete_node(*id)?;
         }
-        Ok(idle)
+        Ok(due)
     }
 
     /// Why a map stream of `id` ended from the server's side.

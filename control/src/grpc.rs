@@ -15,7 +15,7 @@ use warren_proto::control::admin_server::Admin;
 use warren_proto::control::control_server::Control;
 use warren_proto::control::map_response::Kind;
 use warren_proto::control::*;
-use warren_proto::proof::verify_proof;
+use warren_proto::proof::{ReplayGuard, request_digest, verify_proof};
 use warren_proto::{ControlSecretKey, DiscoPublicKey, NodePublicKey};
 
 use crate::core::{Core, NewAuthKey};
@@ -50,6 +50,30 @@ pub struct Shared {
     pub keepalive: Duration,
     /// How long an ephemeral node may stay offline.
     pub ephemeral_timeout: Duration,
+    /// Nonces of recently accepted node proofs.
+    pub replay: std::sync::Mutex<ReplayGuard>,
+    /// Set to true when the server shuts down; map streams then end.
+    pub stopping: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Checks a node proof for `method` over `rest` (the request with its proof taken out).
+    pub fn prove(
+        &self,
+        proof: Option<NodeProof>,
+        rest: &impl prost::Message,
+        method: &str,
+        now: i64,
+    ) -> Result<NodePublicKey, ControlError> {
+        let digest = request_digest(rest);
+        let proven = verify_proof(&self.key, proof.as_ref(), method, now, &digest)?;
+        let mut replay = self
+            .replay
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        replay.check(proven.nonce, now)?;
+        Ok(proven.node)
+    }
 }
 
 /// The `Control` service.
@@ -66,11 +90,12 @@ impl ControlService {
 
     async fn authenticate(
         &self,
-        proof: Option<&NodeProof>,
+        proof: Option<NodeProof>,
+        rest: &impl prost::Message,
         method: &str,
     ) -> Result<(u64, NodePublicKey), Status> {
         let now = now_ms();
-        let key = verify_proof(&self.shared.key, proof, method, now).map_err(ControlError::from)?;
+        let key = self.shared.prove(proof, rest, method, now)?;
         let id = self.shared.core.lock().await.authenticate(&key, now)?;
         Ok((id, key))
     }
@@ -83,12 +108,22 @@ fn parse_endpoints(list: &[String]) -> Result<Vec<SocketAddr>, ControlError> {
             reason: "more than 64",
         });
     }
+    let bad = |reason| ControlError::InvalidField {
+        field: "endpoints",
+        reason,
+    };
     list.iter()
         .map(|s| {
-            s.parse().map_err(|_| ControlError::InvalidField {
-                field: "endpoints",
-                reason: "not ip:port",
-            })
+            let ep: SocketAddr = s.parse().map_err(|_| bad("not ip:port"))?;
+            // Peers send handshakes to these: nothing that is not a unicast host.
+            let ip = ep.ip();
+            if ep.port() == 0 || ip.is_unspecified() || ip.is_multicast() {
+                return Err(bad("not a unicast address with a port"));
+            }
+            if matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast()) {
+                return Err(bad("not a unicast address with a port"));
+            }
+            Ok(ep)
         })
         .collect()
 }
@@ -110,22 +145,17 @@ impl Control for ControlService {
         &self,
         req: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
-        let req = req.into_inner();
+        let mut req = req.into_inner();
         let now = now_ms();
-        let key = verify_proof(&self.shared.key, req.proof.as_ref(), "RegisterNode", now)
-            .map_err(ControlError::from)?;
+        let proof = req.proof.take();
+        let key = self.shared.prove(proof, &req, "RegisterNode", now)?;
         let disco =
             DiscoPublicKey::from_slice(&req.disco_key).map_err(|_| ControlError::InvalidField {
                 field: "disco_key",
                 reason: "must be 32 bytes",
             })?;
-        let node = self.shared.core.lock().await.register(
-            key,
-            disco,
-            &req.hostname,
-            &req.auth_key,
-            now,
-        )?;
+        let mut core = self.shared.core.lock().await;
+        let node = core.register(key, disco, &req.hostname, &req.auth_key, now)?;
         Ok(Response::new(RegisterNodeResponse { node: Some(node) }))
     }
 
@@ -133,9 +163,9 @@ impl Control for ControlService {
         &self,
         req: Request<GetNodeRequest>,
     ) -> Result<Response<GetNodeResponse>, Status> {
-        let (id, _) = self
-            .authenticate(req.get_ref().proof.as_ref(), "GetNode")
-            .await?;
+        let mut rest = req.into_inner();
+        let proof = rest.proof.take();
+        let (id, _) = self.authenticate(proof, &rest, "GetNode").await?;
         let node = self.shared.core.lock().await.node(id)?;
         Ok(Response::new(GetNodeResponse { node: Some(node) }))
     }
@@ -144,9 +174,9 @@ impl Control for ControlService {
         &self,
         req: Request<ListNodesRequest>,
     ) -> Result<Response<ListNodesResponse>, Status> {
-        let (id, _) = self
-            .authenticate(req.get_ref().proof.as_ref(), "ListNodes")
-            .await?;
+        let mut rest = req.into_inner();
+        let proof = rest.proof.take();
+        let (id, _) = self.authenticate(proof, &rest, "ListNodes").await?;
         let nodes = self.shared.core.lock().await.peers(id);
         Ok(Response::new(ListNodesResponse { nodes }))
     }
@@ -155,8 +185,9 @@ impl Control for ControlService {
         &self,
         req: Request<UpdateNodeRequest>,
     ) -> Result<Response<UpdateNodeResponse>, Status> {
-        let req = req.into_inner();
-        let (id, _) = self.authenticate(req.proof.as_ref(), "UpdateNode").await?;
+        let mut req = req.into_inner();
+        let proof = req.proof.take();
+        let (id, _) = self.authenticate(proof, &req, "UpdateNode").await?;
         let endpoints = req
             .endpoints
             .map(|e| parse_endpoints(&e.endpoints))
@@ -175,9 +206,9 @@ impl Control for ControlService {
         &self,
         req: Request<StreamMapRequest>,
     ) -> Result<Response<MapStream>, Status> {
-        let (id, key) = self
-            .authenticate(req.get_ref().proof.as_ref(), "StreamMapResponse")
-            .await?;
+        let mut rest = req.into_inner();
+        let proof = rest.proof.take();
+        let (id, key) = self.authenticate(proof, &rest, "StreamMapResponse").await?;
         let sub = self.shared.core.lock().await.subscribe(id, now_ms())?;
         tracing::info!(node = id, key = %key.short(), "map stream opened");
         let (tx, rx) = mpsc::channel(16);
@@ -205,8 +236,17 @@ async fn run_stream(
         tokio::time::Instant::now() + shared.keepalive,
         shared.keepalive,
     );
+    let mut stopping = shared.stopping.subscribe();
+    let stopped = async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stopped);
     while open {
         let kind = tokio::select! {
+            _ = &mut stopped => {
+                let _ = tx.send(Err(Status::unavailable("control is shutting down"))).await;
+                break;
+            }
             d = sub.deltas.recv() => match d {
                 Some(_) if sub.lagging.load(Ordering::Acquire) => {
                     // Deltas were skipped: the backlog is worthless, a full map replaces it.
@@ -239,18 +279,13 @@ async fn run_stream(
             .await
             .is_ok();
     }
-    let now = now_ms();
-    let ephemeral = shared.core.lock().await.unsubscribe(id, sub.stream, now);
+    // An ephemeral node left offline is deleted by the periodic sweep (see `serve`).
+    shared
+        .core
+        .lock()
+        .await
+        .unsubscribe(id, sub.stream, now_ms());
     tracing::info!(node = id, "map stream closed");
-    if ephemeral == Some(true) {
-        let timeout = shared.ephemeral_timeout;
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            if let Err(e) = shared.core.lock().await.reap_if_idle(id, now) {
-                tracing::warn!(node = id, error = %e, "could not delete ephemeral node");
-            }
-        });
-    }
 }
 
 /// The `Admin` service.

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::Mutex;
@@ -94,7 +95,29 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
         key,
         keepalive: config.keepalive_interval,
         ephemeral_timeout: config.ephemeral_node_inactivity_timeout,
+        replay: std::sync::Mutex::new(Default::default()),
+        stopping: tokio::sync::watch::Sender::new(false),
     }))
+}
+
+/// Deletes inactive ephemeral nodes now and then, also those left over from before a restart.
+async fn sweep_ephemeral(shared: Arc<Shared>) {
+    let timeout = shared.ephemeral_timeout;
+    let every = (timeout / 4).clamp(Duration::from_millis(500), Duration::from_secs(60));
+    let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = shared
+            .core
+            .lock()
+            .await
+            .reap_ephemeral(now_ms(), timeout_ms)
+        {
+            tracing::warn!(error = %e, "ephemeral sweep failed");
+        }
+    }
 }
 
 /// Serves on `config.listen_addr` until `shutdown` completes.
@@ -138,8 +161,12 @@ pub async fn serve_on(
     tracing::info!(listen = %tcp.local_addr()?, socket = %socket.display(), "warren-control serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sweeper = tokio::spawn(sweep_ephemeral(Arc::clone(&shared)));
+    let streams = Arc::clone(&shared);
     tokio::spawn(async move {
         shutdown.await;
+        // Map streams never end by themselves: end them, so the servers can drain and stop.
+        streams.stopping.send_replace(true);
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -160,6 +187,7 @@ pub async fn serve_on(
             stopped(stop_rx),
         );
     let result = tokio::try_join!(tcp_server, unix_server);
+    sweeper.abort();
     let _ = std::fs::remove_file(socket);
     result?;
     tracing::info!("warren-control stopped");

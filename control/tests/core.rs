@@ -195,13 +195,34 @@ fn admin_changes_reach_connected_peers() {
         core.register(k2, d2, "b", "", T0 + 3),
         Err(ControlError::Malformed(_))
     ));
-    let back = core.register(k2, d2, "b", &key, T0 + 3).expect("re-auth");
+    core.create_user("bob", T0).expect("bob");
+    let bobs = NewAuthKey {
+        user: "bob".into(),
+        tags: vec!["tag:srv".into()],
+        ..NewAuthKey::default()
+    };
+    let (bob_key, bob_text) = core.create_auth_key(&bobs, [8; 30], T0).expect("bob's key");
+    let back = core
+        .register(k2, d2, "b", &bob_text, T0 + 3)
+        .expect("re-auth");
     assert_eq!(back.addresses, b.addresses);
+    assert_eq!(back.user, "bob", "the key that revives a node owns it");
+    assert_eq!(back.tags, vec!["tag:srv".to_string()]);
+    let bob_keys = core.auth_keys(Some("bob")).expect("keys");
+    assert!(
+        bob_keys.iter().any(|k| k.id == bob_key.id && k.used),
+        "single-use key is used"
+    );
+    let (k9, d9) = keys();
+    assert!(matches!(
+        core.register(k9, d9, "c", &bob_text, T0 + 4),
+        Err(ControlError::AuthKeyUsed)
+    ));
     assert!(matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerAdded(n) if n.id == b.id));
 
     assert!(matches!(
         core.delete_user("alice"),
-        Err(ControlError::UserHasNodes { count: 2, .. })
+        Err(ControlError::UserHasNodes { count: 1, .. })
     ));
     core.delete_node(b.id).expect("delete");
     assert!(
@@ -229,17 +250,59 @@ fn ephemeral_nodes_are_reaped_only_while_offline() {
     let n = core
         .register(k, d, "ci-runner", &key, T0)
         .expect("register");
+    let (k2, d2) = keys();
+    let plain = auth_key(&mut core, true, 7);
+    let keep = core.register(k2, d2, "server", &plain, T0).expect("plain");
     let sub = core.subscribe(n.id, T0).expect("subscribe");
+    let timeout = 60_000;
+    // Online nodes are never reaped, however old.
+    assert!(
+        core.reap_ephemeral(T0 + 10 * timeout, timeout)
+            .expect("sweep")
+            .is_empty()
+    );
     assert_eq!(
         core.unsubscribe(n.id, sub.stream, T0 + 5),
         Some(true),
         "ephemeral"
     );
-    // It came back before the timeout: the pending reap must not delete it.
+    assert!(
+        core.reap_ephemeral(T0 + 5 + timeout, timeout)
+            .expect("sweep")
+            .is_empty(),
+        "not yet"
+    );
+    // Back before the timeout, then gone again: the clock restarts from the last disconnect.
     let sub2 = core.subscribe(n.id, T0 + 6).expect("subscribe again");
-    assert!(!core.reap_if_idle(n.id, T0 + 5).expect("reap"));
     assert_eq!(core.unsubscribe(n.id, sub2.stream, T0 + 9), Some(true));
-    assert!(core.reap_if_idle(n.id, T0 + 9).expect("reap"));
+    assert!(
+        core.reap_ephemeral(T0 + 9 + timeout, timeout)
+            .expect("sweep")
+            .is_empty()
+    );
+    assert_eq!(
+        core.reap_ephemeral(T0 + 10 + timeout, timeout)
+            .expect("sweep"),
+        vec![n.id]
+    );
+    let left: Vec<u64> = core
+        .admin_nodes(None)
+        .expect("nodes")
+        .iter()
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(left, vec![keep.id], "only the ephemeral node went");
+    // One that registered but never connected is reaped too (also after a restart).
+    let (k3, d3) = keys();
+    let never = core
+        .register(k3, d3, "ghost", &key, T0 + 20)
+        .expect("ghost");
+    assert_eq!(
+        core.reap_ephemeral(T0 + 21 + timeout, timeout)
+            .expect("sweep"),
+        vec![never.id]
+    );
+    core.delete_node(keep.id).expect("cleanup");
     assert_eq!(node_count(&core), 0);
 }
 

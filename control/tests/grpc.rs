@@ -12,7 +12,7 @@ use warren_proto::control::admin_client::AdminClient;
 use warren_proto::control::control_client::ControlClient;
 use warren_proto::control::map_response::Kind;
 use warren_proto::control::*;
-use warren_proto::proof::make_proof;
+use warren_proto::proof::{make_proof, request_digest};
 use warren_proto::{ControlPublicKey, DiscoSecretKey, NodeSecretKey};
 
 struct Server {
@@ -121,18 +121,46 @@ async fn new_auth_key(admin: &mut AdminClient<Channel>) -> String {
     r.into_inner().secret
 }
 
+/// A fresh nonce for every proof (the server refuses a nonce it has seen).
+fn nonce() -> [u8; 24] {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut b = [0u8; 24];
+    b[..8].copy_from_slice(&n.to_be_bytes());
+    b
+}
+
+/// A proof for `method` over `req` (which must not carry a proof yet).
+fn sign(
+    node: &NodeSecretKey,
+    server: &ControlPublicKey,
+    method: &str,
+    req: &impl prost::Message,
+) -> NodeProof {
+    make_proof(
+        node,
+        server,
+        method,
+        now_ms(),
+        nonce(),
+        &request_digest(req),
+    )
+}
+
 fn register_req(
     node: &NodeSecretKey,
     server: &ControlPublicKey,
     auth_key: &str,
     host: &str,
 ) -> RegisterNodeRequest {
-    RegisterNodeRequest {
-        proof: Some(make_proof(node, server, "RegisterNode", now_ms(), [1; 24])),
+    let mut req = RegisterNodeRequest {
+        proof: None,
         auth_key: auth_key.into(),
         disco_key: DiscoSecretKey::generate().public_key().to_vec(),
         hostname: host.into(),
-    }
+    };
+    req.proof = Some(sign(node, server, "RegisterNode", &req));
+    req
 }
 
 #[tokio::test]
@@ -150,7 +178,7 @@ async fn proofs_are_required_and_bad_requests_change_nothing() {
 
     // Knowing the victim's public key is not enough: a proof sealed with another key fails.
     let attacker = NodeSecretKey::generate();
-    let mut forged = make_proof(&attacker, &sk, "GetNode", now_ms(), [2; 24]);
+    let mut forged = sign(&attacker, &sk, "GetNode", &GetNodeRequest::default());
     forged.node_key = victim.public_key().to_vec();
     let err = c
         .get_node(GetNodeRequest {
@@ -166,8 +194,35 @@ async fn proofs_are_required_and_bad_requests_change_nothing() {
         .expect_err("missing");
     assert_eq!(err.code(), Code::Unauthenticated);
 
+    // A captured request cannot be sent again, nor its proof moved to another body.
+    let mut eps = UpdateNodeRequest {
+        proof: None,
+        endpoints: Some(EndpointList {
+            endpoints: vec!["192.0.2.1:1".into()],
+        }),
+        hostname: None,
+    };
+    eps.proof = Some(sign(&victim, &sk, "UpdateNode", &eps));
+    c.update_node(eps.clone()).await.expect("first use");
+    let err = c.update_node(eps.clone()).await.expect_err("replayed");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("already used"), "{err:?}");
+    let mut moved = eps;
+    moved.endpoints = Some(EndpointList {
+        endpoints: vec!["198.51.100.9:1".into()],
+    });
+    let err = c
+        .update_node(moved)
+        .await
+        .expect_err("moved to another body");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(
+        err.message().contains("another method or request"),
+        "{err:?}"
+    );
+
     // A proof for one method does not work on another.
-    let other = make_proof(&victim, &sk, "GetNode", now_ms(), [3; 24]);
+    let other = sign(&victim, &sk, "GetNode", &GetNodeRequest::default());
     let err = c
         .update_node(UpdateNodeRequest {
             proof: Some(other),
@@ -178,8 +233,11 @@ async fn proofs_are_required_and_bad_requests_change_nothing() {
         .expect_err("wrong method");
     assert_eq!(err.code(), Code::Unauthenticated);
 
-    let mut bad = register_req(&NodeSecretKey::generate(), &sk, &auth, "x");
+    let x = NodeSecretKey::generate();
+    let mut bad = register_req(&x, &sk, &auth, "x");
+    bad.proof = None;
     bad.disco_key = vec![1, 2, 3];
+    bad.proof = Some(sign(&x, &sk, "RegisterNode", &bad));
     assert_eq!(
         c.register_node(bad).await.expect_err("disco").code(),
         Code::InvalidArgument
@@ -195,20 +253,21 @@ async fn proofs_are_required_and_bad_requests_change_nothing() {
         "{err:?}"
     );
 
-    let bad_eps = UpdateNodeRequest {
-        proof: Some(make_proof(&victim, &sk, "UpdateNode", now_ms(), [4; 24])),
+    let mut bad_eps = UpdateNodeRequest {
+        proof: None,
         endpoints: Some(EndpointList {
             endpoints: vec!["not an endpoint".into()],
         }),
         hostname: None,
     };
+    bad_eps.proof = Some(sign(&victim, &sk, "UpdateNode", &bad_eps));
     assert_eq!(
         c.update_node(bad_eps).await.expect_err("endpoints").code(),
         Code::InvalidArgument
     );
 
     let unknown = NodeSecretKey::generate();
-    let proof = make_proof(&unknown, &sk, "GetNode", now_ms(), [5; 24]);
+    let proof = sign(&unknown, &sk, "GetNode", &GetNodeRequest::default());
     assert_eq!(
         c.get_node(GetNodeRequest { proof: Some(proof) })
             .await
@@ -225,7 +284,11 @@ async fn proofs_are_required_and_bad_requests_change_nothing() {
         .into_inner()
         .nodes;
     assert_eq!(nodes.len(), 1);
-    assert!(nodes[0].endpoints.is_empty());
+    assert_eq!(
+        nodes[0].endpoints,
+        ["192.0.2.1:1"],
+        "only the genuine update applied"
+    );
     server.stop().await;
 }
 
@@ -285,7 +348,7 @@ async fn map_stream_sends_full_map_then_numbered_deltas() {
         .await
         .expect("a");
 
-    let proof = make_proof(&a, &sk, "StreamMapResponse", now_ms(), [6; 24]);
+    let proof = sign(&a, &sk, "StreamMapResponse", &StreamMapRequest::default());
     let mut stream = c
         .stream_map_response(StreamMapRequest { proof: Some(proof) })
         .await
@@ -307,13 +370,14 @@ async fn map_stream_sends_full_map_then_numbered_deltas() {
         .into_inner()
         .node
         .expect("node");
-    let update = UpdateNodeRequest {
-        proof: Some(make_proof(&b, &sk, "UpdateNode", now_ms(), [7; 24])),
+    let mut update = UpdateNodeRequest {
+        proof: None,
         endpoints: Some(EndpointList {
             endpoints: vec!["192.0.2.7:41641".into()],
         }),
         hostname: None,
     };
+    update.proof = Some(sign(&b, &sk, "UpdateNode", &update));
     c.update_node(update).await.expect("endpoints");
     admin
         .delete_node(DeleteNodeRequest { id: bnode.id })
@@ -346,6 +410,17 @@ async fn map_stream_sends_full_map_then_numbered_deltas() {
         .expect("ok")
         .expect("msg");
     assert!(matches!(m.kind, Some(Kind::Keepalive(_))));
-    drop(stream);
-    server.stop().await;
+    // Shutting down ends open map streams, so the server stops cleanly with a node connected.
+    let stop = tokio::spawn(server.stop());
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("in time");
+    assert_eq!(
+        end.expect_err("stream ends with a status").code(),
+        Code::Unavailable
+    );
+    tokio::time::timeout(Duration::from_secs(10), stop)
+        .await
+        .expect("server stops")
+        .expect("join");
 }

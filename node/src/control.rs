@@ -11,8 +11,11 @@ use tonic::transport::{Channel, Endpoint};
 use warren_proto::control::control_client::ControlClient;
 use warren_proto::control::map_response::Kind;
 use warren_proto::control::*;
-use warren_proto::proof::make_proof;
+use warren_proto::proof::{make_proof, request_digest};
 use warren_proto::{ControlPublicKey, DiscoPublicKey, NodeSecretKey};
+
+/// Largest map message the node accepts (a full map of about 100,000 peers).
+pub const MAX_MAP_BYTES: usize = 64 << 20;
 
 /// A connection to control, able to prove the node's identity.
 #[derive(Debug, Clone)]
@@ -40,7 +43,8 @@ impl Client {
             .connect()
             .await
             .with_context(|| format!("connecting to control at {url}"))?;
-        let mut grpc = ControlClient::new(channel);
+        // Full maps of large meshes exceed tonic's 4 MiB default.
+        let mut grpc = ControlClient::new(channel).max_decoding_message_size(MAX_MAP_BYTES);
         let key = grpc
             .get_server_key(GetServerKeyRequest {})
             .await
@@ -50,11 +54,20 @@ impl Client {
         Ok(Self { grpc, node, server })
     }
 
-    fn proof(&self, method: &str) -> NodeProof {
+    /// A fresh proof for `method` over `req` (which carries no proof yet).
+    fn proof(&self, method: &str, req: &impl prost::Message) -> NodeProof {
         let mut nonce = [0u8; 24];
-        // getrandom only fails without an OS generator; a zero nonce then still proves the key.
+        // Without an OS generator the nonce stays zero and control refuses it as a replay
+        // after first use, which shows up as a clear error rather than a weaker proof.
         let _ = getrandom::getrandom(&mut nonce);
-        make_proof(&self.node, &self.server, method, now_ms(), nonce)
+        make_proof(
+            &self.node,
+            &self.server,
+            method,
+            now_ms(),
+            nonce,
+            &request_digest(req),
+        )
     }
 
     /// Registers with a pre-auth key (ignored by control when the node is known).
@@ -64,12 +77,13 @@ impl Client {
         disco: DiscoPublicKey,
         hostname: &str,
     ) -> Result<Node, tonic::Status> {
-        let req = RegisterNodeRequest {
-            proof: Some(self.proof("RegisterNode")),
+        let mut req = RegisterNodeRequest {
+            proof: None,
             auth_key: auth_key.to_string(),
             disco_key: disco.to_vec(),
             hostname: hostname.to_string(),
         };
+        req.proof = Some(self.proof("RegisterNode", &req));
         let node = self.grpc.register_node(req).await?.into_inner().node;
         node.ok_or_else(|| tonic::Status::internal("control answered without a node"))
     }
@@ -79,21 +93,21 @@ impl Client {
         &mut self,
         endpoints: &[SocketAddr],
     ) -> Result<(), tonic::Status> {
-        let req = UpdateNodeRequest {
-            proof: Some(self.proof("UpdateNode")),
+        let mut req = UpdateNodeRequest {
+            proof: None,
             endpoints: Some(EndpointList {
                 endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
             }),
             hostname: None,
         };
+        req.proof = Some(self.proof("UpdateNode", &req));
         self.grpc.update_node(req).await.map(|_| ())
     }
 
     /// Opens the map stream.
     pub async fn stream(&mut self) -> Result<tonic::Streaming<MapResponse>, tonic::Status> {
-        let req = StreamMapRequest {
-            proof: Some(self.proof("StreamMapResponse")),
-        };
+        let mut req = StreamMapRequest { proof: None };
+        req.proof = Some(self.proof("StreamMapResponse", &req));
         Ok(self.grpc.stream_map_response(req).await?.into_inner())
     }
 }
@@ -125,7 +139,13 @@ pub async fn follow(
     let mut backoff = Duration::from_millis(250);
     let max = Duration::from_secs(15);
     loop {
-        let (reason, revoked) = match follow_once(&url, &node, &endpoints, &events).await {
+        let mut connected = false;
+        let result = follow_once(&url, &node, &endpoints, &events, &mut connected).await;
+        if connected {
+            // The stream was up: start backing off from the beginning again.
+            backoff = Duration::from_millis(250);
+        }
+        let (reason, revoked) = match result {
             Ok(()) => ("control closed the stream".to_string(), false),
             Err(Failure::Status(s)) => {
                 let revoked = matches!(
@@ -170,6 +190,7 @@ async fn follow_once(
     node: &NodeSecretKey,
     endpoints: &(impl Fn() -> Vec<SocketAddr> + Send),
     events: &mpsc::Sender<MapEvent>,
+    connected: &mut bool,
 ) -> Result<(), Failure> {
     let mut client = Client::connect(url, node.clone())
         .await
@@ -181,6 +202,7 @@ async fn follow_once(
         .send(MapEvent::Connected)
         .await
         .map_err(|_| Failure::Stopped)?;
+    *connected = true;
     let mut recheck = tokio::time::interval(Duration::from_secs(20));
     loop {
         tokio::select! {

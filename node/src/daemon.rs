@@ -180,6 +180,9 @@ impl Daemon {
         let mut udp_buf = vec![0u8; 65_535];
         let term = terminated();
         tokio::pin!(term);
+        // Created once, so a SIGINT that arrives while a handler runs is not lost.
+        let interrupt = tokio::signal::ctrl_c();
+        tokio::pin!(interrupt);
         loop {
             self.flush(&tun, &udp).await;
             let deadline = self
@@ -213,7 +216,7 @@ impl Daemon {
                         return Ok(());
                     }
                 }
-                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = &mut interrupt => return Ok(()),
                 _ = &mut term => return Ok(()),
             }
         }

@@ -188,6 +188,15 @@ key_pair!(
     ControlSecretKey, "controlpriv:"
 );
 
+key_pair!(
+    /// A DERP relay server's public key. On the wire it is a plain 32-byte X25519 key, exactly
+    /// like Tailscale's `derper` key (which is a node key there); warren gives it its own type so
+    /// a relay's key can never be confused with a node's.
+    DerpPublicKey, "derpkey:",
+    /// A DERP relay server's private key.
+    DerpSecretKey, "derppriv:"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,15 @@
 //! Proof that a caller holds a node private key, as DERP's ClientInfo proves it: a NaCl box
 //! (X25519 + XSalsa20-Poly1305) sealed with the node's private key to the control server's
 //! public key. Only the holder of the node key (or the server) can make a box that opens, so a
-//! public key, which every peer knows, is never enough. The sealed text names the method and
-//! the time, so a proof cannot be replayed on another method or long after.
+//! public key, which every peer knows, is never enough. The sealed text names the method, the
+//! time and a digest of the request it came with, so a proof cannot be moved to another method,
+//! another request body, or used long after; the server also remembers nonces it has seen
+//! within the time window ([`ReplayGuard`]), so a captured request cannot be sent again.
+
+use std::collections::HashMap;
 
 use crypto_box::aead::Aead;
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::control::NodeProof;
@@ -33,9 +38,12 @@ pub enum ProofError {
     /// The box did not open: the caller does not hold the node's private key.
     #[error("proof does not open with this node key")]
     Forged,
-    /// The box opened but was made for another method.
-    #[error("proof was made for another method")]
+    /// The box opened but was made for another method or another request.
+    #[error("proof was made for another method or request")]
     WrongMethod,
+    /// The same proof was presented before.
+    #[error("proof was already used")]
+    Replayed,
     /// The box opened but its time is too far from the server's clock.
     #[error("proof time is {skew_ms} ms away from the server's clock")]
     Stale {
@@ -76,43 +84,63 @@ pub fn open_box(
         .map(Zeroizing::new)
 }
 
-fn plaintext(method: &str, unix_ms: i64) -> Vec<u8> {
-    let mut p = Vec::with_capacity(DOMAIN.len() + method.len() + 9);
+/// The digest a proof binds to: SHA-256 of the request encoded without its proof.
+pub fn request_digest(request_without_proof: &impl prost::Message) -> [u8; 32] {
+    Sha256::digest(request_without_proof.encode_to_vec()).into()
+}
+
+fn plaintext(method: &str, unix_ms: i64, digest: &[u8; 32]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(DOMAIN.len() + 2 + method.len() + 8 + 32);
     p.extend_from_slice(DOMAIN);
     p.push(b'|');
     p.extend_from_slice(method.as_bytes());
+    p.push(b'|');
     p.extend_from_slice(&unix_ms.to_be_bytes());
+    p.extend_from_slice(digest);
     p
 }
 
-/// Makes a proof for `method` at `unix_ms`; `nonce` must be fresh random bytes.
+/// Makes a proof for `method` at `unix_ms` over a request whose [`request_digest`] is `digest`;
+/// `nonce` must be fresh random bytes.
 pub fn make_proof(
     node: &NodeSecretKey,
     server: &ControlPublicKey,
     method: &str,
     unix_ms: i64,
     nonce: [u8; 24],
+    digest: &[u8; 32],
 ) -> NodeProof {
     let secret = node.to_bytes();
+    let sealed = seal_box(
+        &secret,
+        server.as_bytes(),
+        &nonce,
+        &plaintext(method, unix_ms, digest),
+    );
     NodeProof {
         node_key: node.public_key().to_vec(),
         nonce: nonce.to_vec(),
-        sealed: seal_box(
-            &secret,
-            server.as_bytes(),
-            &nonce,
-            &plaintext(method, unix_ms),
-        ),
+        sealed,
     }
 }
 
-/// Checks a proof for `method` against the server's clock `now_ms`; returns the proven key.
+/// A checked proof: who made it, and its nonce for [`ReplayGuard`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proven {
+    /// The node that holds the key.
+    pub node: NodePublicKey,
+    /// The proof's nonce.
+    pub nonce: [u8; 24],
+}
+
+/// Checks a proof for `method` over a request with `digest` against the server's clock.
 pub fn verify_proof(
     server: &ControlSecretKey,
     proof: Option<&NodeProof>,
     method: &str,
     now_ms: i64,
-) -> Result<NodePublicKey, ProofError> {
+    digest: &[u8; 32],
+) -> Result<Proven, ProofError> {
     let proof = proof.ok_or(ProofError::Missing)?;
     let node = NodePublicKey::from_slice(&proof.node_key)?;
     let nonce: [u8; 24] = proof
@@ -125,23 +153,63 @@ pub fn verify_proof(
     let secret = server.to_bytes();
     let opened =
         open_box(&secret, node.as_bytes(), &nonce, &proof.sealed).ok_or(ProofError::Forged)?;
-    let prefix_len = DOMAIN.len() + 1 + method.len();
-    if opened.len() != prefix_len + 8 || opened[..prefix_len] != plaintext(method, 0)[..prefix_len]
+    let head = DOMAIN.len() + 2 + method.len();
+    if opened.len() != head + 8 + 32
+        || opened[..head] != plaintext(method, 0, digest)[..head]
+        || opened[head + 8..] != digest[..]
     {
         return Err(ProofError::WrongMethod);
     }
     let mut ts = [0u8; 8];
-    ts.copy_from_slice(&opened[prefix_len..]);
-    let skew_ms = i64::from_be_bytes(ts).saturating_sub(now_ms);
-    if skew_ms.abs() > MAX_SKEW_MS {
-        return Err(ProofError::Stale { skew_ms });
+    ts.copy_from_slice(&opened[head..head + 8]);
+    let sealed_at = i64::from_be_bytes(ts);
+    if sealed_at.abs_diff(now_ms) > MAX_SKEW_MS.unsigned_abs() {
+        return Err(ProofError::Stale {
+            skew_ms: sealed_at.saturating_sub(now_ms),
+        });
     }
-    Ok(node)
+    Ok(Proven { node, nonce })
+}
+
+/// Remembers the nonces of proofs accepted within the time window, so each proof works once.
+/// Memory is bounded by the proofs valid nodes made in the last two windows.
+#[derive(Debug, Default)]
+pub struct ReplayGuard {
+    seen: HashMap<[u8; 24], i64>,
+    last_prune_ms: i64,
+}
+
+impl ReplayGuard {
+    /// Records `nonce` at `now_ms`; an error when it was seen within the window.
+    pub fn check(&mut self, nonce: [u8; 24], now_ms: i64) -> Result<(), ProofError> {
+        if now_ms.saturating_sub(self.last_prune_ms) > MAX_SKEW_MS {
+            let horizon = now_ms.saturating_sub(2 * MAX_SKEW_MS);
+            self.seen.retain(|_, at| *at >= horizon);
+            self.last_prune_ms = now_ms;
+        }
+        if self.seen.insert(nonce, now_ms).is_some() {
+            return Err(ProofError::Replayed);
+        }
+        Ok(())
+    }
+
+    /// How many nonces are remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether no nonce is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::GetNodeRequest;
+
+    const D: [u8; 32] = [9; 32];
 
     fn setup() -> (NodeSecretKey, ControlSecretKey) {
         (NodeSecretKey::generate(), ControlSecretKey::generate())
@@ -150,10 +218,21 @@ mod tests {
     #[test]
     fn valid_proof_verifies() {
         let (node, server) = setup();
-        let p = make_proof(&node, &server.public_key(), "RegisterNode", 1_000, [7; 24]);
+        let p = make_proof(
+            &node,
+            &server.public_key(),
+            "RegisterNode",
+            1_000,
+            [7; 24],
+            &D,
+        );
+        let proven = verify_proof(&server, Some(&p), "RegisterNode", 2_000, &D).expect("valid");
         assert_eq!(
-            verify_proof(&server, Some(&p), "RegisterNode", 2_000),
-            Ok(node.public_key())
+            proven,
+            Proven {
+                node: node.public_key(),
+                nonce: [7; 24]
+            }
         );
     }
 
@@ -161,43 +240,87 @@ mod tests {
     fn knowing_the_public_key_is_not_enough() {
         let (node, server) = setup();
         let attacker = NodeSecretKey::generate();
-        let mut p = make_proof(&attacker, &server.public_key(), "GetNode", 1_000, [1; 24]);
-        p.node_key = node.public_key().to_vec();
-        assert_eq!(
-            verify_proof(&server, Some(&p), "GetNode", 1_000),
-            Err(ProofError::Forged)
+        let mut p = make_proof(
+            &attacker,
+            &server.public_key(),
+            "GetNode",
+            1_000,
+            [1; 24],
+            &D,
         );
+        p.node_key = node.public_key().to_vec();
+        let got = verify_proof(&server, Some(&p), "GetNode", 1_000, &D);
+        assert_eq!(got, Err(ProofError::Forged));
     }
 
     #[test]
-    fn wrong_method_stale_and_malformed_are_refused() {
+    fn proof_is_bound_to_method_request_and_time() {
         let (node, server) = setup();
-        let p = make_proof(&node, &server.public_key(), "GetNode", 0, [2; 24]);
+        let p = make_proof(&node, &server.public_key(), "GetNode", 0, [2; 24], &D);
+        let verify = |method, now, digest| verify_proof(&server, Some(&p), method, now, digest);
+        assert_eq!(verify("ListNodes", 0, &D), Err(ProofError::WrongMethod));
+        assert_eq!(verify("GetNod", 0, &D), Err(ProofError::WrongMethod));
+        assert_eq!(verify("GetNode", 0, &[8; 32]), Err(ProofError::WrongMethod));
         assert_eq!(
-            verify_proof(&server, Some(&p), "ListNodes", 0),
-            Err(ProofError::WrongMethod)
-        );
-        assert_eq!(
-            verify_proof(&server, Some(&p), "GetNode", MAX_SKEW_MS + 1),
+            verify("GetNode", MAX_SKEW_MS + 1, &D),
             Err(ProofError::Stale {
                 skew_ms: -(MAX_SKEW_MS + 1)
             })
         );
+        let extreme = make_proof(
+            &node,
+            &server.public_key(),
+            "GetNode",
+            i64::MIN,
+            [3; 24],
+            &D,
+        );
+        assert!(matches!(
+            verify_proof(&server, Some(&extreme), "GetNode", i64::MAX, &D),
+            Err(ProofError::Stale { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_proofs_are_typed_errors() {
+        let (node, server) = setup();
+        let p = make_proof(&node, &server.public_key(), "GetNode", 0, [2; 24], &D);
         assert_eq!(
-            verify_proof(&server, None, "GetNode", 0),
+            verify_proof(&server, None, "GetNode", 0, &D),
             Err(ProofError::Missing)
         );
         let mut bad = p.clone();
         bad.nonce.pop();
         assert_eq!(
-            verify_proof(&server, Some(&bad), "GetNode", 0),
+            verify_proof(&server, Some(&bad), "GetNode", 0, &D),
             Err(ProofError::BadNonce { len: 23 })
         );
         let mut bad = p;
         bad.sealed[0] ^= 1;
         assert_eq!(
-            verify_proof(&server, Some(&bad), "GetNode", 0),
+            verify_proof(&server, Some(&bad), "GetNode", 0, &D),
             Err(ProofError::Forged)
         );
+    }
+
+    #[test]
+    fn digest_ignores_nothing_but_the_proof_field() {
+        let a = request_digest(&GetNodeRequest { proof: None });
+        assert_eq!(a, request_digest(&GetNodeRequest::default()));
+        let with = GetNodeRequest {
+            proof: Some(NodeProof::default()),
+        };
+        assert_ne!(a, request_digest(&with));
+    }
+
+    #[test]
+    fn replay_guard_accepts_each_nonce_once_and_forgets_old_ones() {
+        let mut g = ReplayGuard::default();
+        assert_eq!(g.check([1; 24], 0), Ok(()));
+        assert_eq!(g.check([1; 24], 10), Err(ProofError::Replayed));
+        assert_eq!(g.check([2; 24], 10), Ok(()));
+        // Far past the window the old nonces are pruned (their proofs are stale anyway).
+        assert_eq!(g.check([3; 24], 3 * MAX_SKEW_MS), Ok(()));
+        assert_eq!(g.len(), 1);
     }
 }

@@ -466,29 +466,35 @@ impl Store for SqliteStore {
     }
 
     fn update_node(&mut self, n: &NodeRecord) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "UPDATE nodes SET disco_key = ?2, hostname = ?3, given_name = ?4, tags = ?5, endpoints = ?6,
-                         last_seen_ms = ?7, expiry_ms = ?8, auth_key_id = ?9 WHERE id = ?1",
-                params![
-                    sql_id(n.id),
-                    n.disco_key.to_string(),
-                    n.hostname,
-                    n.given_name,
-                    to_json(&n.tags),
-                    to_json(&n.endpoints),
-                    n.last_seen_ms,
-                    n.expiry_ms,
-                    n.auth_key_id.map(sql_id),
-                ],
-            )
-            .map_err(|e| conflict(e, "node name"))?;
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "UPDATE nodes SET disco_key = ?2, hostname = ?3, given_name = ?4, tags = ?5,
+                    endpoints = ?6, last_seen_ms = ?7, expiry_ms = ?8, auth_key_id = ?9,
+                    user_id = ?10, ephemeral = ?11
+             WHERE id = ?1",
+            params![
+                sql_id(n.id),
+                n.disco_key.to_string(),
+                n.hostname,
+                n.given_name,
+                to_json(&n.tags),
+                to_json(&n.endpoints),
+                n.last_seen_ms,
+                n.expiry_ms,
+                n.auth_key_id.map(sql_id),
+                sql_id(n.user_id),
+                n.ephemeral,
+            ],
+        )
+        .map_err(|e| conflict(e, "node name"))?;
         if let Some(key) = n.auth_key_id {
-            self.conn.execute(
+            // The key a node (re-)registered with counts as used, in the same transaction.
+            tx.execute(
                 "UPDATE preauth_keys SET used = 1 WHERE id = ?1",
                 params![sql_id(key)],
             )?;
         }
+        tx.commit()?;
         Ok(())
     }
 
