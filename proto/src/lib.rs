@@ -1,9 +1,18 @@
 //! warren's shared vocabulary: typed keys, the control protocol (gRPC), and proofs of key
 //! possession. Pure: no sockets, files, clock or async runtime, so every binary and every
 //! sans-IO core can depend on it.
+//!
+//! - [`keys`]: typed X25519 keys per role (node, disco, control, DERP server).
+//! - [`proof`]: NaCl boxes and proofs of node-key possession for the control API.
+//! - [`derp`]: DERP v2 relay frames and handshake boxes, wire-compatible with Tailscale.
+//! - [`disco`]: disco path-discovery packets (ping, pong, call-me-maybe), sealed and opened.
+//! - [`stun`]: STUN Binding requests and responses (RFC 5389) and the demultiplexing test.
 
+pub mod derp;
+pub mod disco;
 pub mod keys;
 pub mod proof;
+pub mod stun;
 
 /// The generated gRPC types and services of `warren.control.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
@@ -12,6 +21,6 @@ pub mod control {
 }
 
 pub use keys::{
-    ControlPublicKey, ControlSecretKey, DiscoPublicKey, DiscoSecretKey, KeyParseError,
-    NodePublicKey, NodeSecretKey,
+    ControlPublicKey, ControlSecretKey, DerpPublicKey, DerpSecretKey, DiscoPublicKey,
+    DiscoSecretKey, KeyParseError, NodePublicKey, NodeSecretKey,
 };

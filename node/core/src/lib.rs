@@ -6,6 +6,7 @@
 pub mod ip;
 pub mod netmap;
 pub mod node;
+pub mod path;
 pub mod routing;
 pub mod wg;
 
