@@ -1,6 +1,7 @@
 //! The lab: namespaces, the bridges between them and the processes inside them.
 
 use std::ffi::OsStr;
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
@@ -12,6 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::process::{ProcHandle, TERM_GRACE};
+
+/// Where every live lab registers itself (`<prefix>.pids`), so that a later lab can clean up
+/// after one whose test process was killed (e.g. by nextest's timeout) before its drop ran.
+pub const REGISTRY_DIR: &str = "/tmp/warren-lab";
 
 /// Default time limit of [`Lab::run`].
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,6 +45,7 @@ pub struct Lab {
     dir: Option<tempfile::TempDir>,
     namespaces: Vec<String>,
     procs: Vec<ProcHandle>,
+    registry: PathBuf,
     ports: usize,
     runs: AtomicUsize,
 }
@@ -61,17 +67,42 @@ impl Lan {
 impl Lab {
     /// Creates an empty lab. `name` labels its directory and messages; namespaces get a short
     /// unique prefix (`wt<pid%10000><n>`) that no existing namespace uses.
+    ///
+    /// It first reaps labs left behind by test processes that died without dropping them (see
+    /// [`reap_dead_labs`]), then claims its prefix atomically by creating its registry file
+    /// `/tmp/warren-lab/<prefix>.pids`.
     pub fn new(name: &str) -> Result<Self> {
+        reap_dead_labs();
+        std::fs::create_dir_all(REGISTRY_DIR).with_context(|| format!("create {REGISTRY_DIR}"))?;
         let existing = list_namespaces()?;
         let pid = std::process::id() % 10_000;
-        let prefix = loop {
+        let (prefix, registry) = loop {
             let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
             let prefix = format!("wt{pid}{n}");
             let taken = existing
                 .iter()
                 .any(|ns| ns.starts_with(&format!("{prefix}-")));
-            if !taken {
-                break prefix;
+            if taken {
+                continue;
+            }
+            let registry = Path::new(REGISTRY_DIR).join(format!("{prefix}.pids"));
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&registry)
+            {
+                Ok(mut f) => {
+                    let me = std::process::id();
+                    let start = proc_start_time(me).context("read this process's start time")?;
+                    writeln!(f, "owner {me} {start}")
+                        .with_context(|| format!("write {}", registry.display()))?;
+                    break (prefix, registry);
+                }
+                // Another live lab (in another test process) holds this prefix.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("create {}", registry.display()));
+                }
             }
         };
         let dir = tempfile::Builder::new()
@@ -85,6 +116,7 @@ impl Lab {
             dir: Some(dir),
             namespaces: Vec::new(),
             procs: Vec::new(),
+            registry,
             ports: 0,
             runs: AtomicUsize::new(0),
         })
@@ -131,6 +163,8 @@ impl Lab {
             !self.namespaces.contains(&ns),
             "namespace {ns} already exists in this lab"
         );
+        // Registered before it exists, so a reaper never misses it.
+        self.register(&format!("ns {ns}"))?;
         ip(&["netns", "add", &ns])?;
         self.namespaces.push(ns.clone());
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
@@ -188,6 +222,15 @@ impl Lab {
         Ok(())
     }
 
+    /// Appends a line to this lab's registry file.
+    fn register(&self, line: &str) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.registry)
+            .with_context(|| format!("open {}", self.registry.display()))?;
+        writeln!(f, "{line}").with_context(|| format!("write {}", self.registry.display()))
+    }
+
     fn check_own(&self, ns: &str) -> Result<()> {
         ensure!(
             self.namespaces.iter().any(|n| n == ns),
@@ -242,6 +285,9 @@ impl Lab {
             logs.join(format!("{seq:02}-{stem}.stderr")),
         )?;
         self.procs.push(handle.clone());
+        if let Some(start) = proc_start_time(handle.pid()) {
+            self.register(&format!("pid {} {start}", handle.pid()))?;
+        }
         Ok(handle)
     }
 
@@ -324,13 +370,15 @@ impl Lab {
         Ok(out)
     }
 
-    /// One ICMP echo from `ns` to `addr` (`ping -c 1 -W 1`): true iff a reply came back.
+    /// One ICMP echo from `ns` to `addr` (`ping -c 1 -W 1`): true iff a reply came back, false
+    /// if none did (exit status 1); any other failure of `ping` is an error.
     pub fn ping(&self, ns: &str, addr: IpAddr) -> Result<bool> {
         self.ping_wait(ns, addr, Duration::from_secs(1))
     }
 
     /// One ICMP echo from `ns` to `addr`, waiting at most `wait` for the reply (`ping -W`
-    /// takes fractions of a second): true iff a reply came back.
+    /// takes fractions of a second): true iff a reply came back, false if none did (exit
+    /// status 1); any other failure of `ping` is an error.
     pub fn ping_wait(&self, ns: &str, addr: IpAddr, wait: Duration) -> Result<bool> {
         let out = self.run_timeout(
             ns,
@@ -345,7 +393,18 @@ impl Lab {
             ],
             wait + Duration::from_secs(10),
         )?;
-        Ok(out.status.success())
+        // ping exits 0 on a reply, 1 when none came back, 2 (or anything else) on an error
+        // such as "Network is unreachable" or a bad argument: that is not a missing reply.
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => bail!(
+                "`ping {addr}` in {ns} failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
     }
 
     /// Kills every process spawned so far: SIGTERM to all, then SIGKILL to those still alive
@@ -393,12 +452,110 @@ impl Drop for Lab {
                 );
             }
         }
+        let _ = std::fs::remove_file(&self.registry);
         if std::env::var_os("WARREN_LAB_KEEP").is_some_and(|v| v != "0")
             && let Some(dir) = self.dir.take()
         {
             let path: PathBuf = dir.keep();
             eprintln!("lab `{}`: kept its directory {}", self.name, path.display());
         }
+    }
+}
+
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`, clock ticks since boot):
+/// together with the pid it identifies a process, since pids get reused.
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name start at field 3.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// True if process `pid` exists and started at `start`.
+fn same_process_alive(pid: u32, start: u64) -> bool {
+    proc_start_time(pid) == Some(start)
+}
+
+/// Cleans up after labs whose owning test process is gone without having dropped them (a test
+/// binary killed by a timeout never runs [`Lab`]'s drop). For each registry file in
+/// [`REGISTRY_DIR`] whose `owner PID START` no longer exists, it SIGKILLs the processes the lab
+/// spawned (`pid PID START` lines, checked against pid reuse) and every process still inside
+/// the lab's namespaces (`ns NAME` lines; that also catches their children), deletes those
+/// namespaces and removes the file. Best effort: errors are printed, not returned.
+pub fn reap_dead_labs() {
+    let Ok(entries) = std::fs::read_dir(REGISTRY_DIR) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "pids") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let mut owner = None;
+        let mut pids = Vec::new();
+        let mut namespaces = Vec::new();
+        for line in text.lines() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.as_slice() {
+                ["owner", pid, start] => owner = pid.parse().ok().zip(start.parse().ok()),
+                ["pid", pid, start] => pids.extend(pid.parse().ok().zip(start.parse().ok())),
+                ["ns", ns] => namespaces.push((*ns).to_owned()),
+                _ => {}
+            }
+        }
+        match owner {
+            Some((pid, start)) if same_process_alive(pid, start) => continue,
+            // A file still being written by its (live) creator has no owner line yet.
+            None if entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(10)) =>
+            {
+                continue;
+            }
+            _ => {}
+        }
+        eprintln!(
+            "reaping the lab of dead test process ({}): {namespaces:?}",
+            path.display()
+        );
+        let mut victims: Vec<String> = pids
+            .into_iter()
+            .filter(|&(pid, start)| same_process_alive(pid, start))
+            .map(|(pid, _)| pid.to_string())
+            .collect();
+        for ns in &namespaces {
+            if let Ok(out) = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+            {
+                victims.extend(
+                    String::from_utf8_lossy(&out.stdout)
+                        .split_whitespace()
+                        .map(str::to_owned),
+                );
+            }
+        }
+        if !victims.is_empty() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(&victims)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let existing = list_namespaces().unwrap_or_default();
+        for ns in namespaces.iter().rev().filter(|ns| existing.contains(ns)) {
+            if let Err(e) = ip(&["netns", "del", ns]) {
+                eprintln!("could not delete leftover namespace {ns}: {e:#}");
+            }
+        }
+        let _ = std::fs::remove_file(&path);
     }
 }
 

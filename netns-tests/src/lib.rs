@@ -20,7 +20,7 @@ pub mod wait;
 
 pub use binaries::{Binaries, binaries, binaries_with_labtool, require_root};
 pub use lab::{Lab, Lan, serial};
-pub use mesh::{Control, Mesh, Node, NodeInfo, NodeStatus, PeerStatus, PreAuthKey};
+pub use mesh::{Control, ControlConfig, Mesh, Node, NodeInfo, NodeStatus, PeerStatus, PreAuthKey};
 pub use process::ProcHandle;
 pub use traffic::TransferReport;
 pub use wait::wait_until;

@@ -40,6 +40,22 @@ pub struct Control {
     proc: Option<ProcHandle>,
 }
 
+/// Settings of the config [`Control::start_with`] writes; [`Default`] is what
+/// [`Control::start`] uses.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// `ephemeral_node_inactivity_timeout`, e.g. `"30m"` or `"2s"`.
+    pub ephemeral_node_inactivity_timeout: String,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            ephemeral_node_inactivity_timeout: "30m".to_owned(),
+        }
+    }
+}
+
 /// A pre-auth key as `preauthkeys create` returned it.
 #[derive(Debug, Clone)]
 pub struct PreAuthKey {
@@ -231,6 +247,18 @@ impl Control {
         addr: Ipv4Addr,
         name: &str,
     ) -> Result<Self> {
+        Self::start_with(lab, bins, ns, addr, name, &ControlConfig::default())
+    }
+
+    /// [`Control::start_named`] with explicit config settings.
+    pub fn start_with(
+        lab: &mut Lab,
+        bins: &Binaries,
+        ns: &str,
+        addr: Ipv4Addr,
+        name: &str,
+        settings: &ControlConfig,
+    ) -> Result<Self> {
         let dir = lab.dir().join(name);
         std::fs::create_dir_all(&dir)?;
         let url = format!("http://{addr}:{}", Self::PORT);
@@ -248,13 +276,14 @@ impl Control {
             "server_url = \"{url}\"\n\
              listen_addr = \"{addr}:{port}\"\n\
              unix_socket = {socket}\n\
-             ephemeral_node_inactivity_timeout = \"30m\"\n\
+             ephemeral_node_inactivity_timeout = \"{ephemeral}\"\n\
              \n[noise]\nprivate_key_path = {key}\n\
              \n[database]\ntype = \"sqlite\"\n\
              \n[database.sqlite]\npath = {db}\n\
              \n[prefixes]\nv4 = \"100.64.0.0/10\"\nv6 = \"fd7a:115c:a1e0::/48\"\n\
              \n[dns]\nmagic_dns = true\nbase_domain = \"warren.internal\"\n",
             port = Self::PORT,
+            ephemeral = settings.ephemeral_node_inactivity_timeout,
             socket = toml_str(&control.socket),
             key = toml_str(&dir.join("control_private.key")),
             db = toml_str(&control.db),
@@ -305,6 +334,26 @@ impl Control {
     /// The server process, once started.
     pub fn proc(&self) -> Option<&ProcHandle> {
         self.proc.as_ref()
+    }
+
+    /// Stops the server with SIGTERM and requires that it exits by itself within `deadline`
+    /// with status 0. If it does not exit in time it is killed (SIGKILL) and this fails.
+    pub fn shutdown(&mut self, deadline: Duration) -> Result<()> {
+        let proc = self.proc.as_ref().context("control was never started")?;
+        ensure!(proc.is_running(), "control is not running");
+        proc.terminate();
+        let Some(status) = proc.wait_exit(deadline) else {
+            let killed = proc.force_kill();
+            bail!(
+                "warren-control did not exit within {deadline:?} of SIGTERM (then SIGKILLed: \
+                 {killed:?})"
+            );
+        };
+        ensure!(
+            status.success(),
+            "warren-control exited with {status} on SIGTERM, expected status 0"
+        );
+        Ok(())
     }
 
     /// Stops the server (SIGTERM, SIGKILL fallback).
@@ -559,10 +608,21 @@ impl Mesh {
     /// Builds the LAN and control, creates user `lab` and a reusable key, starts `nodes` nodes
     /// and waits until each lists all the others as peers.
     pub fn start(lab: &mut Lab, bins: &Binaries, nodes: usize) -> Result<Self> {
+        Self::start_with(lab, bins, nodes, &ControlConfig::default())
+    }
+
+    /// [`Mesh::start`] with explicit control config settings.
+    pub fn start_with(
+        lab: &mut Lab,
+        bins: &Binaries,
+        nodes: usize,
+        settings: &ControlConfig,
+    ) -> Result<Self> {
         let lan = lab.add_lan("lan")?;
         let ctl = lab.add_ns("ctl")?;
         lab.attach(&lan, &ctl, "eth0", &format!("{}/24", Self::CONTROL_ADDR))?;
-        let control = Control::start(lab, bins, &ctl, Self::CONTROL_ADDR)?;
+        let control =
+            Control::start_with(lab, bins, &ctl, Self::CONTROL_ADDR, "control", settings)?;
         let user = "lab".to_owned();
         control.create_user(lab, &user)?;
         let key = control.create_preauth_key(lab, &user, &["--reusable"])?;

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use warren_netns_tests::lab::list_namespaces;
+use warren_netns_tests::lab::{REGISTRY_DIR, list_namespaces};
 use warren_netns_tests::traffic::{TransferReport, tcp_transfer};
 use warren_netns_tests::{Lab, require_root, serial, wait_until};
 
@@ -43,10 +43,17 @@ fn two_hosts(lab: &mut Lab) -> Result<u32> {
     })?;
     eprintln!("first ping a -> b after {} ms", took.as_millis());
     ensure!(lab.ping(&b, addr_a)?, "b cannot ping a");
-    // The lab's LAN has no route anywhere else.
+    // The lab's LAN has no route anywhere else: ping fails outright (exit 2), which is an
+    // error, not "no reply"...
+    let outside = lab.ping(&a, IpAddr::V4(Ipv4Addr::new(10, 77, 251, 1)));
     ensure!(
-        !lab.ping(&a, IpAddr::V4(Ipv4Addr::new(10, 77, 251, 1)))?,
-        "an address outside the LAN answered"
+        outside.is_err(),
+        "ping to an unroutable address gave {outside:?}"
+    );
+    // ...while a free address on the LAN simply never answers (exit 1).
+    ensure!(
+        !lab.ping(&a, IpAddr::V4(Ipv4Addr::new(10, 77, 250, 3)))?,
+        "a free address on the LAN answered"
     );
 
     let bytes = 3_000_001;
@@ -154,4 +161,54 @@ fn run_is_bounded_and_addresses_are_confined() {
         .context("false did not exit")
         .expect("exit");
     assert!(!status.success());
+}
+
+/// A lab whose test process died without dropping it (as when nextest kills a test binary at
+/// its timeout) is cleaned up by the next lab: its processes die and its namespaces go.
+#[test]
+fn labs_of_dead_test_processes_are_reaped() {
+    let _serial = serial();
+    if !require_root() {
+        return;
+    }
+    // A "dead owner": a process that has exited (its pid no longer runs with this start time).
+    let mut gone = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let gone_pid = gone.id();
+    gone.wait().expect("wait for true");
+
+    let prefix = format!("wt{}x", std::process::id() % 10_000);
+    let ns = format!("{prefix}-orphan");
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .expect("run ip");
+        assert!(status.success(), "ip {args:?}: {status}");
+    };
+    run(&["netns", "add", &ns]);
+    let mut sleeper = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "sleep", "600"])
+        .spawn()
+        .expect("spawn sleeper");
+    let registry = Path::new(REGISTRY_DIR).join(format!("{prefix}.pids"));
+    std::fs::create_dir_all(REGISTRY_DIR).expect("registry dir");
+    std::fs::write(
+        &registry,
+        format!("owner {gone_pid} 1\nns {ns}\npid {} 1\n", sleeper.id()),
+    )
+    .expect("write registry file");
+
+    // Creating any lab reaps it.
+    let lab = Lab::new("reaper").expect("create lab");
+    drop(lab);
+    let status = sleeper.wait().expect("wait for sleeper");
+    assert!(!status.success(), "sleeper exited by itself?");
+    assert_eq!(
+        lab_namespaces(&prefix).expect("list"),
+        Vec::<String>::new(),
+        "the dead lab's namespace is still there"
+    );
+    assert!(!registry.exists(), "registry file left behind");
 }

@@ -4,20 +4,24 @@
 //! `cargo build --bins`; without root every test prints why it is skipped and passes. Tests
 //! run one at a time (each takes the lab's serial lock) and wait on conditions, never sleeps.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use warren_netns_tests::mesh::Control;
 use warren_netns_tests::{
-    Binaries, Lab, Mesh, Node, TransferReport, binaries_with_labtool, require_root, serial,
-    wait_until,
+    Binaries, ControlConfig, Lab, Mesh, Node, NodeInfo, TransferReport, binaries_with_labtool,
+    require_root, serial, wait_until,
 };
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_warren-labtool");
 
 /// Generous deadline for anything the mesh should do "soon".
 const SOON: Duration = Duration::from_secs(20);
+
+/// How long `warren-control` may take to exit by itself after SIGTERM.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs `body` in a fresh lab, serially, if root. An error fails the test while the lab is
 /// still alive, so its drop prints every process's log.
@@ -155,6 +159,16 @@ fn deleted_node_is_cut_off() {
             }
             Ok(true)
         })?;
+        // The deleted node itself: control told it so, and it dropped every peer.
+        wait_until(
+            SOON,
+            "the deleted node lists 0 peers and is not connected to control",
+            || {
+                victim.check_running()?;
+                let s = victim.status(lab)?;
+                Ok(s.peers.is_empty() && !s.control_connected)
+            },
+        )?;
 
         for (n, &a) in mesh.nodes[..2].iter().zip(&addrs) {
             for _ in 0..3 {
@@ -183,11 +197,19 @@ fn deleted_node_is_cut_off() {
 fn control_restart_keeps_addresses_and_traffic() {
     lab_test("control-restart", |lab, bins| {
         let mut mesh = Mesh::start(lab, bins, 2)?;
-        let before: Vec<Vec<IpAddr>> = mesh
-            .nodes
-            .iter()
-            .map(|n| n.addresses(lab))
-            .collect::<Result<_>>()?;
+        // Control's own view, per node id (the daemons' view may lag behind it).
+        let before = nodes_by_id(&mesh.control.nodes(lab)?);
+        ensure!(before.len() == 2, "control lists {before:?}");
+        for n in &mesh.nodes {
+            let info = mesh.control.node_by_hostname(lab, &n.hostname)?;
+            let local = n.addresses(lab)?;
+            ensure!(
+                sorted(&local) == sorted(&info.addresses),
+                "{} has {local:?} but control assigned it {:?}",
+                n.hostname,
+                info.addresses
+            );
+        }
         let a1 = mesh.nodes[0].ipv4(lab)?;
         let a2 = mesh.nodes[1].ipv4(lab)?;
         wait_ping(lab, &mesh.nodes[0], a2)?;
@@ -196,7 +218,7 @@ fn control_restart_keeps_addresses_and_traffic() {
             all_connected(lab, &mesh.nodes, true)
         })?;
 
-        mesh.control.stop()?;
+        mesh.control.shutdown(SHUTDOWN_DEADLINE)?;
         wait_until(SOON, "both nodes notice control is gone", || {
             all_connected(lab, &mesh.nodes, false)
         })?;
@@ -219,16 +241,35 @@ fn control_restart_keeps_addresses_and_traffic() {
             "nodes reconnected {} ms after control was ready",
             took.as_millis()
         );
-        for (n, old) in mesh.nodes.iter().zip(&before) {
-            let now = n.addresses(lab)?;
+        // Control, restarted on the same database, still has the same nodes with the same
+        // addresses...
+        let after = nodes_by_id(&mesh.control.nodes(lab)?);
+        ensure!(
+            after.keys().eq(before.keys()),
+            "node ids before the restart {:?}, after {:?}",
+            before.keys(),
+            after.keys()
+        );
+        for (id, (name, old)) in &before {
+            let (now_name, now) = &after[id];
             ensure!(
-                &now == old,
-                "{} changed addresses: {old:?} -> {now:?}",
-                n.hostname
+                now_name == name && now == old,
+                "control changed node {id}: {name} {old:?} -> {now_name} {now:?}"
             );
         }
-        let listed = mesh.control.nodes(lab)?;
-        ensure!(listed.len() == 2, "control lists {listed:?}");
+        // ...and each reconnected node (eventually) has exactly those addresses.
+        for n in &mesh.nodes {
+            let info = mesh.control.node_by_hostname(lab, &n.hostname)?;
+            let want = &after[&info.id].1;
+            wait_until(
+                SOON,
+                &format!("{} has its addresses {want:?} from control", n.hostname),
+                || Ok(&sorted(&n.addresses(lab)?) == want),
+            )?;
+        }
+        wait_until(SOON, "control lists both nodes online", || {
+            Ok(mesh.control.nodes(lab)?.iter().all(|n| n.online))
+        })?;
         ensure!(
             lab.ping(&mesh.nodes[0].ns, v4(a2))?,
             "node 1 -> node 2 after restart"
@@ -239,6 +280,19 @@ fn control_restart_keeps_addresses_and_traffic() {
         );
         Ok(())
     });
+}
+
+fn sorted(addrs: &[IpAddr]) -> Vec<IpAddr> {
+    let mut v = addrs.to_vec();
+    v.sort();
+    v
+}
+
+/// Node id -> (hostname, sorted addresses), as control lists them.
+fn nodes_by_id(list: &[NodeInfo]) -> BTreeMap<u64, (String, Vec<IpAddr>)> {
+    list.iter()
+        .map(|n| (n.id, (n.hostname.clone(), sorted(&n.addresses))))
+        .collect()
 }
 
 fn all_connected(lab: &Lab, nodes: &[Node], want: bool) -> Result<bool> {
@@ -279,13 +333,17 @@ fn bad_auth_keys_are_refused() {
         let count = mesh.control.nodes(lab)?.len();
         ensure!(count == 1, "control lists {count} nodes, expected 1");
 
-        let cases: [(&str, &str, &[&str]); 4] = [
-            ("garbage", "this is not a key!", &["malformed", "invalid"]),
-            ("unknown", &foreign.secret, &["not found", "unknown"]),
-            ("expired", &expired.secret, &["expired"]),
-            ("used", &single.secret, &["used"]),
+        let cases: [(&str, &str, &str); 4] = [
+            (
+                "garbage",
+                "this is not a key!",
+                "malformed key: expected warren-auth-<12 hex>-<48 hex>",
+            ),
+            ("unknown", &foreign.secret, "pre-auth key not found"),
+            ("expired", &expired.secret, "pre-auth key expired"),
+            ("used", &single.secret, "pre-auth key already used"),
         ];
-        for (what, key, words) in cases {
+        for (what, key, reason) in cases {
             let node = mesh.spawn_node_with_key(lab, key)?;
             let Some(status) = node.proc().wait_exit(SOON) else {
                 bail!("`warren up` with a {what} key is still running after {SOON:?}");
@@ -294,10 +352,19 @@ fn bad_auth_keys_are_refused() {
                 !status.success(),
                 "`warren up` with a {what} key exited with {status}"
             );
-            let stderr = node.proc().stderr().to_lowercase();
+            // The reason must be on the final error line, not just somewhere in the log.
+            let stderr = node.proc().stderr();
+            let last = stderr
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+                .trim();
+            let want = format!("error: registration refused: {reason}");
             ensure!(
-                words.iter().any(|w| stderr.contains(w)),
-                "`warren up` with a {what} key: stderr mentions none of {words:?}:\n{stderr}"
+                last == want,
+                "`warren up` with a {what} key: final stderr line is {last:?}, \
+                 expected {want:?}; whole stderr:\n{stderr}"
             );
             let now = mesh.control.nodes(lab)?.len();
             ensure!(
@@ -306,6 +373,57 @@ fn bad_auth_keys_are_refused() {
             );
         }
         first.check_running()?;
+        Ok(())
+    });
+}
+
+#[test]
+fn ephemeral_node_is_removed_after_it_leaves() {
+    lab_test("ephemeral", |lab, bins| {
+        let settings = ControlConfig {
+            ephemeral_node_inactivity_timeout: "30m".to_owned(),
+        };
+        // One ordinary node (the mesh's reusable key) beside the ephemeral one.
+        let mut mesh = Mesh::start_with(lab, bins, 1, &settings)?;
+        let regular = mesh.nodes[0].clone();
+        let key = mesh
+            .control
+            .create_preauth_key(lab, &mesh.user.clone(), &["--ephemeral"])?;
+        let eph = mesh.spawn_node_with_key(lab, &key.secret)?;
+        wait_ipv4(lab, &eph)?;
+        let id = wait_until(SOON, "control lists the ephemeral node online", || {
+            eph.check_running()?;
+            Ok(mesh.control.node_by_hostname(lab, &eph.hostname)?.online)
+        })
+        .and_then(|_| mesh.control.node_by_hostname(lab, &eph.hostname))?
+        .id;
+        regular.wait_peers(lab, 1, SOON)?;
+
+        eph.down(lab)?;
+        let Some(status) = eph.proc().wait_exit(SOON) else {
+            bail!("`warren up` of the ephemeral node still runs {SOON:?} after `warren down`");
+        };
+        ensure!(
+            status.success(),
+            "`warren up` exited with {status} after `warren down`"
+        );
+
+        let took = wait_until(
+            Duration::from_secs(30),
+            "control no longer lists the ephemeral node",
+            || Ok(!mesh.control.nodes(lab)?.iter().any(|n| n.id == id)),
+        )?;
+        eprintln!(
+            "ephemeral node removed {} ms after it exited",
+            took.as_millis()
+        );
+        let listed = mesh.control.nodes(lab)?;
+        ensure!(
+            listed.iter().any(|n| n.hostname == regular.hostname),
+            "the non-ephemeral node was removed too: control lists {listed:?}"
+        );
+        regular.check_running()?;
+        regular.wait_peers(lab, 0, SOON)?;
         Ok(())
     });
 }

@@ -198,10 +198,8 @@ impl Paths {
 
     /// Where to send now; `relay` says whether the peer can be reached through DERP.
     pub fn route(&self, now: Instant, relay: bool) -> Route {
-        if self.trusted(now) {
-            if let Some(b) = self.best {
-                return Route::Direct(b.addr);
-            }
+        if let Some(b) = self.best.filter(|_| self.trusted(now)) {
+            return Route::Direct(b.addr);
         }
         if relay {
             return Route::Relay {
