@@ -29,6 +29,7 @@ impl Mesh {
                 magic_dns: true,
                 base_domain: "bench.internal".into(),
             },
+            derp_map: Default::default(),
         };
         let now_ms = 1_700_000_000_000;
         let store = SqliteStore::in_memory().expect("sqlite");

@@ -64,6 +64,16 @@ pub struct Config {
     pub prefixes: Prefixes,
     /// MagicDNS.
     pub dns: Dns,
+    /// DERP relays.
+    pub derp: Derp,
+}
+
+/// DERP settings (Headscale's `derp` section).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Derp {
+    /// DERP map files in Tailscale's JSON shape, merged in order.
+    pub paths: Vec<PathBuf>,
 }
 
 /// The server's private key file (Headscale's `noise.private_key_path`).
@@ -132,6 +142,7 @@ impl Default for Config {
             database: Database::default(),
             prefixes: Prefixes::default(),
             dns: Dns::default(),
+            derp: Derp::default(),
         }
     }
 }

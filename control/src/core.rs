@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use warren_proto::control::{DnsConfig, FullMap, Node};
+use warren_proto::control::{DerpMap, DnsConfig, FullMap, Node};
 use warren_proto::{DiscoPublicKey, NodePublicKey};
 
 use crate::error::ControlError;
@@ -32,6 +32,8 @@ pub struct Settings {
     pub v6: ipnet::Ipv6Net,
     /// MagicDNS settings sent in every full map.
     pub dns: DnsConfig,
+    /// The DERP relays sent in every full map.
+    pub derp_map: DerpMap,
 }
 
 /// A new pre-auth key's options.
@@ -149,7 +151,7 @@ impl Core {
             by_key: HashMap::new(),
             names: HashMap::new(),
             ipam: Ipam::new(settings.v4, settings.v6),
-            netmap: Netmap::new(settings.dns.clone()),
+            netmap: Netmap::new(settings.dns.clone(), settings.derp_map.clone()),
             store,
         };
         for n in core.store.nodes()? {
@@ -201,6 +203,7 @@ impl Core {
             expiry_unix_ms: n.expiry_ms.unwrap_or(0),
             created_unix_ms: n.created_ms,
             ephemeral: n.ephemeral,
+            home_region: n.home_region,
         }
     }
 
@@ -291,6 +294,7 @@ impl Core {
             created_ms: now_ms,
             ephemeral: key.ephemeral,
             auth_key_id: Some(key.id),
+            home_region: 0,
         };
         n.id = match self.store.register_node(&n) {
             Ok(id) => id,
@@ -346,6 +350,7 @@ impl Core {
         id: u64,
         endpoints: Option<Vec<SocketAddr>>,
         hostname: Option<String>,
+        home_region: Option<u32>,
     ) -> Result<usize, ControlError> {
         let mut n = self
             .nodes
@@ -362,9 +367,13 @@ impl Core {
             check_hostname(h)?;
         }
         let endpoints_changed = endpoints.as_ref().is_some_and(|e| *e != n.endpoints);
-        let hostname_changed = hostname.as_ref().is_some_and(|h| *h != n.hostname);
-        if !endpoints_changed && !hostname_changed {
+        let record_changed = hostname.as_ref().is_some_and(|h| *h != n.hostname)
+            || home_region.is_some_and(|r| r != n.home_region);
+        if !endpoints_changed && !record_changed {
             return Ok(0);
+        }
+        if let Some(r) = home_region {
+            n.home_region = r;
         }
         if let Some(e) = endpoints {
             n.endpoints = e;
@@ -376,7 +385,7 @@ impl Core {
         let strings: Vec<String> = n.endpoints.iter().map(|e| e.to_string()).collect();
         let view = self.view(&n);
         self.nodes.insert(id, n);
-        Ok(if hostname_changed {
+        Ok(if record_changed {
             self.netmap.upsert(view)
         } else {
             self.netmap.set_endpoints(id, strings)

@@ -196,7 +196,7 @@ impl Control for ControlService {
             .core
             .lock()
             .await
-            .update_node(id, endpoints, req.hostname)?;
+            .update_node(id, endpoints, req.hostname, req.home_region)?;
         Ok(Response::new(UpdateNodeResponse {}))
     }
 
@@ -560,5 +560,26 @@ impl Admin for AdminService {
             .await
             .rename_node(r.id, &r.new_name)?;
         Ok(Response::new(RenameNodeResponse { node: Some(node) }))
+    }
+
+    async fn verify_node(
+        &self,
+        req: Request<VerifyNodeRequest>,
+    ) -> Result<Response<VerifyNodeResponse>, Status> {
+        self.authorize(&req).await?;
+        let key = NodePublicKey::from_slice(&req.get_ref().node_key).map_err(|_| {
+            ControlError::InvalidField {
+                field: "node_key",
+                reason: "must be 32 bytes",
+            }
+        })?;
+        let known = self
+            .shared
+            .core
+            .lock()
+            .await
+            .authenticate(&key, now_ms())
+            .is_ok();
+        Ok(Response::new(VerifyNodeResponse { known }))
     }
 }

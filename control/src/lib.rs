@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod derpmap;
 pub mod error;
 pub mod grpc;
 pub mod ipam;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::mpsc;
 use warren_proto::control::{
-    DnsConfig, FullMap, Node, PeerEndpoints, PeerOnline, PeerRemoved, map_response::Kind,
+    DerpMap, DnsConfig, FullMap, Node, PeerEndpoints, PeerOnline, PeerRemoved, map_response::Kind,
 };
 
 /// One change, shared by every stream that receives it.
@@ -47,14 +47,16 @@ pub struct Netmap {
     subscribers: BTreeMap<u64, Subscriber>,
     next_stream: u64,
     dns: DnsConfig,
+    derp_map: DerpMap,
     lagged: u64,
 }
 
 impl Netmap {
-    /// An empty netmap with these DNS settings.
-    pub fn new(dns: DnsConfig) -> Self {
+    /// An empty netmap with these DNS and DERP settings.
+    pub fn new(dns: DnsConfig, derp_map: DerpMap) -> Self {
         Self {
             dns,
+            derp_map,
             ..Self::default()
         }
     }
@@ -98,6 +100,7 @@ impl Netmap {
             self_node: Some(Node::clone(me)),
             peers,
             dns: Some(self.dns.clone()),
+            derp_map: Some(self.derp_map.clone()),
         })
     }
 

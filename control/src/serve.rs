@@ -87,6 +87,7 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
             magic_dns: config.dns.magic_dns,
             base_domain: config.dns.base_domain.clone(),
         },
+        derp_map: crate::derpmap::load(&config.derp.paths)?,
     };
     let core = Core::open(Box::new(store), &settings, now_ms())?;
     tracing::info!(nodes = core.netmap().len(), "state loaded");

@@ -22,6 +22,7 @@ fn settings() -> Settings {
             magic_dns: true,
             base_domain: "test.internal".into(),
         },
+        derp_map: Default::default(),
     }
 }
 

@@ -201,6 +201,7 @@ async fn proofs_are_required_and_bad_requests_change_nothing() {
             endpoints: vec!["192.0.2.1:1".into()],
         }),
         hostname: None,
+        home_region: None,
     };
     eps.proof = Some(sign(&victim, &sk, "UpdateNode", &eps));
     c.update_node(eps.clone()).await.expect("first use");
@@ -228,6 +229,7 @@ async fn proofs_are_required_and_bad_requests_change_nothing() {
             proof: Some(other),
             endpoints: None,
             hostname: None,
+            home_region: None,
         })
         .await
         .expect_err("wrong method");
@@ -259,6 +261,7 @@ async fn proofs_are_required_and_bad_requests_change_nothing() {
             endpoints: vec!["not an endpoint".into()],
         }),
         hostname: None,
+        home_region: None,
     };
     bad_eps.proof = Some(sign(&victim, &sk, "UpdateNode", &bad_eps));
     assert_eq!(
@@ -376,6 +379,7 @@ async fn map_stream_sends_full_map_then_numbered_deltas() {
             endpoints: vec!["192.0.2.7:41641".into()],
         }),
         hostname: None,
+        home_region: None,
     };
     update.proof = Some(sign(&b, &sk, "UpdateNode", &update));
     c.update_node(update).await.expect("endpoints");

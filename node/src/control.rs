@@ -99,6 +99,7 @@ impl Client {
                 endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
             }),
             hostname: None,
+            home_region: None,
         };
         req.proof = Some(self.proof("UpdateNode", &req));
         self.grpc.update_node(req).await.map(|_| ())

@@ -126,6 +126,8 @@ pub struct NodeRecord {
     pub ephemeral: bool,
     /// The pre-auth key it registered with.
     pub auth_key_id: Option<u64>,
+    /// Home DERP region; 0 for none.
+    pub home_region: u32,
 }
 
 /// What a server needs from its database. Calls are short and synchronous; every write that

@@ -7,7 +7,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::{ApiKeyRecord, NodeRecord, PreAuthKeyRecord, Store, StoreError, UserRecord};
 
 /// Schema migrations; entry `i` moves the database from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -50,7 +51,11 @@ CREATE TABLE nodes (
     ephemeral INTEGER NOT NULL,
     auth_key_id INTEGER REFERENCES preauth_keys(id) ON DELETE SET NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE nodes ADD COLUMN home_region INTEGER NOT NULL DEFAULT 0;
+"#,
+];
 
 /// A SQLite database file.
 #[derive(Debug)]
@@ -241,7 +246,7 @@ fn api(row: ApiRow) -> Result<ApiKeyRecord, StoreError> {
 }
 
 const NODE_COLUMNS: &str = "id, node_key, disco_key, hostname, given_name, user_id, tags, ipv4, ipv6, \
-     endpoints, last_seen_ms, expiry_ms, created_ms, ephemeral, auth_key_id";
+     endpoints, last_seen_ms, expiry_ms, created_ms, ephemeral, auth_key_id, home_region";
 
 struct NodeRow {
     id: i64,
@@ -259,6 +264,7 @@ struct NodeRow {
     created_ms: i64,
     ephemeral: bool,
     auth_key_id: Option<i64>,
+    home_region: i64,
 }
 
 fn node_row(r: &Row<'_>) -> rusqlite::Result<NodeRow> {
@@ -278,6 +284,7 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<NodeRow> {
         created_ms: r.get(12)?,
         ephemeral: r.get(13)?,
         auth_key_id: r.get(14)?,
+        home_region: r.get(15)?,
     })
 }
 
@@ -298,6 +305,7 @@ fn node(r: NodeRow) -> Result<NodeRecord, StoreError> {
         created_ms: r.created_ms,
         ephemeral: r.ephemeral,
         auth_key_id: r.auth_key_id.map(id),
+        home_region: u32::try_from(r.home_region).unwrap_or(0),
     })
 }
 
@@ -434,8 +442,9 @@ impl Store for SqliteStore {
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO nodes (node_key, disco_key, hostname, given_name, user_id, tags, ipv4, ipv6,
-                                endpoints, last_seen_ms, expiry_ms, created_ms, ephemeral, auth_key_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                endpoints, last_seen_ms, expiry_ms, created_ms, ephemeral, auth_key_id,
+                                home_region)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 n.node_key.to_string(),
                 n.disco_key.to_string(),
@@ -451,6 +460,7 @@ impl Store for SqliteStore {
                 n.created_ms,
                 n.ephemeral,
                 n.auth_key_id.map(sql_id),
+                n.home_region,
             ],
         )
         .map_err(|e| conflict(e, "node"))?;
@@ -470,7 +480,7 @@ impl Store for SqliteStore {
         tx.execute(
             "UPDATE nodes SET disco_key = ?2, hostname = ?3, given_name = ?4, tags = ?5,
                     endpoints = ?6, last_seen_ms = ?7, expiry_ms = ?8, auth_key_id = ?9,
-                    user_id = ?10, ephemeral = ?11
+                    user_id = ?10, ephemeral = ?11, home_region = ?12
              WHERE id = ?1",
             params![
                 sql_id(n.id),
@@ -484,6 +494,7 @@ impl Store for SqliteStore {
                 n.auth_key_id.map(sql_id),
                 sql_id(n.user_id),
                 n.ephemeral,
+                n.home_region,
             ],
         )
         .map_err(|e| conflict(e, "node name"))?;
@@ -527,6 +538,7 @@ mod tests {
             created_ms: 5,
             ephemeral: false,
             auth_key_id,
+            home_region: 0,
         }
     }
 

@@ -218,6 +218,7 @@ mod tests {
             self_node: Some(node(1)),
             peers: vec![node(2)],
             dns: None,
+            derp_map: None,
         };
         let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else {
             panic!("reset")
@@ -253,6 +254,7 @@ mod tests {
             self_node: Some(node(1)),
             peers: vec![node(2), bad.clone()],
             dns: None,
+            derp_map: None,
         };
         let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else {
             panic!("reset")
