@@ -15,6 +15,13 @@ pub enum ApiRequest {
     Status,
     /// Stop the daemon.
     Down,
+    /// Ping a peer over disco once; answered with the path and round trip.
+    Ping {
+        /// The peer's name, mesh address or node key.
+        peer: String,
+    },
+    /// Run a netcheck now and report it.
+    Netcheck,
 }
 
 /// This node in a status answer.
@@ -28,6 +35,8 @@ pub struct SelfStatus {
     pub node_key: String,
     /// The UDP endpoints reported to control.
     pub endpoints: Vec<String>,
+    /// Home DERP region; 0 for none yet.
+    pub home_region: u32,
 }
 
 /// A peer in a status answer.
@@ -39,8 +48,12 @@ pub struct PeerStatus {
     pub addresses: Vec<String>,
     /// Node key, text form.
     pub node_key: String,
-    /// The endpoint in use, when there is one.
+    /// The direct endpoint in use, when the path is direct.
     pub endpoint: Option<String>,
+    /// The path: `direct <ip:port>` or `relay <region>`.
+    pub path: Option<String>,
+    /// Round trip of the direct path, in microseconds.
+    pub latency_us: Option<u64>,
     /// Unix ms of the last WireGuard handshake.
     pub last_handshake_unix_ms: Option<i64>,
     /// Bytes received from the peer.
@@ -65,6 +78,38 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
 }
 
+/// A netcheck report, for `warren netcheck`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NetcheckReport {
+    /// Some STUN server answered over UDP.
+    pub udp: bool,
+    /// The address STUN servers saw.
+    pub global: Option<String>,
+    /// The NAT maps each destination to another port (hard NAT).
+    pub mapping_varies: bool,
+    /// Latency to each region, microseconds.
+    pub latency_us: std::collections::BTreeMap<u32, u64>,
+    /// The home region chosen.
+    pub home_region: u32,
+}
+
+impl NetcheckReport {
+    /// From the core's report and home region.
+    pub fn from_core(r: &warren_node_core::netcheck::Report, home: Option<u32>) -> Self {
+        Self {
+            udp: r.udp,
+            global: r.global.map(|g| g.to_string()),
+            mapping_varies: r.mapping_varies,
+            latency_us: r
+                .latency
+                .iter()
+                .map(|(k, v)| (*k, v.as_micros() as u64))
+                .collect(),
+            home_region: home.unwrap_or(0),
+        }
+    }
+}
+
 /// Any answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -73,6 +118,15 @@ pub enum ApiResponse {
     Status(Box<Status>),
     /// Answer to down.
     Stopping,
+    /// Answer to ping.
+    Pong {
+        /// The path the pong came by.
+        path: String,
+        /// Round trip in microseconds.
+        rtt_us: u64,
+    },
+    /// Answer to netcheck.
+    Netcheck(Box<NetcheckReport>),
     /// The request was not understood.
     Error {
         /// Why.

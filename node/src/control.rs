@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
 use warren_proto::control::control_client::ControlClient;
 use warren_proto::control::map_response::Kind;
@@ -88,18 +88,15 @@ impl Client {
         node.ok_or_else(|| tonic::Status::internal("control answered without a node"))
     }
 
-    /// Reports the node's endpoints.
-    pub async fn report_endpoints(
-        &mut self,
-        endpoints: &[SocketAddr],
-    ) -> Result<(), tonic::Status> {
+    /// Reports what peers need to reach this node: its endpoints and home DERP region.
+    pub async fn report(&mut self, advert: &Advert) -> Result<(), tonic::Status> {
         let mut req = UpdateNodeRequest {
             proof: None,
             endpoints: Some(EndpointList {
-                endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+                endpoints: advert.endpoints.iter().map(|e| e.to_string()).collect(),
             }),
             hostname: None,
-            home_region: None,
+            home_region: Some(advert.home_region),
         };
         req.proof = Some(self.proof("UpdateNode", &req));
         self.grpc.update_node(req).await.map(|_| ())
@@ -111,6 +108,15 @@ impl Client {
         req.proof = Some(self.proof("StreamMapResponse", &req));
         Ok(self.grpc.stream_map_response(req).await?.into_inner())
     }
+}
+
+/// What the node tells control about how to reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Advert {
+    /// LAN and NAT-mapped UDP endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Home DERP region; 0 for none.
+    pub home_region: u32,
 }
 
 /// What the map follower tells the daemon.
@@ -134,14 +140,14 @@ pub enum MapEvent {
 pub async fn follow(
     url: String,
     node: NodeSecretKey,
-    endpoints: impl Fn() -> Vec<SocketAddr> + Send + 'static,
+    mut advert: watch::Receiver<Advert>,
     events: mpsc::Sender<MapEvent>,
 ) {
     let mut backoff = Duration::from_millis(250);
     let max = Duration::from_secs(15);
     loop {
         let mut connected = false;
-        let result = follow_once(&url, &node, &endpoints, &events, &mut connected).await;
+        let result = follow_once(&url, &node, &mut advert, &events, &mut connected).await;
         if connected {
             // The stream was up: start backing off from the beginning again.
             backoff = Duration::from_millis(250);
@@ -189,7 +195,7 @@ impl From<tonic::Status> for Failure {
 async fn follow_once(
     url: &str,
     node: &NodeSecretKey,
-    endpoints: &(impl Fn() -> Vec<SocketAddr> + Send),
+    advert: &mut watch::Receiver<Advert>,
     events: &mpsc::Sender<MapEvent>,
     connected: &mut bool,
 ) -> Result<(), Failure> {
@@ -197,14 +203,13 @@ async fn follow_once(
         .await
         .map_err(Failure::Other)?;
     let mut stream = client.stream().await?;
-    let mut reported = endpoints();
-    client.report_endpoints(&reported).await?;
+    let current = advert.borrow_and_update().clone();
+    client.report(&current).await?;
     events
         .send(MapEvent::Connected)
         .await
         .map_err(|_| Failure::Stopped)?;
     *connected = true;
-    let mut recheck = tokio::time::interval(Duration::from_secs(20));
     loop {
         tokio::select! {
             msg = stream.message() => match msg? {
@@ -216,12 +221,13 @@ async fn follow_once(
                 }
                 None => return Ok(()),
             },
-            _ = recheck.tick() => {
-                let now = endpoints();
-                if now != reported {
-                    client.report_endpoints(&now).await?;
-                    reported = now;
+            changed = advert.changed() => {
+                if changed.is_err() {
+                    return Err(Failure::Stopped);
                 }
+                let current = advert.borrow_and_update().clone();
+                tracing::debug!(endpoints = ?current.endpoints, home = current.home_region, "reporting to control");
+                client.report(&current).await?;
             }
         }
     }

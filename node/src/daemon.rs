@@ -9,14 +9,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use tokio::net::{UdpSocket, UnixListener};
-use tokio::sync::{mpsc, oneshot};
-use warren_node_core::Node;
-use warren_node_core::netmap::{MapChange, Netmap};
+use tokio::sync::{mpsc, oneshot, watch};
+use warren_node_core::netmap::{self as map, MapChange, Netmap};
+use warren_node_core::{Dest, Event, Node};
 use warren_proto::NodePublicKey;
+use warren_proto::control::DerpMap;
 use warren_proto::control::map_response::Kind;
 
-use crate::api::{self, ApiRequest, ApiResponse, PeerStatus, SelfStatus, Status};
-use crate::control::{self, Client, MapEvent};
+use crate::api::{self, ApiRequest, ApiResponse, NetcheckReport, PeerStatus, SelfStatus, Status};
+use crate::control::{self, Advert, Client, MapEvent};
+use crate::derp::{DerpLinks, DerpReceived};
 use crate::endpoints;
 use crate::state::StateDir;
 
@@ -81,24 +83,48 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", socket_path.display()))?;
 
     let (map_tx, map_rx) = mpsc::channel(1024);
+    let lan = endpoints::local(port);
+    let (advert_tx, advert_rx) = watch::channel(Advert {
+        endpoints: lan.clone(),
+        home_region: 0,
+    });
     let follower = tokio::spawn(control::follow(
         opts.control.clone(),
         keys.node.clone(),
-        move || endpoints::local(port),
+        advert_rx,
         map_tx,
     ));
     let (api_tx, api_rx) = mpsc::channel(16);
     let api_task = tokio::spawn(serve_api(listener, api_tx));
 
+    let mut seed = [0u8; 8];
+    getrandom::getrandom(&mut seed)
+        .map_err(|e| anyhow::anyhow!("no OS randomness for disco nonces: {e}"))?;
+    let mut node = Node::new(
+        keys.node.clone(),
+        keys.disco.clone(),
+        u64::from_le_bytes(seed),
+        Instant::now(),
+    );
+    node.set_lan_endpoints(lan);
+    let (derp, derp_rx) = DerpLinks::new(keys.node.clone());
     let mut daemon = Daemon {
-        node: Node::new(keys.node.clone(), Instant::now()),
+        node,
         netmap: Netmap::default(),
         control_connected: false,
         control_error: None,
         port,
         me_key: keys.node.public_key(),
+        advert: advert_tx,
+        derp,
+        derp_map: None,
+        pending_pings: Vec::new(),
+        pending_netcheck: Vec::new(),
     };
-    let result = daemon.run(tun, Arc::new(udp), map_rx, api_rx).await;
+    let result = daemon
+        .run(tun, Arc::new(udp), map_rx, api_rx, derp_rx)
+        .await;
+    daemon.derp.close();
     follower.abort();
     api_task.abort();
     let _ = std::fs::remove_file(&socket_path);
@@ -157,6 +183,11 @@ struct Daemon {
     control_error: Option<String>,
     port: u16,
     me_key: NodePublicKey,
+    advert: watch::Sender<Advert>,
+    derp: DerpLinks,
+    derp_map: Option<DerpMap>,
+    pending_pings: Vec<(NodePublicKey, Instant, oneshot::Sender<ApiResponse>)>,
+    pending_netcheck: Vec<oneshot::Sender<ApiResponse>>,
 }
 
 async fn terminated() {
@@ -168,6 +199,16 @@ async fn terminated() {
     }
 }
 
+/// How often the node looks at its interfaces for new LAN endpoints.
+const LAN_RECHECK: Duration = Duration::from_secs(20);
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 impl Daemon {
     async fn run(
         &mut self,
@@ -175,6 +216,7 @@ impl Daemon {
         udp: Arc<UdpSocket>,
         mut map_rx: mpsc::Receiver<MapEvent>,
         mut api_rx: mpsc::Receiver<ApiCall>,
+        mut derp_rx: mpsc::Receiver<DerpReceived>,
     ) -> anyhow::Result<()> {
         let mut tun_buf = vec![0u8; 65_535];
         let mut udp_buf = vec![0u8; 65_535];
@@ -183,6 +225,8 @@ impl Daemon {
         // Created once, so a SIGINT that arrives while a handler runs is not lost.
         let interrupt = tokio::signal::ctrl_c();
         tokio::pin!(interrupt);
+        let mut lan_check = tokio::time::interval(LAN_RECHECK);
+        lan_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.flush(&tun, &udp).await;
             let deadline = self
@@ -206,12 +250,16 @@ impl Daemon {
                     // ICMP errors from earlier sends surface here on Linux; they concern one peer.
                     Err(e) => tracing::debug!(error = %e, "UDP receive"),
                 },
+                Some(r) = derp_rx.recv() => {
+                    if let Err(e) = self.node.handle_derp(r.region, r.from, &r.packet, Instant::now()) {
+                        tracing::debug!(error = %e, region = r.region, "dropped DERP packet");
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline.into()) => self.node.handle_timeout(Instant::now()),
+                _ = lan_check.tick() => self.node.set_lan_endpoints(endpoints::local(self.port)),
                 Some(ev) = map_rx.recv() => self.on_map_event(ev),
                 Some((req, reply)) = api_rx.recv() => {
-                    let stop = matches!(req, ApiRequest::Down);
-                    let _ = reply.send(self.answer(req));
-                    if stop {
+                    if self.on_api(req, reply) {
                         tracing::info!("down requested");
                         return Ok(());
                     }
@@ -224,13 +272,55 @@ impl Daemon {
 
     async fn flush(&mut self, tun: &tun_rs::AsyncDevice, udp: &UdpSocket) {
         while let Some(t) = self.node.poll_transmit() {
-            if let Err(e) = udp.send_to(&t.payload, t.dst).await {
-                tracing::debug!(error = %e, dst = %t.dst, "UDP send");
+            match t.dst {
+                Dest::Udp(dst) => {
+                    if let Err(e) = udp.send_to(&t.payload, dst).await {
+                        tracing::debug!(error = %e, %dst, "UDP send");
+                    }
+                }
+                Dest::Derp { region, peer } => self.derp.send(region, peer, t.payload),
             }
         }
         while let Some(p) = self.node.poll_tun() {
             if let Err(e) = tun.send(&p).await {
                 tracing::debug!(error = %e, "TUN write");
+            }
+        }
+        while let Some(ev) = self.node.poll_event() {
+            self.on_node_event(ev);
+        }
+        let now = Instant::now();
+        self.pending_pings
+            .retain(|(_, sent, _)| now < *sent + Duration::from_secs(5));
+    }
+
+    fn on_node_event(&mut self, ev: Event) {
+        match ev {
+            Event::Endpoints(endpoints) => {
+                tracing::info!(?endpoints, "endpoints changed");
+                self.advert.send_modify(|a| a.endpoints = endpoints);
+            }
+            Event::HomeRegion(region) => {
+                tracing::info!(region, "home DERP region");
+                self.advert.send_modify(|a| a.home_region = region);
+                self.derp.set_home(region);
+            }
+            Event::Netcheck(report) => {
+                for reply in self.pending_netcheck.drain(..) {
+                    let _ = reply.send(ApiResponse::Netcheck(Box::new(NetcheckReport::from_core(
+                        &report,
+                        self.node.home_region(),
+                    ))));
+                }
+            }
+            Event::Pong { peer, path, rtt } => {
+                if let Some(i) = self.pending_pings.iter().position(|(p, _, _)| *p == peer) {
+                    let (_, _, reply) = self.pending_pings.remove(i);
+                    let _ = reply.send(ApiResponse::Pong {
+                        path: path.to_string(),
+                        rtt_us: rtt.as_micros() as u64,
+                    });
+                }
             }
         }
     }
@@ -260,6 +350,15 @@ impl Daemon {
             Ok(MapChange::Reset(peers)) => {
                 tracing::debug!(peers = peers.len(), "full netmap");
                 self.node.set_peers(peers);
+                let derp_map = self.netmap.derp_map().cloned();
+                if derp_map != self.derp_map {
+                    if let Some(m) = &derp_map {
+                        self.derp.set_urls(map::derp_urls(m));
+                        self.node
+                            .set_stun_servers(map::stun_servers(m), Instant::now());
+                    }
+                    self.derp_map = derp_map;
+                }
             }
             Ok(MapChange::Upsert(p)) => {
                 tracing::info!(peer = %p.name, "peer added or changed");
@@ -275,22 +374,61 @@ impl Daemon {
         }
     }
 
-    fn answer(&self, req: ApiRequest) -> ApiResponse {
+    /// Answers a local API call; true when the daemon should stop.
+    fn on_api(&mut self, req: ApiRequest, reply: oneshot::Sender<ApiResponse>) -> bool {
         match req {
-            ApiRequest::Down => ApiResponse::Stopping,
-            ApiRequest::Status => ApiResponse::Status(Box::new(self.status())),
+            ApiRequest::Down => {
+                let _ = reply.send(ApiResponse::Stopping);
+                return true;
+            }
+            ApiRequest::Status => {
+                let _ = reply.send(ApiResponse::Status(Box::new(self.status())));
+            }
+            ApiRequest::Ping { peer } => match self.find_peer(&peer) {
+                Some(key) => match self.node.ping(&key, Instant::now()) {
+                    Ok(()) => self.pending_pings.push((key, Instant::now(), reply)),
+                    Err(e) => {
+                        let _ = reply.send(ApiResponse::Error {
+                            message: e.to_string(),
+                        });
+                    }
+                },
+                None => {
+                    let _ = reply.send(ApiResponse::Error {
+                        message: format!("no peer named {peer:?}"),
+                    });
+                }
+            },
+            ApiRequest::Netcheck => {
+                self.pending_netcheck.push(reply);
+                self.node.start_netcheck(Instant::now());
+            }
         }
+        false
+    }
+
+    /// A peer by name, mesh address or node key.
+    fn find_peer(&self, what: &str) -> Option<NodePublicKey> {
+        let what = what.trim_end_matches('.');
+        self.netmap.peers().find_map(|n| {
+            let key = NodePublicKey::from_slice(&n.node_key).ok()?;
+            let by_name =
+                n.given_name == what || what.split('.').next() == Some(n.given_name.as_str());
+            let by_addr = n
+                .addresses
+                .iter()
+                .any(|a| a.split('/').next() == Some(what));
+            (by_name || by_addr || key.to_string() == what).then_some(key)
+        })
     }
 
     fn status(&self) -> Status {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
+        let now_ms = unix_ms();
+        let now = Instant::now();
         let me = self.netmap.self_node();
         let peers = self
             .node
-            .peer_stats()
+            .peer_stats(now)
             .into_iter()
             .map(|p| {
                 let online = self.netmap.peer_by_key(&p.key).is_some_and(|n| n.online);
@@ -298,7 +436,12 @@ impl Daemon {
                     name: p.name,
                     addresses: p.allowed_ips.iter().map(|a| a.addr().to_string()).collect(),
                     node_key: p.key.to_string(),
-                    endpoint: p.endpoint.map(|e| e.to_string()),
+                    endpoint: match p.path {
+                        Some(warren_node_core::PathKind::Direct(a)) => Some(a.to_string()),
+                        _ => None,
+                    },
+                    path: p.path.map(|k| k.to_string()),
+                    latency_us: p.latency.map(|d| d.as_micros() as u64),
                     last_handshake_unix_ms: p
                         .session
                         .since_handshake
@@ -321,10 +464,13 @@ impl Daemon {
                     })
                     .unwrap_or_default(),
                 node_key: self.me_key.to_string(),
-                endpoints: endpoints::local(self.port)
+                endpoints: self
+                    .node
+                    .endpoints()
                     .iter()
                     .map(|e| e.to_string())
                     .collect(),
+                home_region: self.node.home_region().unwrap_or(0),
             },
             control_connected: self.control_connected,
             control_error: self.control_error.clone(),

@@ -4,5 +4,6 @@
 pub mod api;
 pub mod control;
 pub mod daemon;
+pub mod derp;
 pub mod endpoints;
 pub mod state;

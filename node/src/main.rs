@@ -53,6 +53,23 @@ enum Command {
     },
     /// Print this node's mesh addresses, IPv4 first.
     Ip,
+    /// Ping a peer over disco and print the path and round trip of each reply.
+    Ping {
+        /// The peer's name, mesh address or node key.
+        peer: String,
+        /// How many pings.
+        #[arg(short = 'c', long, default_value_t = 10)]
+        count: u32,
+        /// Stop at the first reply over a direct path.
+        #[arg(long, default_value_t = true)]
+        until_direct: bool,
+    },
+    /// Run a netcheck now and print what it found.
+    Netcheck {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop the running node.
     Down,
 }
@@ -138,8 +155,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.me.addresses.join(" ")
             );
             println!(
-                "{:<20} {:<16} {:<8} {:<22} {:>12} {:>12}  HANDSHAKE",
-                "PEER", "ADDRESS", "STATUS", "ENDPOINT", "RX", "TX"
+                "{:<20} {:<16} {:<8} {:<28} {:>12} {:>12}  HANDSHAKE",
+                "PEER", "ADDRESS", "STATUS", "PATH", "RX", "TX"
             );
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -151,16 +168,76 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|t| format!("{}s ago", (now - t).max(0) / 1000))
                     .unwrap_or_else(|| "never".into());
                 println!(
-                    "{:<20} {:<16} {:<8} {:<22} {:>12} {:>12}  {hs}",
+                    "{:<20} {:<16} {:<8} {:<28} {:>12} {:>12}  {hs}",
                     p.name,
                     p.addresses.first().map(String::as_str).unwrap_or("-"),
                     if p.online { "online" } else { "offline" },
-                    p.endpoint.as_deref().unwrap_or("-"),
+                    p.path.as_deref().unwrap_or("-"),
                     p.rx_bytes,
                     p.tx_bytes,
                 );
             }
             Ok(())
+        }
+        Command::Ping {
+            peer,
+            count,
+            until_direct,
+        } => {
+            let mut answered = 0;
+            for _ in 0..count {
+                let started = std::time::Instant::now();
+                match api::call(&state.socket(), &ApiRequest::Ping { peer: peer.clone() }).await? {
+                    ApiResponse::Pong { path, rtt_us } => {
+                        answered += 1;
+                        println!(
+                            "pong from {peer} via {path} in {:.1}ms",
+                            rtt_us as f64 / 1000.0
+                        );
+                        if until_direct && path.starts_with("direct") {
+                            return Ok(());
+                        }
+                    }
+                    ApiResponse::Error { message } => anyhow::bail!("{message}"),
+                    other => anyhow::bail!("unexpected answer {other:?}"),
+                }
+                // One ping a second, like tailscale ping.
+                let rest = std::time::Duration::from_secs(1).saturating_sub(started.elapsed());
+                tokio::time::sleep(rest).await;
+            }
+            if answered == 0 {
+                anyhow::bail!("no reply from {peer}");
+            }
+            Ok(())
+        }
+        Command::Netcheck { json } => {
+            match api::call(&state.socket(), &ApiRequest::Netcheck).await? {
+                ApiResponse::Netcheck(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&*r)?);
+                        return Ok(());
+                    }
+                    println!("Report:");
+                    println!("  UDP: {}", r.udp);
+                    println!("  IPv4: {}", r.global.as_deref().unwrap_or("(none)"));
+                    println!("  MappingVariesByDestIP: {}", r.mapping_varies);
+                    println!(
+                        "  Nearest DERP: {}",
+                        if r.home_region == 0 {
+                            "(none)".to_string()
+                        } else {
+                            r.home_region.to_string()
+                        }
+                    );
+                    println!("  DERP latency:");
+                    for (region, us) in &r.latency_us {
+                        println!("    {region}: {:.1}ms", *us as f64 / 1000.0);
+                    }
+                    Ok(())
+                }
+                ApiResponse::Error { message } => anyhow::bail!("{message}"),
+                other => anyhow::bail!("unexpected answer {other:?}"),
+            }
         }
         Command::Ip => {
             for a in status(&state).await?.me.addresses {

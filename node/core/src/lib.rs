@@ -4,10 +4,14 @@
 //! is tested without sockets or sleeps.
 
 pub mod ip;
+pub mod netcheck;
 pub mod netmap;
 pub mod node;
 pub mod path;
 pub mod routing;
+pub mod sim;
 pub mod wg;
 
-pub use node::{Node, NodeError, PeerConfig, PeerStats, TimeoutReason, Transmit};
+pub use node::{
+    Dest, Event, Node, NodeError, PathKind, PeerConfig, PeerStats, TimeoutReason, Transmit,
+};

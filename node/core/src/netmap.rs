@@ -4,13 +4,14 @@
 //! error that skips that peer only.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use warren_proto::control::map_response::Kind;
-use warren_proto::control::{DnsConfig, Node};
-use warren_proto::{KeyParseError, NodePublicKey};
+use warren_proto::control::{DerpMap, DnsConfig, Node};
+use warren_proto::{DiscoPublicKey, KeyParseError, NodePublicKey};
 
+use crate::netcheck::{RegionId, StunServer};
 use crate::node::PeerConfig;
 
 /// Why a netmap message could not be used.
@@ -71,6 +72,9 @@ pub fn peer_config(n: &Node) -> Result<PeerConfig, MapError> {
         name: n.given_name.clone(),
         allowed_ips,
         endpoints: endpoints(n.id, &n.endpoints)?,
+        // A node without a disco key (or a malformed one) still works over direct UDP.
+        disco: DiscoPublicKey::from_slice(&n.disco_key).ok(),
+        home_region: n.home_region,
     })
 }
 
@@ -85,12 +89,69 @@ fn endpoints(id: u64, list: &[String]) -> Result<Vec<SocketAddr>, MapError> {
         .collect()
 }
 
+/// The STUN servers of a DERP map, for netcheck. Nodes whose address is a name are skipped
+/// (the shell resolves names into a map of literal addresses first).
+pub fn stun_servers(map: &DerpMap) -> Vec<StunServer> {
+    let mut out = Vec::new();
+    for region in &map.regions {
+        for n in &region.nodes {
+            let port = match n.stun_port {
+                0 => 3478,
+                p => match u16::try_from(p) {
+                    Ok(p) => p,
+                    Err(_) => continue, // -1 disables STUN
+                },
+            };
+            let ip = n
+                .ipv4
+                .parse::<IpAddr>()
+                .or_else(|_| n.host_name.parse::<IpAddr>());
+            if let Ok(ip) = ip {
+                out.push(StunServer {
+                    region: region.region_id,
+                    addr: SocketAddr::new(ip, port),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The DERP URLs of each region, best first: `http(s)://host:port/derp`.
+pub fn derp_urls(map: &DerpMap) -> BTreeMap<RegionId, Vec<String>> {
+    let mut out: BTreeMap<RegionId, Vec<String>> = BTreeMap::new();
+    for region in &map.regions {
+        for n in &region.nodes {
+            let (scheme, default_port) = if n.plain_http {
+                ("http", 80)
+            } else {
+                ("https", 443)
+            };
+            let port = if n.derp_port > 0 {
+                n.derp_port
+            } else {
+                default_port
+            };
+            let host = if n.ipv4.is_empty() {
+                n.host_name.clone()
+            } else {
+                n.ipv4.clone()
+            };
+            out.entry(region.region_id)
+                .or_default()
+                .push(format!("{scheme}://{host}:{port}/derp"));
+        }
+    }
+    out
+}
+
 /// The netmap as this node knows it.
 #[derive(Debug, Default, Clone)]
 pub struct Netmap {
     me: Option<Node>,
     peers: BTreeMap<u64, Node>,
     dns: Option<DnsConfig>,
+    derp_map: Option<DerpMap>,
 }
 
 impl Netmap {
@@ -112,6 +173,11 @@ impl Netmap {
     /// MagicDNS settings.
     pub fn dns(&self) -> Option<&DnsConfig> {
         self.dns.as_ref()
+    }
+
+    /// The DERP relays.
+    pub fn derp_map(&self) -> Option<&DerpMap> {
+        self.derp_map.as_ref()
     }
 
     fn key_of(&self, id: u64) -> Option<NodePublicKey> {
@@ -140,6 +206,7 @@ impl Netmap {
                 }
                 self.me = full.self_node;
                 self.dns = full.dns;
+                self.derp_map = full.derp_map;
                 MapChange::Reset(configs)
             }
             Kind::PeerAdded(p) | Kind::PeerChanged(p) => {
@@ -274,5 +341,51 @@ mod tests {
             m.apply(Kind::PeerChanged(short_key)),
             Err(MapError::BadKey { id: 5, .. })
         ));
+    }
+
+    #[test]
+    fn derp_map_gives_stun_servers_and_urls() {
+        use warren_proto::control::{DerpNode, DerpRegion};
+        let map = DerpMap {
+            regions: vec![DerpRegion {
+                region_id: 900,
+                nodes: vec![
+                    DerpNode {
+                        region_id: 900,
+                        host_name: "203.0.113.10".into(),
+                        derp_port: 3340,
+                        plain_http: true,
+                        ..DerpNode::default()
+                    },
+                    DerpNode {
+                        region_id: 900,
+                        host_name: "derp.example".into(),
+                        ipv4: "203.0.113.11".into(),
+                        stun_port: 3479,
+                        ..DerpNode::default()
+                    },
+                    DerpNode {
+                        region_id: 900,
+                        host_name: "203.0.113.12".into(),
+                        stun_port: -1,
+                        ..DerpNode::default()
+                    },
+                ],
+                ..DerpRegion::default()
+            }],
+        };
+        let stun: Vec<String> = stun_servers(&map)
+            .iter()
+            .map(|s| s.addr.to_string())
+            .collect();
+        assert_eq!(stun, ["203.0.113.10:3478", "203.0.113.11:3479"]);
+        assert_eq!(
+            derp_urls(&map)[&900],
+            [
+                "http://203.0.113.10:3340/derp",
+                "https://203.0.113.11:443/derp",
+                "https://203.0.113.12:443/derp"
+            ]
+        );
     }
 }

@@ -1,22 +1,31 @@
 //! [`Node`]: the sans-IO heart of a warren node. It holds the peers from the netmap, routes
-//! packets from the TUN device to the right peer's WireGuard session and the datagrams from the
-//! UDP socket back to the TUN device, and says when its timers are due. The shell calls
-//! `handle_*` with input and the current time, then drains `poll_transmit` (to the socket),
-//! `poll_tun` (to the device) and re-arms one timer from `poll_timeout`.
+//! packets from the TUN device to the right peer's WireGuard session, picks each peer's path
+//! (direct UDP once disco has confirmed one, DERP otherwise), answers and sends disco pings,
+//! and runs netcheck. The shell calls `handle_*` with input and the current time, then drains
+//! `poll_transmit` (to the UDP socket or a DERP connection), `poll_tun` (to the device) and
+//! `poll_event`, and re-arms one timer from `poll_timeout`.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use warren_proto::{NodePublicKey, NodeSecretKey};
+use warren_proto::disco::{self, DiscoError, Message};
+use warren_proto::{DiscoPublicKey, DiscoSecretKey, NodePublicKey, NodeSecretKey, stun};
 
 use crate::ip::{self, IpError};
+use crate::netcheck::{self, Netcheck, RegionId, Report, StunServer};
+use crate::path::{Paths, PingOut, Route, TxId};
 use crate::routing::RouteTable;
 use crate::wg::{self, Receiver, Session, SessionStats, WgError, WgOutput};
 
 /// How often WireGuard's timers (retransmits, keepalives, rekeys) run.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
+/// How often netcheck runs (below the ~30 s NAT mapping lifetime, like Tailscale's 27 s).
+pub const NETCHECK_INTERVAL: Duration = Duration::from_secs(20);
+/// A `warren ping` without a pong after this long is forgotten.
+pub const USER_PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest datagram or packet the node handles.
 const MAX_PACKET: usize = 65_535;
@@ -32,15 +41,71 @@ pub struct PeerConfig {
     pub allowed_ips: Vec<IpNet>,
     /// Where it can be reached, as it reported.
     pub endpoints: Vec<SocketAddr>,
+    /// Its disco key; without one, no path discovery (direct UDP to its endpoints only).
+    pub disco: Option<DiscoPublicKey>,
+    /// The DERP region it can be reached through; 0 for none.
+    pub home_region: RegionId,
 }
 
-/// A datagram for the UDP socket.
+/// Where a datagram goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Dest {
+    /// Directly, over the node's UDP socket.
+    Udp(SocketAddr),
+    /// Through a DERP region's relay, to a peer.
+    Derp {
+        /// The region.
+        region: RegionId,
+        /// The receiving peer.
+        peer: NodePublicKey,
+    },
+}
+
+/// A datagram for the UDP socket or a DERP connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     /// Where to send it.
-    pub dst: SocketAddr,
+    pub dst: Dest,
     /// The datagram.
     pub payload: Vec<u8>,
+}
+
+/// The path a peer's traffic takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// A direct UDP path confirmed by disco.
+    Direct(SocketAddr),
+    /// The peer's DERP region.
+    Relay(RegionId),
+}
+
+impl fmt::Display for PathKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Direct(a) => write!(f, "direct {a}"),
+            Self::Relay(r) => write!(f, "relay {r}"),
+        }
+    }
+}
+
+/// Something the shell should know about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The answer to [`Node::ping`].
+    Pong {
+        /// The peer that answered.
+        peer: NodePublicKey,
+        /// The path the answer came by.
+        path: PathKind,
+        /// Round trip.
+        rtt: Duration,
+    },
+    /// A netcheck finished.
+    Netcheck(Report),
+    /// This node's endpoints changed: report them to control.
+    Endpoints(Vec<SocketAddr>),
+    /// This node's home DERP region changed: report it and mark that connection preferred.
+    HomeRegion(RegionId),
 }
 
 /// What the deadline from [`Node::poll_timeout`] is for.
@@ -48,6 +113,10 @@ pub struct Transmit {
 pub enum TimeoutReason {
     /// WireGuard's session timers.
     WireGuardTimers,
+    /// Disco heartbeats and ping expiry.
+    Disco,
+    /// Netcheck retransmits or the next check.
+    Netcheck,
 }
 
 /// Why an input was dropped. Only that input is affected.
@@ -62,13 +131,13 @@ pub enum NodeError {
         /// The destination address.
         dst: IpAddr,
     },
-    /// The peer has no endpoint to send to.
-    #[error("peer {peer} has no endpoint")]
-    NoEndpoint {
+    /// The peer has no endpoint and no DERP region to send to.
+    #[error("peer {peer} has no path")]
+    NoPath {
         /// The peer.
         peer: NodePublicKey,
     },
-    /// A datagram for a session or from a key we do not know.
+    /// A WireGuard datagram for a session or from a key we do not know.
     #[error("datagram from {from} for no known peer")]
     UnknownPeer {
         /// Where it came from.
@@ -90,6 +159,35 @@ pub enum NodeError {
         /// The inner source address.
         src: IpAddr,
     },
+    /// A disco packet that did not open or parse.
+    #[error("disco: {0}")]
+    Disco(#[from] DiscoError),
+    /// A disco packet from a disco key no peer has.
+    #[error("disco packet from unknown key {key}")]
+    UnknownDiscoKey {
+        /// The sender's claimed disco key.
+        key: DiscoPublicKey,
+    },
+    /// A packet relayed by DERP from one node that belongs to another.
+    #[error("DERP packet from {relayed_by} claims to be from {claimed}")]
+    DerpSenderMismatch {
+        /// The node DERP says sent it.
+        relayed_by: NodePublicKey,
+        /// The node the packet itself belongs to.
+        claimed: NodePublicKey,
+    },
+    /// A STUN packet that no netcheck asked for.
+    #[error("unexpected STUN packet from {from}")]
+    StrayStun {
+        /// Where it came from.
+        from: SocketAddr,
+    },
+    /// [`Node::ping`] of a peer that is unknown or has no disco key.
+    #[error("peer {peer} cannot be pinged")]
+    NotPingable {
+        /// The peer.
+        peer: NodePublicKey,
+    },
 }
 
 /// Per-peer figures for `warren status`.
@@ -101,8 +199,10 @@ pub struct PeerStats {
     pub name: String,
     /// The peer's addresses.
     pub allowed_ips: Vec<IpNet>,
-    /// The endpoint in use: the last one an authenticated message came from.
-    pub endpoint: Option<SocketAddr>,
+    /// The path in use now.
+    pub path: Option<PathKind>,
+    /// The direct path's round trip, when there is one.
+    pub latency: Option<Duration>,
     /// Session counters.
     pub session: SessionStats,
 }
@@ -112,59 +212,175 @@ struct Peer {
     config: PeerConfig,
     index: u32,
     session: Session,
-    /// The address of the last authenticated message from the peer (WireGuard roaming).
-    confirmed: Option<SocketAddr>,
+    paths: Paths,
 }
 
-/// Where a message for a peer goes: handshake initiations try every known address of the
-/// peer, so a stale endpoint heals; everything else goes to the best one.
-fn destinations(
-    config: &PeerConfig,
-    confirmed: Option<SocketAddr>,
+/// Where an incoming packet came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Udp(SocketAddr),
+    Derp {
+        region: RegionId,
+        from: NodePublicKey,
+    },
+}
+
+impl Source {
+    fn reply_to(self) -> Dest {
+        match self {
+            Self::Udp(a) => Dest::Udp(a),
+            Self::Derp { region, from } => Dest::Derp { region, peer: from },
+        }
+    }
+}
+
+/// Tailscale's stand-in address for "via DERP region N" in pongs.
+fn derp_magic_addr(region: RegionId) -> SocketAddr {
+    SocketAddr::new(
+        Ipv4Addr::new(127, 3, 3, 40).into(),
+        u16::try_from(region).unwrap_or(0),
+    )
+}
+
+/// splitmix64: a small seeded generator for transaction ids and nonces. Nonces only need to be
+/// unique, and a seed from the OS makes them unpredictable as well.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        for chunk in out.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+
+    fn tx_id(&mut self) -> TxId {
+        let mut t = [0u8; 12];
+        self.fill(&mut t);
+        t
+    }
+
+    fn nonce(&mut self) -> [u8; 24] {
+        let mut n = [0u8; 24];
+        self.fill(&mut n);
+        n
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct UserPing {
+    peer: NodePublicKey,
+    sent: Instant,
+}
+
+/// Queues a WireGuard datagram for `peer` on its current route.
+fn route_datagram(
+    peer: &Peer,
     datagram: &[u8],
-) -> Vec<SocketAddr> {
-    let is_initiation = datagram.first() == Some(&1);
-    let mut out: Vec<SocketAddr> = confirmed.into_iter().collect();
-    if is_initiation || out.is_empty() {
-        for ep in &config.endpoints {
-            if !out.contains(ep) {
-                out.push(*ep);
+    now: Instant,
+    out: &mut VecDeque<Transmit>,
+) -> bool {
+    let relay = peer.config.home_region;
+    let push = |out: &mut VecDeque<Transmit>, dst| {
+        out.push_back(Transmit {
+            dst,
+            payload: datagram.to_vec(),
+        })
+    };
+    match peer.paths.route(now, relay != 0) {
+        Route::Direct(a) => push(out, Dest::Udp(a)),
+        Route::Relay { also_direct } => {
+            push(
+                out,
+                Dest::Derp {
+                    region: relay,
+                    peer: peer.config.key,
+                },
+            );
+            if let Some(a) = also_direct {
+                push(out, Dest::Udp(a));
             }
-            if !is_initiation {
-                break;
+        }
+        Route::Spray(addrs) => {
+            // Handshake initiations try every address; data goes to the first.
+            let take = if datagram.first() == Some(&1) {
+                addrs.len()
+            } else {
+                1
+            };
+            if addrs.is_empty() {
+                return false;
+            }
+            for a in addrs.into_iter().take(take) {
+                push(out, Dest::Udp(a));
             }
         }
     }
-    out
+    true
 }
 
-/// A node's peers, sessions and routes.
+/// A node's peers, sessions, paths and routes.
 #[derive(Debug)]
 pub struct Node {
     secret: NodeSecretKey,
+    disco: DiscoSecretKey,
+    rng: Rng,
     peers: BTreeMap<NodePublicKey, Peer>,
     by_index: BTreeMap<u32, NodePublicKey>,
+    by_disco: BTreeMap<DiscoPublicKey, NodePublicKey>,
     routes: RouteTable,
     next_index: u32,
     transmits: VecDeque<Transmit>,
     to_tun: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
     scratch: Vec<u8>,
     next_timers: Instant,
+    now: Instant,
+    stun_servers: Vec<StunServer>,
+    netcheck: Option<Netcheck>,
+    next_netcheck: Option<Instant>,
+    last_report: Option<Report>,
+    home: Option<RegionId>,
+    lan_endpoints: Vec<SocketAddr>,
+    endpoints: Vec<SocketAddr>,
+    user_pings: BTreeMap<TxId, UserPing>,
 }
 
 impl Node {
-    /// A node with no peers yet.
-    pub fn new(secret: NodeSecretKey, now: Instant) -> Self {
+    /// A node with no peers yet. `seed` should come from the OS's random generator.
+    pub fn new(secret: NodeSecretKey, disco: DiscoSecretKey, seed: u64, now: Instant) -> Self {
         Self {
             secret,
+            disco,
+            rng: Rng(seed),
             peers: BTreeMap::new(),
             by_index: BTreeMap::new(),
+            by_disco: BTreeMap::new(),
             routes: RouteTable::default(),
             next_index: 1,
             transmits: VecDeque::new(),
             to_tun: VecDeque::new(),
+            events: VecDeque::new(),
             scratch: vec![0; MAX_PACKET + wg::OVERHEAD + wg::MIN_SCRATCH],
             next_timers: now + TIMER_INTERVAL,
+            now,
+            stun_servers: Vec::new(),
+            netcheck: None,
+            next_netcheck: None,
+            last_report: None,
+            home: None,
+            lan_endpoints: Vec::new(),
+            endpoints: Vec::new(),
+            user_pings: BTreeMap::new(),
         }
     }
 
@@ -173,9 +389,29 @@ impl Node {
         self.secret.public_key()
     }
 
+    /// This node's disco public key.
+    pub fn disco_public_key(&self) -> DiscoPublicKey {
+        self.disco.public_key()
+    }
+
+    /// This node's home DERP region, once netcheck chose one.
+    pub fn home_region(&self) -> Option<RegionId> {
+        self.home
+    }
+
+    /// The endpoints this node advertises (LAN plus what netcheck found).
+    pub fn endpoints(&self) -> &[SocketAddr] {
+        &self.endpoints
+    }
+
+    /// The last finished netcheck.
+    pub fn last_report(&self) -> Option<&Report> {
+        self.last_report.as_ref()
+    }
+
     /// Replaces the whole peer set with a full netmap's; known peers keep their sessions.
     pub fn set_peers(&mut self, peers: Vec<PeerConfig>) {
-        let keep: std::collections::BTreeSet<_> = peers.iter().map(|p| p.key).collect();
+        let keep: BTreeSet<_> = peers.iter().map(|p| p.key).collect();
         let gone: Vec<_> = self
             .peers
             .keys()
@@ -190,35 +426,49 @@ impl Node {
         }
     }
 
-    /// Adds a peer, or updates its addresses and endpoints keeping its session.
+    /// Adds a peer, or updates it keeping its session and learned paths.
     pub fn upsert_peer(&mut self, config: PeerConfig) {
         if config.key == self.public_key() {
             return;
         }
         self.routes.set(config.key, &config.allowed_ips);
+        let disco = config.disco;
+        let key = config.key;
         if let Some(peer) = self.peers.get_mut(&config.key) {
+            if let Some(old) = peer.config.disco {
+                self.by_disco.remove(&old);
+            }
+            peer.paths.set_reported(&config.endpoints);
             peer.config = config;
-            return;
+        } else {
+            let index = self.allocate_index();
+            let session = Session::new(&self.secret, &config.key, index);
+            self.by_index.insert(index, config.key);
+            tracing::debug!(peer = %config.key.short(), name = %config.name, "peer added");
+            let mut paths = Paths::default();
+            paths.set_reported(&config.endpoints);
+            self.peers.insert(
+                config.key,
+                Peer {
+                    config,
+                    index,
+                    session,
+                    paths,
+                },
+            );
         }
-        let index = self.allocate_index();
-        let session = Session::new(&self.secret, &config.key, index);
-        self.by_index.insert(index, config.key);
-        tracing::debug!(peer = %config.key.short(), name = %config.name, "peer added");
-        self.peers.insert(
-            config.key,
-            Peer {
-                config,
-                index,
-                session,
-                confirmed: None,
-            },
-        );
+        if let Some(d) = disco {
+            self.by_disco.insert(d, key);
+        }
     }
 
-    /// Forgets a peer: its session, routes and queued traffic.
+    /// Forgets a peer: its session, routes, paths and queued traffic.
     pub fn remove_peer(&mut self, key: &NodePublicKey) {
         if let Some(peer) = self.peers.remove(key) {
             self.by_index.remove(&peer.index);
+            if let Some(d) = peer.config.disco {
+                self.by_disco.remove(&d);
+            }
             self.routes.remove(key);
             tracing::debug!(peer = %key.short(), "peer removed");
         }
@@ -227,7 +477,34 @@ impl Node {
     /// Replaces a peer's reported endpoints.
     pub fn set_endpoints(&mut self, key: &NodePublicKey, endpoints: Vec<SocketAddr>) {
         if let Some(peer) = self.peers.get_mut(key) {
+            peer.paths.set_reported(&endpoints);
             peer.config.endpoints = endpoints;
+        }
+    }
+
+    /// The addresses of this node's own interfaces with its UDP port (LAN candidates).
+    pub fn set_lan_endpoints(&mut self, lan: Vec<SocketAddr>) {
+        self.lan_endpoints = lan;
+        self.refresh_endpoints();
+    }
+
+    /// The DERP regions' STUN servers; netcheck runs against them now and every 20 s.
+    pub fn set_stun_servers(&mut self, servers: Vec<StunServer>, now: Instant) {
+        self.now = now;
+        self.next_netcheck = (!servers.is_empty()).then_some(now);
+        self.stun_servers = servers;
+    }
+
+    fn refresh_endpoints(&mut self) {
+        let mut eps = self.lan_endpoints.clone();
+        if let Some(g) = self.last_report.as_ref().and_then(|r| r.global)
+            && !eps.contains(&g)
+        {
+            eps.push(g);
+        }
+        if eps != self.endpoints {
+            self.endpoints = eps.clone();
+            self.events.push_back(Event::Endpoints(eps));
         }
     }
 
@@ -242,7 +519,8 @@ impl Node {
     }
 
     /// An IP packet read from the TUN device: encrypt it for the peer that owns its destination.
-    pub fn handle_tun_packet(&mut self, packet: &[u8], _now: Instant) -> Result<(), NodeError> {
+    pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) -> Result<(), NodeError> {
+        self.now = now;
         let dst = ip::addresses(packet)?.dst;
         let key = self.routes.lookup(dst).ok_or(NodeError::NoRoute { dst })?;
         let Self {
@@ -252,50 +530,100 @@ impl Node {
             ..
         } = self;
         let peer = peers.get_mut(&key).ok_or(NodeError::NoRoute { dst })?;
-        let Peer {
-            config,
-            session,
-            confirmed,
-            ..
-        } = peer;
-        let mut no_endpoint = false;
-        session
+        peer.paths.note_sent(now);
+        let mut datagrams = Vec::new();
+        peer.session
             .encapsulate(packet, scratch, &mut |out| {
                 if let WgOutput::Network(d) = out {
-                    let dsts = destinations(config, *confirmed, d);
-                    no_endpoint = dsts.is_empty();
-                    transmits.extend(dsts.into_iter().map(|dst| Transmit {
-                        dst,
-                        payload: d.to_vec(),
-                    }));
+                    datagrams.push(d.to_vec());
                 }
             })
             .map_err(|error| NodeError::Wg {
                 peer: Some(key),
                 error,
             })?;
-        if no_endpoint {
-            return Err(NodeError::NoEndpoint { peer: key });
+        let mut routed = true;
+        for d in &datagrams {
+            routed &= route_datagram(peer, d, now, transmits);
         }
-        Ok(())
+        self.maybe_discover(&key, now);
+        if routed {
+            Ok(())
+        } else {
+            Err(NodeError::NoPath { peer: key })
+        }
     }
 
-    /// A datagram read from the UDP socket: WireGuard for one of the peers.
+    /// A datagram read from the UDP socket: disco, a STUN answer, or WireGuard.
     pub fn handle_udp(
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
-        _now: Instant,
+        now: Instant,
     ) -> Result<(), NodeError> {
-        let key = match wg::receiver(&self.secret, datagram)
-            .map_err(|error| NodeError::Wg { peer: None, error })?
-        {
-            Receiver::Initiator(key) => key,
-            Receiver::Index(i) => *self
-                .by_index
-                .get(&i)
-                .ok_or(NodeError::UnknownPeer { from })?,
-        };
+        self.now = now;
+        if disco::looks_like_disco(datagram) {
+            return self.handle_disco(Source::Udp(from), datagram, now);
+        }
+        if stun::is_stun(datagram) {
+            let ours = self
+                .netcheck
+                .as_mut()
+                .is_some_and(|nc| nc.handle_response(from, datagram, now));
+            return if ours {
+                Ok(())
+            } else {
+                Err(NodeError::StrayStun { from })
+            };
+        }
+        let key = self
+            .wg_receiver(datagram)?
+            .ok_or(NodeError::UnknownPeer { from })?;
+        self.decapsulate(key, Some(from.ip()), datagram, now)
+    }
+
+    /// A packet relayed by DERP region `region` from peer `from`: disco or WireGuard.
+    pub fn handle_derp(
+        &mut self,
+        region: RegionId,
+        from: NodePublicKey,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<(), NodeError> {
+        self.now = now;
+        if disco::looks_like_disco(packet) {
+            return self.handle_disco(Source::Derp { region, from }, packet, now);
+        }
+        let key = self.wg_receiver(packet)?.ok_or(NodeError::UnknownPeer {
+            from: derp_magic_addr(region),
+        })?;
+        if key != from {
+            return Err(NodeError::DerpSenderMismatch {
+                relayed_by: from,
+                claimed: key,
+            });
+        }
+        self.decapsulate(key, None, packet, now)
+    }
+
+    fn wg_receiver(&self, datagram: &[u8]) -> Result<Option<NodePublicKey>, NodeError> {
+        Ok(
+            match wg::receiver(&self.secret, datagram)
+                .map_err(|error| NodeError::Wg { peer: None, error })?
+            {
+                Receiver::Initiator(key) => self.peers.contains_key(&key).then_some(key),
+                Receiver::Index(i) => self.by_index.get(&i).copied(),
+            },
+        )
+    }
+
+    fn decapsulate(
+        &mut self,
+        key: NodePublicKey,
+        src: Option<IpAddr>,
+        datagram: &[u8],
+        now: Instant,
+    ) -> Result<(), NodeError> {
         let Self {
             peers,
             scratch,
@@ -304,14 +632,14 @@ impl Node {
             routes,
             ..
         } = self;
-        let peer = peers.get_mut(&key).ok_or(NodeError::UnknownPeer { from })?;
+        let Some(peer) = peers.get_mut(&key) else {
+            return Ok(());
+        };
         let mut refused = None;
+        let mut replies = Vec::new();
         peer.session
-            .decapsulate(Some(from.ip()), datagram, scratch, &mut |out| match out {
-                WgOutput::Network(d) => transmits.push_back(Transmit {
-                    dst: from,
-                    payload: d.to_vec(),
-                }),
+            .decapsulate(src, datagram, scratch, &mut |out| match out {
+                WgOutput::Network(d) => replies.push(d.to_vec()),
                 WgOutput::Tunnel(p, src) => {
                     if routes.allows(&key, src) {
                         to_tun.push_back(p.to_vec());
@@ -324,9 +652,8 @@ impl Node {
                 peer: Some(key),
                 error,
             })?;
-        if peer.confirmed != Some(from) {
-            tracing::debug!(peer = %key.short(), endpoint = %from, "endpoint confirmed");
-            peer.confirmed = Some(from);
+        for d in &replies {
+            route_datagram(peer, d, now, transmits);
         }
         match refused {
             Some(src) => Err(NodeError::SourceNotAllowed { peer: key, src }),
@@ -334,12 +661,194 @@ impl Node {
         }
     }
 
-    /// Runs what is due at `now`. Call when the deadline of [`Self::poll_timeout`] passes.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if now < self.next_timers {
+    fn send_disco(&mut self, to: Dest, peer_disco: DiscoPublicKey, msg: &Message) {
+        let nonce = self.rng.nonce();
+        let payload = disco::seal(&self.disco, &peer_disco, nonce, msg);
+        self.transmits.push_back(Transmit { dst: to, payload });
+    }
+
+    fn send_pings(&mut self, peer_disco: DiscoPublicKey, pings: Vec<PingOut>) {
+        let me = self.public_key();
+        for p in pings {
+            let msg = Message::Ping {
+                tx_id: p.tx_id,
+                node_key: Some(me),
+                padding: 0,
+            };
+            self.send_disco(Dest::Udp(p.to), peer_disco, &msg);
+        }
+    }
+
+    /// Runs a discovery round for `key` when its direct path is not trusted: pings to every
+    /// candidate, and a CallMeMaybe over DERP so the peer pings ours at the same time.
+    fn maybe_discover(&mut self, key: &NodePublicKey, now: Instant) {
+        let Self { peers, rng, .. } = self;
+        let Some(peer) = peers.get_mut(key) else {
+            return;
+        };
+        let Some(peer_disco) = peer.config.disco else {
+            return;
+        };
+        if !peer.paths.wants_discovery(now) {
             return;
         }
-        self.next_timers = now + TIMER_INTERVAL;
+        let pings = peer.paths.discover(now, || rng.tx_id());
+        let region = peer.config.home_region;
+        tracing::debug!(peer = %key.short(), candidates = pings.len(), "disco: discovery round");
+        self.send_pings(peer_disco, pings);
+        if region != 0 && !self.endpoints.is_empty() {
+            let msg = Message::CallMeMaybe {
+                endpoints: self.endpoints.clone(),
+            };
+            self.send_disco(Dest::Derp { region, peer: *key }, peer_disco, &msg);
+        }
+    }
+
+    fn handle_disco(
+        &mut self,
+        source: Source,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<(), NodeError> {
+        let claimed = disco::sender_key(packet).ok_or(DiscoError::NotDisco)?;
+        let key = *self
+            .by_disco
+            .get(&claimed)
+            .ok_or(NodeError::UnknownDiscoKey { key: claimed })?;
+        let (sender, msg) = disco::open(&self.disco, packet)?;
+        if let Source::Derp { from, .. } = source
+            && from != key
+        {
+            return Err(NodeError::DerpSenderMismatch {
+                relayed_by: from,
+                claimed: key,
+            });
+        }
+        match msg {
+            Message::Ping {
+                tx_id, node_key, ..
+            } => {
+                if node_key.is_some_and(|k| k != key) {
+                    return Err(NodeError::DerpSenderMismatch {
+                        relayed_by: key,
+                        claimed: node_key.unwrap_or(key),
+                    });
+                }
+                let src = match source {
+                    Source::Udp(a) => a,
+                    Source::Derp { region, .. } => derp_magic_addr(region),
+                };
+                self.send_disco(source.reply_to(), sender, &Message::Pong { tx_id, src });
+                if let Source::Udp(a) = source {
+                    let Self { peers, rng, .. } = self;
+                    let back = peers
+                        .get_mut(&key)
+                        .and_then(|p| p.paths.handle_ping_from(a, now, || rng.tx_id()));
+                    if let Some(p) = back {
+                        self.send_pings(sender, vec![p]);
+                    }
+                }
+            }
+            Message::Pong { tx_id, .. } => {
+                if let Some(up) = self.user_pings.remove(&tx_id) {
+                    let path = match source {
+                        Source::Udp(a) => PathKind::Direct(a),
+                        Source::Derp { region, .. } => PathKind::Relay(region),
+                    };
+                    let rtt = now.saturating_duration_since(up.sent);
+                    self.events.push_back(Event::Pong {
+                        peer: up.peer,
+                        path,
+                        rtt,
+                    });
+                }
+                if let (Source::Udp(a), Some(peer)) = (source, self.peers.get_mut(&key))
+                    && let Some(r) = peer.paths.handle_pong(tx_id, a, now)
+                    && r.new_best
+                {
+                    tracing::info!(peer = %peer.config.name, path = %a, rtt = ?r.rtt, "direct path");
+                }
+            }
+            Message::CallMeMaybe { endpoints } => {
+                // Only meaningful over DERP; a direct one would come from a path we already have.
+                if matches!(source, Source::Derp { .. }) {
+                    let Self { peers, rng, .. } = self;
+                    let pings = match peers.get_mut(&key) {
+                        Some(p) => p
+                            .paths
+                            .handle_call_me_maybe(&endpoints, now, || rng.tx_id()),
+                        None => Vec::new(),
+                    };
+                    self.send_pings(sender, pings);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pings `key` over disco on its current path (and starts discovery if that is DERP); the
+    /// answer comes as [`Event::Pong`].
+    pub fn ping(&mut self, key: &NodePublicKey, now: Instant) -> Result<(), NodeError> {
+        self.now = now;
+        let peer = self
+            .peers
+            .get(key)
+            .ok_or(NodeError::NotPingable { peer: *key })?;
+        let peer_disco = peer
+            .config
+            .disco
+            .ok_or(NodeError::NotPingable { peer: *key })?;
+        let region = peer.config.home_region;
+        let me = self.public_key();
+        let route = peer.paths.route(now, region != 0);
+        let targets: Vec<Dest> = match route {
+            Route::Direct(a) => vec![Dest::Udp(a)],
+            Route::Relay { .. } => vec![Dest::Derp { region, peer: *key }],
+            Route::Spray(addrs) => addrs.into_iter().map(Dest::Udp).collect(),
+        };
+        if targets.is_empty() {
+            return Err(NodeError::NoPath { peer: *key });
+        }
+        for dst in targets {
+            let tx_id = self.rng.tx_id();
+            self.user_pings.insert(
+                tx_id,
+                UserPing {
+                    peer: *key,
+                    sent: now,
+                },
+            );
+            if let (Dest::Udp(a), Some(p)) = (dst, self.peers.get_mut(key)) {
+                p.paths.track_ping(a, now, tx_id);
+            }
+            self.send_disco(
+                dst,
+                peer_disco,
+                &Message::Ping {
+                    tx_id,
+                    node_key: Some(me),
+                    padding: 0,
+                },
+            );
+        }
+        self.maybe_discover(key, now);
+        Ok(())
+    }
+
+    /// Runs what is due at `now`. Call when the deadline of [`Self::poll_timeout`] passes.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        if now >= self.next_timers {
+            self.next_timers = now + TIMER_INTERVAL;
+            self.run_wireguard_timers(now);
+        }
+        self.run_disco_timers(now);
+        self.run_netcheck(now);
+        self.user_pings
+            .retain(|_, p| now < p.sent + USER_PING_TIMEOUT);
+    }
+
+    fn run_wireguard_timers(&mut self, now: Instant) {
         let Self {
             peers,
             scratch,
@@ -347,28 +856,89 @@ impl Node {
             ..
         } = self;
         for (key, peer) in peers.iter_mut() {
-            let Peer {
-                config,
-                session,
-                confirmed,
-                ..
-            } = peer;
-            let result = session.update_timers(scratch, &mut |out| {
+            let mut datagrams = Vec::new();
+            let result = peer.session.update_timers(scratch, &mut |out| {
                 if let WgOutput::Network(d) = out {
-                    let dsts = destinations(config, *confirmed, d);
-                    transmits.extend(dsts.into_iter().map(|dst| Transmit {
-                        dst,
-                        payload: d.to_vec(),
-                    }));
+                    datagrams.push(d.to_vec());
                 }
             });
             if let Err(error) = result {
                 tracing::debug!(peer = %key.short(), %error, "WireGuard timer");
             }
+            for d in &datagrams {
+                route_datagram(peer, d, now, transmits);
+            }
         }
     }
 
-    /// The next datagram to send on the UDP socket.
+    fn run_disco_timers(&mut self, now: Instant) {
+        let Self { peers, rng, .. } = self;
+        let mut all = Vec::new();
+        for peer in peers.values_mut() {
+            let Some(d) = peer.config.disco else { continue };
+            let pings = peer.paths.due_pings(now, || rng.tx_id());
+            if !pings.is_empty() {
+                all.push((d, pings));
+            }
+        }
+        for (d, pings) in all {
+            self.send_pings(d, pings);
+        }
+    }
+
+    fn run_netcheck(&mut self, now: Instant) {
+        if let Some(nc) = self.netcheck.as_mut() {
+            let again = nc.due(now);
+            self.transmits
+                .extend(again.into_iter().map(|(a, p)| Transmit {
+                    dst: Dest::Udp(a),
+                    payload: p,
+                }));
+            if nc.is_done(now) {
+                let report = nc.report();
+                self.netcheck = None;
+                self.finish_netcheck(report);
+            }
+            return;
+        }
+        if self.next_netcheck.is_some_and(|t| now >= t) && !self.stun_servers.is_empty() {
+            self.next_netcheck = Some(now + NETCHECK_INTERVAL);
+            let rng = &mut self.rng;
+            let (nc, out) = Netcheck::start(&self.stun_servers, now, || rng.tx_id());
+            self.transmits
+                .extend(out.into_iter().map(|(a, p)| Transmit {
+                    dst: Dest::Udp(a),
+                    payload: p,
+                }));
+            self.netcheck = Some(nc);
+        }
+    }
+
+    fn finish_netcheck(&mut self, report: Report) {
+        tracing::debug!(udp = report.udp, global = ?report.global, hard_nat = report.mapping_varies, "netcheck");
+        let home = netcheck::choose_home(self.home, &report.latency).or(self.home);
+        // Without UDP, latency is unknown: keep the first region as home so DERP still works.
+        let home = home.or_else(|| self.stun_servers.iter().map(|s| s.region).min());
+        if home != self.home {
+            self.home = home;
+            if let Some(h) = home {
+                self.events.push_back(Event::HomeRegion(h));
+            }
+        }
+        self.last_report = Some(report.clone());
+        self.refresh_endpoints();
+        self.events.push_back(Event::Netcheck(report));
+    }
+
+    /// Starts a netcheck now (as `warren netcheck` asks); the report comes as [`Event::Netcheck`].
+    pub fn start_netcheck(&mut self, now: Instant) {
+        if self.netcheck.is_none() {
+            self.next_netcheck = Some(now);
+            self.run_netcheck(now);
+        }
+    }
+
+    /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
     }
@@ -378,20 +948,58 @@ impl Node {
         self.to_tun.pop_front()
     }
 
-    /// When [`Self::handle_timeout`] must be called next, and why; `None` with no peers.
+    /// The next event for the shell.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] must be called next, and why.
     pub fn poll_timeout(&self) -> Option<(Instant, TimeoutReason)> {
-        (!self.peers.is_empty()).then_some((self.next_timers, TimeoutReason::WireGuardTimers))
+        let wg =
+            (!self.peers.is_empty()).then_some((self.next_timers, TimeoutReason::WireGuardTimers));
+        let disco = self
+            .peers
+            .values()
+            .filter_map(|p| p.paths.next_timeout(self.now))
+            .min()
+            .map(|t| (t, TimeoutReason::Disco));
+        let netcheck = match &self.netcheck {
+            Some(nc) => Some(nc.next_timeout()),
+            None => self.next_netcheck,
+        }
+        .map(|t| (t, TimeoutReason::Netcheck));
+        let pings = self
+            .user_pings
+            .values()
+            .map(|p| p.sent + USER_PING_TIMEOUT)
+            .min()
+            .map(|t| (t, TimeoutReason::Disco));
+        [wg, disco, netcheck, pings]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(t, _)| *t)
+    }
+
+    /// The path `key`'s traffic takes now.
+    pub fn path(&self, key: &NodePublicKey, now: Instant) -> Option<PathKind> {
+        let p = self.peers.get(key)?;
+        match p.paths.route(now, p.config.home_region != 0) {
+            Route::Direct(a) => Some(PathKind::Direct(a)),
+            Route::Relay { .. } => Some(PathKind::Relay(p.config.home_region)),
+            Route::Spray(a) => a.first().map(|a| PathKind::Direct(*a)),
+        }
     }
 
     /// Per-peer figures, in key order.
-    pub fn peer_stats(&self) -> Vec<PeerStats> {
+    pub fn peer_stats(&self, now: Instant) -> Vec<PeerStats> {
         self.peers
             .values()
             .map(|p| PeerStats {
                 key: p.config.key,
                 name: p.config.name.clone(),
                 allowed_ips: p.config.allowed_ips.clone(),
-                endpoint: p.confirmed.or_else(|| p.config.endpoints.first().copied()),
+                path: self.path(&p.config.key, now),
+                latency: p.paths.best().filter(|_| p.paths.trusted(now)).map(|b| b.1),
                 session: p.session.stats(),
             })
             .collect()
@@ -427,19 +1035,23 @@ mod tests {
         let b_addr: SocketAddr = "10.0.0.2:41641".parse().expect("addr");
         let pa = ka.public_key();
         let pb = kb.public_key();
-        let mut a = Node::new(ka, now);
-        let mut b = Node::new(kb, now);
+        let mut a = Node::new(ka, DiscoSecretKey::generate(), 1, now);
+        let mut b = Node::new(kb, DiscoSecretKey::generate(), 2, now);
         a.set_peers(vec![PeerConfig {
             key: pb,
             name: "b".into(),
             allowed_ips: vec!["100.64.0.2/32".parse().expect("net")],
             endpoints: vec![b_addr],
+            disco: None,
+            home_region: 0,
         }]);
         b.set_peers(vec![PeerConfig {
             key: pa,
             name: "a".into(),
             allowed_ips: vec!["100.64.0.1/32".parse().expect("net")],
             endpoints: vec![a_addr],
+            disco: None,
+            home_region: 0,
         }]);
         Pair {
             a,
@@ -454,12 +1066,12 @@ mod tests {
         loop {
             let mut moved = false;
             while let Some(t) = p.a.poll_transmit() {
-                assert_eq!(t.dst, p.b_addr);
+                assert_eq!(t.dst, Dest::Udp(p.b_addr));
                 let _ = p.b.handle_udp(p.a_addr, &t.payload, now);
                 moved = true;
             }
             while let Some(t) = p.b.poll_transmit() {
-                assert_eq!(t.dst, p.a_addr);
+                assert_eq!(t.dst, Dest::Udp(p.a_addr));
                 let _ = p.a.handle_udp(p.b_addr, &t.payload, now);
                 moved = true;
             }
@@ -481,8 +1093,8 @@ mod tests {
         p.b.handle_tun_packet(&back, now).expect("routed");
         exchange(&mut p, now);
         assert_eq!(p.a.poll_tun(), Some(back));
-        let stats = p.a.peer_stats();
-        assert_eq!(stats[0].endpoint, Some(p.b_addr));
+        let stats = p.a.peer_stats(now);
+        assert_eq!(stats[0].path, Some(PathKind::Direct(p.b_addr)));
         assert!(stats[0].session.since_handshake.is_some());
     }
 
@@ -527,7 +1139,7 @@ mod tests {
     fn removed_peer_is_unreachable() {
         let now = Instant::now();
         let mut p = pair(now);
-        let kb = p.a.peer_stats()[0].key;
+        let kb = p.a.peer_stats(now)[0].key;
         p.a.remove_peer(&kb);
         let packet = ip_packet([100, 64, 0, 1], [100, 64, 0, 2], 40);
         assert!(matches!(

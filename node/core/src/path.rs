@@ -245,6 +245,12 @@ impl Paths {
         PingOut { tx_id, to }
     }
 
+    /// Records a ping the caller sends to `to` for its own reasons (`warren ping`), so its pong
+    /// counts like any other.
+    pub fn track_ping(&mut self, to: SocketAddr, now: Instant, tx_id: TxId) -> PingOut {
+        self.ping(to, now, false, tx_id)
+    }
+
     /// Starts a discovery round: one ping to every candidate.
     pub fn discover(&mut self, now: Instant, mut tx_id: impl FnMut() -> TxId) -> Vec<PingOut> {
         self.last_discovery = Some(now);
@@ -299,6 +305,7 @@ impl Paths {
             .values()
             .filter(|p| p.heartbeat)
             .map(|p| p.sent + MISSED_HEARTBEAT)
+            .filter(|t| *t > now)
             .min();
         [heartbeat, expiry, missed].into_iter().flatten().min()
     }

@@ -1,0 +1,830 @@
+//! A deterministic network simulator for path logic: real [`Node`]s exchange real packets over
+//! a virtual network with a virtual clock, NATs of every RFC 4787 type, STUN servers, a DERP
+//! relay, latency and loss rules. Time jumps to the next delivery or node deadline, so minutes
+//! of simulated time take milliseconds and every run replays identically.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use warren_proto::{DiscoSecretKey, NodePublicKey, NodeSecretKey, stun};
+
+use crate::netcheck::{RegionId, StunServer};
+use crate::node::{Dest, Event, Node, PathKind, PeerConfig};
+
+/// The DERP region every simulated node uses.
+pub const REGION: RegionId = 900;
+/// One-way latency on the simulated internet.
+pub const WAN_DELAY: Duration = Duration::from_millis(10);
+/// One-way latency on a LAN.
+pub const LAN_DELAY: Duration = Duration::from_millis(1);
+/// One-way latency to and from the relay (TCP, so a little slower than UDP).
+pub const DERP_DELAY: Duration = Duration::from_millis(15);
+
+/// How a site connects to the internet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NatKind {
+    /// A public address, nothing in front.
+    Public,
+    /// A public address behind a stateful firewall (only replies get in).
+    PublicFirewall,
+    /// Endpoint-independent mapping and filtering.
+    FullCone,
+    /// Endpoint-independent mapping, address-dependent filtering.
+    Restricted,
+    /// Endpoint-independent mapping, address-and-port-dependent filtering.
+    PortRestricted,
+    /// Endpoint-dependent mapping, address-and-port-dependent filtering.
+    Symmetric,
+    /// No UDP at all (DERP over TCP still works).
+    UdpBlocked,
+}
+
+impl NatKind {
+    /// Every kind, in the order of PROTOCOLS.md's table.
+    pub const ALL: [NatKind; 7] = [
+        NatKind::Public,
+        NatKind::PublicFirewall,
+        NatKind::FullCone,
+        NatKind::Restricted,
+        NatKind::PortRestricted,
+        NatKind::Symmetric,
+        NatKind::UdpBlocked,
+    ];
+
+    /// Whether two nodes behind these kinds should get a direct path (PROTOCOLS.md section 6).
+    pub fn direct_expected(a: NatKind, b: NatKind) -> bool {
+        use NatKind::*;
+        let (a, b) = if a <= b { (a, b) } else { (b, a) };
+        !matches!(
+            (a, b),
+            (_, UdpBlocked)
+                | (PublicFirewall, Symmetric)
+                | (PortRestricted, Symmetric)
+                | (Symmetric, Symmetric)
+        )
+    }
+}
+
+/// A site: one NAT (or none) with a WAN address.
+#[derive(Debug, Clone)]
+struct Site {
+    kind: NatKind,
+    wan: IpAddr,
+    next_port: u16,
+    /// (inside, remote if the mapping depends on it) -> outside port.
+    map: BTreeMap<(SocketAddr, Option<SocketAddr>), u16>,
+    /// outside port -> inside address.
+    reverse: BTreeMap<u16, SocketAddr>,
+    /// outside port -> remotes the inside sent to.
+    contacted: BTreeMap<u16, BTreeSet<SocketAddr>>,
+}
+
+impl Site {
+    fn behind_nat(&self) -> bool {
+        !matches!(self.kind, NatKind::Public | NatKind::PublicFirewall)
+    }
+
+    /// Translates an outgoing packet's source; `None` when the site drops it.
+    fn outbound(
+        &mut self,
+        inside: SocketAddr,
+        remote: SocketAddr,
+        rng: &mut u64,
+    ) -> Option<SocketAddr> {
+        let port = match self.kind {
+            NatKind::UdpBlocked => return None,
+            NatKind::Public | NatKind::PublicFirewall => inside.port(),
+            kind => {
+                let key = (inside, (kind == NatKind::Symmetric).then_some(remote));
+                match self.map.get(&key) {
+                    Some(p) => *p,
+                    None => {
+                        let p = if kind == NatKind::Symmetric {
+                            *rng = rng
+                                .wrapping_mul(6_364_136_223_846_793_005)
+                                .wrapping_add(1_442_695_040_888_963_407);
+                            10_000 + ((*rng >> 33) % 50_000) as u16
+                        } else {
+                            // Port preservation, as Linux masquerade does when it can.
+                            let p = if self.reverse.contains_key(&inside.port()) {
+                                self.next_port
+                            } else {
+                                inside.port()
+                            };
+                            self.next_port += 1;
+                            p
+                        };
+                        self.map.insert(key, p);
+                        self.reverse.insert(p, inside);
+                        p
+                    }
+                }
+            }
+        };
+        self.contacted.entry(port).or_default().insert(remote);
+        Some(SocketAddr::new(self.wan, port))
+    }
+
+    /// Whether an incoming packet from `remote` to outside `port` gets in, and to whom.
+    fn inbound(
+        &self,
+        port: u16,
+        remote: SocketAddr,
+        public_inside: Option<SocketAddr>,
+    ) -> Option<SocketAddr> {
+        let contacted = self.contacted.get(&port);
+        let allowed = match self.kind {
+            NatKind::Public => true,
+            NatKind::UdpBlocked => false,
+            NatKind::FullCone => contacted.is_some(),
+            NatKind::Restricted => {
+                contacted.is_some_and(|c| c.iter().any(|r| r.ip() == remote.ip()))
+            }
+            NatKind::PortRestricted | NatKind::Symmetric | NatKind::PublicFirewall => {
+                contacted.is_some_and(|c| c.contains(&remote))
+            }
+        };
+        if !allowed {
+            return None;
+        }
+        if self.behind_nat() {
+            self.reverse.get(&port).copied()
+        } else {
+            public_inside
+        }
+    }
+
+    fn reset(&mut self, kind: NatKind) {
+        self.kind = kind;
+        self.map.clear();
+        self.reverse.clear();
+        self.contacted.clear();
+    }
+}
+
+/// A simulated machine running a [`Node`].
+#[derive(Debug)]
+pub struct Host {
+    /// The node under test.
+    pub node: Node,
+    /// Its node key.
+    pub key: NodePublicKey,
+    /// Its mesh address.
+    pub mesh_ip: Ipv4Addr,
+    /// Its UDP socket's address on its own network.
+    pub local: SocketAddr,
+    site: usize,
+    /// Packets that arrived on its TUN device.
+    pub received: u64,
+    /// Of those, packets that came through DERP, with their arrival time.
+    pub via_derp: Vec<Instant>,
+    /// Of those, packets that came directly, with their arrival time.
+    pub via_udp: Vec<Instant>,
+    /// Pongs for its `ping` calls.
+    pub pongs: Vec<(PathKind, Duration)>,
+    echo: bool,
+}
+
+#[derive(Debug)]
+enum Delivery {
+    Udp {
+        to: usize,
+        from: SocketAddr,
+        payload: Vec<u8>,
+    },
+    Derp {
+        to: usize,
+        from: NodePublicKey,
+        payload: Vec<u8>,
+    },
+}
+
+/// The simulated world.
+#[derive(Debug)]
+pub struct World {
+    /// The virtual clock.
+    pub now: Instant,
+    /// The machines.
+    pub hosts: Vec<Host>,
+    sites: Vec<Site>,
+    queue: BTreeMap<(Instant, u64), Delivery>,
+    seq: u64,
+    rng: u64,
+    stun: Vec<SocketAddr>,
+    /// UDP between these WAN address pairs is dropped (both directions).
+    blocked: BTreeSet<(IpAddr, IpAddr)>,
+}
+
+fn mesh_packet(src: Ipv4Addr, dst: Ipv4Addr, id: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 64];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&64u16.to_be_bytes());
+    p[4..6].copy_from_slice(&id.to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p
+}
+
+impl World {
+    /// An empty world at `start`, with two STUN servers (two addresses) in region 900.
+    pub fn new(start: Instant) -> Self {
+        Self {
+            now: start,
+            hosts: Vec::new(),
+            sites: Vec::new(),
+            queue: BTreeMap::new(),
+            seq: 0,
+            rng: 0x5eed,
+            stun: vec![
+                "203.0.113.10:3478".parse().expect("addr"),
+                "203.0.113.11:3478".parse().expect("addr"),
+            ],
+            blocked: BTreeSet::new(),
+        }
+    }
+
+    /// Adds a site of `kind`; returns its index.
+    pub fn add_site(&mut self, kind: NatKind) -> usize {
+        let i = self.sites.len();
+        let wan = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1 + i as u8));
+        self.sites.push(Site {
+            kind,
+            wan,
+            next_port: 20_000,
+            map: BTreeMap::new(),
+            reverse: BTreeMap::new(),
+            contacted: BTreeMap::new(),
+        });
+        i
+    }
+
+    /// Changes a site's NAT kind; its mappings are lost, as when a router reloads its rules.
+    pub fn set_kind(&mut self, site: usize, kind: NatKind) {
+        self.sites[site].reset(kind);
+    }
+
+    /// Drops (or, with `false`, lets through again) UDP between two sites.
+    pub fn block_udp(&mut self, a: usize, b: usize, block: bool) {
+        let (x, y) = (self.sites[a].wan, self.sites[b].wan);
+        for pair in [(x, y), (y, x)] {
+            if block {
+                self.blocked.insert(pair);
+            } else {
+                self.blocked.remove(&pair);
+            }
+        }
+    }
+
+    /// Adds a host at `site`; every host becomes every other's peer. Hosts echo what they get.
+    pub fn add_host(&mut self, site: usize) -> usize {
+        let i = self.hosts.len();
+        let secret = NodeSecretKey::generate();
+        let key = secret.public_key();
+        let local = if self.sites[site].behind_nat() {
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(10, site as u8, 0, 2 + i as u8)),
+                41641,
+            )
+        } else {
+            SocketAddr::new(self.sites[site].wan, 41641)
+        };
+        let mut node = Node::new(
+            secret,
+            DiscoSecretKey::generate(),
+            1000 + i as u64,
+            self.now,
+        );
+        node.set_lan_endpoints(vec![local]);
+        let servers = self
+            .stun
+            .iter()
+            .map(|a| StunServer {
+                region: REGION,
+                addr: *a,
+            })
+            .collect();
+        node.set_stun_servers(servers, self.now);
+        let mesh_ip = Ipv4Addr::new(100, 64, 0, 1 + i as u8);
+        self.hosts.push(Host {
+            node,
+            key,
+            mesh_ip,
+            local,
+            site,
+            received: 0,
+            via_derp: Vec::new(),
+            via_udp: Vec::new(),
+            pongs: Vec::new(),
+            echo: true,
+        });
+        self.connect_all();
+        i
+    }
+
+    /// Plays control: every node learns every other's key, disco key, address, endpoints and
+    /// home region.
+    fn connect_all(&mut self) {
+        let configs: Vec<PeerConfig> = self.hosts.iter().map(|h| self.config_of(h)).collect();
+        for h in &mut self.hosts {
+            let peers = configs.iter().filter(|c| c.key != h.key).cloned().collect();
+            h.node.set_peers(peers);
+        }
+    }
+
+    fn config_of(&self, h: &Host) -> PeerConfig {
+        PeerConfig {
+            key: h.key,
+            name: format!("h{}", h.mesh_ip.octets()[3]),
+            allowed_ips: vec![IpNet::from(IpAddr::V4(h.mesh_ip))],
+            endpoints: h.node.endpoints().to_vec(),
+            disco: Some(h.node.disco_public_key()),
+            home_region: h.node.home_region().unwrap_or(REGION),
+        }
+    }
+
+    /// Host `from` sends one packet to host `to`'s mesh address.
+    pub fn send(&mut self, from: usize, to: usize, id: u16) {
+        let p = mesh_packet(self.hosts[from].mesh_ip, self.hosts[to].mesh_ip, id);
+        let now = self.now;
+        let _ = self.hosts[from].node.handle_tun_packet(&p, now);
+    }
+
+    /// Host `from` pings `to` over disco.
+    pub fn ping(&mut self, from: usize, to: usize) {
+        let key = self.hosts[to].key;
+        let now = self.now;
+        let _ = self.hosts[from].node.ping(&key, now);
+    }
+
+    /// The path `from` uses to `to` now.
+    pub fn path(&self, from: usize, to: usize) -> Option<PathKind> {
+        self.hosts[from].node.path(&self.hosts[to].key, self.now)
+    }
+
+    fn push(&mut self, at: Instant, d: Delivery) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), d);
+    }
+
+    fn host_at(&self, addr: SocketAddr) -> Option<usize> {
+        self.hosts.iter().position(|h| h.local == addr)
+    }
+
+    /// Routes one UDP datagram from host `h` to `dst`.
+    fn route_udp(&mut self, h: usize, dst: SocketAddr, payload: Vec<u8>) {
+        let src_site = self.hosts[h].site;
+        let local = self.hosts[h].local;
+        // Same LAN: straight across, no NAT.
+        if let Some(t) = self
+            .host_at(dst)
+            .filter(|t| self.hosts[*t].site == src_site && self.sites[src_site].behind_nat())
+        {
+            let at = self.now + LAN_DELAY;
+            self.push(
+                at,
+                Delivery::Udp {
+                    to: t,
+                    from: local,
+                    payload,
+                },
+            );
+            return;
+        }
+        let mut rng = self.rng;
+        let outside = self.sites[src_site].outbound(local, dst, &mut rng);
+        self.rng = rng;
+        let Some(outside) = outside else { return };
+        if self.blocked.contains(&(outside.ip(), dst.ip())) {
+            return;
+        }
+        if self.stun.contains(&dst) {
+            // The STUN server answers with the address it saw.
+            let Ok(tx) = stun::parse_request(&payload) else {
+                return;
+            };
+            let mut answer = Vec::new();
+            stun::build_response(tx, outside, &mut answer);
+            if let Some(inside) = self.sites[src_site].inbound(outside.port(), dst, Some(local)) {
+                let at = self.now + WAN_DELAY * 2;
+                if let Some(t) = self.host_at(inside) {
+                    self.push(
+                        at,
+                        Delivery::Udp {
+                            to: t,
+                            from: dst,
+                            payload: answer,
+                        },
+                    );
+                }
+            }
+            return;
+        }
+        let Some(dst_site) = self.sites.iter().position(|s| s.wan == dst.ip()) else {
+            return;
+        };
+        let public_inside = self
+            .hosts
+            .iter()
+            .find(|x| x.site == dst_site && x.local == dst)
+            .map(|x| x.local);
+        let Some(inside) = self.sites[dst_site].inbound(dst.port(), outside, public_inside) else {
+            return;
+        };
+        if let Some(t) = self.host_at(inside) {
+            let at = self.now + WAN_DELAY;
+            self.push(
+                at,
+                Delivery::Udp {
+                    to: t,
+                    from: outside,
+                    payload,
+                },
+            );
+        }
+    }
+
+    fn drain(&mut self) {
+        for h in 0..self.hosts.len() {
+            while let Some(t) = self.hosts[h].node.poll_transmit() {
+                match t.dst {
+                    Dest::Udp(dst) => self.route_udp(h, dst, t.payload),
+                    Dest::Derp { peer, .. } => {
+                        if let Some(to) = self.hosts.iter().position(|x| x.key == peer) {
+                            let from = self.hosts[h].key;
+                            let at = self.now + DERP_DELAY * 2;
+                            self.push(
+                                at,
+                                Delivery::Derp {
+                                    to,
+                                    from,
+                                    payload: t.payload,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            while let Some(ev) = self.hosts[h].node.poll_event() {
+                match ev {
+                    Event::Endpoints(_) | Event::HomeRegion(_) => {
+                        // Control fans the change out to every peer.
+                        let config = self.config_of(&self.hosts[h]);
+                        for (j, other) in self.hosts.iter_mut().enumerate() {
+                            if j != h {
+                                other.node.upsert_peer(config.clone());
+                            }
+                        }
+                    }
+                    Event::Pong { path, rtt, .. } => self.hosts[h].pongs.push((path, rtt)),
+                    Event::Netcheck(_) => {}
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, d: Delivery) {
+        let now = self.now;
+        let (to, via_derp) = match d {
+            Delivery::Udp { to, from, payload } => {
+                let _ = self.hosts[to].node.handle_udp(from, &payload, now);
+                (to, false)
+            }
+            Delivery::Derp { to, from, payload } => {
+                let _ = self.hosts[to].node.handle_derp(REGION, from, &payload, now);
+                (to, true)
+            }
+        };
+        while let Some(p) = self.hosts[to].node.poll_tun() {
+            let h = &mut self.hosts[to];
+            h.received += 1;
+            if via_derp {
+                h.via_derp.push(now)
+            } else {
+                h.via_udp.push(now)
+            }
+            if h.echo && p.len() >= 20 {
+                let mut reply = p.clone();
+                reply.copy_within(12..16, 16);
+                reply[12..16].copy_from_slice(&p[16..20]);
+                let _ = h.node.handle_tun_packet(&reply, now);
+            }
+        }
+    }
+
+    /// Runs until `until`, with `traffic` called every `every` (for app sends).
+    pub fn run(&mut self, until: Instant, every: Duration, mut traffic: impl FnMut(&mut World)) {
+        let mut next_app = self.now;
+        loop {
+            self.drain();
+            let next_delivery = self.queue.keys().next().map(|k| k.0);
+            let next_timer = self
+                .hosts
+                .iter()
+                .filter_map(|h| h.node.poll_timeout().map(|t| t.0))
+                .min();
+            let next = [next_delivery, next_timer, Some(next_app)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(until);
+            if next > until {
+                self.now = until;
+                return;
+            }
+            self.now = self.now.max(next);
+            let now = self.now;
+            if next_app <= now {
+                traffic(self);
+                next_app = now + every;
+            }
+            while let Some(entry) = self.queue.first_entry() {
+                if entry.key().0 > now {
+                    break;
+                }
+                let d = entry.remove();
+                self.deliver(d);
+            }
+            for h in &mut self.hosts {
+                if h.node.poll_timeout().is_some_and(|t| t.0 <= now) {
+                    h.node.handle_timeout(now);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Two hosts at sites of kinds `a` and `b`, with ping-like traffic both ways for `secs`.
+    fn pair(a: NatKind, b: NatKind, secs: u64) -> World {
+        let mut w = World::new(Instant::now());
+        let (sa, sb) = (w.add_site(a), w.add_site(b));
+        w.add_host(sa);
+        w.add_host(sb);
+        let until = w.now + Duration::from_secs(secs);
+        let mut id = 0;
+        w.run(until, 100 * MS, |w| {
+            id += 1;
+            w.send(0, 1, id);
+        });
+        w
+    }
+
+    fn is_direct(p: Option<PathKind>) -> bool {
+        matches!(p, Some(PathKind::Direct(_)))
+    }
+
+    #[test]
+    fn nat_matrix_matches_the_table() {
+        let mut wrong = Vec::new();
+        let mut table = String::new();
+        for (i, a) in NatKind::ALL.iter().enumerate() {
+            for b in &NatKind::ALL[i..] {
+                let w = pair(*a, *b, 20);
+                let expected = NatKind::direct_expected(*a, *b);
+                let (ab, ba) = (w.path(0, 1), w.path(1, 0));
+                table.push_str(&format!("{a:?} x {b:?}: {ab:?} / {ba:?}\n"));
+                if is_direct(ab) != expected || is_direct(ba) != expected {
+                    wrong.push(format!(
+                        "{a:?} x {b:?}: expected direct={expected}, got {ab:?} / {ba:?}"
+                    ));
+                }
+                // Traffic flowed all along, whatever the path.
+                assert!(
+                    w.hosts[1].received > 150,
+                    "{a:?} x {b:?}: only {} packets",
+                    w.hosts[1].received
+                );
+            }
+        }
+        eprintln!("{table}");
+        assert!(
+            wrong.is_empty(),
+            "paths differ from the table:\n{}",
+            wrong.join("\n")
+        );
+    }
+
+    #[test]
+    fn hosts_behind_one_nat_use_their_lan_addresses() {
+        for kind in [NatKind::PortRestricted, NatKind::Symmetric] {
+            let mut w = World::new(Instant::now());
+            let s = w.add_site(kind);
+            w.add_host(s);
+            w.add_host(s);
+            let until = w.now + Duration::from_secs(10);
+            w.run(until, 100 * MS, |w| w.send(0, 1, 1));
+            let lan = w.hosts[1].local;
+            assert_eq!(w.path(0, 1), Some(PathKind::Direct(lan)), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn first_direct_packet_comes_soon_after_the_first_packet() {
+        let mut w = World::new(Instant::now());
+        let (sa, sb) = (
+            w.add_site(NatKind::PortRestricted),
+            w.add_site(NatKind::FullCone),
+        );
+        w.add_host(sa);
+        w.add_host(sb);
+        let start = w.now;
+        // Let netcheck finish first, as a node that has been up a moment has.
+        w.run(
+            start + Duration::from_secs(1),
+            Duration::from_secs(1),
+            |_| {},
+        );
+        let first_send = w.now;
+        w.run(first_send + Duration::from_secs(10), 20 * MS, |w| {
+            w.send(0, 1, 1)
+        });
+        let first = [w.hosts[1].via_derp.first(), w.hosts[1].via_udp.first()]
+            .into_iter()
+            .flatten()
+            .min()
+            .copied()
+            .expect("packets arrived");
+        let direct = *w.hosts[1].via_udp.first().expect("went direct");
+        let to_direct = direct - first_send;
+        eprintln!(
+            "first packet after {:?}, first direct packet after {to_direct:?}",
+            first - first_send
+        );
+        // Disco (one round trip) beats the WireGuard handshake over DERP (two relay round trips),
+        // so even the first data packet can go direct; never later than a second.
+        assert!(
+            to_direct < Duration::from_secs(1),
+            "direct after {to_direct:?}"
+        );
+        assert!(is_direct(w.path(0, 1)));
+    }
+
+    #[test]
+    fn failover_to_derp_within_five_seconds_and_back_to_direct() {
+        let mut w = World::new(Instant::now());
+        let (sa, sb) = (
+            w.add_site(NatKind::PortRestricted),
+            w.add_site(NatKind::FullCone),
+        );
+        w.add_host(sa);
+        w.add_host(sb);
+        let t0 = w.now;
+        let every = 20 * MS;
+        w.run(t0 + Duration::from_secs(10), every, |w| w.send(0, 1, 1));
+        assert!(is_direct(w.path(0, 1)) && is_direct(w.path(1, 0)));
+
+        // Worst case: the direct path dies right after a heartbeat's pong.
+        let cut = w.now;
+        w.block_udp(sa, sb, true);
+        w.run(cut + Duration::from_secs(10), every, |w| w.send(0, 1, 1));
+        let resumed = *w.hosts[1]
+            .via_derp
+            .iter()
+            .find(|t| **t > cut)
+            .expect("fell back to DERP");
+        let failover = resumed - cut;
+        eprintln!("failover: first packet over DERP {failover:?} after UDP was cut");
+        assert!(
+            failover <= Duration::from_secs(5),
+            "failover took {failover:?}"
+        );
+        // No gap longer than the failover itself: packets kept arriving over DERP.
+        let late: Vec<_> = w.hosts[1]
+            .via_derp
+            .iter()
+            .filter(|t| **t > resumed)
+            .collect();
+        assert!(
+            late.len() > 200,
+            "DERP carries the traffic ({} packets)",
+            late.len()
+        );
+        assert!(matches!(w.path(0, 1), Some(PathKind::Relay(REGION))));
+
+        let restore = w.now;
+        w.block_udp(sa, sb, false);
+        let mut back = None;
+        let end = restore + Duration::from_secs(15);
+        while w.now < end && back.is_none() {
+            let step = w.now + 100 * MS;
+            w.run(step, every, |w| w.send(0, 1, 1));
+            if is_direct(w.path(0, 1)) && is_direct(w.path(1, 0)) {
+                back = Some(w.now - restore);
+            }
+        }
+        let back = back.expect("returned to direct");
+        eprintln!("recovery: direct again {back:?} after UDP was restored");
+        assert!(back <= Duration::from_secs(7), "took {back:?}");
+    }
+
+    #[test]
+    fn nat_turning_symmetric_mid_session_ends_on_relay() {
+        let mut w = World::new(Instant::now());
+        let (sa, sb) = (
+            w.add_site(NatKind::PortRestricted),
+            w.add_site(NatKind::PortRestricted),
+        );
+        w.add_host(sa);
+        w.add_host(sb);
+        let t0 = w.now;
+        w.run(t0 + Duration::from_secs(10), 50 * MS, |w| w.send(0, 1, 1));
+        assert!(is_direct(w.path(0, 1)));
+        w.set_kind(sa, NatKind::Symmetric);
+        let t1 = w.now;
+        let before = w.hosts[1].received;
+        w.run(t1 + Duration::from_secs(30), 50 * MS, |w| w.send(0, 1, 1));
+        assert_eq!(w.path(0, 1), Some(PathKind::Relay(REGION)));
+        assert_eq!(w.path(1, 0), Some(PathKind::Relay(REGION)));
+        assert!(w.hosts[1].received - before > 500, "traffic continued");
+    }
+
+    #[test]
+    fn ping_reports_the_path_it_took() {
+        let mut w = World::new(Instant::now());
+        let (sa, sb) = (
+            w.add_site(NatKind::UdpBlocked),
+            w.add_site(NatKind::FullCone),
+        );
+        w.add_host(sa);
+        w.add_host(sb);
+        let t0 = w.now;
+        w.run(t0 + Duration::from_secs(5), Duration::from_secs(1), |w| {
+            w.ping(0, 1)
+        });
+        assert!(!w.hosts[0].pongs.is_empty());
+        assert!(
+            w.hosts[0]
+                .pongs
+                .iter()
+                .all(|(p, _)| *p == PathKind::Relay(REGION))
+        );
+
+        let mut w = World::new(Instant::now());
+        let (sa, sb) = (w.add_site(NatKind::Public), w.add_site(NatKind::FullCone));
+        w.add_host(sa);
+        w.add_host(sb);
+        let t0 = w.now;
+        w.run(t0 + Duration::from_secs(8), Duration::from_secs(1), |w| {
+            w.ping(0, 1)
+        });
+        let last = w.hosts[0].pongs.last().expect("pongs");
+        assert!(
+            matches!(last.0, PathKind::Direct(_)),
+            "later pings go direct: {:?}",
+            w.hosts[0].pongs
+        );
+        assert_eq!(last.1, WAN_DELAY * 2);
+    }
+
+    #[test]
+    fn simulated_nats_behave_as_named() {
+        let remote1: SocketAddr = "203.0.113.10:1".parse().expect("addr");
+        let remote2: SocketAddr = "203.0.113.10:2".parse().expect("addr");
+        let other_ip: SocketAddr = "203.0.113.99:1".parse().expect("addr");
+        let inside: SocketAddr = "10.0.0.2:41641".parse().expect("addr");
+        let mut rng = 1;
+        for (kind, eim, same_ip_other_port, other_ip_ok) in [
+            (NatKind::FullCone, true, true, true),
+            (NatKind::Restricted, true, true, false),
+            (NatKind::PortRestricted, true, false, false),
+            (NatKind::Symmetric, false, false, false),
+        ] {
+            let mut s = Site {
+                kind,
+                wan: "198.51.100.1".parse().expect("ip"),
+                next_port: 20_000,
+                map: BTreeMap::new(),
+                reverse: BTreeMap::new(),
+                contacted: BTreeMap::new(),
+            };
+            let m1 = s.outbound(inside, remote1, &mut rng).expect("mapped");
+            assert_eq!(
+                s.inbound(m1.port(), remote1, None),
+                Some(inside),
+                "{kind:?}: replies get in"
+            );
+            assert_eq!(
+                s.inbound(m1.port(), remote2, None).is_some(),
+                same_ip_other_port,
+                "{kind:?}"
+            );
+            assert_eq!(
+                s.inbound(m1.port(), other_ip, None).is_some(),
+                other_ip_ok,
+                "{kind:?}"
+            );
+            let m2 = s.outbound(inside, other_ip, &mut rng).expect("mapped");
+            assert_eq!(m1 == m2, eim, "{kind:?} mapping");
+        }
+    }
+}
