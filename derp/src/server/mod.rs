@@ -1,0 +1,632 @@
+//! The DERP relay: the handshake, one reader and one writer per connection, and the
+//! [`registry`] core that routes between them.
+//!
+//! Per connection: the server sends `ServerKey` at once, reads `ClientInfo` (10 s deadline, as
+//! Tailscale), optionally verifies the key, registers it (the newest connection for a key wins;
+//! the older one gets a `Health` frame and is closed), answers `ServerInfo`, then relays.
+//! A client whose frames are malformed or over the limits loses only its own connection.
+
+pub(crate) mod queue;
+pub mod registry;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, trace, warn};
+use warren_proto::derp::{
+    self, Frame, MeshKey, PeerGoneReason, ServerInfo, open_client_info, seal_server_info,
+};
+use warren_proto::disco::looks_like_disco;
+use warren_proto::{DerpPublicKey, DerpSecretKey, NodePublicKey};
+
+use crate::frame::{FrameReader, ReadError, write_frame};
+use crate::verify::Verifier;
+use queue::{ClientQueue, Next, Pushed};
+use registry::{ConnId, Registry, Route};
+
+/// Tailscale's per-client send queue depth.
+pub const DEFAULT_QUEUE_DEPTH: usize = 32;
+/// The server sends a `KeepAlive` this often, plus up to [`KEEPALIVE_JITTER`].
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// The random part added once per connection to [`KEEPALIVE_INTERVAL`].
+pub const KEEPALIVE_JITTER: Duration = Duration::from_secs(5);
+/// How long a client has to send `ClientInfo` (and be verified).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tailscale's default TCP write timeout towards a client.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Frames are batched into one write up to about this many bytes. Small, like Go's 4 KiB
+/// `bufio.Writer` in Tailscale's server, so a disco packet queued behind a blocked write waits
+/// for at most one batch.
+const WRITE_BATCH: usize = 4 << 10;
+/// The largest `ClientInfo` payload accepted (Tailscale: 256 KiB).
+const MAX_CLIENT_INFO_LEN: usize = 256 << 10;
+/// The largest `Ping` payload accepted (Tailscale: 1000 bytes).
+const MAX_PING_LEN: usize = 1000;
+/// The health text sent to a connection replaced by a newer one for the same key.
+pub const REPLACED_HEALTH: &str = "another connection for this node key replaced this one";
+
+/// The relay's settings.
+pub struct RelayOptions {
+    /// Packets queued per client (data and disco each).
+    pub queue_depth: usize,
+    /// How long a write to a client may block before the connection is closed; `None` waits
+    /// forever (the queue still bounds memory).
+    pub write_timeout: Option<Duration>,
+    /// The region's mesh key: a client presenting it is a mesh peer.
+    pub mesh_key: Option<MeshKey>,
+    /// Who may connect; `None` admits every key that completes the handshake.
+    pub verifier: Option<Arc<dyn Verifier>>,
+    /// Admit clients when the verifier fails (cannot reach control).
+    pub verify_fail_open: bool,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        Self {
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+            write_timeout: Some(DEFAULT_WRITE_TIMEOUT),
+            mesh_key: None,
+            verifier: None,
+            verify_fail_open: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for RelayOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayOptions")
+            .field("queue_depth", &self.queue_depth)
+            .field("write_timeout", &self.write_timeout)
+            .field("mesh_key", &self.mesh_key.is_some())
+            .field("verifier", &self.verifier.is_some())
+            .field("verify_fail_open", &self.verify_fail_open)
+            .finish()
+    }
+}
+
+/// Counters, all since start.
+#[derive(Debug, Default)]
+struct Counters {
+    accepts: AtomicU64,
+    packets_relayed: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    dropped_unknown_dest: AtomicU64,
+    dropped_gone: AtomicU64,
+    peer_gone_disconnected: AtomicU64,
+    peer_gone_not_here: AtomicU64,
+    pongs: AtomicU64,
+    replaced: AtomicU64,
+    refused: AtomicU64,
+    bad_frames: AtomicU64,
+}
+
+/// A snapshot of the relay's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections accepted (before the handshake).
+    pub accepts: u64,
+    /// Clients connected now.
+    pub clients: u64,
+    /// Clients that say this server is their home.
+    pub home_clients: u64,
+    /// Packets queued to a destination.
+    pub packets_relayed: u64,
+    /// Packets dropped because the destination's queue was full (the oldest one goes).
+    pub dropped_queue_full: u64,
+    /// Packets dropped because the destination is not connected.
+    pub dropped_unknown_dest: u64,
+    /// Packets dropped because the destination was closing.
+    pub dropped_gone: u64,
+    /// `PeerGone(disconnected)` frames queued.
+    pub peer_gone_disconnected: u64,
+    /// `PeerGone(not here)` frames queued.
+    pub peer_gone_not_here: u64,
+    /// `Pong` frames queued.
+    pub pongs: u64,
+    /// Connections closed because a newer one for the same key arrived.
+    pub replaced: u64,
+    /// Connections refused by verification or a failed handshake.
+    pub refused: u64,
+    /// Connections closed for a malformed or oversized frame.
+    pub bad_frames: u64,
+}
+
+/// The view of one connected client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Data packets waiting in its queue.
+    pub queued_data: usize,
+    /// Disco packets waiting in its priority queue.
+    pub queued_disco: usize,
+    /// Packets it lost to a full queue.
+    pub dropped: u64,
+    /// Whether it said this server is its home.
+    pub preferred: bool,
+}
+
+struct Inner {
+    key: DerpSecretKey,
+    public: DerpPublicKey,
+    options: RelayOptions,
+    registry: Mutex<Registry<Arc<ClientQueue>>>,
+    counters: Counters,
+    shutdown: watch::Sender<bool>,
+}
+
+/// A DERP relay. Cheap to clone; feed it connections with [`Relay::accept`].
+#[derive(Clone)]
+pub struct Relay {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("public_key", &self.inner.public)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a connection ended, for logs.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("expected ClientInfo, got {0}")]
+    NotClientInfo(derp::FrameType),
+    #[error("bad ClientInfo: {0}")]
+    BadClientInfo(#[from] derp::InfoError),
+    #[error("key refused by verification")]
+    Refused,
+    #[error("verification failed: {0}")]
+    VerifyFailed(#[from] crate::verify::VerifyError),
+    #[error("{0} frame needs the mesh key")]
+    NotPermitted(derp::FrameType),
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error("write failed: {0}")]
+    Write(#[from] std::io::Error),
+    #[error("write timed out")]
+    WriteTimeout,
+}
+
+impl Relay {
+    /// A relay with the server key `key`.
+    pub fn new(key: DerpSecretKey, options: RelayOptions) -> Self {
+        let public = key.public_key();
+        let (shutdown, _) = watch::channel(false);
+        Self {
+            inner: Arc::new(Inner {
+                key,
+                public,
+                options,
+                registry: Mutex::new(Registry::new()),
+                counters: Counters::default(),
+                shutdown,
+            }),
+        }
+    }
+
+    /// The server's public key (sent in `ServerKey` and `Derp-Public-Key`).
+    pub fn public_key(&self) -> DerpPublicKey {
+        self.inner.public
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry<Arc<ClientQueue>>> {
+        // Registry operations leave it consistent even if a caller panicked mid-way.
+        self.inner
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        let (clients, home) = {
+            let r = self.registry();
+            (r.len() as u64, r.preferred_count() as u64)
+        };
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            accepts: l(&c.accepts),
+            clients,
+            home_clients: home,
+            packets_relayed: l(&c.packets_relayed),
+            dropped_queue_full: l(&c.dropped_queue_full),
+            dropped_unknown_dest: l(&c.dropped_unknown_dest),
+            dropped_gone: l(&c.dropped_gone),
+            peer_gone_disconnected: l(&c.peer_gone_disconnected),
+            peer_gone_not_here: l(&c.peer_gone_not_here),
+            pongs: l(&c.pongs),
+            replaced: l(&c.replaced),
+            refused: l(&c.refused),
+            bad_frames: l(&c.bad_frames),
+        }
+    }
+
+    /// The state of `key`'s active connection, if it is connected.
+    pub fn client_stats(&self, key: &NodePublicKey) -> Option<ClientStats> {
+        let r = self.registry();
+        let (_, q) = r.get(key)?;
+        let (queued_data, queued_disco) = q.lens();
+        Some(ClientStats {
+            queued_data,
+            queued_disco,
+            dropped: q.dropped(),
+            preferred: r.is_preferred(key),
+        })
+    }
+
+    /// Closes every connection and refuses new ones.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    /// Serves one client connection (after the HTTP upgrade) until it ends. `remote` is for
+    /// logs only.
+    pub async fn accept<IO>(&self, io: IO, remote: Option<SocketAddr>)
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin,
+    {
+        self.accept_with_leftover(io, Vec::new(), remote).await;
+    }
+
+    /// Like [`Self::accept`], for a stream that already delivered `leftover` bytes.
+    pub(crate) async fn accept_with_leftover<IO>(
+        &self,
+        io: IO,
+        leftover: Vec<u8>,
+        remote: Option<SocketAddr>,
+    ) where
+        IO: AsyncRead + AsyncWrite + Send + Unpin,
+    {
+        self.inner.counters.accepts.fetch_add(1, Ordering::Relaxed);
+        let mut shutdown = self.inner.shutdown.subscribe();
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        let span =
+            tracing::debug_span!("derp_conn", remote = ?remote, peer = tracing::field::Empty);
+        let result = async {
+            tokio::select! {
+                r = self.serve(io, leftover) => r,
+                _ = stopped(&mut shutdown) => Ok(()),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        let _enter = span.enter();
+        match result {
+            Ok(()) => debug!("connection closed"),
+            Err(ConnError::Read(ReadError::Closed)) => debug!("client hung up"),
+            Err(e @ ConnError::Read(ReadError::Frame(_))) => {
+                self.inner
+                    .counters
+                    .bad_frames
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "closing connection: bad frame");
+            }
+            Err(e @ (ConnError::Refused | ConnError::VerifyFailed(_))) => {
+                info!(error = %e, "client refused");
+            }
+            Err(e) => debug!(error = %e, "connection ended"),
+        }
+    }
+
+    async fn serve<IO>(&self, io: IO, leftover: Vec<u8>) -> Result<(), ConnError>
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin,
+    {
+        let (rd, mut wr) = tokio::io::split(io);
+        let mut reader = FrameReader::with_leftover(rd, leftover).with_limit(client_frame_limit);
+        write_frame(
+            &mut wr,
+            &Frame::ServerKey {
+                key: self.inner.public,
+            },
+        )
+        .await?;
+        wr.flush().await?;
+
+        let handshake = async {
+            let frame = reader.read_frame().await?;
+            if !matches!(frame, Frame::ClientInfo { .. }) {
+                return Err(ConnError::NotClientInfo(frame.frame_type()));
+            }
+            let (key, info) = open_client_info(&self.inner.key, &frame)?;
+            let mesh_peer = match (&self.inner.options.mesh_key, &info.mesh_key) {
+                (Some(ours), Some(theirs)) => ours == theirs,
+                _ => false,
+            };
+            // Mesh peers are trusted without asking control (as Tailscale does).
+            if !mesh_peer && let Some(verifier) = &self.inner.options.verifier {
+                match verifier.verify(key).await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(ConnError::Refused),
+                    Err(e) if self.inner.options.verify_fail_open => {
+                        warn!(error = %e, %key, "verification failed; admitting (fail open)");
+                    }
+                    Err(e) => return Err(ConnError::VerifyFailed(e)),
+                }
+            }
+            Ok((key, info, mesh_peer))
+        };
+        let (key, info, mesh_peer) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                if !matches!(e, ConnError::Read(ReadError::Closed)) {
+                    self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(e);
+            }
+            Err(_) => {
+                self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(ConnError::HandshakeTimeout);
+            }
+        };
+        tracing::Span::current().record("peer", tracing::field::display(key.short()));
+
+        let queue = Arc::new(ClientQueue::new(self.inner.options.queue_depth));
+        let registered = self.registry().register(key, queue.clone(), mesh_peer);
+        if let Some((old, old_queue)) = registered.replaced {
+            self.inner.counters.replaced.fetch_add(1, Ordering::Relaxed);
+            info!(
+                old = old.0,
+                new = registered.conn.0,
+                "newer connection replaces older one"
+            );
+            old_queue.close(Some(REPLACED_HEALTH.to_owned()));
+        }
+        info!(
+            conn = registered.conn.0,
+            mesh_peer,
+            version = info.version,
+            "client connected"
+        );
+        let conn = registered.conn;
+        let result = self.relay(&mut reader, &mut wr, key, conn, &queue).await;
+        queue.close(None);
+        let notify = self.registry().unregister(&key, conn);
+        for peer in notify {
+            if peer.push_control(Frame::PeerGone {
+                peer: key,
+                reason: PeerGoneReason::Disconnected,
+            }) {
+                self.inner
+                    .counters
+                    .peer_gone_disconnected
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    async fn relay<R, W>(
+        &self,
+        reader: &mut FrameReader<R>,
+        wr: &mut W,
+        key: NodePublicKey,
+        conn: ConnId,
+        queue: &Arc<ClientQueue>,
+    ) -> Result<(), ConnError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let info = ServerInfo::default();
+        let frame = seal_server_info(&self.inner.key, &key, random_nonce(), &info);
+        write_frame(wr, &frame).await?;
+        wr.flush().await?;
+
+        let writer = self.write_loop(wr, queue);
+        let reader = self.read_loop(reader, key, conn, queue);
+        tokio::select! {
+            r = writer => r,
+            r = reader => r,
+        }
+    }
+
+    async fn read_loop<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut FrameReader<R>,
+        key: NodePublicKey,
+        conn: ConnId,
+        queue: &Arc<ClientQueue>,
+    ) -> Result<(), ConnError> {
+        let counters = &self.inner.counters;
+        loop {
+            let frame = reader.read_frame().await?;
+            match frame {
+                Frame::SendPacket { dst, packet } => self.forward(key, dst, packet),
+                Frame::ForwardPacket { src, dst, packet } => {
+                    if !self.registry().is_mesh_peer(&key) {
+                        return Err(ConnError::NotPermitted(derp::FrameType::FORWARD_PACKET));
+                    }
+                    self.forward(src, dst, packet);
+                }
+                Frame::NotePreferred { preferred } => {
+                    debug!(preferred, "note preferred");
+                    self.registry().note_preferred(&key, conn, preferred);
+                }
+                Frame::Ping { data } => {
+                    // At most one pong per ping; extra pongs beyond the control queue are
+                    // dropped (Tailscale drops pings that come too fast).
+                    if queue.push_control(Frame::Pong { data }) {
+                        counters.pongs.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Frame::ClosePeer { peer } => {
+                    if !self.registry().is_mesh_peer(&key) {
+                        return Err(ConnError::NotPermitted(derp::FrameType::CLOSE_PEER));
+                    }
+                    if let Some((_, q)) = self.registry().get(&peer) {
+                        info!(%peer, "closing peer on a mesh peer's request");
+                        q.close(None);
+                    }
+                }
+                Frame::WatchConns => {
+                    if !self.registry().is_mesh_peer(&key) {
+                        return Err(ConnError::NotPermitted(derp::FrameType::WATCH_CONNS));
+                    }
+                    // Mesh watching (PeerPresent/PeerGone streams) is not implemented yet.
+                    debug!("WatchConns ignored: mesh not implemented");
+                }
+                Frame::KeepAlive | Frame::Pong { .. } => {}
+                other => trace!(frame_type = %other.frame_type(), "ignoring frame"),
+            }
+        }
+    }
+
+    fn forward(&self, src: NodePublicKey, dst: NodePublicKey, packet: Vec<u8>) {
+        let counters = &self.inner.counters;
+        let disco = looks_like_disco(&packet);
+        let now = tokio::time::Instant::now().into_std();
+        let (route, src_queue) = {
+            let mut r = self.registry();
+            let route = r.route(&src, &dst, disco, now);
+            let src_queue = r.get(&src).map(|(_, q)| q.clone());
+            (route, src_queue)
+        };
+        match route {
+            Route::Deliver(q) => match q.push_packet(src, packet, disco) {
+                Pushed::Queued => {
+                    counters.packets_relayed.fetch_add(1, Ordering::Relaxed);
+                }
+                Pushed::DroppedOldest => {
+                    counters.packets_relayed.fetch_add(1, Ordering::Relaxed);
+                    counters.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+                    trace!(%dst, "queue full; dropped the oldest packet");
+                }
+                Pushed::Closed => {
+                    counters.dropped_gone.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            Route::NotHere { answer } => {
+                counters
+                    .dropped_unknown_dest
+                    .fetch_add(1, Ordering::Relaxed);
+                trace!(%dst, disco, "destination not here");
+                if answer
+                    && let Some(q) = src_queue
+                    && q.push_control(Frame::PeerGone {
+                        peer: dst,
+                        reason: PeerGoneReason::NotHere,
+                    })
+                {
+                    counters.peer_gone_not_here.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    async fn write_loop<W: AsyncWrite + Unpin>(
+        &self,
+        wr: &mut W,
+        queue: &ClientQueue,
+    ) -> Result<(), ConnError> {
+        let period = KEEPALIVE_INTERVAL + jitter(KEEPALIVE_JITTER);
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let timeout = self.inner.options.write_timeout;
+        let mut buf = Vec::with_capacity(64 << 10);
+        loop {
+            let first = tokio::select! {
+                next = queue.next() => next,
+                _ = keepalive.tick() => Next::Frame(Frame::KeepAlive),
+            };
+            // Batch what is ready into one write.
+            let mut next = Some(first);
+            let mut close = None;
+            while let Some(item) = next.take() {
+                match item {
+                    Next::Frame(frame) => frame.encode(&mut buf),
+                    Next::Close(health) => {
+                        close = Some(health);
+                        break;
+                    }
+                }
+                if buf.len() >= WRITE_BATCH {
+                    break;
+                }
+                next = queue.try_next();
+            }
+            if let Some(Some(problem)) = &close {
+                Frame::Health {
+                    problem: problem.clone(),
+                }
+                .encode(&mut buf);
+            }
+            let write = async {
+                wr.write_all(&buf).await?;
+                wr.flush().await?;
+                if close.is_some() {
+                    wr.shutdown().await?;
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            match timeout {
+                Some(t) => tokio::time::timeout(t, write)
+                    .await
+                    .map_err(|_| ConnError::WriteTimeout)??,
+                None => write.await?,
+            }
+            buf.clear();
+            if close.is_some() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// 24 random bytes for a box nonce.
+pub(crate) fn random_nonce() -> [u8; derp::NONCE_LEN] {
+    let mut n = [0u8; derp::NONCE_LEN];
+    fill_random(&mut n);
+    n
+}
+
+fn fill_random(buf: &mut [u8]) {
+    if let Err(e) = getrandom::getrandom(buf) {
+        // The OS generator failing is unrecoverable for key material; nonces must not repeat.
+        panic!("operating system random generator failed: {e}");
+    }
+}
+
+/// A random duration in `[0, max)`.
+fn jitter(max: Duration) -> Duration {
+    let mut b = [0u8; 8];
+    fill_random(&mut b);
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX).max(1);
+    Duration::from_nanos(u64::from_le_bytes(b) % nanos)
+}
+
+/// The server's limits on what a client sends, tighter than the codec's for some types (as
+/// Tailscale's): `ClientInfo` up to 256 KiB, small control frames up to 1000 bytes.
+fn client_frame_limit(frame_type: derp::FrameType) -> usize {
+    match frame_type {
+        derp::FrameType::CLIENT_INFO => derp::KEY_LEN + derp::NONCE_LEN + MAX_CLIENT_INFO_LEN,
+        derp::FrameType::PING
+        | derp::FrameType::PONG
+        | derp::FrameType::NOTE_PREFERRED
+        | derp::FrameType::KEEP_ALIVE
+        | derp::FrameType::WATCH_CONNS
+        | derp::FrameType::CLOSE_PEER => MAX_PING_LEN,
+        other => other.max_payload_len(),
+    }
+}
+
+/// Resolves when `rx` says stop (or its sender is gone, which never happens while the relay
+/// lives).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! The relay's sans-IO core: which connection serves which node key, who sent to whom (for
+//! `PeerGone`), and the `PeerGone(not here)` budget. No sockets, no clock (time is a
+//! parameter), ordered maps only, so it replays the same way every time.
+//!
+//! The shell ([`super::Relay`]) holds one `Registry` behind a mutex and calls it for every
+//! state change; `H` is whatever the shell needs to reach a connection (its send queue).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use warren_proto::NodePublicKey;
+
+/// A connection's number, unique for the life of the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+/// `PeerGone(not here)` answers per client: a burst of 3, then one per second (Tailscale's
+/// `peerGoneLim`).
+const NOT_HERE_BURST: u32 = 3;
+const NOT_HERE_EVERY: Duration = Duration::from_secs(1);
+
+/// A token bucket for `PeerGone(not here)` answers.
+#[derive(Debug, Clone)]
+struct NotHereBudget {
+    tokens: u32,
+    last_refill: Option<Instant>,
+}
+
+impl NotHereBudget {
+    fn new() -> Self {
+        Self {
+            tokens: NOT_HERE_BURST,
+            last_refill: None,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        match self.last_refill {
+            None => self.last_refill = Some(now),
+            Some(last) => {
+                let elapsed = now.saturating_duration_since(last);
+                let gained = elapsed.as_nanos() / NOT_HERE_EVERY.as_nanos();
+                if gained > 0 {
+                    let gained = u32::try_from(gained).unwrap_or(u32::MAX);
+                    self.tokens = self.tokens.saturating_add(gained).min(NOT_HERE_BURST);
+                    self.last_refill = Some(now);
+                }
+            }
+        }
+        if self.tokens > 0 {
+            self.tokens -= 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry<H> {
+    conn: ConnId,
+    handle: H,
+    preferred: bool,
+    mesh_peer: bool,
+    not_here: NotHereBudget,
+}
+
+/// Where a `SendPacket` goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route<H> {
+    /// Queue it to this connection.
+    Deliver(H),
+    /// Nobody with that key is connected: drop the packet (and count it). `answer` says whether
+    /// to tell the sender `PeerGone(not here)`: only for disco packets, and rate-limited, as
+    /// Tailscale does.
+    NotHere {
+        /// Whether to send `PeerGone(not here)` to the sender.
+        answer: bool,
+    },
+}
+
+/// What [`Registry::register`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered<H> {
+    /// The new connection's id.
+    pub conn: ConnId,
+    /// The connection it replaced (the same key was connected): close it.
+    pub replaced: Option<(ConnId, H)>,
+}
+
+/// The registry of connected clients.
+#[derive(Debug)]
+pub struct Registry<H> {
+    next_conn: u64,
+    clients: BTreeMap<NodePublicKey, Entry<H>>,
+    /// src -> the destinations src sent packets to while connected.
+    sent_to: BTreeMap<NodePublicKey, BTreeSet<NodePublicKey>>,
+    /// dst -> the sources that sent to dst (the reverse of `sent_to`, to clean it up).
+    recv_from: BTreeMap<NodePublicKey, BTreeSet<NodePublicKey>>,
+}
+
+impl<H> Default for Registry<H> {
+    fn default() -> Self {
+        Self {
+            next_conn: 1,
+            clients: BTreeMap::new(),
+            sent_to: BTreeMap::new(),
+            recv_from: BTreeMap::new(),
+        }
+    }
+}
+
+impl<H: Clone> Registry<H> {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Call after a client finished its handshake (and passed verification). The newest
+    /// connection for a key wins: an older one is returned in `replaced` for the shell to close.
+    pub fn register(&mut self, key: NodePublicKey, handle: H, mesh_peer: bool) -> Registered<H> {
+        let conn = ConnId(self.next_conn);
+        self.next_conn += 1;
+        let entry = Entry {
+            conn,
+            handle,
+            preferred: false,
+            mesh_peer,
+            not_here: NotHereBudget::new(),
+        };
+        let replaced = self
+            .clients
+            .insert(key, entry)
+            .map(|old| (old.conn, old.handle));
+        Registered { conn, replaced }
+    }
+
+    /// Call when connection `conn` of `key` ended. When `conn` is still the key's active
+    /// connection, the key leaves and the result lists the connections to tell
+    /// `PeerGone(disconnected)`: every still-connected peer this key sent packets to. A
+    /// connection that was already replaced leaves nothing behind and notifies nobody.
+    pub fn unregister(&mut self, key: &NodePublicKey, conn: ConnId) -> Vec<H> {
+        match self.clients.get(key) {
+            Some(entry) if entry.conn == conn => {}
+            _ => return Vec::new(),
+        }
+        self.clients.remove(key);
+        let mut notify = Vec::new();
+        for dst in self.sent_to.remove(key).unwrap_or_default() {
+            if let Some(srcs) = self.recv_from.get_mut(&dst) {
+                srcs.remove(key);
+                if srcs.is_empty() {
+                    self.recv_from.remove(&dst);
+                }
+            }
+            if let Some(entry) = self.clients.get(&dst) {
+                notify.push(entry.handle.clone());
+            }
+        }
+        for src in self.recv_from.remove(key).unwrap_or_default() {
+            if let Some(dsts) = self.sent_to.get_mut(&src) {
+                dsts.remove(key);
+                if dsts.is_empty() {
+                    self.sent_to.remove(&src);
+                }
+            }
+        }
+        notify
+    }
+
+    /// Routes a packet from `src` to `dst`. `disco` says whether the payload is a disco packet;
+    /// `now` feeds the `PeerGone(not here)` rate limit.
+    pub fn route(
+        &mut self,
+        src: &NodePublicKey,
+        dst: &NodePublicKey,
+        disco: bool,
+        now: Instant,
+    ) -> Route<H> {
+        if let Some(entry) = self.clients.get(dst) {
+            let handle = entry.handle.clone();
+            if self.clients.contains_key(src) && src != dst {
+                self.sent_to.entry(*src).or_default().insert(*dst);
+                self.recv_from.entry(*dst).or_default().insert(*src);
+            }
+            return Route::Deliver(handle);
+        }
+        let answer = disco
+            && self
+                .clients
+                .get_mut(src)
+                .is_some_and(|entry| entry.not_here.take(now));
+        Route::NotHere { answer }
+    }
+
+    /// Records a client's `NotePreferred`. Returns false when `conn` is no longer the key's
+    /// active connection.
+    pub fn note_preferred(&mut self, key: &NodePublicKey, conn: ConnId, preferred: bool) -> bool {
+        match self.clients.get_mut(key) {
+            Some(entry) if entry.conn == conn => {
+                entry.preferred = preferred;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `key` said this server is its home.
+    pub fn is_preferred(&self, key: &NodePublicKey) -> bool {
+        self.clients.get(key).is_some_and(|e| e.preferred)
+    }
+
+    /// Whether `key` is connected as a mesh peer.
+    pub fn is_mesh_peer(&self, key: &NodePublicKey) -> bool {
+        self.clients.get(key).is_some_and(|e| e.mesh_peer)
+    }
+
+    /// The active connection for `key`.
+    pub fn get(&self, key: &NodePublicKey) -> Option<(ConnId, &H)> {
+        self.clients.get(key).map(|e| (e.conn, &e.handle))
+    }
+
+    /// How many keys are connected.
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Whether nobody is connected.
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+
+    /// How many keys have connected preferring this server as home.
+    pub fn preferred_count(&self) -> usize {
+        self.clients.values().filter(|e| e.preferred).count()
+    }
+
+    /// The number of (src, dst) pairs remembered for `PeerGone`; bounded by connected pairs.
+    pub fn sent_to_pairs(&self) -> usize {
+        self.sent_to.values().map(BTreeSet::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(b: u8) -> NodePublicKey {
+        NodePublicKey::from_bytes([b; 32])
+    }
+
+    #[test]
+    fn newest_connection_wins_and_old_one_leaves_quietly() {
+        let mut r = Registry::new();
+        let first = r.register(k(1), "a1", false);
+        assert_eq!(first.replaced, None);
+        let second = r.register(k(1), "a2", false);
+        assert_eq!(second.replaced, Some((first.conn, "a1")));
+        assert_eq!(r.get(&k(1)), Some((second.conn, &"a2")));
+        r.register(k(2), "b", false);
+        assert_eq!(
+            r.route(&k(2), &k(1), false, Instant::now()),
+            Route::Deliver("a2")
+        );
+        // The replaced connection ending does not remove the key nor notify anybody.
+        r.register(k(3), "c", false);
+        r.route(&k(1), &k(3), false, Instant::now());
+        assert!(r.unregister(&k(1), first.conn).is_empty());
+        assert_eq!(r.get(&k(1)).map(|(c, _)| c), Some(second.conn));
+        // The active one ending notifies the peers it sent to.
+        assert_eq!(r.unregister(&k(1), second.conn), vec!["c"]);
+        assert_eq!(r.get(&k(1)), None);
+    }
+
+    #[test]
+    fn peer_gone_goes_to_those_the_leaver_sent_to() {
+        let mut r = Registry::new();
+        let a = r.register(k(1), "a", false).conn;
+        let b = r.register(k(2), "b", false).conn;
+        r.register(k(3), "c", false);
+        let now = Instant::now();
+        assert_eq!(r.route(&k(1), &k(2), false, now), Route::Deliver("b"));
+        assert_eq!(r.route(&k(1), &k(3), true, now), Route::Deliver("c"));
+        assert_eq!(r.route(&k(2), &k(1), false, now), Route::Deliver("a"));
+        assert_eq!(r.sent_to_pairs(), 3);
+        // b leaves: only a (whom b sent to) hears; c never got anything from b.
+        assert_eq!(r.unregister(&k(2), b), vec!["a"]);
+        assert_eq!(r.sent_to_pairs(), 1);
+        // a leaves: c hears; b is gone already.
+        assert_eq!(r.unregister(&k(1), a), vec!["c"]);
+        assert_eq!(r.sent_to_pairs(), 0);
+    }
+
+    #[test]
+    fn not_here_answers_only_disco_and_is_rate_limited() {
+        let mut r: Registry<&str> = Registry::new();
+        r.register(k(1), "a", false);
+        let t0 = Instant::now();
+        assert_eq!(
+            r.route(&k(1), &k(9), false, t0),
+            Route::NotHere { answer: false }
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                r.route(&k(1), &k(9), true, t0),
+                Route::NotHere { answer: true }
+            );
+        }
+        assert_eq!(
+            r.route(&k(1), &k(9), true, t0),
+            Route::NotHere { answer: false }
+        );
+        let t1 = t0 + Duration::from_millis(1500);
+        assert_eq!(
+            r.route(&k(1), &k(9), true, t1),
+            Route::NotHere { answer: true }
+        );
+        assert_eq!(
+            r.route(&k(1), &k(9), true, t1),
+            Route::NotHere { answer: false }
+        );
+        assert_eq!(r.sent_to_pairs(), 0);
+    }
+
+    #[test]
+    fn note_preferred_is_recorded_for_the_active_connection_only() {
+        let mut r = Registry::new();
+        let old = r.register(k(1), 1, false).conn;
+        let new = r.register(k(1), 2, true).conn;
+        assert!(!r.note_preferred(&k(1), old, true));
+        assert!(!r.is_preferred(&k(1)));
+        assert!(r.note_preferred(&k(1), new, true));
+        assert!(r.is_preferred(&k(1)));
+        assert!(r.is_mesh_peer(&k(1)));
+        assert_eq!(r.preferred_count(), 1);
+    }
+}
