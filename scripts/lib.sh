@@ -31,7 +31,7 @@ ensure_root() {
 ensure_tools() {
     local missing=() cmd pkg
     # command:package
-    for pair in ip:iproute2 ping:iputils-ping nft:nftables kill:procps sysctl:procps; do
+    for pair in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack kill:procps sysctl:procps; do
         cmd="${pair%%:*}"
         pkg="${pair#*:}"
         # `type -P`: a program file, not a shell builtin (the lab runs /usr/bin/kill).
@@ -47,7 +47,7 @@ ensure_tools() {
     section "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update
-    apt-get install -y --no-install-recommends iproute2 iputils-ping nftables procps
+    apt-get install -y --no-install-recommends iproute2 iputils-ping nftables conntrack procps
 }
 
 # Makes sure cargo is on PATH (root's PATH often lacks ~/.cargo/bin, also after sudo).

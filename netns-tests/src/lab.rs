@@ -180,7 +180,8 @@ impl Lab {
     }
 
     /// Connects namespace `ns` to `lan` with a veth pair: the end in `ns` is named `ifname`,
-    /// gets `addr_cidr` (e.g. `"10.77.0.11/24"`, which must lie in 10.77.0.0/16) and is up;
+    /// gets `addr_cidr` (e.g. `"10.77.0.11/24"`, which must be a lab address: see
+    /// [`LAB_RANGES`]) and is up;
     /// the other end is a port of the LAN's bridge.
     pub fn attach(&mut self, lan: &Lan, ns: &str, ifname: &str, addr_cidr: &str) -> Result<()> {
         ensure!(
@@ -209,10 +210,27 @@ impl Lab {
         Ok(())
     }
 
-    /// Adds a route in `ns`: `dest` is `"default"` or a CIDR, `via` a gateway in 10.77.0.0/16.
+    /// Adds a further address `addr_cidr` (a lab address, see [`LAB_RANGES`]) to interface
+    /// `ifname` of `ns`, e.g. a second public address of a server.
+    pub fn add_addr(&self, ns: &str, ifname: &str, addr_cidr: &str) -> Result<()> {
+        self.check_own(ns)?;
+        let (addr, len) = parse_lab_cidr(addr_cidr)?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/{len}"),
+            "dev",
+            ifname,
+        ])
+    }
+
+    /// Adds a route in `ns`: `dest` is `"default"` or a CIDR, `via` a gateway that is a lab
+    /// address (see [`LAB_RANGES`]).
     pub fn add_route(&self, ns: &str, dest: &str, via: Ipv4Addr) -> Result<()> {
         self.check_own(ns)?;
-        ensure!(is_lab_addr(via), "gateway {via} is outside 10.77.0.0/16");
+        ensure!(is_lab_addr(via), "gateway {via} is not a lab address");
         ip(&["-n", ns, "route", "add", dest, "via", &via.to_string()])
     }
 
@@ -595,12 +613,22 @@ pub fn list_namespaces() -> Result<Vec<String>> {
         .collect())
 }
 
+/// The only ranges the lab assigns addresses from: `10.77.0.0/16` (LANs) and TEST-NET-3
+/// `203.0.113.0/24` (RFC 5737, documentation only: the lab's "internet", see [`crate::nat`]).
+/// Both exist only inside the lab's namespaces.
+pub const LAB_RANGES: [(Ipv4Addr, u8); 2] = [
+    (Ipv4Addr::new(10, 77, 0, 0), 16),
+    (Ipv4Addr::new(203, 0, 113, 0), 24),
+];
+
 fn is_lab_addr(a: Ipv4Addr) -> bool {
-    let o = a.octets();
-    o[0] == 10 && o[1] == 77
+    LAB_RANGES.iter().any(|&(net, len)| {
+        let mask = u32::MAX << (32 - u32::from(len));
+        u32::from(a) & mask == u32::from(net)
+    })
 }
 
-/// Parses `a.b.c.d/len`, requiring the address to lie in 10.77.0.0/16 and `len >= 16`.
+/// Parses `a.b.c.d/len`, requiring a lab address (see [`LAB_RANGES`]) and `len >= 16`.
 fn parse_lab_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
     let (addr, len) = cidr
         .split_once('/')
@@ -613,7 +641,7 @@ fn parse_lab_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
         .with_context(|| format!("bad prefix length in {cidr:?}"))?;
     ensure!(
         is_lab_addr(addr) && (16..=32).contains(&len),
-        "{cidr} is outside 10.77.0.0/16: the lab only uses addresses there"
+        "{cidr} is outside 10.77.0.0/16 and 203.0.113.0/24: the lab only uses addresses there"
     );
     Ok((addr, len))
 }
@@ -623,11 +651,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lab_cidrs_are_confined_to_10_77() {
+    fn lab_cidrs_are_confined_to_lab_ranges() {
         assert!(parse_lab_cidr("10.77.0.11/24").is_ok());
         assert!(parse_lab_cidr("10.78.0.11/24").is_err());
         assert!(parse_lab_cidr("10.77.0.11/8").is_err());
         assert!(parse_lab_cidr("192.168.1.1/24").is_err());
         assert!(parse_lab_cidr("10.77.0.11").is_err());
+        assert!(parse_lab_cidr("203.0.113.10/24").is_ok());
+        assert!(parse_lab_cidr("203.0.114.10/24").is_err());
+        assert!(parse_lab_cidr("198.51.100.1/24").is_err());
     }
 }

@@ -6,21 +6,27 @@
 //! the drop happens during a panic it first prints the logs of every process it spawned.
 //!
 //! The lab never touches the host namespace's interfaces, routes or firewall, and only assigns
-//! addresses inside `10.77.0.0/16`. Tests synchronise with [`wait_until`], never fixed sleeps.
+//! addresses inside `10.77.0.0/16` and TEST-NET-3 `203.0.113.0/24` ([`lab::LAB_RANGES`]).
+//! Tests synchronise with [`wait_until`], never fixed sleeps.
 //!
+//! [`nat`] builds an "internet" with NAT routers of every RFC 4787 kind in front of LANs, and
+//! [`udp`] drives the labtool's UDP commands (echo, probe, listen, send) to observe them.
 //! [`mesh`] drives the real `warren-control` and `warren` binaries on top of a lab; [`traffic`]
 //! holds the deterministic byte stream and the report format of the `warren-labtool` binary.
 
 pub mod binaries;
 pub mod lab;
 pub mod mesh;
+pub mod nat;
 pub mod process;
 pub mod traffic;
+pub mod udp;
 pub mod wait;
 
 pub use binaries::{Binaries, binaries, binaries_with_labtool, require_root};
 pub use lab::{Lab, Lan, serial};
 pub use mesh::{Control, ControlConfig, Mesh, Node, NodeInfo, NodeStatus, PeerStatus, PreAuthKey};
+pub use nat::{Host, NatKind, NatLab, Site};
 pub use process::ProcHandle;
 pub use traffic::TransferReport;
 pub use wait::wait_until;

@@ -4,14 +4,20 @@
 //! warren-labtool tcp-sink  --listen ADDR:PORT [--timeout-secs 60]
 //! warren-labtool tcp-send  --to ADDR:PORT --bytes N [--timeout-secs 30]
 //! warren-labtool tcp-probe --to ADDR:PORT [--timeout-secs 1]
+//! warren-labtool udp-echo        --listen ADDR:PORT [--listen ADDR:PORT ...]
+//! warren-labtool udp-probe       --from-port P --to ADDR:PORT [--to ...] [--timeout-ms 1000]
+//! warren-labtool udp-listen-once --port P [--timeout-ms 1000] [--send-to ADDR:PORT]
+//! warren-labtool udp-send        --from ADDR:PORT --to ADDR:PORT [--count 1]
 //! ```
 //! `tcp-sink` accepts one connection, reads it to EOF and prints `{"bytes":N,"sha256":"hex"}`;
 //! `tcp-send` connects (retrying until the timeout), sends N bytes of the lab's deterministic
 //! stream, shuts down its write half and prints the same report for what it sent.
 //! `tcp-probe` makes one connection attempt and exits 0 if it succeeded.
+//! The UDP commands observe NATs; `warren_netns_tests::udp` documents their output and drives
+//! them.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,11 +25,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use warren_netns_tests::traffic::{PatternStream, TransferReport};
+use warren_netns_tests::udp::READY_LINE;
 
 const USAGE: &str = "usage:
   warren-labtool tcp-sink  --listen ADDR:PORT [--timeout-secs 60]
   warren-labtool tcp-send  --to ADDR:PORT --bytes N [--timeout-secs 30]
-  warren-labtool tcp-probe --to ADDR:PORT [--timeout-secs 1]";
+  warren-labtool tcp-probe --to ADDR:PORT [--timeout-secs 1]
+  warren-labtool udp-echo        --listen ADDR:PORT [--listen ADDR:PORT ...]
+  warren-labtool udp-probe       --from-port P --to ADDR:PORT [--to ...] [--timeout-ms 1000]
+  warren-labtool udp-listen-once --port P [--timeout-ms 1000] [--send-to ADDR:PORT]
+  warren-labtool udp-send        --from ADDR:PORT --to ADDR:PORT [--count 1]";
 
 const CHUNK: usize = 64 * 1024;
 
@@ -84,6 +95,39 @@ impl Flags {
             .with_context(|| format!("--{name} {v:?} is not an ADDR:PORT"))
     }
 
+    /// Every `--name ADDR:PORT`, in order (at least one).
+    fn addrs(&self, name: &str) -> Result<Vec<SocketAddr>> {
+        let all: Vec<SocketAddr> = self
+            .0
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| {
+                v.parse()
+                    .with_context(|| format!("--{name} {v:?} is not an ADDR:PORT"))
+            })
+            .collect::<Result<_>>()?;
+        if all.is_empty() {
+            bail!("--{name} is required\n{USAGE}");
+        }
+        Ok(all)
+    }
+
+    fn number<T: std::str::FromStr>(&self, name: &str, default: Option<T>) -> Result<T> {
+        match (self.get(name), default) {
+            (Some(v), _) => v
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--{name} {v:?} is not a valid number")),
+            (None, Some(d)) => Ok(d),
+            (None, None) => bail!("--{name} is required\n{USAGE}"),
+        }
+    }
+
+    fn millis(&self, default: u64) -> Result<Duration> {
+        Ok(Duration::from_millis(
+            self.number("timeout-ms", Some(default))?,
+        ))
+    }
+
     fn secs(&self, default: u64) -> Result<Duration> {
         match self.get("timeout-secs") {
             None => Ok(Duration::from_secs(default)),
@@ -117,6 +161,34 @@ fn run(args: Vec<String>) -> Result<()> {
             TcpStream::connect_timeout(&to, flags.secs(1)?.max(Duration::from_millis(100)))
                 .with_context(|| format!("connect to {to}"))?;
             Ok(())
+        }
+        "udp-echo" => {
+            let flags = Flags::parse(rest, &["listen"])?;
+            udp_echo(&flags.addrs("listen")?)
+        }
+        "udp-probe" => {
+            let flags = Flags::parse(rest, &["from-port", "to", "timeout-ms"])?;
+            udp_probe(
+                flags.number("from-port", None)?,
+                &flags.addrs("to")?,
+                flags.millis(1000)?,
+            )
+        }
+        "udp-listen-once" => {
+            let flags = Flags::parse(rest, &["port", "timeout-ms", "send-to"])?;
+            let send_to = match flags.get("send-to") {
+                Some(_) => Some(flags.addr("send-to")?),
+                None => None,
+            };
+            udp_listen_once(flags.number("port", None)?, flags.millis(1000)?, send_to)
+        }
+        "udp-send" => {
+            let flags = Flags::parse(rest, &["from", "to", "count"])?;
+            udp_send(
+                flags.addr("from")?,
+                flags.addr("to")?,
+                flags.number("count", Some(1))?,
+            )
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
@@ -188,5 +260,140 @@ fn tcp_send(to: SocketAddr, bytes: u64, timeout: Duration) -> Result<()> {
     let mut rest = [0u8; 1];
     while matches!(stream.read(&mut rest), Ok(n) if n > 0) {}
     println!("{}", TransferReport::new(bytes, hasher).to_json());
+    Ok(())
+}
+
+/// Largest datagram the UDP commands read.
+const DATAGRAM: usize = 2048;
+
+/// Binds every address, prints the ready line, then answers each datagram with its source
+/// address as text (`ip:port`), forever.
+fn udp_echo(listen: &[SocketAddr]) -> Result<()> {
+    let sockets = listen
+        .iter()
+        .map(|a| UdpSocket::bind(a).with_context(|| format!("bind {a}")))
+        .collect::<Result<Vec<_>>>()?;
+    println!("{READY_LINE}");
+    thread::scope(|scope| {
+        let workers: Vec<_> = sockets
+            .iter()
+            .map(|sock| {
+                scope.spawn(move || -> Result<()> {
+                    let mut buf = [0u8; DATAGRAM];
+                    loop {
+                        match sock.recv_from(&mut buf) {
+                            Ok((_, src)) => {
+                                // A failed reply (e.g. no route back) is the probe's problem.
+                                let _ = sock.send_to(src.to_string().as_bytes(), src);
+                            }
+                            Err(e) if transient(&e) => {}
+                            Err(e) => return Err(e).context("receive"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            match w.join() {
+                Ok(r) => r?,
+                Err(_) => bail!("an echo thread panicked"),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Errors a UDP socket may report that say nothing about the socket itself: an ICMP error from
+/// an earlier send, an interrupted call, a read timeout.
+fn transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused
+            | ErrorKind::ConnectionReset
+            | ErrorKind::Interrupted
+            | ErrorKind::WouldBlock
+            | ErrorKind::TimedOut
+    )
+}
+
+/// From one socket bound to `0.0.0.0:from_port`, asks each echo server in `targets` what source
+/// address it sees, resending every quarter of `timeout`. Prints `TARGET MAPPED` or
+/// `TARGET timeout` per target.
+fn udp_probe(from_port: u16, targets: &[SocketAddr], timeout: Duration) -> Result<()> {
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, from_port))
+        .with_context(|| format!("bind 0.0.0.0:{from_port}"))?;
+    let resend = (timeout / 4).max(Duration::from_millis(50));
+    let mut buf = [0u8; DATAGRAM];
+    for &target in targets {
+        let deadline = Instant::now() + timeout;
+        let mut next_send = Instant::now();
+        let mut seen: Option<String> = None;
+        while seen.is_none() {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            if now >= next_send {
+                sock.send_to(b"warren-labtool probe", target)
+                    .with_context(|| format!("send to {target}"))?;
+                next_send = now + resend;
+            }
+            let wait = next_send.min(deadline).saturating_duration_since(now);
+            sock.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+            match sock.recv_from(&mut buf) {
+                // Late answers from an earlier target are not about this one.
+                Ok((n, src)) if src == target => {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    text.parse::<SocketAddr>()
+                        .with_context(|| format!("{target} answered {text:?}, not an ADDR:PORT"))?;
+                    seen = Some(text);
+                }
+                Ok(_) => {}
+                Err(e) if transient(&e) => {}
+                Err(e) => return Err(e).context("receive"),
+            }
+        }
+        println!("{target} {}", seen.as_deref().unwrap_or("timeout"));
+    }
+    Ok(())
+}
+
+/// Binds `0.0.0.0:port`, prints the ready line, sends one datagram to `send_to` if given, then
+/// prints `from SRC` for the first datagram to arrive within `timeout`, or `timeout`.
+fn udp_listen_once(port: u16, timeout: Duration, send_to: Option<SocketAddr>) -> Result<()> {
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+        .with_context(|| format!("bind 0.0.0.0:{port}"))?;
+    println!("{READY_LINE}");
+    if let Some(to) = send_to {
+        sock.send_to(b"warren-labtool listen", to)
+            .with_context(|| format!("send to {to}"))?;
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; DATAGRAM];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            println!("timeout");
+            return Ok(());
+        }
+        sock.set_read_timeout(Some(left))?;
+        match sock.recv_from(&mut buf) {
+            Ok((_, src)) => {
+                println!("from {src}");
+                return Ok(());
+            }
+            Err(e) if transient(&e) => {}
+            Err(e) => return Err(e).context("receive"),
+        }
+    }
+}
+
+/// Sends `count` datagrams from a socket bound to `from` to `to`.
+fn udp_send(from: SocketAddr, to: SocketAddr, count: u32) -> Result<()> {
+    let sock = UdpSocket::bind(from).with_context(|| format!("bind {from}"))?;
+    for _ in 0..count {
+        sock.send_to(b"warren-labtool send", to)
+            .with_context(|| format!("send to {to}"))?;
+    }
     Ok(())
 }
