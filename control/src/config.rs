@@ -74,6 +74,60 @@ pub struct Config {
 pub struct Derp {
     /// DERP map files in Tailscale's JSON shape, merged in order.
     pub paths: Vec<PathBuf>,
+    /// The DERP + STUN server control can run in-process.
+    pub server: DerpServer,
+}
+
+/// The embedded DERP + STUN server (Headscale's `derp.server`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DerpServer {
+    /// Run it; by default it runs when no `derp.paths` are configured, so a small mesh is one
+    /// process.
+    pub enabled: Option<bool>,
+    /// Its region id in the DERP map.
+    pub region_id: u32,
+    /// Its region code.
+    pub region_code: String,
+    /// Its region name.
+    pub region_name: String,
+    /// Where DERP (plain HTTP) listens.
+    pub listen_addr: SocketAddr,
+    /// Where STUN listens.
+    pub stun_listen_addr: SocketAddr,
+    /// The address nodes use to reach it; empty means the host of `server_url`.
+    pub ipv4: String,
+    /// Its key file, created on first start [default: `derp_server_private.key` beside
+    /// `noise.private_key_path`].
+    pub private_key_path: Option<PathBuf>,
+    /// Add its region to the DERP map (turn off when a `derp.paths` file describes it).
+    pub automatically_add_embedded_derp_region: bool,
+    /// Admit only nodes this control server knows.
+    pub verify_clients: bool,
+}
+
+impl Default for DerpServer {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            region_id: 999,
+            region_code: "warren".into(),
+            region_name: "warren embedded DERP".into(),
+            listen_addr: SocketAddr::from(([0, 0, 0, 0], 3340)),
+            stun_listen_addr: SocketAddr::from(([0, 0, 0, 0], 3478)),
+            ipv4: String::new(),
+            private_key_path: None,
+            automatically_add_embedded_derp_region: true,
+            verify_clients: true,
+        }
+    }
+}
+
+impl Derp {
+    /// Whether the embedded server runs.
+    pub fn embedded(&self) -> bool {
+        self.server.enabled.unwrap_or(self.paths.is_empty())
+    }
 }
 
 /// The server's private key file (Headscale's `noise.private_key_path`).

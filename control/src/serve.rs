@@ -87,7 +87,7 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
             magic_dns: config.dns.magic_dns,
             base_domain: config.dns.base_domain.clone(),
         },
-        derp_map: crate::derpmap::load(&config.derp.paths)?,
+        derp_map: derp_map(config)?,
     };
     let core = Core::open(Box::new(store), &settings, now_ms())?;
     tracing::info!(nodes = core.netmap().len(), "state loaded");
@@ -99,6 +99,107 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
         replay: std::sync::Mutex::new(Default::default()),
         stopping: tokio::sync::watch::Sender::new(false),
     }))
+}
+
+/// The DERP map: the configured files, plus the embedded server's region when it runs.
+fn derp_map(config: &Config) -> anyhow::Result<warren_proto::control::DerpMap> {
+    let mut map = crate::derpmap::load(&config.derp.paths)?;
+    let server = &config.derp.server;
+    if config.derp.embedded() && server.automatically_add_embedded_derp_region {
+        let host = if server.ipv4.is_empty() {
+            url_host(&config.server_url)
+        } else {
+            server.ipv4.clone()
+        };
+        let node = warren_proto::control::DerpNode {
+            name: format!("{}a", server.region_id),
+            region_id: server.region_id,
+            host_name: host.clone(),
+            ipv4: if host.parse::<std::net::Ipv4Addr>().is_ok() {
+                host
+            } else {
+                String::new()
+            },
+            ipv6: String::new(),
+            stun_port: i32::from(server.stun_listen_addr.port()),
+            derp_port: i32::from(server.listen_addr.port()),
+            insecure_for_tests: false,
+            plain_http: true,
+        };
+        map.regions.retain(|r| r.region_id != server.region_id);
+        map.regions.push(warren_proto::control::DerpRegion {
+            region_id: server.region_id,
+            region_code: server.region_code.clone(),
+            region_name: server.region_name.clone(),
+            nodes: vec![node],
+        });
+        map.regions.sort_by_key(|r| r.region_id);
+    }
+    Ok(map)
+}
+
+/// The host part of a URL like `http://host:port/path`.
+fn url_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6).to_string(),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, _)| h)
+            .to_string(),
+    }
+}
+
+/// Lets the embedded DERP server admit only registered, unexpired nodes.
+struct CoreVerifier(Arc<Shared>);
+
+impl warren_derp::verify::Verifier for CoreVerifier {
+    fn verify(&self, key: warren_proto::NodePublicKey) -> warren_derp::verify::VerifyFuture<'_> {
+        Box::pin(async move {
+            Ok(self
+                .0
+                .core
+                .lock()
+                .await
+                .authenticate(&key, now_ms())
+                .is_ok())
+        })
+    }
+}
+
+/// Starts the embedded DERP + STUN server.
+async fn start_embedded_derp(
+    config: &Config,
+    shared: &Arc<Shared>,
+) -> anyhow::Result<warren_derp::Running> {
+    let server = &config.derp.server;
+    let derp_config = warren_derp::config::Config {
+        listen: server.listen_addr,
+        stun: true,
+        stun_listen: server.stun_listen_addr,
+        key_path: server.private_key_path.clone().unwrap_or_else(|| {
+            let dir = config
+                .noise
+                .private_key_path
+                .parent()
+                .unwrap_or(Path::new("."));
+            dir.join("derp_server_private.key")
+        }),
+        ..warren_derp::config::Config::default()
+    };
+    let key = warren_derp::load_or_create_key(&derp_config.key_path)?;
+    let verifier: Option<Arc<dyn warren_derp::verify::Verifier>> = server
+        .verify_clients
+        .then(|| Arc::new(CoreVerifier(Arc::clone(shared))) as _);
+    let options = warren_derp::server::RelayOptions {
+        verifier,
+        ..Default::default()
+    };
+    let relay = warren_derp::server::Relay::new(key, options);
+    let running = warren_derp::start_with(&derp_config, relay).await?;
+    tracing::info!(derp = %running.http_addr, stun = ?running.stun_addr, region = server.region_id, "embedded DERP serving");
+    Ok(running)
 }
 
 /// Deletes inactive ephemeral nodes now and then, also those left over from before a restart.
@@ -163,6 +264,10 @@ pub async fn serve_on(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let sweeper = tokio::spawn(sweep_ephemeral(Arc::clone(&shared)));
+    let embedded = match config.derp.embedded() {
+        true => Some(start_embedded_derp(&config, &shared).await?),
+        false => None,
+    };
     let streams = Arc::clone(&shared);
     tokio::spawn(async move {
         shutdown.await;
@@ -189,6 +294,9 @@ pub async fn serve_on(
         );
     let result = tokio::try_join!(tcp_server, unix_server);
     sweeper.abort();
+    if let Some(derp) = embedded {
+        derp.shutdown().await;
+    }
     let _ = std::fs::remove_file(socket);
     result?;
     tracing::info!("warren-control stopped");

@@ -32,6 +32,7 @@ async fn start_control() -> Control {
     };
     config.noise.private_key_path = dir.path().join("control.key");
     config.database.sqlite.path = dir.path().join("db.sqlite");
+    config.derp.server.enabled = Some(false);
     let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", tcp.local_addr().expect("addr"));
     let socket = config.unix_socket.clone();

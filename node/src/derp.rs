@@ -1,11 +1,22 @@
 //! The node's DERP connections: one to the home region (announced as preferred) and others to
-//! peers' home regions on demand, reconnecting with backoff. Packets for a region go out on its
-//! connection; packets that arrive are handed to the daemon loop.
+//! peers' home regions on demand, each in its own task that reconnects with backoff. Packets for
+//! a region go into that link's bounded queue (a full queue drops, as a congested relay would);
+//! packets that arrive are handed to the daemon loop. DERP runs over TCP, so it also works
+//! where UDP is blocked.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use warren_derp::client::{Client, ClientEvent, ConnectOptions};
+use warren_node_core::netmap::DerpUrl;
 use warren_proto::{NodePublicKey, NodeSecretKey};
+
+/// Packets waiting for one link's connection.
+const LINK_QUEUE: usize = 512;
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// A packet a DERP relay delivered.
 #[derive(Debug)]
@@ -18,14 +29,25 @@ pub struct DerpReceived {
     pub packet: Vec<u8>,
 }
 
+#[derive(Debug)]
+enum Out {
+    Packet(NodePublicKey, Vec<u8>),
+    Preferred(bool),
+}
+
+#[derive(Debug)]
+struct Link {
+    out: mpsc::Sender<Out>,
+    task: JoinHandle<()>,
+}
+
 /// All DERP connections of the node.
 #[derive(Debug)]
 pub struct DerpLinks {
-    #[allow(dead_code)]
     key: NodeSecretKey,
-    urls: BTreeMap<u32, Vec<String>>,
+    urls: BTreeMap<u32, Vec<DerpUrl>>,
+    links: BTreeMap<u32, Link>,
     home: Option<u32>,
-    #[allow(dead_code)]
     received: mpsc::Sender<DerpReceived>,
 }
 
@@ -37,6 +59,7 @@ impl DerpLinks {
             Self {
                 key,
                 urls: BTreeMap::new(),
+                links: BTreeMap::new(),
                 home: None,
                 received,
             },
@@ -44,23 +67,160 @@ impl DerpLinks {
         )
     }
 
-    /// The regions' URLs, from the DERP map.
-    pub fn set_urls(&mut self, urls: BTreeMap<u32, Vec<String>>) {
+    /// The regions' servers, from the DERP map. Links to regions whose servers changed restart.
+    pub fn set_urls(&mut self, urls: BTreeMap<u32, Vec<DerpUrl>>) {
+        let changed: Vec<u32> = self
+            .links
+            .keys()
+            .copied()
+            .filter(|r| urls.get(r) != self.urls.get(r))
+            .collect();
+        for r in changed {
+            if let Some(link) = self.links.remove(&r) {
+                link.task.abort();
+            }
+        }
         self.urls = urls;
+        if let Some(home) = self.home {
+            self.link(home);
+        }
     }
 
     /// The home region: its connection is kept open and marked preferred.
     pub fn set_home(&mut self, region: u32) {
-        self.home = Some(region);
+        if let Some(old) = self.home.replace(region).filter(|old| *old != region) {
+            if let Some(link) = self.links.get(&old) {
+                let _ = link.out.try_send(Out::Preferred(false));
+            }
+        }
+        if let Some(link) = self.link(region) {
+            let _ = link.out.try_send(Out::Preferred(true));
+        }
     }
 
-    /// Sends a packet to `peer` through `region`.
+    /// Sends a packet to `peer` through `region`, connecting to it if needed.
     pub fn send(&mut self, region: u32, peer: NodePublicKey, packet: Vec<u8>) {
-        tracing::trace!(region, peer = %peer.short(), len = packet.len(), known = self.urls.contains_key(&region), "DERP send (no client yet)");
+        match self.link(region) {
+            Some(link) => {
+                if link.out.try_send(Out::Packet(peer, packet)).is_err() {
+                    tracing::trace!(region, "DERP link queue full; packet dropped");
+                }
+            }
+            None => tracing::debug!(region, "no DERP server known for region"),
+        }
+    }
+
+    fn link(&mut self, region: u32) -> Option<&Link> {
+        if self
+            .links
+            .get(&region)
+            .is_some_and(|l| l.task.is_finished())
+        {
+            self.links.remove(&region);
+        }
+        if !self.links.contains_key(&region) {
+            let urls = self.urls.get(&region)?.clone();
+            let (out, rx) = mpsc::channel(LINK_QUEUE);
+            let preferred = self.home == Some(region);
+            let task = tokio::spawn(run_link(
+                region,
+                urls,
+                self.key.clone(),
+                rx,
+                self.received.clone(),
+                preferred,
+            ));
+            self.links.insert(region, Link { out, task });
+        }
+        self.links.get(&region)
     }
 
     /// Closes every connection.
     pub fn close(&mut self) {
-        self.urls.clear();
+        for (_, link) in std::mem::take(&mut self.links) {
+            link.task.abort();
+        }
+    }
+}
+
+/// Keeps one region's connection up and moves packets both ways until the link is dropped.
+async fn run_link(
+    region: u32,
+    urls: Vec<DerpUrl>,
+    key: NodeSecretKey,
+    mut out: mpsc::Receiver<Out>,
+    received: mpsc::Sender<DerpReceived>,
+    mut preferred: bool,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut client = None;
+        for u in &urls {
+            let options = ConnectOptions {
+                insecure_skip_verify: u.insecure,
+                ..ConnectOptions::default()
+            };
+            match Client::connect(&u.url, &key, &options).await {
+                Ok(c) => {
+                    client = Some(c);
+                    break;
+                }
+                Err(e) => tracing::warn!(region, url = %u.url, error = %e, "DERP connect failed"),
+            }
+        }
+        let Some(client) = client else {
+            // Keep the queue moving while disconnected: stale packets are worthless later.
+            let wait = tokio::time::sleep(backoff);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    o = out.recv() => match o {
+                        None => return,
+                        Some(Out::Preferred(p)) => preferred = p,
+                        Some(Out::Packet(..)) => {}
+                    },
+                }
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            continue;
+        };
+        backoff = Duration::from_millis(100);
+        tracing::info!(region, preferred, "DERP connected");
+        let (tx, mut rx) = client.split();
+        if preferred && tx.note_preferred(true).await.is_err() {
+            continue;
+        }
+        loop {
+            tokio::select! {
+                o = out.recv() => match o {
+                    None => return,
+                    Some(Out::Packet(peer, packet)) => {
+                        if let Err(e) = tx.send(peer, &packet).await {
+                            tracing::warn!(region, error = %e, "DERP send failed; reconnecting");
+                            break;
+                        }
+                    }
+                    Some(Out::Preferred(p)) => {
+                        preferred = p;
+                        if tx.note_preferred(p).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+                ev = rx.recv() => match ev {
+                    Ok(ClientEvent::RecvPacket { src, packet }) => {
+                        if received.send(DerpReceived { region, from: src, packet }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(other) => tracing::trace!(region, event = ?other, "DERP event"),
+                    Err(e) => {
+                        tracing::warn!(region, error = %e, "DERP connection lost; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
     }
 }

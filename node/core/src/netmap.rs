@@ -117,9 +117,18 @@ pub fn stun_servers(map: &DerpMap) -> Vec<StunServer> {
     out
 }
 
-/// The DERP URLs of each region, best first: `http(s)://host:port/derp`.
-pub fn derp_urls(map: &DerpMap) -> BTreeMap<RegionId, Vec<String>> {
-    let mut out: BTreeMap<RegionId, Vec<String>> = BTreeMap::new();
+/// A DERP server to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DerpUrl {
+    /// `http(s)://host:port/derp`.
+    pub url: String,
+    /// Skip TLS certificate checks (labs only).
+    pub insecure: bool,
+}
+
+/// The DERP servers of each region, in the map's order.
+pub fn derp_urls(map: &DerpMap) -> BTreeMap<RegionId, Vec<DerpUrl>> {
+    let mut out: BTreeMap<RegionId, Vec<DerpUrl>> = BTreeMap::new();
     for region in &map.regions {
         for n in &region.nodes {
             let (scheme, default_port) = if n.plain_http {
@@ -137,9 +146,11 @@ pub fn derp_urls(map: &DerpMap) -> BTreeMap<RegionId, Vec<String>> {
             } else {
                 n.ipv4.clone()
             };
+            let url = format!("{scheme}://{host}:{port}/derp");
+            let insecure = n.insecure_for_tests;
             out.entry(region.region_id)
                 .or_default()
-                .push(format!("{scheme}://{host}:{port}/derp"));
+                .push(DerpUrl { url, insecure });
         }
     }
     out
@@ -379,8 +390,12 @@ mod tests {
             .map(|s| s.addr.to_string())
             .collect();
         assert_eq!(stun, ["203.0.113.10:3478", "203.0.113.11:3479"]);
+        let urls: Vec<String> = derp_urls(&map)[&900]
+            .iter()
+            .map(|u| u.url.clone())
+            .collect();
         assert_eq!(
-            derp_urls(&map)[&900],
+            urls,
             [
                 "http://203.0.113.10:3340/derp",
                 "https://203.0.113.11:443/derp",
