@@ -88,10 +88,10 @@ impl DerpLinks {
 
     /// The home region: its connection is kept open and marked preferred.
     pub fn set_home(&mut self, region: u32) {
-        if let Some(old) = self.home.replace(region).filter(|old| *old != region) {
-            if let Some(link) = self.links.get(&old) {
-                let _ = link.out.try_send(Out::Preferred(false));
-            }
+        if let Some(old) = self.home.replace(region).filter(|old| *old != region)
+            && let Some(link) = self.links.get(&old)
+        {
+            let _ = link.out.try_send(Out::Preferred(false));
         }
         if let Some(link) = self.link(region) {
             let _ = link.out.try_send(Out::Preferred(true));
