@@ -155,7 +155,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.me.addresses.join(" ")
             );
             println!(
-                "{:<20} {:<16} {:<8} {:<28} {:>12} {:>12}  HANDSHAKE",
+                "{:<20} {:<16} {:<8} {:<38} {:>12} {:>12}  HANDSHAKE",
                 "PEER", "ADDRESS", "STATUS", "PATH", "RX", "TX"
             );
             let now = std::time::SystemTime::now()
@@ -168,11 +168,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|t| format!("{}s ago", (now - t).max(0) / 1000))
                     .unwrap_or_else(|| "never".into());
                 println!(
-                    "{:<20} {:<16} {:<8} {:<28} {:>12} {:>12}  {hs}",
+                    "{:<20} {:<16} {:<8} {:<38} {:>12} {:>12}  {hs}",
                     p.name,
                     p.addresses.first().map(String::as_str).unwrap_or("-"),
                     if p.online { "online" } else { "offline" },
-                    p.path.as_deref().unwrap_or("-"),
+                    match (&p.path, p.latency_us) {
+                        (Some(path), Some(us)) => format!("{path} ({:.1}ms)", us as f64 / 1000.0),
+                        (Some(path), None) => path.clone(),
+                        (None, _) => "-".into(),
+                    },
                     p.rx_bytes,
                     p.tx_bytes,
                 );
