@@ -31,6 +31,8 @@ pub const GOOD_ENOUGH: Duration = Duration::from_millis(5);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most one full discovery round (pings to every candidate, CallMeMaybe) this often.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
+/// While relaying, keep sending directly too for this long after the direct path's last pong.
+pub const DIRECT_GRACE: Duration = Duration::from_secs(13);
 /// Most candidates kept per peer (reported plus learned).
 pub const MAX_CANDIDATES: usize = 32;
 
@@ -202,8 +204,12 @@ impl Paths {
             return Route::Direct(b.addr);
         }
         if relay {
+            // A direct path that answered recently may be back any moment: keep trying it
+            // beside DERP. One silent for longer is left to discovery's pings, so a dead path
+            // does not double every packet's cost for the rest of the session.
+            let recent = |b: &Best| now < b.last_pong + DIRECT_GRACE;
             return Route::Relay {
-                also_direct: self.best.map(|b| b.addr),
+                also_direct: self.best.filter(recent).map(|b| b.addr),
             };
         }
         match self.best {
@@ -441,6 +447,12 @@ mod tests {
             Route::Relay {
                 also_direct: Some(a)
             }
+        );
+        let dead = t0 + Duration::from_millis(20) + DIRECT_GRACE;
+        assert_eq!(
+            p.route(dead, true),
+            Route::Relay { also_direct: None },
+            "long silent: DERP only"
         );
     }
 
