@@ -199,6 +199,9 @@ async fn terminated() {
     }
 }
 
+/// Most packets taken from one source per wakeup.
+const BURST: usize = 64;
+
 /// How often the node looks at its interfaces for new LAN endpoints.
 const LAN_RECHECK: Duration = Duration::from_secs(20);
 
@@ -225,6 +228,8 @@ impl Daemon {
         // Created once, so a SIGINT that arrives while a handler runs is not lost.
         let interrupt = tokio::signal::ctrl_c();
         tokio::pin!(interrupt);
+        let sleep = tokio::time::sleep(Duration::from_secs(1));
+        tokio::pin!(sleep);
         let mut lan_check = tokio::time::interval(LAN_RECHECK);
         lan_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -234,28 +239,49 @@ impl Daemon {
                 .poll_timeout()
                 .map(|(t, _)| t)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            // One timer, moved only when the deadline moves (not re-armed for every packet).
+            if sleep.deadline() != deadline.into() {
+                sleep.as_mut().reset(deadline.into());
+            }
             tokio::select! {
                 r = tun.recv(&mut tun_buf) => {
                     let n = r.context("reading the TUN device")?;
-                    if let Err(e) = self.node.handle_tun_packet(&tun_buf[..n], Instant::now()) {
-                        tracing::trace!(error = %e, "dropped outbound packet");
+                    let now = Instant::now();
+                    self.on_tun(&tun_buf[..n], now);
+                    // Take what else is ready before going back to the select: one wakeup
+                    // then serves a whole burst.
+                    for _ in 1..BURST {
+                        match tun.try_recv(&mut tun_buf) {
+                            Ok(n) => self.on_tun(&tun_buf[..n], now),
+                            Err(_) => break,
+                        }
                     }
                 }
                 r = udp.recv_from(&mut udp_buf) => match r {
                     Ok((n, from)) => {
-                        if let Err(e) = self.node.handle_udp(from, &udp_buf[..n], Instant::now()) {
-                            tracing::debug!(error = %e, %from, "dropped datagram");
+                        let now = Instant::now();
+                        self.on_udp(from, &udp_buf[..n], now);
+                        for _ in 1..BURST {
+                            match udp.try_recv_from(&mut udp_buf) {
+                                Ok((n, from)) => self.on_udp(from, &udp_buf[..n], now),
+                                Err(_) => break,
+                            }
                         }
                     }
                     // ICMP errors from earlier sends surface here on Linux; they concern one peer.
                     Err(e) => tracing::debug!(error = %e, "UDP receive"),
                 },
                 Some(r) = derp_rx.recv() => {
-                    if let Err(e) = self.node.handle_derp(r.region, r.from, &r.packet, Instant::now()) {
-                        tracing::debug!(error = %e, region = r.region, "dropped DERP packet");
+                    let now = Instant::now();
+                    self.on_derp(r, now);
+                    for _ in 1..BURST {
+                        match derp_rx.try_recv() {
+                            Ok(r) => self.on_derp(r, now),
+                            Err(_) => break,
+                        }
                     }
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => self.node.handle_timeout(Instant::now()),
+                _ = &mut sleep => self.node.handle_timeout(Instant::now()),
                 _ = lan_check.tick() => self.node.set_lan_endpoints(endpoints::local(self.port)),
                 Some(ev) = map_rx.recv() => self.on_map_event(ev),
                 Some((req, reply)) = api_rx.recv() => {
@@ -270,11 +296,35 @@ impl Daemon {
         }
     }
 
+    fn on_tun(&mut self, packet: &[u8], now: Instant) {
+        if let Err(e) = self.node.handle_tun_packet(packet, now) {
+            tracing::trace!(error = %e, "dropped outbound packet");
+        }
+    }
+
+    fn on_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        if let Err(e) = self.node.handle_udp(from, datagram, now) {
+            tracing::debug!(error = %e, %from, "dropped datagram");
+        }
+    }
+
+    fn on_derp(&mut self, r: DerpReceived, now: Instant) {
+        if let Err(e) = self.node.handle_derp(r.region, r.from, &r.packet, now) {
+            tracing::debug!(error = %e, region = r.region, "dropped DERP packet");
+        }
+    }
+
     async fn flush(&mut self, tun: &tun_rs::AsyncDevice, udp: &UdpSocket) {
         while let Some(t) = self.node.poll_transmit() {
             match t.dst {
                 Dest::Udp(dst) => {
-                    if let Err(e) = udp.send_to(&t.payload, dst).await {
+                    let sent = match udp.try_send_to(&t.payload, dst) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            udp.send_to(&t.payload, dst).await.map(|_| ())
+                        }
+                        other => other.map(|_| ()),
+                    };
+                    if let Err(e) = sent {
                         tracing::debug!(error = %e, %dst, "UDP send");
                     }
                 }
