@@ -87,8 +87,10 @@ pub struct NetcheckReport {
     pub global: Option<String>,
     /// The NAT maps each destination to another port (hard NAT).
     pub mapping_varies: bool,
-    /// Latency to each region, microseconds.
-    pub latency_us: std::collections::BTreeMap<u32, u64>,
+    /// Latency to each region (keyed by the region id in decimal), microseconds. String keys:
+    /// the answer travels inside the internally tagged [`ApiResponse`], whose buffered
+    /// deserialisation cannot turn a JSON key into an integer.
+    pub latency_us: std::collections::BTreeMap<String, u64>,
     /// The home region chosen.
     pub home_region: u32,
 }
@@ -103,7 +105,7 @@ impl NetcheckReport {
             latency_us: r
                 .latency
                 .iter()
-                .map(|(k, v)| (*k, v.as_micros() as u64))
+                .map(|(k, v)| (k.to_string(), v.as_micros() as u64))
                 .collect(),
             home_region: home.unwrap_or(0),
         }
@@ -170,4 +172,25 @@ pub async fn call(socket: &Path, req: &ApiRequest) -> anyhow::Result<ApiResponse
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).await?;
     serde_json::from_str(&answer).context("malformed answer from the daemon")
+}
+
+#[cfg(test)]
+mod netcheck_answer_tests {
+    use super::*;
+
+    #[test]
+    fn netcheck_answer_with_region_latency_round_trips() {
+        let report = NetcheckReport {
+            udp: true,
+            global: Some("203.0.113.21:20000".into()),
+            mapping_varies: true,
+            latency_us: [("999".to_string(), 1234)].into_iter().collect(),
+            home_region: 999,
+        };
+        let json = serde_json::to_string(&ApiResponse::Netcheck(Box::new(report))).expect("json");
+        match serde_json::from_str::<ApiResponse>(&json).expect("parses back") {
+            ApiResponse::Netcheck(r) => assert_eq!(r.latency_us.get("999"), Some(&1234)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use tokio::net::{UdpSocket, UnixListener};
+use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use warren_node_core::netmap::{self as map, MapChange, Netmap};
 use warren_node_core::{Dest, Event, Node};
@@ -21,6 +21,7 @@ use crate::control::{self, Advert, Client, MapEvent};
 use crate::derp::{DerpLinks, DerpReceived};
 use crate::endpoints;
 use crate::state::StateDir;
+use crate::udp::{BatchSocket, Batcher};
 
 /// Options of `warren up`.
 #[derive(Debug, Clone)]
@@ -71,8 +72,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         .mtu(TUN_MTU)
         .build_async()
         .with_context(|| format!("creating TUN device {}", opts.tun))?;
-    let udp = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, opts.port)))
-        .await
+    let udp = BatchSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, opts.port)))
         .with_context(|| format!("binding UDP port {}", opts.port))?;
     let port = udp.local_addr()?.port();
     tracing::info!(tun = %opts.tun, port, "data plane up");
@@ -176,6 +176,15 @@ async fn serve_api(listener: UnixListener, tx: mpsc::Sender<ApiCall>) {
     }
 }
 
+/// Sends what `batch` holds, if anything.
+async fn send_batch(udp: &BatchSocket, batch: &mut Batcher) {
+    if let Some((dst, bytes, segment)) = batch.take()
+        && let Err(e) = udp.send(dst, &bytes, segment).await
+    {
+        tracing::debug!(error = %e, %dst, "UDP send");
+    }
+}
+
 struct Daemon {
     node: Node,
     netmap: Netmap,
@@ -216,13 +225,14 @@ impl Daemon {
     async fn run(
         &mut self,
         tun: tun_rs::AsyncDevice,
-        udp: Arc<UdpSocket>,
+        udp: Arc<BatchSocket>,
         mut map_rx: mpsc::Receiver<MapEvent>,
         mut api_rx: mpsc::Receiver<ApiCall>,
         mut derp_rx: mpsc::Receiver<DerpReceived>,
     ) -> anyhow::Result<()> {
         let mut tun_buf = vec![0u8; 65_535];
-        let mut udp_buf = vec![0u8; 65_535];
+        let mut udp_bufs = vec![vec![0u8; crate::udp::RECV_BUF]; crate::udp::RECV_BATCH];
+        let mut udp_meta = vec![quinn_udp::RecvMeta::default(); crate::udp::RECV_BATCH];
         let term = terminated();
         tokio::pin!(term);
         // Created once, so a SIGINT that arrives while a handler runs is not lost.
@@ -257,18 +267,8 @@ impl Daemon {
                         }
                     }
                 }
-                r = udp.recv_from(&mut udp_buf) => match r {
-                    Ok((n, from)) => {
-                        let now = Instant::now();
-                        self.on_udp(from, &udp_buf[..n], now);
-                        for _ in 1..BURST {
-                            match udp.try_recv_from(&mut udp_buf) {
-                                Ok((n, from)) => self.on_udp(from, &udp_buf[..n], now),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                    // ICMP errors from earlier sends surface here on Linux; they concern one peer.
+                r = udp.readable() => match r {
+                    Ok(()) => self.on_udp_ready(&udp, &mut udp_bufs, &mut udp_meta),
                     Err(e) => tracing::debug!(error = %e, "UDP receive"),
                 },
                 Some(r) = derp_rx.recv() => {
@@ -302,6 +302,36 @@ impl Daemon {
         }
     }
 
+    /// Takes every datagram the socket has ready (a few batches at most), GRO runs split.
+    fn on_udp_ready(
+        &mut self,
+        udp: &BatchSocket,
+        bufs: &mut [Vec<u8>],
+        meta: &mut [quinn_udp::RecvMeta],
+    ) {
+        let now = Instant::now();
+        for _ in 0..BURST / crate::udp::RECV_BATCH {
+            let mut slices: Vec<std::io::IoSliceMut<'_>> = bufs
+                .iter_mut()
+                .map(|b| std::io::IoSliceMut::new(b))
+                .collect();
+            let n = match udp.try_recv(&mut slices, meta) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                // ICMP errors from earlier sends surface here on Linux; they concern one peer.
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive");
+                    return;
+                }
+            };
+            for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
+                for datagram in buf[..m.len].chunks(m.stride.max(1)) {
+                    self.on_udp(m.addr, datagram, now);
+                }
+            }
+        }
+    }
+
     fn on_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         if let Err(e) = self.node.handle_udp(from, datagram, now) {
             tracing::debug!(error = %e, %from, "dropped datagram");
@@ -314,23 +344,21 @@ impl Daemon {
         }
     }
 
-    async fn flush(&mut self, tun: &tun_rs::AsyncDevice, udp: &UdpSocket) {
+    async fn flush(&mut self, tun: &tun_rs::AsyncDevice, udp: &BatchSocket) {
+        let max = udp.max_segments();
+        let mut batch = Batcher::default();
         while let Some(t) = self.node.poll_transmit() {
             match t.dst {
                 Dest::Udp(dst) => {
-                    let sent = match udp.try_send_to(&t.payload, dst) {
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            udp.send_to(&t.payload, dst).await.map(|_| ())
-                        }
-                        other => other.map(|_| ()),
-                    };
-                    if let Err(e) = sent {
-                        tracing::debug!(error = %e, %dst, "UDP send");
+                    if !batch.push(dst, &t.payload, max) {
+                        send_batch(udp, &mut batch).await;
+                        batch.push(dst, &t.payload, max);
                     }
                 }
                 Dest::Derp { region, peer } => self.derp.send(region, peer, t.payload),
             }
         }
+        send_batch(udp, &mut batch).await;
         while let Some(p) = self.node.poll_tun() {
             if let Err(e) = tun.send(&p).await {
                 tracing::debug!(error = %e, "TUN write");

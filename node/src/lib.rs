@@ -7,3 +7,4 @@ pub mod daemon;
 pub mod derp;
 pub mod endpoints;
 pub mod state;
+pub mod udp;

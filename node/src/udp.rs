@@ -1,0 +1,201 @@
+//! The node's one UDP socket, batched: datagrams to the same peer go out as one UDP GSO send
+//! (one syscall and one trip through the kernel stack for up to 64 of them), and the receive
+//! side takes many datagrams per syscall (recvmmsg, GRO-coalesced runs split by their stride).
+//! quinn-udp does the socket work and falls back to one datagram per call where the kernel has
+//! no GSO/GRO.
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
+
+/// Socket buffer size asked for in both directions.
+const BUFFER_BYTES: usize = 4 << 20;
+/// Largest GSO send: a UDP datagram's 64 KiB limit applies to the whole batch.
+pub const MAX_BATCH_BYTES: usize = 65_000;
+/// Buffers per receive call.
+pub const RECV_BATCH: usize = 8;
+/// Size of each receive buffer: a GRO run can be up to 64 KiB.
+pub const RECV_BUF: usize = 64 * 1024;
+
+/// A batched UDP socket.
+#[derive(Debug)]
+pub struct BatchSocket {
+    io: tokio::net::UdpSocket,
+    state: UdpSocketState,
+}
+
+impl BatchSocket {
+    /// Binds `addr` and turns on GSO/GRO where the kernel has them.
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let std = std::net::UdpSocket::bind(addr)?;
+        std.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&std).into())?;
+        // Larger buffers absorb bursts; the kernel caps them at its limits.
+        let _ = state.set_send_buffer_size((&std).into(), BUFFER_BYTES);
+        let _ = state.set_recv_buffer_size((&std).into(), BUFFER_BYTES);
+        let io = tokio::net::UdpSocket::from_std(std)?;
+        Ok(Self { io, state })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.local_addr()
+    }
+
+    /// Most datagrams one [`Self::send`] may carry.
+    pub fn max_segments(&self) -> usize {
+        self.state.max_gso_segments().clamp(1, 64)
+    }
+
+    /// Waits until a receive may succeed.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.io.readable().await
+    }
+
+    /// Receives what is ready into `bufs` without waiting; `WouldBlock` when nothing is.
+    pub fn try_recv(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
+        self.io.try_io(Interest::READABLE, || {
+            self.state.recv((&self.io).into(), bufs, meta)
+        })
+    }
+
+    /// Sends `contents` to `dst`: one datagram, or several of `segment` bytes each (the last
+    /// may be shorter) in one GSO send.
+    pub async fn send(&self, dst: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
+        let transmit = Transmit {
+            destination: dst,
+            ecn: None,
+            contents,
+            segment_size: (contents.len() > segment).then_some(segment),
+            src_ip: None,
+        };
+        self.io
+            .async_io(Interest::WRITABLE, || {
+                self.state.try_send((&self.io).into(), &transmit)
+            })
+            .await
+    }
+}
+
+/// Collects consecutive datagrams for one destination into a GSO batch: equal sizes, except
+/// that the last may be shorter.
+#[derive(Debug, Default)]
+pub struct Batcher {
+    dst: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    closed: bool,
+    buf: Vec<u8>,
+}
+
+impl Batcher {
+    /// Adds `datagram` for `dst` when it fits the batch; false when the batch must be sent
+    /// first.
+    pub fn push(&mut self, dst: SocketAddr, datagram: &[u8], max: usize) -> bool {
+        match self.dst {
+            None => {
+                self.dst = Some(dst);
+                self.segment = datagram.len();
+            }
+            Some(d) => {
+                let full = self.count >= max || self.buf.len() + datagram.len() > MAX_BATCH_BYTES;
+                if d != dst || self.closed || full || datagram.len() > self.segment {
+                    return false;
+                }
+                if datagram.len() < self.segment {
+                    self.closed = true;
+                }
+            }
+        }
+        self.buf.extend_from_slice(datagram);
+        self.count += 1;
+        true
+    }
+
+    /// The batch to send (destination, bytes, segment size), and the batcher emptied.
+    pub fn take(&mut self) -> Option<(SocketAddr, Vec<u8>, usize)> {
+        let dst = self.dst.take()?;
+        let out = (dst, std::mem::take(&mut self.buf), self.segment);
+        self.count = 0;
+        self.closed = false;
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn batches_equal_sizes_for_one_destination() {
+        let mut b = Batcher::default();
+        let a = addr("192.0.2.1:1");
+        assert!(b.push(a, &[1; 100], 64));
+        assert!(b.push(a, &[2; 100], 64));
+        assert!(b.push(a, &[3; 40], 64), "a shorter last segment fits");
+        assert!(!b.push(a, &[4; 40], 64), "nothing after the short one");
+        let (dst, bytes, seg) = b.take().expect("batch");
+        assert_eq!((dst, bytes.len(), seg), (a, 240, 100));
+        assert!(b.take().is_none());
+        assert!(b.push(a, &[1; 10], 64));
+        assert!(
+            !b.push(addr("192.0.2.2:1"), &[1; 10], 64),
+            "another destination"
+        );
+        assert!(!b.push(a, &[1; 11], 64), "a longer datagram");
+        assert!(b.push(a, &[1; 10], 2));
+        assert!(!b.push(a, &[1; 10], 2), "at most max");
+        b.take();
+        let full = vec![0u8; 1312];
+        let fits = (0..64).take_while(|_| b.push(a, &full, 64)).count();
+        assert_eq!(
+            fits,
+            MAX_BATCH_BYTES / 1312,
+            "a batch stays under the 64 KiB UDP limit"
+        );
+    }
+
+    #[tokio::test]
+    async fn gso_batch_arrives_as_separate_datagrams() {
+        let a = BatchSocket::bind(addr("127.0.0.1:0")).expect("bind a");
+        let b = BatchSocket::bind(addr("127.0.0.1:0")).expect("bind b");
+        let dst = b.local_addr().expect("addr");
+        let mut batch = Vec::new();
+        for i in 0..5u8 {
+            batch.extend_from_slice(&[i; 1200]);
+        }
+        batch.extend_from_slice(&[9; 300]);
+        a.send(dst, &batch, 1200).await.expect("send");
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let mut storage = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
+        let mut meta = vec![RecvMeta::default(); RECV_BATCH];
+        while got.len() < 6 {
+            b.readable().await.expect("readable");
+            let mut slices: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|s| IoSliceMut::new(s)).collect();
+            let n = match b.try_recv(&mut slices, &mut meta) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("recv: {e}"),
+            };
+            for (m, buf) in meta.iter().zip(storage.iter()).take(n) {
+                for d in buf[..m.len].chunks(m.stride.max(1)) {
+                    got.push(d.to_vec());
+                }
+            }
+        }
+        assert_eq!(got.len(), 6);
+        assert_eq!(got[4], vec![4u8; 1200]);
+        assert_eq!(got[5], vec![9u8; 300]);
+    }
+}
