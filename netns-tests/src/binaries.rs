@@ -13,6 +13,9 @@ pub struct Binaries {
     pub control: PathBuf,
     /// The traffic tool, `warren-labtool`.
     pub labtool: PathBuf,
+    /// The standalone relay, `warren-derp` (NAT labs run a second STUN server with it); not
+    /// checked for existence until used.
+    pub derp: PathBuf,
 }
 
 /// The directory holding the built binaries: `$WARREN_BIN_DIR` if set, else the cargo target
@@ -52,6 +55,7 @@ pub fn binaries() -> Result<Binaries> {
         warren: find(&dir, "warren")?,
         control: find(&dir, "warren-control")?,
         labtool: find(&dir, "warren-labtool")?,
+        derp: dir.join("warren-derp"),
     })
 }
 
@@ -67,6 +71,7 @@ pub fn binaries_with_labtool(labtool: impl Into<PathBuf>) -> Result<Binaries> {
         warren: find(&dir, "warren")?,
         control: find(&dir, "warren-control")?,
         labtool,
+        derp: dir.join("warren-derp"),
     })
 }
 

@@ -46,12 +46,15 @@ pub struct Control {
 pub struct ControlConfig {
     /// `ephemeral_node_inactivity_timeout`, e.g. `"30m"` or `"2s"`.
     pub ephemeral_node_inactivity_timeout: String,
+    /// TOML appended to the config as is (further sections, e.g. `[derp]`).
+    pub extra_toml: String,
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
         Self {
             ephemeral_node_inactivity_timeout: "30m".to_owned(),
+            extra_toml: String::new(),
         }
     }
 }
@@ -95,6 +98,10 @@ pub struct NodeStatus {
     pub control_connected: bool,
     /// The peers in its netmap.
     pub peers: Vec<PeerStatus>,
+    /// The UDP endpoints it reports to control (LAN and STUN-mapped), `ip:port`.
+    pub endpoints: Vec<String>,
+    /// Its home DERP region (0: none yet).
+    pub home_region: u32,
 }
 
 /// One peer in [`NodeStatus`].
@@ -114,6 +121,24 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Whether control reports it online.
     pub online: bool,
+    /// The path in use: `direct IP:PORT` or `relay REGION` (none before the first packet).
+    pub path: Option<String>,
+    /// Round trip of the direct path, microseconds.
+    pub latency_us: Option<u64>,
+}
+
+impl PeerStatus {
+    /// True when the path is a direct UDP path.
+    pub fn is_direct(&self) -> bool {
+        self.path
+            .as_deref()
+            .is_some_and(|p| p.starts_with("direct"))
+    }
+
+    /// True when the path goes through a DERP relay.
+    pub fn is_relay(&self) -> bool {
+        self.path.as_deref().is_some_and(|p| p.starts_with("relay"))
+    }
 }
 
 impl NodeStatus {
@@ -135,6 +160,18 @@ impl NodeStatus {
                 .as_bool()
                 .context("no bool `control_connected` in status")?,
             peers,
+            endpoints: me["endpoints"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|e| e.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            home_region: me["home_region"]
+                .as_u64()
+                .and_then(|r| u32::try_from(r).ok())
+                .unwrap_or(0),
         })
     }
 
@@ -159,6 +196,8 @@ impl PeerStatus {
             rx_bytes: v["rx_bytes"].as_u64().unwrap_or(0),
             tx_bytes: v["tx_bytes"].as_u64().unwrap_or(0),
             online: v["online"].as_bool().unwrap_or(false),
+            path: v["path"].as_str().map(str::to_owned),
+            latency_us: v["latency_us"].as_u64(),
         })
     }
 }
@@ -281,8 +320,9 @@ impl Control {
              \n[database]\ntype = \"sqlite\"\n\
              \n[database.sqlite]\npath = {db}\n\
              \n[prefixes]\nv4 = \"100.64.0.0/10\"\nv6 = \"fd7a:115c:a1e0::/48\"\n\
-             \n[dns]\nmagic_dns = true\nbase_domain = \"warren.internal\"\n",
+             \n[dns]\nmagic_dns = true\nbase_domain = \"warren.internal\"\n{extra}",
             port = Self::PORT,
+            extra = settings.extra_toml,
             ephemeral = settings.ephemeral_node_inactivity_timeout,
             socket = toml_str(&control.socket),
             key = toml_str(&dir.join("control_private.key")),
@@ -536,6 +576,18 @@ impl Node {
     /// `warren status --json`.
     pub fn status(&self, lab: &Lab) -> Result<NodeStatus> {
         NodeStatus::parse(&self.cli(lab, &["status", "--json"])?)
+    }
+
+    /// `warren ping PEER -c COUNT`: its output (one line per reply).
+    pub fn disco_ping(&self, lab: &Lab, peer: &str, count: u32) -> Result<String> {
+        self.cli(lab, &["ping", peer, "-c", &count.to_string()])
+    }
+
+    /// `warren netcheck --json`.
+    pub fn netcheck(&self, lab: &Lab) -> Result<Value> {
+        let out = self.cli(lab, &["netcheck", "--json"])?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("`warren netcheck --json` printed non-JSON: {out:?}"))
     }
 
     /// `warren ip`: its mesh addresses, IPv4 first.

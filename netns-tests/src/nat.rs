@@ -550,15 +550,48 @@ fn flush_conntrack(lab: &Lab, ns: &str) -> Result<()> {
     Ok(())
 }
 
-/// Replaces table `family_name` (e.g. `"ip warren_nat"`) in `ns` by `body` (the table's
-/// contents; empty: no table) in one nft transaction. `tag` names the rules file kept in the
-/// lab's directory.
-fn load_table(lab: &Lab, ns: &str, family_name: &str, body: &str, tag: &str) -> Result<()> {
+/// The nft file that replaces the router's table `ip warren_nat` by the rules of `kind` (see
+/// [`router_ruleset`]), for `nft -f` outside the lab (scripts/demo, via `warren-labtool
+/// nat-rules`).
+pub fn router_nft_file(
+    kind: NatKind,
+    hairpin: bool,
+    wan: Ipv4Addr,
+    hosts: &[Ipv4Addr],
+) -> Result<String> {
+    Ok(table_file(
+        "ip warren_nat",
+        &router_ruleset(kind, hairpin, wan, hosts)?,
+    ))
+}
+
+/// Parses a kind as `warren-labtool nat-rules` takes it (its short name or its Rust name).
+pub fn parse_kind(s: &str) -> Result<NatKind> {
+    NatKind::ALL
+        .into_iter()
+        .find(|k| k.short() == s || format!("{k:?}").eq_ignore_ascii_case(s))
+        .with_context(|| {
+            format!(
+                "unknown NAT kind {s:?}; one of {}",
+                NatKind::ALL.map(NatKind::short).join(", ")
+            )
+        })
+}
+
+fn table_file(family_name: &str, body: &str) -> String {
     // Declaring the table first makes the delete succeed whether or not it existed.
     let mut text = format!("table {family_name}\ndelete table {family_name}\n");
     if !body.is_empty() {
         text.push_str(&format!("table {family_name} {{\n{body}}}\n"));
     }
+    text
+}
+
+/// Replaces table `family_name` (e.g. `"ip warren_nat"`) in `ns` by `body` (the table's
+/// contents; empty: no table) in one nft transaction. `tag` names the rules file kept in the
+/// lab's directory.
+fn load_table(lab: &Lab, ns: &str, family_name: &str, body: &str, tag: &str) -> Result<()> {
+    let text = table_file(family_name, body);
     let dir = lab.dir().join("nft");
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let path = dir.join(format!("{tag}.nft"));

@@ -382,6 +382,7 @@ fn ephemeral_node_is_removed_after_it_leaves() {
     lab_test("ephemeral", |lab, bins| {
         let settings = ControlConfig {
             ephemeral_node_inactivity_timeout: "2s".to_owned(),
+            ..ControlConfig::default()
         };
         // One ordinary node (the mesh's reusable key) beside the ephemeral one.
         let mut mesh = Mesh::start_with(lab, bins, 1, &settings)?;

@@ -8,11 +8,14 @@
 //! warren-labtool udp-probe       --from-port P --to ADDR:PORT [--to ...] [--timeout-ms 1000]
 //! warren-labtool udp-listen-once --port P [--timeout-ms 1000] [--send-to ADDR:PORT]
 //! warren-labtool udp-send        --from ADDR:PORT --to ADDR:PORT [--count 1]
+//! warren-labtool nat-rules       --kind KIND --wan IP --host IP [--host IP ...] [--hairpin yes]
 //! ```
 //! `tcp-sink` accepts one connection, reads it to EOF and prints `{"bytes":N,"sha256":"hex"}`;
 //! `tcp-send` connects (retrying until the timeout), sends N bytes of the lab's deterministic
 //! stream, shuts down its write half and prints the same report for what it sent.
 //! `tcp-probe` makes one connection attempt and exits 0 if it succeeded.
+//! `nat-rules` prints the nft file a NAT router of KIND (cone, restr, portr, sym, noudp) loads
+//! with `nft -f` (scripts/demo uses it; the lab itself calls the same code).
 //! The UDP commands observe NATs; `warren_netns_tests::udp` documents their output and drives
 //! them.
 
@@ -34,7 +37,8 @@ const USAGE: &str = "usage:
   warren-labtool udp-echo        --listen ADDR:PORT [--listen ADDR:PORT ...]
   warren-labtool udp-probe       --from-port P --to ADDR:PORT [--to ...] [--timeout-ms 1000]
   warren-labtool udp-listen-once --port P [--timeout-ms 1000] [--send-to ADDR:PORT]
-  warren-labtool udp-send        --from ADDR:PORT --to ADDR:PORT [--count 1]";
+  warren-labtool udp-send        --from ADDR:PORT --to ADDR:PORT [--count 1]
+  warren-labtool nat-rules       --kind KIND --wan IP --host IP [--host IP ...] [--hairpin yes]";
 
 const CHUNK: usize = 64 * 1024;
 
@@ -93,6 +97,15 @@ impl Flags {
         let v = self.required(name)?;
         v.parse()
             .with_context(|| format!("--{name} {v:?} is not an ADDR:PORT"))
+    }
+
+    /// Every value of `--name`, in order.
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 
     /// Every `--name ADDR:PORT`, in order (at least one).
@@ -189,6 +202,28 @@ fn run(args: Vec<String>) -> Result<()> {
                 flags.addr("to")?,
                 flags.number("count", Some(1))?,
             )
+        }
+        "nat-rules" => {
+            let flags = Flags::parse(rest, &["kind", "wan", "host", "hairpin"])?;
+            let kind = warren_netns_tests::nat::parse_kind(flags.required("kind")?)?;
+            let wan: Ipv4Addr = flags
+                .required("wan")?
+                .parse()
+                .context("--wan is not an IPv4 address")?;
+            let hosts = flags
+                .all("host")
+                .iter()
+                .map(|h| {
+                    h.parse()
+                        .with_context(|| format!("--host {h:?} is not IPv4"))
+                })
+                .collect::<Result<Vec<Ipv4Addr>>>()?;
+            let hairpin = flags.get("hairpin").is_some_and(|v| v == "yes");
+            print!(
+                "{}",
+                warren_netns_tests::nat::router_nft_file(kind, hairpin, wan, &hosts)?
+            );
+            Ok(())
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
