@@ -29,8 +29,14 @@ struct Inner {
     control: VecDeque<Frame>,
     disco: VecDeque<(NodePublicKey, Vec<u8>)>,
     data: VecDeque<(NodePublicKey, Vec<u8>)>,
+    /// Bytes of packets in `data`.
+    data_bytes: usize,
     closed: Option<Option<String>>,
 }
+
+/// Most bytes of data packets queued for one client, whatever the packet count: a deep queue
+/// of small WireGuard packets absorbs bursts, and large packets cannot pile up past this.
+pub(crate) const MAX_QUEUE_BYTES: usize = 1 << 20;
 
 /// What happened to a pushed packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,18 +81,27 @@ impl ClientQueue {
             return Pushed::Closed;
         }
         let depth = self.depth;
-        let queue = if disco {
-            &mut inner.disco
-        } else {
-            &mut inner.data
-        };
         let mut outcome = Pushed::Queued;
-        if queue.len() >= depth {
-            queue.pop_front();
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            outcome = Pushed::DroppedOldest;
+        if disco {
+            if inner.disco.len() >= depth {
+                inner.disco.pop_front();
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                outcome = Pushed::DroppedOldest;
+            }
+            inner.disco.push_back((src, packet));
+        } else {
+            while !inner.data.is_empty()
+                && (inner.data.len() >= depth || inner.data_bytes + packet.len() > MAX_QUEUE_BYTES)
+            {
+                if let Some((_, old)) = inner.data.pop_front() {
+                    inner.data_bytes -= old.len();
+                }
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                outcome = Pushed::DroppedOldest;
+            }
+            inner.data_bytes += packet.len();
+            inner.data.push_back((src, packet));
         }
-        queue.push_back((src, packet));
         drop(inner);
         self.notify.notify_one();
         outcome
@@ -126,7 +141,11 @@ impl ClientQueue {
         }
         let (src, packet) = match inner.disco.pop_front() {
             Some(p) => p,
-            None => inner.data.pop_front()?,
+            None => {
+                let p = inner.data.pop_front()?;
+                inner.data_bytes -= p.1.len();
+                p
+            }
         };
         Some(Next::Frame(Frame::RecvPacket { src, packet }))
     }
@@ -188,6 +207,30 @@ mod tests {
             assert_eq!(src_of(q.try_next()), vec![want]);
         }
         assert!(q.try_next().is_none());
+    }
+
+    #[test]
+    fn deep_queue_is_also_bounded_in_bytes() {
+        let q = ClientQueue::new(10_000);
+        let big = 60 * 1024;
+        for i in 0..100u8 {
+            q.push_packet(k(1), vec![i; big], false);
+        }
+        let (len, _) = q.lens();
+        assert_eq!(
+            len,
+            MAX_QUEUE_BYTES / big,
+            "bytes, not the packet count, bound it"
+        );
+        assert_eq!(q.dropped(), 100 - len as u64);
+        // The newest packets are the ones kept.
+        assert_eq!(src_of(q.try_next())[0], (100 - len) as u8);
+        // Small packets fill the count limit well below the byte limit.
+        let q = ClientQueue::new(512);
+        for _ in 0..600 {
+            q.push_packet(k(1), vec![0; 1300], false);
+        }
+        assert_eq!(q.lens(), (512, 0));
     }
 
     #[test]
