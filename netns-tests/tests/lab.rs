@@ -192,6 +192,22 @@ fn labs_of_dead_test_processes_are_reaped() {
         .args(["netns", "exec", &ns, "sleep", "600"])
         .spawn()
         .expect("spawn sleeper");
+    // The reaper finds processes by namespace: wait until the sleeper is really inside it
+    // (`ip netns exec` enters it only after the spawn returns).
+    let sleeper_pid = sleeper.id().to_string();
+    wait_until(
+        Duration::from_secs(10),
+        "the sleeper entered its namespace",
+        || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "pids", &ns])
+                .output()?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.trim() == sleeper_pid))
+        },
+    )
+    .expect("sleeper in namespace");
     let registry = Path::new(REGISTRY_DIR).join(format!("{prefix}.pids"));
     std::fs::create_dir_all(REGISTRY_DIR).expect("registry dir");
     std::fs::write(
