@@ -439,6 +439,10 @@ impl Node {
                 self.by_disco.remove(&old);
             }
             peer.paths.set_reported(&config.endpoints);
+            if peer.config.home_region != config.home_region {
+                // A relay path appeared or moved: CallMeMaybe can go out now.
+                peer.paths.rediscover();
+            }
             peer.config = config;
         } else {
             let index = self.allocate_index();
@@ -492,6 +496,15 @@ impl Node {
     pub fn set_stun_servers(&mut self, servers: Vec<StunServer>, now: Instant) {
         self.now = now;
         self.next_netcheck = (!servers.is_empty()).then_some(now);
+        // Until netcheck has measured, the first region is home, so peers can relay to this
+        // node (and it can send CallMeMaybe) from the first packet, not seconds later.
+        let known = |r: RegionId| servers.iter().any(|s| s.region == r);
+        if self.home.is_none_or(|h| !known(h))
+            && let Some(first) = servers.iter().map(|s| s.region).min()
+        {
+            self.home = Some(first);
+            self.events.push_back(Event::HomeRegion(first));
+        }
         self.stun_servers = servers;
     }
 

@@ -168,12 +168,17 @@ impl Paths {
     pub fn set_reported(&mut self, endpoints: &[SocketAddr]) {
         self.candidates
             .retain(|a, c| c.origin != Origin::Reported || endpoints.contains(a));
+        let mut added = false;
         for e in endpoints {
             if let Some(c) = self.candidates.get_mut(e) {
                 c.origin = Origin::Reported;
             } else {
-                self.add(*e, Origin::Reported);
+                added |= self.add(*e, Origin::Reported);
             }
+        }
+        if added {
+            // New places to try: the next packet runs discovery at once, not 5 s later.
+            self.rediscover();
         }
         if self
             .best
@@ -181,6 +186,12 @@ impl Paths {
         {
             self.best = None;
         }
+    }
+
+    /// Lets the next [`Self::wants_discovery`] say yes at once (new candidates, or a new way
+    /// to reach the peer for CallMeMaybe).
+    pub fn rediscover(&mut self) {
+        self.last_discovery = None;
     }
 
     /// Whether the direct path can carry traffic alone now.
@@ -577,5 +588,19 @@ mod tests {
         let (a, b) = (addr("10.0.0.1:1"), addr("10.0.0.2:1"));
         p.set_reported(&[a, b]);
         assert_eq!(p.route(t0, false), Route::Spray(vec![a, b]));
+    }
+
+    #[test]
+    fn new_endpoints_lift_the_discovery_rate_limit() {
+        let t0 = Instant::now();
+        let mut p = Paths::default();
+        let a = addr("198.51.100.1:41641");
+        p.set_reported(&[a]);
+        let _ = p.discover(t0, ids());
+        let t1 = t0 + Duration::from_secs(1);
+        p.set_reported(&[a]);
+        assert!(!p.wants_discovery(t1), "same endpoints: still rate limited");
+        p.set_reported(&[a, addr("198.51.100.2:41641")]);
+        assert!(p.wants_discovery(t1), "a new endpoint: discovery at once");
     }
 }
