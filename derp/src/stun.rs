@@ -1,8 +1,15 @@
 //! The STUN server: answers RFC 5389 Binding requests with the source address as
 //! XOR-MAPPED-ADDRESS (like Tailscale's derper), ignores every other datagram, never panics.
+//!
+//! A server bound to a wildcard address answers each request from the address it arrived at
+//! (IP_PKTINFO through quinn-udp), so on a host with several addresses a client sees its
+//! answer come from the server it asked, and NAT mappings opened towards that address match.
 
+use std::io::IoSliceMut;
 use std::time::Duration;
 
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, info, trace, warn};
 use warren_proto::stun;
@@ -10,38 +17,86 @@ use warren_proto::stun;
 /// Serves STUN on `socket` until `shutdown` resolves.
 pub async fn serve(socket: UdpSocket, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
-    let mut buf = vec![0u8; 2048];
+    let state = match UdpSocketState::new((&socket).into()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "STUN socket setup failed; not serving STUN");
+            return;
+        }
+    };
+    // Room for a GRO run (up to 64 KiB), so no datagram of one is cut off.
+    let mut buf = vec![0u8; 64 << 10];
     let mut out = Vec::with_capacity(64);
     loop {
-        let (n, src) = tokio::select! {
+        tokio::select! {
             _ = &mut shutdown => break,
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    // ICMP errors surface here on some systems; keep serving without spinning.
-                    debug!(error = %e, "STUN receive failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
+            r = socket.readable() => if let Err(e) = r {
+                debug!(error = %e, "STUN socket not readable");
+                continue;
             },
-        };
-        let Some(packet) = buf.get(..n) else { continue };
-        if !stun::is_stun(packet) {
-            trace!(%src, "not STUN; ignored");
-            continue;
         }
-        let txid = match stun::parse_request(packet) {
-            Ok(txid) => txid,
+        let mut meta = [RecvMeta::default()];
+        let received = socket.try_io(Interest::READABLE, || {
+            let mut bufs = [IoSliceMut::new(&mut buf)];
+            state.recv((&socket).into(), &mut bufs, &mut meta)
+        });
+        match received {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => {
-                trace!(%src, error = %e, "not a valid Binding request; ignored");
+                // ICMP errors surface here on some systems; keep serving without spinning.
+                debug!(error = %e, "STUN receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
+        }
+        let [meta] = meta;
+        // GRO may hand over a run of datagrams from one sender; each gets its own answer.
+        let Some(run) = buf.get(..meta.len) else {
+            continue;
         };
-        out.clear();
-        stun::build_response(txid, src, &mut out);
-        if let Err(e) = socket.send_to(&out, src).await {
-            warn!(%src, error = %e, "STUN send failed");
+        for packet in run.chunks(meta.stride.max(1)) {
+            answer(&socket, &state, &meta, packet, &mut out).await;
         }
     }
     info!("STUN server stopped");
+}
+
+/// Answers one datagram when it is a Binding request, from the address it was sent to.
+async fn answer(
+    socket: &UdpSocket,
+    state: &UdpSocketState,
+    meta: &RecvMeta,
+    packet: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let src = meta.addr;
+    if !stun::is_stun(packet) {
+        trace!(%src, "not STUN; ignored");
+        return;
+    }
+    let txid = match stun::parse_request(packet) {
+        Ok(txid) => txid,
+        Err(e) => {
+            trace!(%src, error = %e, "not a valid Binding request; ignored");
+            return;
+        }
+    };
+    out.clear();
+    stun::build_response(txid, src, out);
+    let transmit = Transmit {
+        destination: src,
+        ecn: None,
+        contents: out,
+        segment_size: None,
+        src_ip: meta.dst_ip,
+    };
+    let sent = socket
+        .async_io(Interest::WRITABLE, || {
+            state.try_send(socket.into(), &transmit)
+        })
+        .await;
+    if let Err(e) = sent {
+        warn!(%src, error = %e, "STUN send failed");
+    }
 }

@@ -403,6 +403,7 @@ async fn slow_reader_loses_its_own_packets_and_the_queue_stays_bounded() {
     let (running, url) = start(RelayOptions {
         // Keep the stalled client connected, to watch its queue.
         write_timeout: None,
+        queue_depth: 32,
         ..RelayOptions::default()
     })
     .await;
@@ -462,25 +463,29 @@ async fn pipe_client(relay: &Relay, secret: &NodeSecretKey, buffer: usize) -> Cl
 
 #[tokio::test]
 async fn disco_packets_overtake_a_full_data_queue() {
+    const DEPTH: usize = 16;
     let relay = Relay::new(
         DerpSecretKey::generate(),
         RelayOptions {
             write_timeout: None,
+            queue_depth: DEPTH,
             ..RelayOptions::default()
         },
     );
     let (ka, ks) = (NodeSecretKey::generate(), NodeSecretKey::generate());
-    let a = pipe_client(&relay, &ka, 1 << 16).await;
+    let a = pipe_client(&relay, &ka, 1 << 17).await;
     // A tiny pipe: the relay's writer blocks on the first packet.
     let mut s = pipe_client(&relay, &ks, 64).await;
-    // Packets larger than the relay's write batch: one is in flight, the rest queue up.
-    for i in 0..40u8 {
-        a.send(ks.public_key(), &[i; 5000]).await.expect("send");
+    // Packets larger than the relay's write batch (so one write holds one packet), and few
+    // enough that the byte cap does not bind: one is in flight, the rest queue up.
+    let total = DEPTH as u8 + 8;
+    for i in 0..total {
+        a.send(ks.public_key(), &[i; 40_000]).await.expect("send");
     }
     wait_until("data queue full", || {
         relay
             .client_stats(&ks.public_key())
-            .is_some_and(|c| c.queued_data == 32 && c.dropped >= 7)
+            .is_some_and(|c| c.queued_data == DEPTH && c.dropped >= 7)
     })
     .await;
     a.send(ks.public_key(), &disco_packet(0xd1))
@@ -505,12 +510,12 @@ async fn disco_packets_overtake_a_full_data_queue() {
         before, 1,
         "only the packet in flight may precede the disco packet"
     );
-    // Then the newest 32 data packets follow; 1..=7 were dropped for them.
+    // Then the newest data packets follow; 1..=7 were dropped for them.
     let mut rest = Vec::new();
-    while rest.len() < 32 {
+    while rest.len() < DEPTH {
         rest.push(recv_packet(&mut s).await.1[0]);
     }
-    assert_eq!(rest, (8..40).collect::<Vec<u8>>());
+    assert_eq!(rest, (8..total).collect::<Vec<u8>>());
 }
 
 #[tokio::test]
@@ -660,6 +665,42 @@ async fn stun_answers_binding_requests_on_loopback() {
     let (got_txid, mapped) = warren_proto::stun::parse_response(&buf[..n]).expect("response");
     assert_eq!(got_txid, txid);
     assert_eq!(mapped, sock.local_addr().expect("addr"));
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn stun_on_a_wildcard_address_answers_from_the_address_asked() {
+    // Bound to every address; asked at 127.0.0.2. Without per-packet source addresses the
+    // kernel would answer from 127.0.0.1, and a NAT would not match the answer to its mapping.
+    let config = Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        stun_listen: "0.0.0.0:0".parse().expect("addr"),
+        ..Config::default()
+    };
+    let running = warren_derp::start_with(
+        &config,
+        Relay::new(DerpSecretKey::generate(), RelayOptions::default()),
+    )
+    .await
+    .expect("start");
+    let port = running.stun_addr.expect("stun runs").port();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    for asked in ["127.0.0.2", "127.0.0.1"] {
+        let server: std::net::SocketAddr = format!("{asked}:{port}").parse().expect("addr");
+        let mut req = Vec::new();
+        warren_proto::stun::build_request([9u8; 12], None, &mut req);
+        sock.send_to(&req, server).await.expect("send");
+        let mut buf = [0u8; 1500];
+        let (n, from) = tokio::time::timeout(STEP, sock.recv_from(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("recv");
+        assert_eq!(from, server, "answer's source");
+        let (_, mapped) = warren_proto::stun::parse_response(&buf[..n]).expect("response");
+        assert_eq!(mapped, sock.local_addr().expect("addr"));
+    }
     running.shutdown().await;
 }
 
