@@ -168,11 +168,6 @@ impl warren_derp::verify::Verifier for CoreVerifier {
     }
 }
 
-/// Packets queued per client in the embedded relay (Tailscale's derper uses 32). Deeper queues
-/// absorb a WireGuard sender's bursts instead of dropping them; at MTU-sized packets this is
-/// about 170 KiB per client and direction.
-const EMBEDDED_QUEUE_DEPTH: usize = 512;
-
 /// Starts the embedded DERP + STUN server.
 async fn start_embedded_derp(
     config: &Config,
@@ -199,7 +194,6 @@ async fn start_embedded_derp(
         .then(|| Arc::new(CoreVerifier(Arc::clone(shared))) as _);
     let options = warren_derp::server::RelayOptions {
         verifier,
-        queue_depth: EMBEDDED_QUEUE_DEPTH,
         ..Default::default()
     };
     let relay = warren_derp::server::Relay::new(key, options);

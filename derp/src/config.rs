@@ -5,7 +5,7 @@
 //! stun_listen = "0.0.0.0:3478"    # or stun = false
 //! key_path = "/var/lib/warren-derp/derp.key"
 //! mesh_key_path = "/etc/warren-derp/mesh.key"   # optional, 64 hex digits
-//! queue_depth = 32
+//! queue_depth = 512
 //! write_timeout_secs = 2
 //!
 //! [tls]

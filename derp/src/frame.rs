@@ -5,6 +5,12 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use warren_proto::derp::{Frame, FrameError, FrameType, HEADER_LEN};
 
+/// The reader asks the stream for up to this many bytes at once (Tailscale's server reads
+/// through a 32 KiB buffer too); the buffer only grows past it for a frame that is larger.
+const READ_CHUNK: usize = 32 << 10;
+/// Space below which the buffer is grown before the next read.
+const MIN_READ: usize = 2 << 10;
+
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -69,8 +75,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             } else {
                 self.compact();
             }
-            if self.buf.capacity() == self.buf.len() {
-                self.buf.reserve(4096);
+            // Read in large chunks: one syscall then brings in a burst of packets.
+            if self.buf.capacity() - self.buf.len() < MIN_READ {
+                self.buf.reserve(READ_CHUNK);
             }
             let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {

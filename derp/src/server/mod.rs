@@ -28,8 +28,11 @@ use crate::verify::Verifier;
 use queue::{ClientQueue, Next, Pushed};
 use registry::{ConnId, Registry, Route};
 
-/// Tailscale's per-client send queue depth.
-pub const DEFAULT_QUEUE_DEPTH: usize = 32;
+/// Packets queued per client. Deeper than Tailscale's 32, so a WireGuard sender's bursts are
+/// absorbed instead of dropped (in the throughput bench, 32 cost 3x in retransmits and rate);
+/// memory stays bounded by the queue's byte cap (1 MiB of data per client), which is below
+/// Tailscale's worst case of 32 packets of 64 KiB.
+pub const DEFAULT_QUEUE_DEPTH: usize = 512;
 /// The server sends a `KeepAlive` this often, plus up to [`KEEPALIVE_JITTER`].
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
 /// The random part added once per connection to [`KEEPALIVE_INTERVAL`].
@@ -38,10 +41,10 @@ pub const KEEPALIVE_JITTER: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tailscale's default TCP write timeout towards a client.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Frames are batched into one write up to about this many bytes. Small, like Go's 4 KiB
-/// `bufio.Writer` in Tailscale's server, so a disco packet queued behind a blocked write waits
-/// for at most one batch.
-const WRITE_BATCH: usize = 4 << 10;
+/// Frames are batched into one write up to about this many bytes: about 22 full-size
+/// WireGuard packets a syscall. Disco packets still overtake queued data (the queue drains
+/// disco first); one queued behind a write in progress waits for at most this batch.
+const WRITE_BATCH: usize = 32 << 10;
 /// The largest `ClientInfo` payload accepted (Tailscale: 256 KiB).
 const MAX_CLIENT_INFO_LEN: usize = 256 << 10;
 /// The largest `Ping` payload accepted (Tailscale: 1000 bytes).
