@@ -27,8 +27,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 
 type BoxStream = Box<dyn Stream>;
 
-/// Frames waiting for the writer task.
-const SEND_QUEUE: usize = 128;
+/// Frames waiting for the writer task: deep enough for a burst of WireGuard packets (the
+/// writer drains it into writes of up to 32 KiB).
+const SEND_QUEUE: usize = 512;
 /// The longest HTTP response head accepted.
 const MAX_RESPONSE_HEAD: usize = 16 << 10;
 
@@ -118,6 +119,9 @@ pub enum ClientError {
     /// The connection's writer has stopped.
     #[error("connection closed")]
     Closed,
+    /// The writer's queue is full (the connection is slower than the sender); nothing was sent.
+    #[error("send queue full")]
+    QueueFull,
     /// Connecting took longer than [`ConnectOptions::timeout`].
     #[error("connect timed out")]
     Timeout,
@@ -185,6 +189,21 @@ impl ClientSender {
             packet: packet.to_vec(),
         })
         .await
+    }
+
+    /// Relays `packet` to `dst` without waiting: when the writer is behind, the packet is
+    /// dropped with [`ClientError::QueueFull`], as a congested link would drop it. This is the
+    /// data path's call: the packet is moved, not copied.
+    pub fn try_send(&self, dst: NodePublicKey, packet: Vec<u8>) -> Result<(), ClientError> {
+        if packet.len() > derp::MAX_PACKET_SIZE {
+            return Err(ClientError::PacketTooLarge { len: packet.len() });
+        }
+        self.tx
+            .try_send(Frame::SendPacket { dst, packet })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => ClientError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => ClientError::Closed,
+            })
     }
 
     /// Tells the server whether it is this node's home.

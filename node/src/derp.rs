@@ -1,15 +1,17 @@
 //! The node's DERP connections: one to the home region (announced as preferred) and others to
-//! peers' home regions on demand, each in its own task that reconnects with backoff. Packets for
-//! a region go into that link's bounded queue (a full queue drops, as a congested relay would);
-//! packets that arrive are handed to the daemon loop. DERP runs over TCP, so it also works
-//! where UDP is blocked.
+//! peers' home regions on demand, each in its own task that reconnects with backoff. While a
+//! link is connected, packets go straight into its connection's writer queue (no task hop on the
+//! data path); while it connects they wait in the link's queue and are sent once it is up. A
+//! full queue drops, as a congested relay would. Packets that arrive are handed to the daemon
+//! loop. DERP runs over TCP, so it also works where UDP is blocked.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use warren_derp::client::{Client, ClientEvent, ConnectOptions};
+use warren_derp::client::{Client, ClientError, ClientEvent, ClientSender, ConnectOptions};
 use warren_node_core::netmap::DerpUrl;
 use warren_proto::{NodePublicKey, NodeSecretKey};
 
@@ -35,10 +37,20 @@ enum Out {
     Preferred(bool),
 }
 
+/// The connection's sender while the link is up.
+type Live = Arc<Mutex<Option<ClientSender>>>;
+
 #[derive(Debug)]
 struct Link {
     out: mpsc::Sender<Out>,
+    live: Live,
     task: JoinHandle<()>,
+}
+
+impl Link {
+    fn live(&self) -> Option<ClientSender> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// All DERP connections of the node.
@@ -100,13 +112,16 @@ impl DerpLinks {
 
     /// Sends a packet to `peer` through `region`, connecting to it if needed.
     pub fn send(&mut self, region: u32, peer: NodePublicKey, packet: Vec<u8>) {
-        match self.link(region) {
-            Some(link) => {
-                if link.out.try_send(Out::Packet(peer, packet)).is_err() {
-                    tracing::trace!(region, "DERP link queue full; packet dropped");
-                }
-            }
-            None => tracing::debug!(region, "no DERP server known for region"),
+        let Some(link) = self.link(region) else {
+            tracing::debug!(region, "no DERP server known for region");
+            return;
+        };
+        let sent = match link.live() {
+            Some(tx) => tx.try_send(peer, packet).map_err(|_| ()),
+            None => link.out.try_send(Out::Packet(peer, packet)).map_err(|_| ()),
+        };
+        if sent.is_err() {
+            tracing::trace!(region, "DERP link queue full or closing; packet dropped");
         }
     }
 
@@ -121,16 +136,18 @@ impl DerpLinks {
         if !self.links.contains_key(&region) {
             let urls = self.urls.get(&region)?.clone();
             let (out, rx) = mpsc::channel(LINK_QUEUE);
+            let live = Live::default();
             let preferred = self.home == Some(region);
             let task = tokio::spawn(run_link(
                 region,
                 urls,
                 self.key.clone(),
                 rx,
+                live.clone(),
                 self.received.clone(),
                 preferred,
             ));
-            self.links.insert(region, Link { out, task });
+            self.links.insert(region, Link { out, live, task });
         }
         self.links.get(&region)
     }
@@ -149,9 +166,11 @@ async fn run_link(
     urls: Vec<DerpUrl>,
     key: NodeSecretKey,
     mut out: mpsc::Receiver<Out>,
+    live: Live,
     received: mpsc::Sender<DerpReceived>,
     mut preferred: bool,
 ) {
+    let set_live = |s: Option<ClientSender>| *live.lock().unwrap_or_else(|e| e.into_inner()) = s;
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut client = None;
@@ -191,16 +210,32 @@ async fn run_link(
         if preferred && tx.note_preferred(true).await.is_err() {
             continue;
         }
+        // What waited for the connection goes first; from now on the daemon sends directly.
+        // Packets it queued just before the switch are still taken from `out` below.
+        while let Ok(o) = out.try_recv() {
+            match o {
+                Out::Packet(peer, packet) => {
+                    let _ = tx.try_send(peer, packet);
+                }
+                Out::Preferred(p) => {
+                    preferred = p;
+                    let _ = tx.note_preferred(p).await;
+                }
+            }
+        }
+        set_live(Some(tx.clone()));
         loop {
             tokio::select! {
                 o = out.recv() => match o {
                     None => return,
-                    Some(Out::Packet(peer, packet)) => {
-                        if let Err(e) = tx.send(peer, &packet).await {
-                            tracing::warn!(region, error = %e, "DERP send failed; reconnecting");
+                    Some(Out::Packet(peer, packet)) => match tx.try_send(peer, packet) {
+                        Err(ClientError::Closed) => {
+                            tracing::warn!(region, "DERP writer stopped; reconnecting");
                             break;
                         }
-                    }
+                        Err(e) => tracing::trace!(region, error = %e, "DERP packet dropped"),
+                        Ok(()) => {}
+                    },
                     Some(Out::Preferred(p)) => {
                         preferred = p;
                         if tx.note_preferred(p).await.is_err() {
@@ -222,5 +257,6 @@ async fn run_link(
                 },
             }
         }
+        set_live(None);
     }
 }
