@@ -14,6 +14,14 @@ use warren_proto::control::*;
 
 use crate::config::parse_duration;
 
+/// `println!` that returns an error instead of panicking when stdout is gone (`| head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?;
+    }};
+}
+
 /// Command line of `warren-control`.
 #[derive(Debug, Parser)]
 #[command(
@@ -237,29 +245,31 @@ pub fn fmt_time(ms: i64) -> String {
     )
 }
 
-fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) -> anyhow::Result<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let line = |cells: Vec<String>| -> anyhow::Result<()> {
         let s: Vec<String> = cells
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        out!("{}", s.join("  ").trim_end());
+        Ok(())
     };
-    line(headers.iter().map(|h| h.to_string()).collect());
+    line(headers.iter().map(|h| h.to_string()).collect())?;
     for r in rows {
-        line(r);
+        line(r)?;
     }
+    Ok(())
 }
 
 fn print_json<T: Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    out!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -449,7 +459,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                         created_unix_ms: u.created_unix_ms,
                     })?;
                 } else {
-                    println!("user {} created (id {})", u.name, u.id);
+                    out!("user {} created (id {})", u.name, u.id);
                 }
             }
             UsersCmd::List => {
@@ -473,7 +483,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                     print_table(
                         &["ID", "NAME", "CREATED"],
                         users.iter().map(user_row).collect(),
-                    );
+                    )?;
                 }
             }
             UsersCmd::Delete { name } => {
@@ -481,7 +491,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                     .await
                     .map_err(status_error)?;
                 if !json {
-                    println!("user {name} deleted");
+                    out!("user {name} deleted");
                 }
             }
         },
@@ -512,7 +522,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                         secret: r.secret,
                     })?;
                 } else {
-                    println!("{}", r.secret);
+                    out!("{}", r.secret);
                 }
             }
             PreauthkeysCmd::List { user } => {
@@ -555,7 +565,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                             "TAGS",
                         ],
                         rows,
-                    );
+                    )?;
                 }
             }
             PreauthkeysCmd::Expire { prefix } => {
@@ -566,7 +576,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                     .await
                     .map_err(status_error)?;
                 if !json {
-                    println!("pre-auth key {prefix} expired");
+                    out!("pre-auth key {prefix} expired");
                 }
             }
         },
@@ -584,7 +594,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                 if json {
                     print_json(&nodes.iter().map(NodeView::from).collect::<Vec<_>>())?;
                 } else {
-                    print_table(NODE_HEADERS, node_rows(&nodes));
+                    print_table(NODE_HEADERS, node_rows(&nodes))?;
                 }
             }
             NodesCmd::Delete { id } => {
@@ -592,7 +602,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                     .await
                     .map_err(status_error)?;
                 if !json {
-                    println!("node {id} deleted");
+                    out!("node {id} deleted");
                 }
             }
             NodesCmd::Expire { id } => {
@@ -604,7 +614,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                 if json {
                     print_json(&NodeView::from(&n))?;
                 } else {
-                    println!("node {} ({}) expired", n.id, n.given_name);
+                    out!("node {} ({}) expired", n.id, n.given_name);
                 }
             }
             NodesCmd::Rename { id, name } => {
@@ -622,7 +632,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                 if json {
                     print_json(&NodeView::from(&n))?;
                 } else {
-                    println!("node {} renamed to {}", n.id, n.given_name);
+                    out!("node {} renamed to {}", n.id, n.given_name);
                 }
             }
         },
@@ -643,7 +653,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                         secret: r.secret,
                     })?;
                 } else {
-                    println!("{}", r.secret);
+                    out!("{}", r.secret);
                 }
             }
             ApikeysCmd::List => {
@@ -668,7 +678,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                             ]
                         })
                         .collect();
-                    print_table(&["ID", "PREFIX", "EXPIRES", "CREATED", "LAST USED"], rows);
+                    print_table(&["ID", "PREFIX", "EXPIRES", "CREATED", "LAST USED"], rows)?;
                 }
             }
             ApikeysCmd::Expire { prefix } => {
@@ -679,7 +689,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                     .await
                     .map_err(status_error)?;
                 if !json {
-                    println!("API key {prefix} expired");
+                    out!("API key {prefix} expired");
                 }
             }
         },
