@@ -95,7 +95,9 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         map_tx,
     ));
     let (api_tx, api_rx) = mpsc::channel(16);
-    let api_task = tokio::spawn(serve_api(listener, api_tx));
+    // Every API connection holds a clone of `alive`: the channel closes when all are done.
+    let (alive, mut alive_rx) = mpsc::channel::<()>(1);
+    let api_task = tokio::spawn(serve_api(listener, api_tx, alive));
 
     let mut seed = [0u8; 8];
     getrandom::getrandom(&mut seed)
@@ -121,6 +123,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         pending_pings: Vec::new(),
         pending_netcheck: Vec::new(),
     };
+    // `run` owns the TUN device: it is gone when `run` returns.
     let result = daemon
         .run(tun, Arc::new(udp), map_rx, api_rx, derp_rx)
         .await;
@@ -128,8 +131,16 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     follower.abort();
     api_task.abort();
     let _ = std::fs::remove_file(&socket_path);
+    drop(daemon);
     tracing::info!("stopped");
-    result
+    // `warren down` hears back only now, when the node is down, and the answer is written
+    // before the process ends (a client that never sends its request is not waited for long).
+    let down = result?;
+    if let Some(reply) = down {
+        let _ = reply.send(ApiResponse::Stopping);
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), alive_rx.recv()).await;
+    Ok(())
 }
 
 fn addresses(list: &[String]) -> anyhow::Result<(Ipv4Addr, std::net::Ipv6Addr)> {
@@ -152,10 +163,12 @@ fn addresses(list: &[String]) -> anyhow::Result<(Ipv4Addr, std::net::Ipv6Addr)> 
 
 type ApiCall = (ApiRequest, oneshot::Sender<ApiResponse>);
 
-async fn serve_api(listener: UnixListener, tx: mpsc::Sender<ApiCall>) {
+async fn serve_api(listener: UnixListener, tx: mpsc::Sender<ApiCall>, alive: mpsc::Sender<()>) {
     while let Ok((mut stream, _)) = listener.accept().await {
         let tx = tx.clone();
+        let alive = alive.clone();
         tokio::spawn(async move {
+            let _alive = alive;
             let resp = match api::read_request(&mut stream).await {
                 Ok(req) => {
                     let (rtx, rrx) = oneshot::channel();
@@ -229,7 +242,7 @@ impl Daemon {
         mut map_rx: mpsc::Receiver<MapEvent>,
         mut api_rx: mpsc::Receiver<ApiCall>,
         mut derp_rx: mpsc::Receiver<DerpReceived>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<oneshot::Sender<ApiResponse>>> {
         let mut tun_buf = vec![0u8; 65_535];
         let mut udp_bufs = vec![vec![0u8; crate::udp::RECV_BUF]; crate::udp::RECV_BATCH];
         let mut udp_meta = vec![quinn_udp::RecvMeta::default(); crate::udp::RECV_BATCH];
@@ -285,13 +298,13 @@ impl Daemon {
                 _ = lan_check.tick() => self.node.set_lan_endpoints(endpoints::local(self.port)),
                 Some(ev) = map_rx.recv() => self.on_map_event(ev),
                 Some((req, reply)) = api_rx.recv() => {
-                    if self.on_api(req, reply) {
+                    if let Some(down) = self.on_api(req, reply) {
                         tracing::info!("down requested");
-                        return Ok(());
+                        return Ok(Some(down));
                     }
                 }
-                _ = &mut interrupt => return Ok(()),
-                _ = &mut term => return Ok(()),
+                _ = &mut interrupt => return Ok(None),
+                _ = &mut term => return Ok(None),
             }
         }
     }
@@ -453,12 +466,14 @@ impl Daemon {
     }
 
     /// Answers a local API call; true when the daemon should stop.
-    fn on_api(&mut self, req: ApiRequest, reply: oneshot::Sender<ApiResponse>) -> bool {
+    /// Answers `req`; for `down`, hands back the reply, to be sent once the daemon is down.
+    fn on_api(
+        &mut self,
+        req: ApiRequest,
+        reply: oneshot::Sender<ApiResponse>,
+    ) -> Option<oneshot::Sender<ApiResponse>> {
         match req {
-            ApiRequest::Down => {
-                let _ = reply.send(ApiResponse::Stopping);
-                return true;
-            }
+            ApiRequest::Down => return Some(reply),
             ApiRequest::Status => {
                 let _ = reply.send(ApiResponse::Status(Box::new(self.status())));
             }
@@ -482,7 +497,7 @@ impl Daemon {
                 self.node.start_netcheck(Instant::now());
             }
         }
-        false
+        None
     }
 
     /// A peer by name, mesh address or node key.
