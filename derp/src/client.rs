@@ -40,7 +40,8 @@ pub struct ConnectOptions {
     pub server_key: Option<DerpPublicKey>,
     /// The region's mesh key, for mesh peers.
     pub mesh_key: Option<MeshKey>,
-    /// Trust anchors for `https://` (the system store is not loaded).
+    /// Trust anchors for `https://`. Empty means the system's store (`SSL_CERT_FILE` and
+    /// `SSL_CERT_DIR` are honoured), loaded once per process.
     pub tls_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// Accept any TLS certificate (labs and tests). The DERP handshake still proves the
     /// server's key, and [`Self::server_key`] pins it.
@@ -564,12 +565,11 @@ fn tls_connector(options: &ConnectOptions) -> Result<tokio_rustls::TlsConnector,
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(insecure::SkipVerify(provider)))
             .with_no_client_auth()
+    } else if options.tls_roots.is_empty() {
+        builder
+            .with_root_certificates(system_roots()?)
+            .with_no_client_auth()
     } else {
-        if options.tls_roots.is_empty() {
-            return Err(ClientError::Tls(
-                "no trust anchors: set tls_roots or insecure_skip_verify".into(),
-            ));
-        }
         let mut roots = rustls::RootCertStore::empty();
         for cert in &options.tls_roots {
             roots
@@ -580,6 +580,33 @@ fn tls_connector(options: &ConnectOptions) -> Result<tokio_rustls::TlsConnector,
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// The system's trust anchors, read once: a relay on the internet has a certificate from a
+/// public CA (Let's Encrypt, usually), and nodes reconnect often.
+fn system_roots() -> Result<Arc<rustls::RootCertStore>, ClientError> {
+    static ROOTS: std::sync::OnceLock<Result<Arc<rustls::RootCertStore>, String>> =
+        std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found
+                    .errors
+                    .first()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "no trust anchors in the system store{why}: install ca-certificates or set SSL_CERT_FILE"
+                ));
+            }
+            debug!(anchors = added, "loaded the system's TLS trust anchors");
+            Ok(Arc::new(roots))
+        })
+        .clone()
+        .map_err(ClientError::Tls)
 }
 
 mod insecure {
