@@ -199,12 +199,15 @@ impl ClientSender {
         if packet.len() > derp::MAX_PACKET_SIZE {
             return Err(ClientError::PacketTooLarge { len: packet.len() });
         }
-        self.tx
-            .try_send(Frame::SendPacket { dst, packet })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => ClientError::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => ClientError::Closed,
-            })
+        self.try_frame(Frame::SendPacket { dst, packet })
+    }
+
+    /// Sends any frame without waiting; [`ClientError::QueueFull`] when the writer is behind.
+    pub fn try_frame(&self, frame: Frame) -> Result<(), ClientError> {
+        self.tx.try_send(frame).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ClientError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => ClientError::Closed,
+        })
     }
 
     /// Tells the server whether it is this node's home.

@@ -5,6 +5,7 @@
 //! stun_listen = "0.0.0.0:3478"    # or stun = false
 //! key_path = "/var/lib/warren-derp/derp.key"
 //! mesh_key_path = "/etc/warren-derp/mesh.key"   # optional, 64 hex digits
+//! mesh_with = ["https://derp2.example.net/derp"] # the region's other servers (needs the key)
 //! queue_depth = 512
 //! write_timeout_secs = 2
 //!
@@ -46,6 +47,9 @@ pub struct Config {
     pub key_path: PathBuf,
     /// A file holding the region's mesh key (64 hex digits).
     pub mesh_key_path: Option<PathBuf>,
+    /// The region's other servers, linked to as mesh peers. Listing this server itself is
+    /// harmless (it is recognised by its key and skipped).
+    pub mesh_with: Vec<String>,
     /// Packets queued per client (data and disco each).
     pub queue_depth: usize,
     /// Seconds a write to a client may block before it is disconnected; 0 disables.
@@ -87,6 +91,7 @@ impl Default for Config {
             stun_listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
             key_path: PathBuf::from(DEFAULT_KEY_PATH),
             mesh_key_path: None,
+            mesh_with: Vec::new(),
             queue_depth: crate::server::DEFAULT_QUEUE_DEPTH,
             write_timeout_secs: 2,
             tls: None,
@@ -98,10 +103,22 @@ impl Default for Config {
 impl Config {
     /// Parses TOML text.
     pub fn from_toml(text: &str) -> Result<Self, Error> {
-        toml::from_str(text).map_err(|e| Error::Config {
+        let config: Self = toml::from_str(text).map_err(|e| Error::Config {
             path: None,
             reason: e.to_string(),
-        })
+        })?;
+        config.check(None)
+    }
+
+    /// Rejects settings that parse but cannot work together.
+    fn check(self, path: Option<&Path>) -> Result<Self, Error> {
+        if !self.mesh_with.is_empty() && self.mesh_key_path.is_none() {
+            return Err(Error::Config {
+                path: path.map(Path::to_owned),
+                reason: "mesh_with needs mesh_key_path (mesh peers prove the shared key)".into(),
+            });
+        }
+        Ok(self)
     }
 
     /// Reads and parses a TOML file.
@@ -110,10 +127,11 @@ impl Config {
             path: Some(path.to_owned()),
             reason: e.to_string(),
         })?;
-        toml::from_str(&text).map_err(|e| Error::Config {
+        let config: Self = toml::from_str(&text).map_err(|e| Error::Config {
             path: Some(path.to_owned()),
             reason: e.to_string(),
-        })
+        })?;
+        config.check(Some(path))
     }
 }
 
@@ -148,6 +166,18 @@ mod tests {
         let v = c.verify_clients.expect("verify");
         assert_eq!(v.url, "http://control:50443");
         assert!(!v.fail_open);
+    }
+
+    #[test]
+    fn mesh_peers_need_the_mesh_key() {
+        let err =
+            Config::from_toml("mesh_with = [\"http://derp2:3340/derp\"]").expect_err("no key");
+        assert!(err.to_string().contains("mesh_key_path"), "{err}");
+        let c = Config::from_toml(
+            "mesh_key_path = \"/etc/mesh.key\"\nmesh_with = [\"http://derp2:3340/derp\"]",
+        )
+        .expect("parses");
+        assert_eq!(c.mesh_with, vec!["http://derp2:3340/derp".to_owned()]);
     }
 
     #[test]

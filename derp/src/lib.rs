@@ -240,6 +240,12 @@ pub async fn start_with(config: &Config, relay: Relay) -> Result<Running, Error>
             let _ = stun_stopped.await;
         })));
     }
+    // The links end when the relay shuts down (when the HTTP server stops).
+    for url in &config.mesh_with {
+        let relay = relay.clone();
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move { relay.mesh_with(url).await }));
+    }
     Ok(Running {
         http_addr,
         stun_addr,

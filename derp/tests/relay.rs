@@ -796,3 +796,125 @@ fn key_file_is_created_once_with_mode_0600() {
         assert_eq!(mode & 0o777, 0o600);
     }
 }
+
+fn mesh_options(key: &str) -> RelayOptions {
+    RelayOptions {
+        mesh_key: Some(key.parse().expect("mesh key")),
+        ..RelayOptions::default()
+    }
+}
+
+/// Receives until a packet arrives, skipping presence and health frames.
+async fn next_packet(c: &mut Client) -> (NodePublicKey, Vec<u8>) {
+    loop {
+        if let ClientEvent::RecvPacket { src, packet } = recv(c).await {
+            return (src, packet);
+        }
+    }
+}
+
+#[tokio::test]
+async fn meshed_servers_carry_packets_between_their_clients() {
+    let mesh_key = "ab".repeat(32);
+    let (r1, url1) = start(mesh_options(&mesh_key)).await;
+    let (r2, url2) = start(mesh_options(&mesh_key)).await;
+    let (ka, kb, kc) = (
+        NodeSecretKey::generate(),
+        NodeSecretKey::generate(),
+        NodeSecretKey::generate(),
+    );
+    // b is there before the servers link (it arrives in the initial PeerPresent burst); c
+    // arrives afterwards (a PeerPresent of its own).
+    let mut a = connect(&url1, &ka).await;
+    let mut b = connect(&url2, &kb).await;
+    // Both servers get the whole region's list, themselves included.
+    let links: Vec<_> = [(&r1, &url1), (&r1, &url2), (&r2, &url1), (&r2, &url2)]
+        .into_iter()
+        .map(|(r, url)| {
+            let relay = r.relay.clone();
+            let url = url.clone();
+            tokio::spawn(async move { relay.mesh_with(url).await })
+        })
+        .collect();
+    wait_until("each server knows the other's client", || {
+        r1.relay.stats().remote_clients == 1 && r2.relay.stats().remote_clients == 1
+    })
+    .await;
+    a.send(kb.public_key(), b"a to b").await.expect("send");
+    assert_eq!(
+        next_packet(&mut b).await,
+        (ka.public_key(), b"a to b".to_vec())
+    );
+    b.send(ka.public_key(), b"b to a").await.expect("send");
+    assert_eq!(
+        next_packet(&mut a).await,
+        (kb.public_key(), b"b to a".to_vec())
+    );
+    let mut c = connect(&url2, &kc).await;
+    wait_until("r1 hears of c", || r1.relay.stats().remote_clients == 2).await;
+    a.send(kc.public_key(), b"a to c").await.expect("send");
+    assert_eq!(
+        next_packet(&mut c).await,
+        (ka.public_key(), b"a to c".to_vec())
+    );
+    assert_eq!(r1.relay.stats().packets_forwarded, 2);
+
+    // b leaves: r1 forgets it, and packets for it are no longer forwarded.
+    drop(b);
+    wait_until("r1 hears b left", || r1.relay.stats().remote_clients == 1).await;
+    let unknown_before = r1.relay.stats().dropped_unknown_dest;
+    a.send(kb.public_key(), b"to nobody").await.expect("send");
+    wait_until("dropped at r1", || {
+        r1.relay.stats().dropped_unknown_dest == unknown_before + 1
+    })
+    .await;
+    assert_eq!(r1.relay.stats().packets_forwarded, 2);
+
+    // r2 goes away: r1 drops its link and everything it learned through it.
+    r2.shutdown().await;
+    wait_until("r1 forgets r2's clients", || {
+        r1.relay.stats().remote_clients == 0
+    })
+    .await;
+    r1.shutdown().await;
+    for l in links {
+        tokio::time::timeout(STEP, l)
+            .await
+            .expect("mesh links end with their relay")
+            .expect("link task");
+    }
+}
+
+#[tokio::test]
+async fn mesh_frames_from_ordinary_clients_close_only_their_connection() {
+    let (running, url) = start(mesh_options(&"cd".repeat(32))).await;
+    let (ka, kb) = (NodeSecretKey::generate(), NodeSecretKey::generate());
+    let mut b = connect(&url, &kb).await;
+    for frame in [
+        Frame::WatchConns,
+        Frame::ForwardPacket {
+            src: ka.public_key(),
+            dst: kb.public_key(),
+            packet: b"forged".to_vec(),
+        },
+    ] {
+        let mut intruder = connect(&url, &ka).await;
+        intruder.sender().frame(frame).await.expect("send");
+        loop {
+            match tokio::time::timeout(STEP, intruder.recv()).await {
+                Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("connection not closed"),
+            }
+        }
+    }
+    // Nothing was forwarded to b, and b is still served.
+    let kc = NodeSecretKey::generate();
+    let c = connect(&url, &kc).await;
+    c.send(kb.public_key(), b"still here").await.expect("send");
+    assert_eq!(
+        next_packet(&mut b).await,
+        (kc.public_key(), b"still here".to_vec())
+    );
+    running.shutdown().await;
+}

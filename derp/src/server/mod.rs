@@ -5,10 +5,16 @@
 //! Tailscale), optionally verifies the key, registers it (the newest connection for a key wins;
 //! the older one gets a `Health` frame and is closed), answers `ServerInfo`, then relays.
 //! A client whose frames are malformed or over the limits loses only its own connection.
+//!
+//! Region mesh (several servers sharing one mesh key act as one region): each server links to
+//! the others as a mesh client ([`Relay::mesh_with`]), sends `WatchConns`, and learns their
+//! clients from `PeerPresent`/`PeerGone`; a packet for a key connected elsewhere goes there as
+//! `ForwardPacket`, which the other server delivers to its own client and never forwards again.
 
 pub(crate) mod queue;
 pub mod registry;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,15 +24,17 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, trace, warn};
 use warren_proto::derp::{
-    self, Frame, MeshKey, PeerGoneReason, ServerInfo, open_client_info, seal_server_info,
+    self, Frame, MeshKey, PeerGoneReason, PeerPresentFlags, ServerInfo, open_client_info,
+    seal_server_info,
 };
 use warren_proto::disco::looks_like_disco;
-use warren_proto::{DerpPublicKey, DerpSecretKey, NodePublicKey};
+use warren_proto::{DerpPublicKey, DerpSecretKey, NodePublicKey, NodeSecretKey};
 
+use crate::client::{Client, ClientEvent, ClientSender, ConnectOptions};
 use crate::frame::{FrameReader, ReadError, write_frame};
 use crate::verify::Verifier;
 use queue::{ClientQueue, Next, Pushed};
-use registry::{ConnId, Registry, Route};
+use registry::{ConnId, MeshLinkId, Registry, Route};
 
 /// Packets queued per client. Deeper than Tailscale's 32, so a WireGuard sender's bursts are
 /// absorbed instead of dropped (in the throughput bench, 32 cost 3x in retransmits and rate);
@@ -51,6 +59,8 @@ const MAX_CLIENT_INFO_LEN: usize = 256 << 10;
 const MAX_PING_LEN: usize = 1000;
 /// The health text sent to a connection replaced by a newer one for the same key.
 pub const REPLACED_HEALTH: &str = "another connection for this node key replaced this one";
+/// Longest wait between attempts to link to a mesh peer.
+const MESH_MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// The relay's settings.
 pub struct RelayOptions {
@@ -105,6 +115,8 @@ struct Counters {
     replaced: AtomicU64,
     refused: AtomicU64,
     bad_frames: AtomicU64,
+    packets_forwarded: AtomicU64,
+    dropped_mesh: AtomicU64,
 }
 
 /// A snapshot of the relay's counters.
@@ -136,6 +148,12 @@ pub struct Stats {
     pub refused: u64,
     /// Connections closed for a malformed or oversized frame.
     pub bad_frames: u64,
+    /// Keys known to be connected to other servers of the region.
+    pub remote_clients: u64,
+    /// Packets sent on to another server of the region as `ForwardPacket`.
+    pub packets_forwarded: u64,
+    /// Packets for another server of the region dropped (its link was down or behind).
+    pub dropped_mesh: u64,
 }
 
 /// The view of one connected client.
@@ -158,6 +176,11 @@ struct Inner {
     registry: Mutex<Registry<Arc<ClientQueue>>>,
     counters: Counters,
     shutdown: watch::Sender<bool>,
+    /// Links to the other servers of the region, for `ForwardPacket`.
+    mesh_links: Mutex<BTreeMap<MeshLinkId, ClientSender>>,
+    next_link: AtomicU64,
+    /// The node key this server presents when it links to a mesh peer.
+    mesh_node_key: NodeSecretKey,
 }
 
 /// A DERP relay. Cheap to clone; feed it connections with [`Relay::accept`].
@@ -210,6 +233,9 @@ impl Relay {
                 registry: Mutex::new(Registry::new()),
                 counters: Counters::default(),
                 shutdown,
+                mesh_links: Mutex::new(BTreeMap::new()),
+                next_link: AtomicU64::new(1),
+                mesh_node_key: NodeSecretKey::generate(),
             }),
         }
     }
@@ -230,9 +256,13 @@ impl Relay {
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         let c = &self.inner.counters;
-        let (clients, home) = {
+        let (clients, home, remote) = {
             let r = self.registry();
-            (r.len() as u64, r.preferred_count() as u64)
+            (
+                r.len() as u64,
+                r.preferred_count() as u64,
+                r.remote_len() as u64,
+            )
         };
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Stats {
@@ -249,6 +279,9 @@ impl Relay {
             replaced: l(&c.replaced),
             refused: l(&c.refused),
             bad_frames: l(&c.bad_frames),
+            remote_clients: remote,
+            packets_forwarded: l(&c.packets_forwarded),
+            dropped_mesh: l(&c.dropped_mesh),
         }
     }
 
@@ -268,6 +301,87 @@ impl Relay {
     /// Closes every connection and refuses new ones.
     pub fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
+    }
+
+    /// Keeps a link to the region's server at `url` (a mesh peer: same mesh key) until
+    /// [`Self::shutdown`]: reconnects with backoff, watches its connections, and forwards
+    /// packets for its clients. A URL that turns out to be this server is left alone, so every
+    /// server of a region can be given the same list. Needs [`RelayOptions::mesh_key`].
+    pub async fn mesh_with(&self, url: String) {
+        let Some(mesh_key) = self.inner.options.mesh_key.clone() else {
+            warn!(%url, "no mesh key: not linking to the mesh peer");
+            return;
+        };
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if *shutdown.borrow_and_update() {
+                return;
+            }
+            let options = ConnectOptions {
+                mesh_key: Some(mesh_key.clone()),
+                ..ConnectOptions::default()
+            };
+            let connect = Client::connect(&url, &self.inner.mesh_node_key, &options);
+            let client = tokio::select! {
+                c = connect => c,
+                _ = stopped(&mut shutdown) => return,
+            };
+            match client {
+                Ok(c) if c.server_key() == self.inner.public => {
+                    debug!(%url, "mesh URL is this server");
+                    return;
+                }
+                Ok(c) => {
+                    backoff = Duration::from_millis(100);
+                    info!(%url, peer = %c.server_key(), "linked to mesh peer");
+                    let why = self.run_mesh_link(c, &mut shutdown).await;
+                    info!(%url, reason = %why, "mesh link down");
+                }
+                Err(e) => warn!(%url, error = %e, "mesh peer unreachable"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stopped(&mut shutdown) => return,
+            }
+            backoff = (backoff * 2).min(MESH_MAX_BACKOFF);
+        }
+    }
+
+    /// Follows one mesh peer's connections until the link fails or the relay stops; returns why.
+    async fn run_mesh_link(&self, client: Client, shutdown: &mut watch::Receiver<bool>) -> String {
+        let link = MeshLinkId(self.inner.next_link.fetch_add(1, Ordering::Relaxed));
+        let (tx, mut rx) = client.split();
+        let links = || {
+            self.inner
+                .mesh_links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+        };
+        links().insert(link, tx.clone());
+        let why = if let Err(e) = tx.frame(Frame::WatchConns).await {
+            e.to_string()
+        } else {
+            loop {
+                let event = tokio::select! {
+                    ev = rx.recv() => ev,
+                    _ = stopped(shutdown) => break "relay stopping".to_owned(),
+                };
+                match event {
+                    Ok(ClientEvent::PeerPresent { peer, .. }) => {
+                        self.registry().add_remote(peer, link);
+                    }
+                    Ok(ClientEvent::PeerGone { peer, .. }) => {
+                        self.registry().remove_remote(&peer, link);
+                    }
+                    Ok(_) => {}
+                    Err(e) => break e.to_string(),
+                }
+            }
+        };
+        links().remove(&link);
+        self.registry().drop_link(link);
+        why
     }
 
     /// Serves one client connection (after the HTTP upgrade) until it ends. `remote` is for
@@ -375,8 +489,20 @@ impl Relay {
         };
         tracing::Span::current().record("peer", tracing::field::display(key.short()));
 
-        let queue = Arc::new(ClientQueue::new(self.inner.options.queue_depth));
+        let depth = self.inner.options.queue_depth;
+        let queue = Arc::new(if mesh_peer {
+            ClientQueue::for_mesh_peer(depth)
+        } else {
+            ClientQueue::new(depth)
+        });
         let registered = self.registry().register(key, queue.clone(), mesh_peer);
+        for watcher in &registered.present_to {
+            watcher.push_control(Frame::PeerPresent {
+                peer: key,
+                endpoint: None,
+                flags: PeerPresentFlags::REGULAR,
+            });
+        }
         if let Some((old, old_queue)) = registered.replaced {
             self.inner.counters.replaced.fetch_add(1, Ordering::Relaxed);
             info!(
@@ -446,12 +572,12 @@ impl Relay {
         loop {
             let frame = reader.read_frame().await?;
             match frame {
-                Frame::SendPacket { dst, packet } => self.forward(key, dst, packet),
+                Frame::SendPacket { dst, packet } => self.forward(key, dst, packet, false),
                 Frame::ForwardPacket { src, dst, packet } => {
                     if !self.registry().is_mesh_peer(&key) {
                         return Err(ConnError::NotPermitted(derp::FrameType::FORWARD_PACKET));
                     }
-                    self.forward(src, dst, packet);
+                    self.forward(src, dst, packet, true);
                 }
                 Frame::NotePreferred { preferred } => {
                     debug!(preferred, "note preferred");
@@ -474,11 +600,17 @@ impl Relay {
                     }
                 }
                 Frame::WatchConns => {
-                    if !self.registry().is_mesh_peer(&key) {
+                    let Some(present) = self.registry().watch(&key) else {
                         return Err(ConnError::NotPermitted(derp::FrameType::WATCH_CONNS));
+                    };
+                    info!(clients = present.len(), "mesh peer watches connections");
+                    for peer in present {
+                        queue.push_control(Frame::PeerPresent {
+                            peer,
+                            endpoint: None,
+                            flags: PeerPresentFlags::REGULAR,
+                        });
                     }
-                    // Mesh watching (PeerPresent/PeerGone streams) is not implemented yet.
-                    debug!("WatchConns ignored: mesh not implemented");
                 }
                 Frame::KeepAlive | Frame::Pong { .. } => {}
                 other => trace!(frame_type = %other.frame_type(), "ignoring frame"),
@@ -486,13 +618,14 @@ impl Relay {
         }
     }
 
-    fn forward(&self, src: NodePublicKey, dst: NodePublicKey, packet: Vec<u8>) {
+    /// Routes a packet; `via_mesh` when another server of the region forwarded it.
+    fn forward(&self, src: NodePublicKey, dst: NodePublicKey, packet: Vec<u8>, via_mesh: bool) {
         let counters = &self.inner.counters;
         let disco = looks_like_disco(&packet);
         let now = tokio::time::Instant::now().into_std();
         let (route, src_queue) = {
             let mut r = self.registry();
-            let route = r.route(&src, &dst, disco, now);
+            let route = r.route(&src, &dst, disco, via_mesh, now);
             let src_queue = r.get(&src).map(|(_, q)| q.clone());
             (route, src_queue)
         };
@@ -510,6 +643,25 @@ impl Relay {
                     counters.dropped_gone.fetch_add(1, Ordering::Relaxed);
                 }
             },
+            Route::Forward(link) => {
+                let link = self
+                    .inner
+                    .mesh_links
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&link)
+                    .cloned();
+                let sent = link.is_some_and(|l| {
+                    l.try_frame(Frame::ForwardPacket { src, dst, packet })
+                        .is_ok()
+                });
+                let counter = if sent {
+                    &counters.packets_forwarded
+                } else {
+                    &counters.dropped_mesh
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
             Route::NotHere { answer } => {
                 counters
                     .dropped_unknown_dest

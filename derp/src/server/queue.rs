@@ -14,6 +14,9 @@ use warren_proto::derp::Frame;
 /// Control frames kept at most (pongs and `PeerGone`); more are dropped, like Tailscale's
 /// one-slot pong channel.
 const CONTROL_DEPTH: usize = 16;
+/// Control frames kept for a mesh peer: it hears `PeerPresent`/`PeerGone` for every client,
+/// all of them at once when it starts watching.
+const MESH_CONTROL_DEPTH: usize = 1 << 16;
 
 /// One queued item for the writer.
 #[derive(Debug)]
@@ -53,6 +56,7 @@ pub(crate) enum Pushed {
 #[derive(Debug)]
 pub(crate) struct ClientQueue {
     depth: usize,
+    control_depth: usize,
     inner: Mutex<Inner>,
     notify: Notify,
     dropped: AtomicU64,
@@ -62,9 +66,18 @@ impl ClientQueue {
     pub(crate) fn new(depth: usize) -> Self {
         Self {
             depth: depth.max(1),
+            control_depth: CONTROL_DEPTH,
             inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
             dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues for a mesh peer: room for a presence frame per client.
+    pub(crate) fn for_mesh_peer(depth: usize) -> Self {
+        Self {
+            control_depth: MESH_CONTROL_DEPTH,
+            ..Self::new(depth)
         }
     }
 
@@ -110,7 +123,7 @@ impl ClientQueue {
     /// Queues a control frame; returns false when it was dropped (queue full or closing).
     pub(crate) fn push_control(&self, frame: Frame) -> bool {
         let mut inner = self.lock();
-        if inner.closed.is_some() || inner.control.len() >= CONTROL_DEPTH {
+        if inner.closed.is_some() || inner.control.len() >= self.control_depth {
             return false;
         }
         inner.control.push_back(frame);

@@ -1,5 +1,7 @@
 //! The relay's sans-IO core: which connection serves which node key, who sent to whom (for
-//! `PeerGone`), and the `PeerGone(not here)` budget. No sockets, no clock (time is a
+//! `PeerGone`), the `PeerGone(not here)` budget, and the region mesh: which mesh peers watch
+//! this server's clients, and which keys are connected to another server of the region (and
+//! through which mesh link packets for them go). No sockets, no clock (time is a
 //! parameter), ordered maps only, so it replays the same way every time.
 //!
 //! The shell ([`super::Relay`]) holds one `Registry` behind a mutex and calls it for every
@@ -70,6 +72,9 @@ struct Entry<H> {
 pub enum Route<H> {
     /// Queue it to this connection.
     Deliver(H),
+    /// The key is connected to another server of the region: send a `ForwardPacket` over
+    /// this mesh link.
+    Forward(MeshLinkId),
     /// Nobody with that key is connected: drop the packet (and count it). `answer` says whether
     /// to tell the sender `PeerGone(not here)`: only for disco packets, and rate-limited, as
     /// Tailscale does.
@@ -79,6 +84,10 @@ pub enum Route<H> {
     },
 }
 
+/// A link from this server to another server of the region (this server is its client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MeshLinkId(pub u64);
+
 /// What [`Registry::register`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered<H> {
@@ -86,6 +95,8 @@ pub struct Registered<H> {
     pub conn: ConnId,
     /// The connection it replaced (the same key was connected): close it.
     pub replaced: Option<(ConnId, H)>,
+    /// Mesh peers watching connections: tell them `PeerPresent` (empty for a mesh peer).
+    pub present_to: Vec<H>,
 }
 
 /// The registry of connected clients.
@@ -97,6 +108,10 @@ pub struct Registry<H> {
     sent_to: BTreeMap<NodePublicKey, BTreeSet<NodePublicKey>>,
     /// dst -> the sources that sent to dst (the reverse of `sent_to`, to clean it up).
     recv_from: BTreeMap<NodePublicKey, BTreeSet<NodePublicKey>>,
+    /// Connected mesh peers that asked to watch connections.
+    watchers: BTreeSet<NodePublicKey>,
+    /// Keys connected to another server of the region, by the mesh link that announced them.
+    remote: BTreeMap<NodePublicKey, MeshLinkId>,
 }
 
 impl<H> Default for Registry<H> {
@@ -106,6 +121,8 @@ impl<H> Default for Registry<H> {
             clients: BTreeMap::new(),
             sent_to: BTreeMap::new(),
             recv_from: BTreeMap::new(),
+            watchers: BTreeSet::new(),
+            remote: BTreeMap::new(),
         }
     }
 }
@@ -128,24 +145,89 @@ impl<H: Clone> Registry<H> {
             mesh_peer,
             not_here: NotHereBudget::new(),
         };
-        let replaced = self
-            .clients
-            .insert(key, entry)
-            .map(|old| (old.conn, old.handle));
-        Registered { conn, replaced }
+        let replaced = self.clients.insert(key, entry).map(|old| {
+            // A replaced watcher must ask again on its new connection.
+            self.watchers.remove(&key);
+            (old.conn, old.handle)
+        });
+        let present_to = if mesh_peer {
+            Vec::new()
+        } else {
+            self.watcher_handles(&key)
+        };
+        Registered {
+            conn,
+            replaced,
+            present_to,
+        }
+    }
+
+    fn watcher_handles(&self, except: &NodePublicKey) -> Vec<H> {
+        self.watchers
+            .iter()
+            .filter(|w| *w != except)
+            .filter_map(|w| self.clients.get(w).map(|e| e.handle.clone()))
+            .collect()
+    }
+
+    /// A connected mesh peer asks to watch connections. Returns the keys connected now (mesh
+    /// peers left out), to announce with `PeerPresent`; later arrivals and departures come
+    /// through [`Registered::present_to`] and [`Self::unregister`]. `None` when `key` is not a
+    /// connected mesh peer.
+    pub fn watch(&mut self, key: &NodePublicKey) -> Option<Vec<NodePublicKey>> {
+        if !self.is_mesh_peer(key) {
+            return None;
+        }
+        self.watchers.insert(*key);
+        Some(
+            self.clients
+                .iter()
+                .filter(|(k, e)| *k != key && !e.mesh_peer)
+                .map(|(k, _)| *k)
+                .collect(),
+        )
+    }
+
+    /// Another server of the region says `key` is connected to it (through `link`).
+    pub fn add_remote(&mut self, key: NodePublicKey, link: MeshLinkId) {
+        self.remote.insert(key, link);
+    }
+
+    /// Another server says `key` left it; ignored when a newer announcement moved the key to
+    /// another link.
+    pub fn remove_remote(&mut self, key: &NodePublicKey, link: MeshLinkId) {
+        if self.remote.get(key) == Some(&link) {
+            self.remote.remove(key);
+        }
+    }
+
+    /// A mesh link went down: forget every key it announced.
+    pub fn drop_link(&mut self, link: MeshLinkId) {
+        self.remote.retain(|_, l| *l != link);
+    }
+
+    /// How many keys are known to be connected to other servers of the region.
+    pub fn remote_len(&self) -> usize {
+        self.remote.len()
     }
 
     /// Call when connection `conn` of `key` ended. When `conn` is still the key's active
     /// connection, the key leaves and the result lists the connections to tell
-    /// `PeerGone(disconnected)`: every still-connected peer this key sent packets to. A
-    /// connection that was already replaced leaves nothing behind and notifies nobody.
+    /// `PeerGone(disconnected)`: every still-connected peer this key sent packets to, and the
+    /// mesh peers watching connections. A connection that was already replaced leaves nothing
+    /// behind and notifies nobody.
     pub fn unregister(&mut self, key: &NodePublicKey, conn: ConnId) -> Vec<H> {
-        match self.clients.get(key) {
-            Some(entry) if entry.conn == conn => {}
+        let mesh_peer = match self.clients.get(key) {
+            Some(entry) if entry.conn == conn => entry.mesh_peer,
             _ => return Vec::new(),
-        }
+        };
         self.clients.remove(key);
-        let mut notify = Vec::new();
+        self.watchers.remove(key);
+        let mut notify = if mesh_peer {
+            Vec::new()
+        } else {
+            self.watcher_handles(key)
+        };
         for dst in self.sent_to.remove(key).unwrap_or_default() {
             if let Some(srcs) = self.recv_from.get_mut(&dst) {
                 srcs.remove(key);
@@ -169,12 +251,15 @@ impl<H: Clone> Registry<H> {
     }
 
     /// Routes a packet from `src` to `dst`. `disco` says whether the payload is a disco packet;
-    /// `now` feeds the `PeerGone(not here)` rate limit.
+    /// `now` feeds the `PeerGone(not here)` rate limit. `via_mesh` is set for packets another
+    /// server forwarded: those are delivered here or dropped, never forwarded again (so two
+    /// servers with stale views cannot bounce a packet between them).
     pub fn route(
         &mut self,
         src: &NodePublicKey,
         dst: &NodePublicKey,
         disco: bool,
+        via_mesh: bool,
         now: Instant,
     ) -> Route<H> {
         if let Some(entry) = self.clients.get(dst) {
@@ -184,6 +269,9 @@ impl<H: Clone> Registry<H> {
                 self.recv_from.entry(*dst).or_default().insert(*src);
             }
             return Route::Deliver(handle);
+        }
+        if !via_mesh && let Some(link) = self.remote.get(dst) {
+            return Route::Forward(*link);
         }
         let answer = disco
             && self
@@ -259,12 +347,12 @@ mod tests {
         assert_eq!(r.get(&k(1)), Some((second.conn, &"a2")));
         r.register(k(2), "b", false);
         assert_eq!(
-            r.route(&k(2), &k(1), false, Instant::now()),
+            r.route(&k(2), &k(1), false, false, Instant::now()),
             Route::Deliver("a2")
         );
         // The replaced connection ending does not remove the key nor notify anybody.
         r.register(k(3), "c", false);
-        r.route(&k(1), &k(3), false, Instant::now());
+        r.route(&k(1), &k(3), false, false, Instant::now());
         assert!(r.unregister(&k(1), first.conn).is_empty());
         assert_eq!(r.get(&k(1)).map(|(c, _)| c), Some(second.conn));
         // The active one ending notifies the peers it sent to.
@@ -279,9 +367,15 @@ mod tests {
         let b = r.register(k(2), "b", false).conn;
         r.register(k(3), "c", false);
         let now = Instant::now();
-        assert_eq!(r.route(&k(1), &k(2), false, now), Route::Deliver("b"));
-        assert_eq!(r.route(&k(1), &k(3), true, now), Route::Deliver("c"));
-        assert_eq!(r.route(&k(2), &k(1), false, now), Route::Deliver("a"));
+        assert_eq!(
+            r.route(&k(1), &k(2), false, false, now),
+            Route::Deliver("b")
+        );
+        assert_eq!(r.route(&k(1), &k(3), true, false, now), Route::Deliver("c"));
+        assert_eq!(
+            r.route(&k(2), &k(1), false, false, now),
+            Route::Deliver("a")
+        );
         assert_eq!(r.sent_to_pairs(), 3);
         // b leaves: only a (whom b sent to) hears; c never got anything from b.
         assert_eq!(r.unregister(&k(2), b), vec!["a"]);
@@ -297,26 +391,26 @@ mod tests {
         r.register(k(1), "a", false);
         let t0 = Instant::now();
         assert_eq!(
-            r.route(&k(1), &k(9), false, t0),
+            r.route(&k(1), &k(9), false, false, t0),
             Route::NotHere { answer: false }
         );
         for _ in 0..3 {
             assert_eq!(
-                r.route(&k(1), &k(9), true, t0),
+                r.route(&k(1), &k(9), true, false, t0),
                 Route::NotHere { answer: true }
             );
         }
         assert_eq!(
-            r.route(&k(1), &k(9), true, t0),
+            r.route(&k(1), &k(9), true, false, t0),
             Route::NotHere { answer: false }
         );
         let t1 = t0 + Duration::from_millis(1500);
         assert_eq!(
-            r.route(&k(1), &k(9), true, t1),
+            r.route(&k(1), &k(9), true, false, t1),
             Route::NotHere { answer: true }
         );
         assert_eq!(
-            r.route(&k(1), &k(9), true, t1),
+            r.route(&k(1), &k(9), true, false, t1),
             Route::NotHere { answer: false }
         );
         assert_eq!(r.sent_to_pairs(), 0);
@@ -333,5 +427,50 @@ mod tests {
         assert!(r.is_preferred(&k(1)));
         assert!(r.is_mesh_peer(&k(1)));
         assert_eq!(r.preferred_count(), 1);
+    }
+
+    #[test]
+    fn watchers_hear_of_arrivals_and_departures_but_not_of_mesh_peers() {
+        let mut r = Registry::new();
+        r.register(k(1), "a", false);
+        assert_eq!(r.watch(&k(1)), None, "only mesh peers may watch");
+        r.register(k(8), "mesh", true);
+        assert_eq!(r.watch(&k(8)), Some(vec![k(1)]));
+        assert_eq!(r.register(k(2), "b", false).present_to, vec!["mesh"]);
+        assert!(r.register(k(9), "mesh2", true).present_to.is_empty());
+        let b = r.get(&k(2)).map(|(c, _)| c).expect("b");
+        assert_eq!(r.unregister(&k(2), b), vec!["mesh"]);
+        let m = r.get(&k(8)).map(|(c, _)| c).expect("mesh");
+        r.unregister(&k(8), m);
+        assert!(r.register(k(3), "c", false).present_to.is_empty());
+    }
+
+    #[test]
+    fn remote_keys_are_forwarded_once_and_forgotten_with_their_link() {
+        let now = Instant::now();
+        let (l1, l2) = (MeshLinkId(1), MeshLinkId(2));
+        let mut r = Registry::new();
+        r.register(k(1), "a", false);
+        r.add_remote(k(2), l1);
+        assert_eq!(r.route(&k(1), &k(2), false, false, now), Route::Forward(l1));
+        // A forwarded packet is never forwarded again.
+        assert!(matches!(
+            r.route(&k(1), &k(2), false, true, now),
+            Route::NotHere { .. }
+        ));
+        // A local connection wins over a remote announcement.
+        r.register(k(2), "b", false);
+        assert_eq!(
+            r.route(&k(1), &k(2), false, false, now),
+            Route::Deliver("b")
+        );
+        // A stale "gone" from another link does not remove a newer announcement.
+        r.add_remote(k(3), l2);
+        r.remove_remote(&k(3), l1);
+        assert_eq!(r.route(&k(1), &k(3), false, false, now), Route::Forward(l2));
+        r.drop_link(l2);
+        assert_eq!(r.remote_len(), 1);
+        r.remove_remote(&k(2), l1);
+        assert_eq!(r.remote_len(), 0);
     }
 }
