@@ -630,51 +630,11 @@ async fn idle_clients_get_keepalives_every_60_to_65_seconds() {
     );
 }
 
-#[tokio::test]
-async fn stun_answers_binding_requests_on_loopback() {
+/// A relay with STUN on `stun_listen`, and its STUN port.
+async fn start_stun(stun_listen: &str) -> (Running, u16) {
     let config = Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
-        stun_listen: "127.0.0.1:0".parse().expect("addr"),
-        ..Config::default()
-    };
-    let running = warren_derp::start_with(
-        &config,
-        Relay::new(DerpSecretKey::generate(), RelayOptions::default()),
-    )
-    .await
-    .expect("start");
-    let server = running.stun_addr.expect("stun runs");
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    // Garbage first: ignored, and the server keeps serving.
-    sock.send_to(b"not stun at all", server)
-        .await
-        .expect("send");
-    sock.send_to(&[0u8; 20], server).await.expect("send");
-    let txid = [7u8; 12];
-    let mut req = Vec::new();
-    warren_proto::stun::build_request(txid, Some(b"warren-test"), &mut req);
-    sock.send_to(&req, server).await.expect("send");
-    let mut buf = [0u8; 1500];
-    let (n, from) = tokio::time::timeout(STEP, sock.recv_from(&mut buf))
-        .await
-        .expect("answer in time")
-        .expect("recv");
-    assert_eq!(from, server);
-    let (got_txid, mapped) = warren_proto::stun::parse_response(&buf[..n]).expect("response");
-    assert_eq!(got_txid, txid);
-    assert_eq!(mapped, sock.local_addr().expect("addr"));
-    running.shutdown().await;
-}
-
-#[tokio::test]
-async fn stun_on_a_wildcard_address_answers_from_the_address_asked() {
-    // Bound to every address; asked at 127.0.0.2. Without per-packet source addresses the
-    // kernel would answer from 127.0.0.1, and a NAT would not match the answer to its mapping.
-    let config = Config {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        stun_listen: "0.0.0.0:0".parse().expect("addr"),
+        stun_listen: stun_listen.parse().expect("addr"),
         ..Config::default()
     };
     let running = warren_derp::start_with(
@@ -684,21 +644,60 @@ async fn stun_on_a_wildcard_address_answers_from_the_address_asked() {
     .await
     .expect("start");
     let port = running.stun_addr.expect("stun runs").port();
+    (running, port)
+}
+
+/// Sends a Binding request to `server`; returns where the answer came from, its transaction
+/// id and the mapped address it reports.
+async fn stun_ask(
+    sock: &tokio::net::UdpSocket,
+    server: SocketAddr,
+    txid: [u8; 12],
+) -> (SocketAddr, [u8; 12], SocketAddr) {
+    let mut req = Vec::new();
+    warren_proto::stun::build_request(txid, Some(b"warren-test"), &mut req);
+    sock.send_to(&req, server).await.expect("send");
+    let mut buf = [0u8; 1500];
+    let (n, from) = tokio::time::timeout(STEP, sock.recv_from(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("recv");
+    let (got_txid, mapped) = warren_proto::stun::parse_response(&buf[..n]).expect("response");
+    (from, got_txid, mapped)
+}
+
+#[tokio::test]
+async fn stun_answers_binding_requests_on_loopback() {
+    let (running, port) = start_stun("127.0.0.1:0").await;
+    let server = SocketAddr::from(([127, 0, 0, 1], port));
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    for asked in ["127.0.0.2", "127.0.0.1"] {
-        let server: std::net::SocketAddr = format!("{asked}:{port}").parse().expect("addr");
-        let mut req = Vec::new();
-        warren_proto::stun::build_request([9u8; 12], None, &mut req);
-        sock.send_to(&req, server).await.expect("send");
-        let mut buf = [0u8; 1500];
-        let (n, from) = tokio::time::timeout(STEP, sock.recv_from(&mut buf))
-            .await
-            .expect("answer in time")
-            .expect("recv");
+    // Garbage first: ignored, and the server keeps serving.
+    sock.send_to(b"not stun at all", server)
+        .await
+        .expect("send");
+    sock.send_to(&[0u8; 20], server).await.expect("send");
+    let txid = [7u8; 12];
+    let (from, got_txid, mapped) = stun_ask(&sock, server, txid).await;
+    assert_eq!(from, server);
+    assert_eq!(got_txid, txid);
+    assert_eq!(mapped, sock.local_addr().expect("addr"));
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn stun_on_a_wildcard_address_answers_from_the_address_asked() {
+    // Bound to every address; asked at 127.0.0.2. Without per-packet source addresses the
+    // kernel would answer from 127.0.0.1, and a NAT would not match the answer to its mapping.
+    let (running, port) = start_stun("0.0.0.0:0").await;
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    for asked in [[127, 0, 0, 2], [127, 0, 0, 1]] {
+        let server = SocketAddr::from((asked, port));
+        let (from, _, mapped) = stun_ask(&sock, server, [9u8; 12]).await;
         assert_eq!(from, server, "answer's source");
-        let (_, mapped) = warren_proto::stun::parse_response(&buf[..n]).expect("response");
         assert_eq!(mapped, sock.local_addr().expect("addr"));
     }
     running.shutdown().await;
