@@ -21,6 +21,8 @@ ensure_root() {
     fi
     if command -v sudo >/dev/null 2>&1; then
         echo "not root: re-running with sudo" >&2
+        # sudo sets HOME to root's: keep this user's rustup toolchains and cargo home.
+        export RUSTUP_HOME="${RUSTUP_HOME:-$HOME/.rustup}" CARGO_HOME="${CARGO_HOME:-$HOME/.cargo}"
         exec sudo --preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,CARGO_TARGET_DIR,RUST_LOG \
             "$(realpath "$0")" "$@"
     fi
@@ -30,8 +32,9 @@ ensure_root() {
 # Installs the packages of missing commands with apt-get (one `apt-get update` at most).
 ensure_tools() {
     local missing=() cmd pkg
-    # command:package
-    for pair in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack kill:procps sysctl:procps; do
+    # command:package; cc is the linker rustc needs (and the C compiler of ring and SQLite),
+    # libc6-dev its C library headers and crt files (only recommended by gcc on Debian).
+    for pair in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack kill:procps sysctl:procps cc:gcc cc:libc6-dev; do
         cmd="${pair%%:*}"
         pkg="${pair#*:}"
         # `type -P`: a program file, not a shell builtin (the lab runs /usr/bin/kill).
@@ -46,8 +49,10 @@ ensure_tools() {
         die "missing packages ${missing[*]} and no apt-get to install them; install them by hand"
     section "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y --no-install-recommends iproute2 iputils-ping nftables conntrack procps
+    # Install from the current lists first; update them only when that fails.
+    apt-get install -y --no-install-recommends "${missing[@]}" || {
+        apt-get update && apt-get install -y --no-install-recommends "${missing[@]}"
+    }
 }
 
 # Makes sure cargo is on PATH (root's PATH often lacks ~/.cargo/bin, also after sudo).

@@ -76,7 +76,9 @@ pub fn binaries_with_labtool(labtool: impl Into<PathBuf>) -> Result<Binaries> {
 }
 
 /// True when running as root (uid 0), which namespaces need. Otherwise prints a line saying the
-/// netns tests are skipped and returns false; tests then return early.
+/// netns tests are skipped and returns false; tests then return early. With
+/// `WARREN_NETNS_REQUIRED=1` (scripts/test sets it) a missing root panics instead, so a run
+/// that was meant to exercise the lab cannot pass without doing so.
 pub fn require_root() -> bool {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -88,11 +90,16 @@ pub fn require_root() -> bool {
     match uid.as_deref() {
         Some("0") => true,
         other => {
-            eprintln!(
-                "skipping netns test: it needs root to create network namespaces \
-                 (effective uid {}); run it as root, e.g. via scripts/test",
+            let why = format!(
+                "netns tests need root to create network namespaces (effective uid {}); \
+                 run them as root, e.g. via scripts/test",
                 other.unwrap_or("unknown")
             );
+            assert!(
+                std::env::var_os("WARREN_NETNS_REQUIRED").is_none_or(|v| v == "0"),
+                "{why}"
+            );
+            eprintln!("skipping: {why}");
             false
         }
     }

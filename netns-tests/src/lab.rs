@@ -454,6 +454,9 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.kill_all();
+        // Anything else still inside (a child of a spawned process, a stray `run`) goes too:
+        // deleting a namespace does not stop the processes in it.
+        kill_inside(&self.namespaces, Vec::new());
         if thread::panicking() {
             eprintln!(
                 "\n##### lab `{}` failed: logs of its {} processes #####\n{}",
@@ -540,33 +543,12 @@ pub fn reap_dead_labs() {
             "reaping the lab of dead test process ({}): {namespaces:?}",
             path.display()
         );
-        let mut victims: Vec<String> = pids
+        let spawned: Vec<String> = pids
             .into_iter()
             .filter(|&(pid, start)| same_process_alive(pid, start))
             .map(|(pid, _)| pid.to_string())
             .collect();
-        for ns in &namespaces {
-            if let Ok(out) = Command::new("ip")
-                .args(["netns", "pids", ns])
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .output()
-            {
-                victims.extend(
-                    String::from_utf8_lossy(&out.stdout)
-                        .split_whitespace()
-                        .map(str::to_owned),
-                );
-            }
-        }
-        if !victims.is_empty() {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .args(&victims)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
+        kill_inside(&namespaces, spawned);
         let existing = list_namespaces().unwrap_or_default();
         for ns in namespaces.iter().rev().filter(|ns| existing.contains(ns)) {
             if let Err(e) = ip(&["netns", "del", ns]) {
@@ -574,6 +556,33 @@ pub fn reap_dead_labs() {
             }
         }
         let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// SIGKILLs `victims` and every process still inside `namespaces` (children and strays
+/// included), so that deleting the namespaces leaves nothing running. Best effort.
+fn kill_inside(namespaces: &[String], mut victims: Vec<String>) {
+    for ns in namespaces {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", ns])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+        {
+            victims.extend(
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(str::to_owned),
+            );
+        }
+    }
+    if !victims.is_empty() {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .args(&victims)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

@@ -9,6 +9,7 @@
 //! warren-labtool udp-listen-once --port P [--timeout-ms 1000] [--send-to ADDR:PORT]
 //! warren-labtool udp-send        --from ADDR:PORT --to ADDR:PORT [--count 1]
 //! warren-labtool nat-rules       --kind KIND --wan IP --host IP [--host IP ...] [--hairpin yes]
+//! warren-labtool reap
 //! ```
 //! `tcp-sink` accepts one connection, reads it to EOF and prints `{"bytes":N,"sha256":"hex"}`;
 //! `tcp-send` connects (retrying until the timeout), sends N bytes of the lab's deterministic
@@ -16,6 +17,8 @@
 //! `tcp-probe` makes one connection attempt and exits 0 if it succeeded.
 //! `nat-rules` prints the nft file a NAT router of KIND (cone, restr, portr, sym, noudp) loads
 //! with `nft -f` (scripts/demo uses it; the lab itself calls the same code).
+//! `reap` removes the labs of test processes that died without cleaning up (scripts/test runs
+//! it after the tests; labs of live test processes are left alone).
 //! The UDP commands observe NATs; `warren_netns_tests::udp` documents their output and drives
 //! them.
 
@@ -38,7 +41,8 @@ const USAGE: &str = "usage:
   warren-labtool udp-probe       --from-port P --to ADDR:PORT [--to ...] [--timeout-ms 1000]
   warren-labtool udp-listen-once --port P [--timeout-ms 1000] [--send-to ADDR:PORT]
   warren-labtool udp-send        --from ADDR:PORT --to ADDR:PORT [--count 1]
-  warren-labtool nat-rules       --kind KIND --wan IP --host IP [--host IP ...] [--hairpin yes]";
+  warren-labtool nat-rules       --kind KIND --wan IP --host IP [--host IP ...] [--hairpin yes]
+  warren-labtool reap";
 
 const CHUNK: usize = 64 * 1024;
 
@@ -202,6 +206,11 @@ fn run(args: Vec<String>) -> Result<()> {
                 flags.addr("to")?,
                 flags.number("count", Some(1))?,
             )
+        }
+        "reap" => {
+            Flags::parse(rest, &[])?;
+            warren_netns_tests::lab::reap_dead_labs();
+            Ok(())
         }
         "nat-rules" => {
             let flags = Flags::parse(rest, &["kind", "wan", "host", "hairpin"])?;
