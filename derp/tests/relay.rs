@@ -104,7 +104,10 @@ impl Raw {
             if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break p + 4;
             }
-            let n = s.read_buf(&mut buf).await.expect("read");
+            let n = tokio::time::timeout(STEP, s.read_buf(&mut buf))
+                .await
+                .expect("upgrade answered in time")
+                .expect("read");
             assert!(n > 0, "closed during upgrade");
         };
         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -826,19 +829,32 @@ async fn meshed_servers_carry_packets_between_their_clients() {
     // arrives afterwards (a PeerPresent of its own).
     let mut a = connect(&url1, &ka).await;
     let mut b = connect(&url2, &kb).await;
-    // Both servers get the whole region's list, themselves included.
-    let links: Vec<_> = [(&r1, &url1), (&r1, &url2), (&r2, &url1), (&r2, &url2)]
-        .into_iter()
-        .map(|(r, url)| {
-            let relay = r.relay.clone();
-            let url = url.clone();
-            tokio::spawn(async move { relay.mesh_with(url).await })
-        })
-        .collect();
+    // Both servers get the whole region's list, themselves included, and r1 lists r2 twice.
+    let links: Vec<_> = [
+        (&r1, &url1),
+        (&r1, &url2),
+        (&r1, &url2),
+        (&r2, &url1),
+        (&r2, &url2),
+    ]
+    .into_iter()
+    .map(|(r, url)| {
+        let relay = r.relay.clone();
+        let url = url.clone();
+        tokio::spawn(async move { relay.mesh_with(url).await })
+    })
+    .collect();
     wait_until("each server knows the other's client", || {
         r1.relay.stats().remote_clients == 1 && r2.relay.stats().remote_clients == 1
     })
     .await;
+    // r1's two links to r2 are two mesh clients there (b, and r1 twice), not one key whose
+    // connections keep replacing each other.
+    wait_until("r2 serves b and both links", || {
+        r2.relay.stats().clients == 3
+    })
+    .await;
+    assert_eq!(r2.relay.stats().replaced, 0);
     a.send(kb.public_key(), b"a to b").await.expect("send");
     assert_eq!(
         next_packet(&mut b).await,
@@ -916,4 +932,17 @@ async fn mesh_frames_from_ordinary_clients_close_only_their_connection() {
         (kc.public_key(), b"still here".to_vec())
     );
     running.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_unregisters_every_client() {
+    let (running, url) = start(RelayOptions::default()).await;
+    let (ka, kb) = (NodeSecretKey::generate(), NodeSecretKey::generate());
+    let _a = connect(&url, &ka).await;
+    let _b = connect(&url, &kb).await;
+    wait_until("both connected", || running.relay.stats().clients == 2).await;
+    let relay = running.relay.clone();
+    running.shutdown().await;
+    // The connection tasks were cancelled, and their registrations went with them.
+    assert_eq!(relay.stats().clients, 0);
 }

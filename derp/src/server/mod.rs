@@ -38,8 +38,8 @@ use registry::{ConnId, MeshLinkId, Registry, Route};
 
 /// Packets queued per client. Deeper than Tailscale's 32, so a WireGuard sender's bursts are
 /// absorbed instead of dropped (in the throughput bench, 32 cost 3x in retransmits and rate);
-/// memory stays bounded by the queue's byte cap (1 MiB of data per client), which is below
-/// Tailscale's worst case of 32 packets of 64 KiB.
+/// memory stays bounded by the queue's byte cap (1 MiB per client for data, and 1 MiB for
+/// disco), about Tailscale's worst case of 32 packets of 64 KiB per queue.
 pub const DEFAULT_QUEUE_DEPTH: usize = 512;
 /// The server sends a `KeepAlive` this often, plus up to [`KEEPALIVE_JITTER`].
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
@@ -59,8 +59,14 @@ const MAX_CLIENT_INFO_LEN: usize = 256 << 10;
 const MAX_PING_LEN: usize = 1000;
 /// The health text sent to a connection replaced by a newer one for the same key.
 pub const REPLACED_HEALTH: &str = "another connection for this node key replaced this one";
-/// Longest wait between attempts to link to a mesh peer.
+/// Longest wait between attempts to link to a mesh peer; a link that stayed up this long
+/// starts the next attempts from the shortest wait again.
 const MESH_MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A mesh link pings its peer this often...
+const MESH_PING_EVERY: Duration = Duration::from_secs(15);
+/// ...and is dropped (with what it learned) when nothing arrived for this long, so a peer that
+/// vanished without closing the connection is not trusted with packets.
+const MESH_SILENCE_LIMIT: Duration = Duration::from_secs(45);
 
 /// The relay's settings.
 pub struct RelayOptions {
@@ -179,8 +185,6 @@ struct Inner {
     /// Links to the other servers of the region, for `ForwardPacket`.
     mesh_links: Mutex<BTreeMap<MeshLinkId, ClientSender>>,
     next_link: AtomicU64,
-    /// The node key this server presents when it links to a mesh peer.
-    mesh_node_key: NodeSecretKey,
 }
 
 /// A DERP relay. Cheap to clone; feed it connections with [`Relay::accept`].
@@ -235,7 +239,6 @@ impl Relay {
                 shutdown,
                 mesh_links: Mutex::new(BTreeMap::new()),
                 next_link: AtomicU64::new(1),
-                mesh_node_key: NodeSecretKey::generate(),
             }),
         }
     }
@@ -307,11 +310,15 @@ impl Relay {
     /// [`Self::shutdown`]: reconnects with backoff, watches its connections, and forwards
     /// packets for its clients. A URL that turns out to be this server is left alone, so every
     /// server of a region can be given the same list. Needs [`RelayOptions::mesh_key`].
+    ///
+    /// Each link presents a node key of its own: two URLs of one server make two redundant
+    /// links, not two connections of one key that replace each other on the peer.
     pub async fn mesh_with(&self, url: String) {
         let Some(mesh_key) = self.inner.options.mesh_key.clone() else {
             warn!(%url, "no mesh key: not linking to the mesh peer");
             return;
         };
+        let node_key = NodeSecretKey::generate();
         let mut shutdown = self.inner.shutdown.subscribe();
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -322,7 +329,7 @@ impl Relay {
                 mesh_key: Some(mesh_key.clone()),
                 ..ConnectOptions::default()
             };
-            let connect = Client::connect(&url, &self.inner.mesh_node_key, &options);
+            let connect = Client::connect(&url, &node_key, &options);
             let client = tokio::select! {
                 c = connect => c,
                 _ = stopped(&mut shutdown) => return,
@@ -333,10 +340,13 @@ impl Relay {
                     return;
                 }
                 Ok(c) => {
-                    backoff = Duration::from_millis(100);
                     info!(%url, peer = %c.server_key(), "linked to mesh peer");
+                    let linked = tokio::time::Instant::now();
                     let why = self.run_mesh_link(c, &mut shutdown).await;
                     info!(%url, reason = %why, "mesh link down");
+                    if linked.elapsed() >= MESH_MAX_BACKOFF {
+                        backoff = Duration::from_millis(100);
+                    }
                 }
                 Err(e) => warn!(%url, error = %e, "mesh peer unreachable"),
             }
@@ -362,11 +372,22 @@ impl Relay {
         let why = if let Err(e) = tx.frame(Frame::WatchConns).await {
             e.to_string()
         } else {
+            let mut ping = tokio::time::interval(MESH_PING_EVERY);
+            let mut heard = tokio::time::Instant::now();
             loop {
                 let event = tokio::select! {
                     ev = rx.recv() => ev,
+                    _ = ping.tick() => {
+                        if heard.elapsed() >= MESH_SILENCE_LIMIT {
+                            break "peer silent".to_owned();
+                        }
+                        // A full writer loses the ping; silence then ends the link.
+                        let _ = tx.try_frame(Frame::Ping { data: *b"meshlink" });
+                        continue;
+                    }
                     _ = stopped(shutdown) => break "relay stopping".to_owned(),
                 };
+                heard = tokio::time::Instant::now();
                 match event {
                     Ok(ClientEvent::PeerPresent { peer, .. }) => {
                         self.registry().add_remote(peer, link);
@@ -489,20 +510,34 @@ impl Relay {
         };
         tracing::Span::current().record("peer", tracing::field::display(key.short()));
 
+        let registration = self.register(key, mesh_peer);
+        info!(
+            conn = registration.conn.0,
+            mesh_peer,
+            version = info.version,
+            "client connected"
+        );
+        self.relay(&mut reader, &mut wr, &registration).await
+    }
+
+    /// Registers a client that finished its handshake: the newest connection for a key wins
+    /// (the older one is told and closed) and watching mesh peers hear `PeerPresent`.
+    fn register(&self, key: NodePublicKey, mesh_peer: bool) -> Registration<'_> {
         let depth = self.inner.options.queue_depth;
         let queue = Arc::new(if mesh_peer {
             ClientQueue::for_mesh_peer(depth)
         } else {
             ClientQueue::new(depth)
         });
-        let registered = self.registry().register(key, queue.clone(), mesh_peer);
-        for watcher in &registered.present_to {
-            watcher.push_control(Frame::PeerPresent {
-                peer: key,
-                endpoint: None,
-                flags: PeerPresentFlags::REGULAR,
-            });
-        }
+        let registered = {
+            let mut registry = self.registry();
+            let registered = registry.register(key, queue.clone(), mesh_peer);
+            // Queued under the registry lock, so presence frames keep the registry's order.
+            for watcher in &registered.present_to {
+                watcher.push_control(present_frame(key));
+            }
+            registered
+        };
         if let Some((old, old_queue)) = registered.replaced {
             self.inner.counters.replaced.fetch_add(1, Ordering::Relaxed);
             info!(
@@ -512,49 +547,38 @@ impl Relay {
             );
             old_queue.close(Some(REPLACED_HEALTH.to_owned()));
         }
-        info!(
-            conn = registered.conn.0,
+        Registration {
+            relay: self,
+            key,
+            conn: registered.conn,
             mesh_peer,
-            version = info.version,
-            "client connected"
-        );
-        let conn = registered.conn;
-        let result = self.relay(&mut reader, &mut wr, key, conn, &queue).await;
-        queue.close(None);
-        let notify = self.registry().unregister(&key, conn);
-        for peer in notify {
-            if peer.push_control(Frame::PeerGone {
-                peer: key,
-                reason: PeerGoneReason::Disconnected,
-            }) {
-                self.inner
-                    .counters
-                    .peer_gone_disconnected
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+            queue,
         }
-        result
     }
 
     async fn relay<R, W>(
         &self,
         reader: &mut FrameReader<R>,
         wr: &mut W,
-        key: NodePublicKey,
-        conn: ConnId,
-        queue: &Arc<ClientQueue>,
+        client: &Registration<'_>,
     ) -> Result<(), ConnError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let info = ServerInfo::default();
-        let frame = seal_server_info(&self.inner.key, &key, random_nonce(), &info);
+        let frame = seal_server_info(&self.inner.key, &client.key, random_nonce(), &info);
         write_frame(wr, &frame).await?;
         wr.flush().await?;
 
-        let writer = self.write_loop(wr, queue);
-        let reader = self.read_loop(reader, key, conn, queue);
+        let writer = self.write_loop(wr, &client.queue);
+        let reader = self.read_loop(
+            reader,
+            client.key,
+            client.conn,
+            client.mesh_peer,
+            &client.queue,
+        );
         tokio::select! {
             r = writer => r,
             r = reader => r,
@@ -566,6 +590,7 @@ impl Relay {
         reader: &mut FrameReader<R>,
         key: NodePublicKey,
         conn: ConnId,
+        mesh_peer: bool,
         queue: &Arc<ClientQueue>,
     ) -> Result<(), ConnError> {
         let counters = &self.inner.counters;
@@ -574,7 +599,7 @@ impl Relay {
             match frame {
                 Frame::SendPacket { dst, packet } => self.forward(key, dst, packet, false),
                 Frame::ForwardPacket { src, dst, packet } => {
-                    if !self.registry().is_mesh_peer(&key) {
+                    if !mesh_peer {
                         return Err(ConnError::NotPermitted(derp::FrameType::FORWARD_PACKET));
                     }
                     self.forward(src, dst, packet, true);
@@ -591,7 +616,7 @@ impl Relay {
                     }
                 }
                 Frame::ClosePeer { peer } => {
-                    if !self.registry().is_mesh_peer(&key) {
+                    if !mesh_peer {
                         return Err(ConnError::NotPermitted(derp::FrameType::CLOSE_PEER));
                     }
                     if let Some((_, q)) = self.registry().get(&peer) {
@@ -600,16 +625,15 @@ impl Relay {
                     }
                 }
                 Frame::WatchConns => {
-                    let Some(present) = self.registry().watch(&key) else {
+                    if !mesh_peer {
                         return Err(ConnError::NotPermitted(derp::FrameType::WATCH_CONNS));
-                    };
+                    }
+                    // Queued under the registry lock, so no later PeerGone can overtake them.
+                    let mut registry = self.registry();
+                    let present = registry.watch(&key).unwrap_or_default();
                     info!(clients = present.len(), "mesh peer watches connections");
                     for peer in present {
-                        queue.push_control(Frame::PeerPresent {
-                            peer,
-                            endpoint: None,
-                            flags: PeerPresentFlags::REGULAR,
-                        });
+                        queue.push_control(present_frame(peer));
                     }
                 }
                 Frame::KeepAlive | Frame::Pong { .. } => {}
@@ -623,12 +647,7 @@ impl Relay {
         let counters = &self.inner.counters;
         let disco = looks_like_disco(&packet);
         let now = tokio::time::Instant::now().into_std();
-        let (route, src_queue) = {
-            let mut r = self.registry();
-            let route = r.route(&src, &dst, disco, via_mesh, now);
-            let src_queue = r.get(&src).map(|(_, q)| q.clone());
-            (route, src_queue)
-        };
+        let route = self.registry().route(&src, &dst, disco, via_mesh, now);
         match route {
             Route::Deliver(q) => match q.push_packet(src, packet, disco) {
                 Pushed::Queued => {
@@ -667,8 +686,7 @@ impl Relay {
                     .dropped_unknown_dest
                     .fetch_add(1, Ordering::Relaxed);
                 trace!(%dst, disco, "destination not here");
-                if answer
-                    && let Some(q) = src_queue
+                if let Some(q) = answer
                     && q.push_control(Frame::PeerGone {
                         peer: dst,
                         reason: PeerGoneReason::NotHere,
@@ -736,6 +754,45 @@ impl Relay {
                 return Ok(());
             }
         }
+    }
+}
+
+/// A client's place in the registry. Dropping it, when the connection ends or its task is
+/// cancelled (shutdown), closes the client's queue, removes it from the registry and tells
+/// `PeerGone(disconnected)` to the peers it sent to and to watching mesh peers.
+struct Registration<'a> {
+    relay: &'a Relay,
+    key: NodePublicKey,
+    conn: ConnId,
+    mesh_peer: bool,
+    queue: Arc<ClientQueue>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.queue.close(None);
+        let counters = &self.relay.inner.counters;
+        // Queued under the registry lock, so presence frames keep the registry's order.
+        let mut registry = self.relay.registry();
+        for peer in registry.unregister(&self.key, self.conn) {
+            if peer.push_control(Frame::PeerGone {
+                peer: self.key,
+                reason: PeerGoneReason::Disconnected,
+            }) {
+                counters
+                    .peer_gone_disconnected
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The `PeerPresent` frame announcing `peer` to a watching mesh peer.
+fn present_frame(peer: NodePublicKey) -> Frame {
+    Frame::PeerPresent {
+        peer,
+        endpoint: None,
+        flags: PeerPresentFlags::REGULAR,
     }
 }
 

@@ -30,16 +30,44 @@ pub(crate) enum Next {
 #[derive(Debug, Default)]
 struct Inner {
     control: VecDeque<Frame>,
-    disco: VecDeque<(NodePublicKey, Vec<u8>)>,
-    data: VecDeque<(NodePublicKey, Vec<u8>)>,
-    /// Bytes of packets in `data`.
-    data_bytes: usize,
+    disco: Lane,
+    data: Lane,
     closed: Option<Option<String>>,
 }
 
-/// Most bytes of data packets queued for one client, whatever the packet count: a deep queue
-/// of small WireGuard packets absorbs bursts, and large packets cannot pile up past this.
+/// Most bytes of packets queued for one client in each lane (data, disco), whatever the packet
+/// count: a deep queue of small WireGuard packets absorbs bursts, and large packets (or large
+/// packets dressed up as disco) cannot pile up past this.
 pub(crate) const MAX_QUEUE_BYTES: usize = 1 << 20;
+
+/// One lane of packets, bounded in count and in bytes; the oldest go first when it is full.
+#[derive(Debug, Default)]
+struct Lane {
+    packets: VecDeque<(NodePublicKey, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Lane {
+    /// Appends a packet; returns how many old ones were dropped to make room.
+    fn push(&mut self, depth: usize, src: NodePublicKey, packet: Vec<u8>) -> u64 {
+        let mut dropped = 0;
+        while self.packets.len() >= depth || self.bytes + packet.len() > MAX_QUEUE_BYTES {
+            if self.pop().is_none() {
+                break;
+            }
+            dropped += 1;
+        }
+        self.bytes += packet.len();
+        self.packets.push_back((src, packet));
+        dropped
+    }
+
+    fn pop(&mut self) -> Option<(NodePublicKey, Vec<u8>)> {
+        let p = self.packets.pop_front()?;
+        self.bytes -= p.1.len();
+        Some(p)
+    }
+}
 
 /// What happened to a pushed packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,31 +121,19 @@ impl ClientQueue {
         if inner.closed.is_some() {
             return Pushed::Closed;
         }
-        let depth = self.depth;
-        let mut outcome = Pushed::Queued;
-        if disco {
-            if inner.disco.len() >= depth {
-                inner.disco.pop_front();
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                outcome = Pushed::DroppedOldest;
-            }
-            inner.disco.push_back((src, packet));
+        let lane = if disco {
+            &mut inner.disco
         } else {
-            while !inner.data.is_empty()
-                && (inner.data.len() >= depth || inner.data_bytes + packet.len() > MAX_QUEUE_BYTES)
-            {
-                if let Some((_, old)) = inner.data.pop_front() {
-                    inner.data_bytes -= old.len();
-                }
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                outcome = Pushed::DroppedOldest;
-            }
-            inner.data_bytes += packet.len();
-            inner.data.push_back((src, packet));
-        }
+            &mut inner.data
+        };
+        let dropped = lane.push(self.depth, src, packet);
         drop(inner);
         self.notify.notify_one();
-        outcome
+        if dropped == 0 {
+            return Pushed::Queued;
+        }
+        self.dropped.fetch_add(dropped, Ordering::Relaxed);
+        Pushed::DroppedOldest
     }
 
     /// Queues a control frame; returns false when it was dropped (queue full or closing).
@@ -152,13 +168,9 @@ impl ClientQueue {
         if let Some(f) = inner.control.pop_front() {
             return Some(Next::Frame(f));
         }
-        let (src, packet) = match inner.disco.pop_front() {
+        let (src, packet) = match inner.disco.pop() {
             Some(p) => p,
-            None => {
-                let p = inner.data.pop_front()?;
-                inner.data_bytes -= p.1.len();
-                p
-            }
+            None => inner.data.pop()?,
         };
         Some(Next::Frame(Frame::RecvPacket { src, packet }))
     }
@@ -176,7 +188,7 @@ impl ClientQueue {
     /// (data, disco) packets waiting.
     pub(crate) fn lens(&self) -> (usize, usize) {
         let inner = self.lock();
-        (inner.data.len(), inner.disco.len())
+        (inner.data.packets.len(), inner.disco.packets.len())
     }
 
     /// Packets this client lost to a full queue.
@@ -224,20 +236,24 @@ mod tests {
 
     #[test]
     fn deep_queue_is_also_bounded_in_bytes() {
-        let q = ClientQueue::new(10_000);
         let big = 60 * 1024;
-        for i in 0..100u8 {
-            q.push_packet(k(1), vec![i; big], false);
+        // Both lanes: large packets that look like disco get no more room than data.
+        for disco in [false, true] {
+            let q = ClientQueue::new(10_000);
+            for i in 0..100u8 {
+                q.push_packet(k(1), vec![i; big], disco);
+            }
+            let (data, discos) = q.lens();
+            let len = if disco { discos } else { data };
+            assert_eq!(
+                len,
+                MAX_QUEUE_BYTES / big,
+                "bytes, not the packet count, bound it"
+            );
+            assert_eq!(q.dropped(), 100 - len as u64);
+            // The newest packets are the ones kept.
+            assert_eq!(src_of(q.try_next())[0], (100 - len) as u8);
         }
-        let (len, _) = q.lens();
-        assert_eq!(
-            len,
-            MAX_QUEUE_BYTES / big,
-            "bytes, not the packet count, bound it"
-        );
-        assert_eq!(q.dropped(), 100 - len as u64);
-        // The newest packets are the ones kept.
-        assert_eq!(src_of(q.try_next())[0], (100 - len) as u8);
         // Small packets fill the count limit well below the byte limit.
         let q = ClientQueue::new(512);
         for _ in 0..600 {

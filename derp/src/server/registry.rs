@@ -75,12 +75,12 @@ pub enum Route<H> {
     /// The key is connected to another server of the region: send a `ForwardPacket` over
     /// this mesh link.
     Forward(MeshLinkId),
-    /// Nobody with that key is connected: drop the packet (and count it). `answer` says whether
-    /// to tell the sender `PeerGone(not here)`: only for disco packets, and rate-limited, as
-    /// Tailscale does.
+    /// Nobody with that key is connected: drop the packet (and count it). `answer` is the
+    /// sender's connection when it is to be told `PeerGone(not here)`: only for disco packets,
+    /// and rate-limited, as Tailscale does.
     NotHere {
-        /// Whether to send `PeerGone(not here)` to the sender.
-        answer: bool,
+        /// Where to send `PeerGone(not here)`, if anywhere.
+        answer: Option<H>,
     },
 }
 
@@ -110,8 +110,9 @@ pub struct Registry<H> {
     recv_from: BTreeMap<NodePublicKey, BTreeSet<NodePublicKey>>,
     /// Connected mesh peers that asked to watch connections.
     watchers: BTreeSet<NodePublicKey>,
-    /// Keys connected to another server of the region, by the mesh link that announced them.
-    remote: BTreeMap<NodePublicKey, MeshLinkId>,
+    /// Keys connected to other servers of the region, with the mesh links that announced them
+    /// (a key can be connected to two servers at once while it moves).
+    remote: BTreeMap<NodePublicKey, BTreeSet<MeshLinkId>>,
 }
 
 impl<H> Default for Registry<H> {
@@ -190,20 +191,25 @@ impl<H: Clone> Registry<H> {
 
     /// Another server of the region says `key` is connected to it (through `link`).
     pub fn add_remote(&mut self, key: NodePublicKey, link: MeshLinkId) {
-        self.remote.insert(key, link);
+        self.remote.entry(key).or_default().insert(link);
     }
 
-    /// Another server says `key` left it; ignored when a newer announcement moved the key to
-    /// another link.
+    /// Another server says `key` left it (other servers may still have it).
     pub fn remove_remote(&mut self, key: &NodePublicKey, link: MeshLinkId) {
-        if self.remote.get(key) == Some(&link) {
-            self.remote.remove(key);
+        if let Some(links) = self.remote.get_mut(key) {
+            links.remove(&link);
+            if links.is_empty() {
+                self.remote.remove(key);
+            }
         }
     }
 
     /// A mesh link went down: forget every key it announced.
     pub fn drop_link(&mut self, link: MeshLinkId) {
-        self.remote.retain(|_, l| *l != link);
+        self.remote.retain(|_, links| {
+            links.remove(&link);
+            !links.is_empty()
+        });
     }
 
     /// How many keys are known to be connected to other servers of the region.
@@ -270,14 +276,14 @@ impl<H: Clone> Registry<H> {
             }
             return Route::Deliver(handle);
         }
-        if !via_mesh && let Some(link) = self.remote.get(dst) {
+        if !via_mesh && let Some(link) = self.remote.get(dst).and_then(|l| l.first()) {
             return Route::Forward(*link);
         }
-        let answer = disco
-            && self
-                .clients
-                .get_mut(src)
-                .is_some_and(|entry| entry.not_here.take(now));
+        let answer = self
+            .clients
+            .get_mut(src)
+            .filter(|_| disco)
+            .and_then(|entry| entry.not_here.take(now).then(|| entry.handle.clone()));
         Route::NotHere { answer }
     }
 
@@ -392,26 +398,26 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(
             r.route(&k(1), &k(9), false, false, t0),
-            Route::NotHere { answer: false }
+            Route::NotHere { answer: None }
         );
         for _ in 0..3 {
             assert_eq!(
                 r.route(&k(1), &k(9), true, false, t0),
-                Route::NotHere { answer: true }
+                Route::NotHere { answer: Some("a") }
             );
         }
         assert_eq!(
             r.route(&k(1), &k(9), true, false, t0),
-            Route::NotHere { answer: false }
+            Route::NotHere { answer: None }
         );
         let t1 = t0 + Duration::from_millis(1500);
         assert_eq!(
             r.route(&k(1), &k(9), true, false, t1),
-            Route::NotHere { answer: true }
+            Route::NotHere { answer: Some("a") }
         );
         assert_eq!(
             r.route(&k(1), &k(9), true, false, t1),
-            Route::NotHere { answer: false }
+            Route::NotHere { answer: None }
         );
         assert_eq!(r.sent_to_pairs(), 0);
     }
@@ -464,10 +470,15 @@ mod tests {
             r.route(&k(1), &k(2), false, false, now),
             Route::Deliver("b")
         );
-        // A stale "gone" from another link does not remove a newer announcement.
+        // A "gone" from one link leaves the key reachable through another that has it.
         r.add_remote(k(3), l2);
         r.remove_remote(&k(3), l1);
         assert_eq!(r.route(&k(1), &k(3), false, false, now), Route::Forward(l2));
+        r.add_remote(k(4), l1);
+        r.add_remote(k(4), l2);
+        r.remove_remote(&k(4), l1);
+        assert_eq!(r.route(&k(1), &k(4), false, false, now), Route::Forward(l2));
+        r.remove_remote(&k(4), l2);
         r.drop_link(l2);
         assert_eq!(r.remote_len(), 1);
         r.remove_remote(&k(2), l1);
