@@ -523,8 +523,8 @@ async fn read_upgrade_response(
 ) -> Result<(Vec<u8>, Option<DerpPublicKey>), ClientError> {
     let mut buf = Vec::with_capacity(1024);
     let end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
+        if let Some(end) = crate::http::head_end(&buf) {
+            break end;
         }
         if buf.len() > MAX_RESPONSE_HEAD {
             return Err(ClientError::BadResponse);
@@ -587,29 +587,27 @@ fn tls_connector(options: &ConnectOptions) -> Result<tokio_rustls::TlsConnector,
 
 /// The system's trust anchors, read once: a relay on the internet has a certificate from a
 /// public CA (Let's Encrypt, usually), and nodes reconnect often.
+/// A failed load is not kept: installing the certificates later works without a restart.
 fn system_roots() -> Result<Arc<rustls::RootCertStore>, ClientError> {
-    static ROOTS: std::sync::OnceLock<Result<Arc<rustls::RootCertStore>, String>> =
-        std::sync::OnceLock::new();
-    ROOTS
-        .get_or_init(|| {
-            let found = rustls_native_certs::load_native_certs();
-            let mut roots = rustls::RootCertStore::empty();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                let why = found
-                    .errors
-                    .first()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default();
-                return Err(format!(
-                    "no trust anchors in the system store{why}: install ca-certificates or set SSL_CERT_FILE"
-                ));
-            }
-            debug!(anchors = added, "loaded the system's TLS trust anchors");
-            Ok(Arc::new(roots))
-        })
-        .clone()
-        .map_err(ClientError::Tls)
+    static ROOTS: std::sync::OnceLock<Arc<rustls::RootCertStore>> = std::sync::OnceLock::new();
+    if let Some(roots) = ROOTS.get() {
+        return Ok(roots.clone());
+    }
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
+        return Err(ClientError::Tls(format!(
+            "no trust anchors in the system store{why}: install ca-certificates or set SSL_CERT_FILE"
+        )));
+    }
+    debug!(anchors = added, "loaded the system's TLS trust anchors");
+    Ok(ROOTS.get_or_init(|| Arc::new(roots)).clone())
 }
 
 mod insecure {

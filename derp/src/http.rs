@@ -168,7 +168,7 @@ where
 }
 
 /// The offset just past the `\r\n\r\n` ending the request head.
-fn head_end(buf: &[u8]) -> Option<usize> {
+pub(crate) fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 

@@ -8,8 +8,9 @@
 //! where a frame could not be understood at all (payload shorter than its fixed part, a length
 //! above the type's limit, a bad server magic).
 
+use crate::endpoint::{ENDPOINT_LEN, get_endpoint, put_endpoint};
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::str::FromStr;
 
 use zeroize::{Zeroize, Zeroizing};
@@ -36,7 +37,6 @@ pub const NONCE_LEN: usize = 24;
 pub const BOX_OVERHEAD: usize = 16;
 
 const PING_LEN: usize = 8;
-const ENDPOINT_LEN: usize = 16 + 2;
 /// `ServerKey` frames may carry bytes for future use; Tailscale's client reads at most 1 KiB.
 const MAX_SERVER_KEY_LEN: usize = 1 << 10;
 
@@ -597,28 +597,6 @@ impl Frame {
 fn split_key(b: &[u8]) -> Option<(NodePublicKey, &[u8])> {
     let (key, rest) = b.split_first_chunk::<KEY_LEN>()?;
     Some((NodePublicKey::from_bytes(*key), rest))
-}
-
-/// Writes an address as 16 bytes (IPv4 as v4-mapped IPv6) and a big-endian port.
-fn put_endpoint(addr: SocketAddr, out: &mut Vec<u8>) {
-    let ip = match addr.ip() {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    };
-    out.extend_from_slice(&ip.octets());
-    out.extend_from_slice(&addr.port().to_be_bytes());
-}
-
-/// Reads what [`put_endpoint`] wrote; v4-mapped addresses come back as IPv4.
-fn get_endpoint(b: &[u8; ENDPOINT_LEN]) -> SocketAddr {
-    let mut ip = [0u8; 16];
-    ip.copy_from_slice(&b[..16]);
-    let ip = Ipv6Addr::from(ip);
-    let ip = match ip.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(ip),
-    };
-    SocketAddr::new(ip, u16::from_be_bytes([b[16], b[17]]))
 }
 
 /// A region's shared mesh key: 32 bytes, written as 64 hex digits in JSON and in files.
@@ -1210,7 +1188,7 @@ mod tests {
         // A 50-byte PeerPresent (address, no flags byte).
         let mut present = vec![0x09, 0, 0, 0, 50];
         present.extend_from_slice(&[8; 32]);
-        present.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        present.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
         present.extend_from_slice(&443u16.to_be_bytes());
         assert_eq!(
             Frame::decode(&present).expect("ok").expect("complete").0,

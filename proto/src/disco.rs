@@ -9,7 +9,8 @@
 //! The box is a NaCl box from the sender's disco secret key to the receiver's disco public key.
 //! Nonces come from the caller; nothing here touches a socket, a clock or a generator.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use crate::endpoint::{ENDPOINT_LEN, get_endpoint, put_endpoint};
+use std::net::SocketAddr;
 
 use crate::keys::{DiscoPublicKey, DiscoSecretKey, NodePublicKey};
 use crate::proof::{open_box, seal_box};
@@ -35,7 +36,6 @@ pub const TYPE_CALL_ME_MAYBE: u8 = 0x03;
 const VERSION: u8 = 0;
 const TX_ID_LEN: usize = 12;
 const KEY_LEN: usize = 32;
-const ENDPOINT_LEN: usize = 16 + 2;
 
 /// A disco message, the plaintext inside the box.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,29 +215,6 @@ impl Message {
             message_type => Err(DiscoError::UnknownType { message_type }),
         }
     }
-}
-
-/// Writes an address as 16 bytes (IPv4 as v4-mapped IPv6) and a big-endian port.
-fn put_endpoint(addr: SocketAddr, out: &mut Vec<u8>) {
-    let ip = match addr.ip() {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    };
-    out.extend_from_slice(&ip.octets());
-    out.extend_from_slice(&addr.port().to_be_bytes());
-}
-
-/// Reads what [`put_endpoint`] wrote; v4-mapped addresses come back as IPv4.
-fn get_endpoint(b: &[u8; ENDPOINT_LEN]) -> SocketAddr {
-    let (ip, port) = b.split_at(16);
-    let mut octets = [0u8; 16];
-    octets.copy_from_slice(ip);
-    let ip = Ipv6Addr::from(octets);
-    let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
-    let port = port
-        .first_chunk::<2>()
-        .map_or(0, |p| u16::from_be_bytes(*p));
-    SocketAddr::new(ip, port)
 }
 
 /// Whether a datagram is a disco packet: the magic and at least a full header. Used to

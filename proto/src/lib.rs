@@ -10,6 +10,7 @@
 
 pub mod derp;
 pub mod disco;
+mod endpoint;
 pub mod keys;
 pub mod proof;
 pub mod stun;
