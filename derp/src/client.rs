@@ -50,6 +50,9 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     /// Send `Derp-Fast-Start: 1` and skip waiting for the `101` response.
     pub fast_start: bool,
+    /// Connect to this address instead of resolving the URL's host, which still names the
+    /// server for TLS and the `Host` header (a DERP map's `IPv4` beside its `HostName`).
+    pub dial: Option<std::net::IpAddr>,
 }
 
 impl Default for ConnectOptions {
@@ -61,6 +64,7 @@ impl Default for ConnectOptions {
             insecure_skip_verify: false,
             timeout: Duration::from_secs(10),
             fast_start: false,
+            dial: None,
         }
     }
 }
@@ -352,7 +356,10 @@ impl Client {
         secret: &NodeSecretKey,
         options: &ConnectOptions,
     ) -> Result<Client, ClientError> {
-        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        let tcp = match options.dial {
+            Some(ip) => TcpStream::connect((ip, target.port)).await?,
+            None => TcpStream::connect((target.host.as_str(), target.port)).await?,
+        };
         let _ = tcp.set_nodelay(true);
         let mut stream: BoxStream = if target.tls {
             let connector = tls_connector(options)?;

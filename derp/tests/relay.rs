@@ -15,6 +15,10 @@ use warren_derp::{Client, ClientEvent, Relay, Running};
 use warren_proto::derp::{self, ClientInfo, Frame, PeerGoneReason};
 use warren_proto::{DerpSecretKey, NodePublicKey, NodeSecretKey};
 
+mod common;
+
+use common::{self_signed, tls_relay_config};
+
 const STEP: Duration = Duration::from_secs(10);
 
 async fn start(options: RelayOptions) -> (Running, String) {
@@ -736,29 +740,16 @@ async fn verification_refuses_unknown_keys_and_admits_known_ones() {
 #[tokio::test]
 async fn tls_front_with_pem_files() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
-    let cert_path = dir.path().join("cert.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&cert_path, cert.cert.pem()).expect("write");
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write");
-    let config = Config {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        stun: false,
-        tls: Some(warren_derp::config::TlsConfig {
-            cert: cert_path,
-            key: key_path,
-        }),
-        ..Config::default()
-    };
+    let (cert, tls) = self_signed(dir.path(), "relay", "localhost");
     let running = warren_derp::start_with(
-        &config,
+        &tls_relay_config(tls),
         Relay::new(DerpSecretKey::generate(), RelayOptions::default()),
     )
     .await
     .expect("start");
     let url = format!("https://localhost:{}/derp", running.http_addr.port());
     let trusted = ConnectOptions {
-        tls_roots: vec![cert.cert.der().clone()],
+        tls_roots: vec![cert],
         ..ConnectOptions::default()
     };
     let (ka, kb) = (NodeSecretKey::generate(), NodeSecretKey::generate());
@@ -775,9 +766,9 @@ async fn tls_front_with_pem_files() {
     a.send(kb.public_key(), b"over tls").await.expect("send");
     assert_eq!(recv_packet(&mut b).await.1, b"over tls".to_vec());
     // Without trust anchors the certificate is refused.
-    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let (other, _) = self_signed(dir.path(), "other", "localhost");
     let untrusted = ConnectOptions {
-        tls_roots: vec![other.cert.der().clone()],
+        tls_roots: vec![other],
         ..ConnectOptions::default()
     };
     assert!(Client::connect(&url, &ka, &untrusted).await.is_err());
@@ -945,4 +936,29 @@ async fn shutdown_unregisters_every_client() {
     running.shutdown().await;
     // The connection tasks were cancelled, and their registrations went with them.
     assert_eq!(relay.stats().clients, 0);
+}
+
+#[tokio::test]
+async fn dial_address_connects_while_tls_checks_the_name() {
+    // A DERP map node with HostName and IPv4: the certificate names the host, the IP is
+    // where to connect (and the name need not resolve at all).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = "derp.invalid";
+    let (cert, tls) = self_signed(dir.path(), "relay", name);
+    let running = warren_derp::start_with(
+        &tls_relay_config(tls),
+        Relay::new(DerpSecretKey::generate(), RelayOptions::default()),
+    )
+    .await
+    .expect("start");
+    let url = format!("https://{name}:{}/derp", running.http_addr.port());
+    let options = ConnectOptions {
+        tls_roots: vec![cert],
+        dial: Some(running.http_addr.ip()),
+        ..ConnectOptions::default()
+    };
+    Client::connect(&url, &NodeSecretKey::generate(), &options)
+        .await
+        .expect("dialled by address, verified by name");
+    running.shutdown().await;
 }

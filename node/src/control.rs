@@ -192,6 +192,38 @@ impl From<tonic::Status> for Failure {
     }
 }
 
+/// How long resolving one DERP server's name may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Fills in the address of DERP servers the map names only by host name (Tailscale's maps
+/// usually do), so netcheck can STUN them and the DERP connection dials the address. A name
+/// that does not resolve is left alone: its DERP URL still resolves when it connects.
+async fn resolve_derp_names(map: &mut DerpMap) {
+    for node in map.regions.iter_mut().flat_map(|r| r.nodes.iter_mut()) {
+        let name = node.host_name.as_str();
+        if !node.ipv4.is_empty()
+            || !node.ipv6.is_empty()
+            || name.is_empty()
+            || name.parse::<std::net::IpAddr>().is_ok()
+        {
+            continue;
+        }
+        match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, 0))).await {
+            Ok(Ok(addrs)) => {
+                let addrs: Vec<SocketAddr> = addrs.collect();
+                // IPv4 first, as the STUN and DERP sockets are.
+                if let Some(a) = addrs.iter().find(|a| a.is_ipv4()) {
+                    node.ipv4 = a.ip().to_string();
+                } else if let Some(a) = addrs.first() {
+                    node.ipv6 = a.ip().to_string();
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(host = name, error = %e, "cannot resolve DERP server"),
+            Err(_) => tracing::warn!(host = name, "resolving DERP server timed out"),
+        }
+    }
+}
+
 async fn follow_once(
     url: &str,
     node: &NodeSecretKey,
@@ -214,8 +246,13 @@ async fn follow_once(
         tokio::select! {
             msg = stream.message() => match msg? {
                 Some(m) => {
-                    if let Some(kind) = m.kind {
+                    if let Some(mut kind) = m.kind {
                         tracing::trace!(seq = m.seq, "map message");
+                        if let Kind::Full(full) = &mut kind
+                            && let Some(derp_map) = full.derp_map.as_mut()
+                        {
+                            resolve_derp_names(derp_map).await;
+                        }
                         events.send(MapEvent::Message(Box::new(kind))).await.map_err(|_| Failure::Stopped)?;
                     }
                 }
@@ -230,5 +267,37 @@ async fn follow_once(
                 client.report(&current).await?;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn derp_names_are_resolved_and_literals_left_alone() {
+        let node = |host: &str, ipv4: &str| DerpNode {
+            host_name: host.into(),
+            ipv4: ipv4.into(),
+            ..DerpNode::default()
+        };
+        let mut map = DerpMap {
+            regions: vec![DerpRegion {
+                region_id: 1,
+                nodes: vec![
+                    node("localhost", ""),
+                    node("derp.example", "192.0.2.1"),
+                    node("192.0.2.2", ""),
+                ],
+                ..DerpRegion::default()
+            }],
+        };
+        resolve_derp_names(&mut map).await;
+        let ips: Vec<&str> = map.regions[0]
+            .nodes
+            .iter()
+            .map(|n| n.ipv4.as_str())
+            .collect();
+        assert_eq!(ips, ["127.0.0.1", "192.0.2.1", ""]);
     }
 }

@@ -172,23 +172,12 @@ async fn run_link(
 ) {
     let set_live = |s: Option<ClientSender>| *live.lock().unwrap_or_else(|e| e.into_inner()) = s;
     let mut backoff = Duration::from_millis(100);
+    let mut first = true;
     loop {
-        let mut client = None;
-        for u in &urls {
-            let options = ConnectOptions {
-                insecure_skip_verify: u.insecure,
-                ..ConnectOptions::default()
-            };
-            match Client::connect(&u.url, &key, &options).await {
-                Ok(c) => {
-                    client = Some(c);
-                    break;
-                }
-                Err(e) => tracing::warn!(region, url = %u.url, error = %e, "DERP connect failed"),
-            }
-        }
-        let Some(client) = client else {
-            // Keep the queue moving while disconnected: stale packets are worthless later.
+        // Every attempt but the first waits, also after a connection that was lost: a server
+        // that drops us at once (another holder of this key, say) is not hammered.
+        if !std::mem::take(&mut first) {
+            // Keep the queue moving meanwhile: stale packets are worthless later.
             let wait = tokio::time::sleep(backoff);
             tokio::pin!(wait);
             loop {
@@ -201,11 +190,28 @@ async fn run_link(
                     },
                 }
             }
+        }
+        let mut client = None;
+        for u in &urls {
+            let options = ConnectOptions {
+                insecure_skip_verify: u.insecure,
+                dial: u.dial,
+                ..ConnectOptions::default()
+            };
+            match Client::connect(&u.url, &key, &options).await {
+                Ok(c) => {
+                    client = Some(c);
+                    break;
+                }
+                Err(e) => tracing::warn!(region, url = %u.url, error = %e, "DERP connect failed"),
+            }
+        }
+        let Some(client) = client else {
             backoff = (backoff * 2).min(MAX_BACKOFF);
             continue;
         };
-        backoff = Duration::from_millis(100);
         tracing::info!(region, preferred, "DERP connected");
+        let connected = tokio::time::Instant::now();
         let (tx, mut rx) = client.split();
         if preferred && tx.note_preferred(true).await.is_err() {
             continue;
@@ -258,5 +264,11 @@ async fn run_link(
             }
         }
         set_live(None);
+        // Only a connection that lasted starts the next attempts from the shortest wait.
+        backoff = if connected.elapsed() >= MAX_BACKOFF {
+            Duration::from_millis(100)
+        } else {
+            (backoff * 2).min(MAX_BACKOFF)
+        };
     }
 }

@@ -120,8 +120,10 @@ pub fn stun_servers(map: &DerpMap) -> Vec<StunServer> {
 /// A DERP server to connect to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DerpUrl {
-    /// `http(s)://host:port/derp`.
+    /// `http(s)://host:port/derp`; the host is the server's name (what its certificate names).
     pub url: String,
+    /// The address to dial instead of resolving the name, when the map gives one.
+    pub dial: Option<IpAddr>,
     /// Skip TLS certificate checks (labs only).
     pub insecure: bool,
 }
@@ -141,16 +143,26 @@ pub fn derp_urls(map: &DerpMap) -> BTreeMap<RegionId, Vec<DerpUrl>> {
             } else {
                 default_port
             };
-            let host = if n.ipv4.is_empty() {
-                n.host_name.clone()
+            let dial: Option<IpAddr> = n.ipv4.parse().ok().or_else(|| n.ipv6.parse().ok());
+            // The name goes into the URL, so TLS checks the certificate against it; the map's
+            // address, when there is one, is only where to connect.
+            let host = match (n.host_name.as_str(), dial) {
+                ("", Some(ip)) => ip.to_string(),
+                ("", None) => continue,
+                (name, _) => name.to_owned(),
+            };
+            let host = if host.parse::<std::net::Ipv6Addr>().is_ok() {
+                format!("[{host}]")
             } else {
-                n.ipv4.clone()
+                host
             };
             let url = format!("{scheme}://{host}:{port}/derp");
             let insecure = n.insecure_for_tests;
-            out.entry(region.region_id)
-                .or_default()
-                .push(DerpUrl { url, insecure });
+            out.entry(region.region_id).or_default().push(DerpUrl {
+                url,
+                dial,
+                insecure,
+            });
         }
     }
     out
@@ -381,6 +393,12 @@ mod tests {
                         stun_port: -1,
                         ..DerpNode::default()
                     },
+                    DerpNode {
+                        region_id: 900,
+                        host_name: "2001:db8::12".into(),
+                        stun_port: -1,
+                        ..DerpNode::default()
+                    },
                 ],
                 ..DerpRegion::default()
             }],
@@ -390,16 +408,22 @@ mod tests {
             .map(|s| s.addr.to_string())
             .collect();
         assert_eq!(stun, ["203.0.113.10:3478", "203.0.113.11:3479"]);
-        let urls: Vec<String> = derp_urls(&map)[&900]
+        let urls: Vec<(String, Option<IpAddr>)> = derp_urls(&map)[&900]
             .iter()
-            .map(|u| u.url.clone())
+            .map(|u| (u.url.clone(), u.dial))
             .collect();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().expect("ip"));
         assert_eq!(
             urls,
             [
-                "http://203.0.113.10:3340/derp",
-                "https://203.0.113.11:443/derp",
-                "https://203.0.113.12:443/derp"
+                ("http://203.0.113.10:3340/derp".to_owned(), None),
+                // The certificate names the host: the URL keeps the name, the IP is dialled.
+                (
+                    "https://derp.example:443/derp".to_owned(),
+                    ip("203.0.113.11")
+                ),
+                ("https://203.0.113.12:443/derp".to_owned(), None),
+                ("https://[2001:db8::12]:443/derp".to_owned(), None),
             ]
         );
     }
