@@ -14,11 +14,23 @@ use warren_proto::control::*;
 
 use crate::config::parse_duration;
 
-/// `println!` that returns an error instead of panicking when stdout is gone (`| head`).
+/// Stdout was closed under us (`... | head -1`): the reader is done, which is no error.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout closed")]
+pub struct StdoutClosed;
+
+/// `println!` that returns an error instead of panicking when stdout is gone (`| head`):
+/// [`StdoutClosed`] for a closed pipe, the I/O error otherwise.
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        writeln!(std::io::stdout(), $($arg)*)?;
+        writeln!(std::io::stdout(), $($arg)*).map_err(|e| -> anyhow::Error {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                StdoutClosed.into()
+            } else {
+                e.into()
+            }
+        })?;
     }};
 }
 

@@ -24,10 +24,8 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // The reader of our output went away (`... | head -1`): not an error of ours.
         Err(e)
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
+            if e.downcast_ref::<warren_control::cli::StdoutClosed>()
+                .is_some() =>
         {
             std::process::ExitCode::SUCCESS
         }

@@ -373,6 +373,31 @@ fn bad_auth_keys_are_refused() {
             );
         }
         first.check_running()?;
+
+        // A second daemon on the state directory of a running one is refused before it
+        // touches anything, and the first one keeps its socket.
+        let state = first.state_dir.to_string_lossy().into_owned();
+        let out = lab.run(
+            &first.ns,
+            &bins.warren,
+            [
+                "up",
+                "--control",
+                mesh.control.url.as_str(),
+                "--state-dir",
+                &state,
+                "--tun",
+                "warren1",
+            ],
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains("another `warren up` is running"),
+            "second `warren up` on one state directory: {}\n{stderr}",
+            out.status
+        );
+        first.status(lab)?;
+        first.check_running()?;
         Ok(())
     });
 }

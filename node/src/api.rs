@@ -124,9 +124,13 @@ pub enum ApiResponse {
     Pong {
         /// The path the pong came by.
         path: String,
+        /// Whether that path is direct (not relayed).
+        direct: bool,
         /// Round trip in microseconds.
         rtt_us: u64,
     },
+    /// Answer to ping when no pong came in time.
+    PingTimeout,
     /// Answer to netcheck.
     Netcheck(Box<NetcheckReport>),
     /// The request was not understood.

@@ -3,6 +3,7 @@
 //! wants sent or written, re-arm one timer. The map follower runs beside it, so the data plane
 //! keeps forwarding while control is away.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,6 +12,7 @@ use anyhow::Context;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use warren_node_core::netmap::{self as map, MapChange, Netmap};
+use warren_node_core::node::{PathKind, PingId};
 use warren_node_core::{Dest, Event, Node};
 use warren_proto::NodePublicKey;
 use warren_proto::control::DerpMap;
@@ -53,6 +55,17 @@ pub struct Refused {
 
 /// Runs the node until SIGINT, SIGTERM or `warren down`.
 pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
+    // One daemon per state directory: a second one would take over the first one's socket
+    // (and remove it when it stops).
+    if tokio::net::UnixStream::connect(opts.state.socket())
+        .await
+        .is_ok()
+    {
+        anyhow::bail!(
+            "another `warren up` is running with this state directory (its socket {} answers)",
+            opts.state.socket().display()
+        );
+    }
     let keys = opts.state.load_or_create_keys()?;
     tracing::info!(node_key = %keys.node.public_key(), "starting");
     let mut client = Client::connect(&opts.control, keys.node.clone()).await?;
@@ -120,7 +133,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         advert: advert_tx,
         derp,
         derp_map: None,
-        pending_pings: Vec::new(),
+        pending_pings: BTreeMap::new(),
         pending_netcheck: Vec::new(),
     };
     // `run` owns the TUN device: it is gone when `run` returns.
@@ -208,7 +221,8 @@ struct Daemon {
     advert: watch::Sender<Advert>,
     derp: DerpLinks,
     derp_map: Option<DerpMap>,
-    pending_pings: Vec<(NodePublicKey, Instant, oneshot::Sender<ApiResponse>)>,
+    /// `warren ping` calls waiting for their pong (or its timeout).
+    pending_pings: BTreeMap<PingId, oneshot::Sender<ApiResponse>>,
     pending_netcheck: Vec<oneshot::Sender<ApiResponse>>,
 }
 
@@ -380,9 +394,6 @@ impl Daemon {
         while let Some(ev) = self.node.poll_event() {
             self.on_node_event(ev);
         }
-        let now = Instant::now();
-        self.pending_pings
-            .retain(|(_, sent, _)| now < *sent + Duration::from_secs(5));
     }
 
     fn on_node_event(&mut self, ev: Event) {
@@ -404,13 +415,18 @@ impl Daemon {
                     ))));
                 }
             }
-            Event::Pong { peer, path, rtt } => {
-                if let Some(i) = self.pending_pings.iter().position(|(p, _, _)| *p == peer) {
-                    let (_, _, reply) = self.pending_pings.remove(i);
+            Event::Pong { id, path, rtt, .. } => {
+                if let Some(reply) = self.pending_pings.remove(&id) {
                     let _ = reply.send(ApiResponse::Pong {
                         path: path.to_string(),
+                        direct: matches!(path, PathKind::Direct(_)),
                         rtt_us: rtt.as_micros() as u64,
                     });
+                }
+            }
+            Event::PingTimeout { id } => {
+                if let Some(reply) = self.pending_pings.remove(&id) {
+                    let _ = reply.send(ApiResponse::PingTimeout);
                 }
             }
         }
@@ -479,7 +495,9 @@ impl Daemon {
             }
             ApiRequest::Ping { peer } => match self.find_peer(&peer) {
                 Some(key) => match self.node.ping(&key, Instant::now()) {
-                    Ok(()) => self.pending_pings.push((key, Instant::now(), reply)),
+                    Ok(id) => {
+                        self.pending_pings.insert(id, reply);
+                    }
                     Err(e) => {
                         let _ = reply.send(ApiResponse::Error {
                             message: e.to_string(),
@@ -492,10 +510,14 @@ impl Daemon {
                     });
                 }
             },
-            ApiRequest::Netcheck => {
-                self.pending_netcheck.push(reply);
-                self.node.start_netcheck(Instant::now());
-            }
+            ApiRequest::Netcheck => match self.node.start_netcheck(Instant::now()) {
+                Ok(()) => self.pending_netcheck.push(reply),
+                Err(e) => {
+                    let _ = reply.send(ApiResponse::Error {
+                        message: e.to_string(),
+                    });
+                }
+            },
         }
         None
     }

@@ -10,11 +10,23 @@ use warren_node::api::{self, ApiRequest, ApiResponse};
 use warren_node::daemon;
 use warren_node::state::{DEFAULT_STATE_DIR, StateDir};
 
-/// `println!` that returns an error instead of panicking when stdout is gone (`| head`).
+/// Stdout was closed under us (`... | head -1`): the reader is done, which is no error.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout closed")]
+struct StdoutClosed;
+
+/// `println!` that returns an error instead of panicking when stdout is gone (`| head`):
+/// [`StdoutClosed`] for a closed pipe, the I/O error otherwise.
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        writeln!(std::io::stdout(), $($arg)*)?;
+        writeln!(std::io::stdout(), $($arg)*).map_err(|e| -> anyhow::Error {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                StdoutClosed.into()
+            } else {
+                e.into()
+            }
+        })?;
     }};
 }
 
@@ -68,8 +80,8 @@ enum Command {
         /// How many pings.
         #[arg(short = 'c', long, default_value_t = 10)]
         count: u32,
-        /// Stop at the first reply over a direct path.
-        #[arg(long, default_value_t = true)]
+        /// Stop at the first reply over a direct path (`--until-direct false` to keep going).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         until_direct: bool,
     },
     /// Run a netcheck now and print what it found.
@@ -107,19 +119,12 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         // The reader of our output went away (`warren ip | head -1`): not an error of ours.
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }
 
 fn machine_hostname() -> String {
@@ -220,16 +225,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for _ in 0..count {
                 let started = std::time::Instant::now();
                 match api::call(&state.socket(), &ApiRequest::Ping { peer: peer.clone() }).await? {
-                    ApiResponse::Pong { path, rtt_us } => {
+                    ApiResponse::Pong {
+                        path,
+                        direct,
+                        rtt_us,
+                    } => {
                         answered += 1;
                         out!(
                             "pong from {peer} via {path} in {:.1}ms",
                             rtt_us as f64 / 1000.0
                         );
-                        if until_direct && path.starts_with("direct") {
+                        if until_direct && direct {
                             return Ok(());
                         }
                     }
+                    ApiResponse::PingTimeout => out!("no pong from {peer} (timed out)"),
                     ApiResponse::Error { message } => anyhow::bail!("{message}"),
                     other => anyhow::bail!("unexpected answer {other:?}"),
                 }

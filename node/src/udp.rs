@@ -179,8 +179,12 @@ mod tests {
         let mut got: Vec<Vec<u8>> = Vec::new();
         let mut storage = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
         let mut meta = vec![RecvMeta::default(); RECV_BATCH];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         while got.len() < 6 {
-            b.readable().await.expect("readable");
+            tokio::time::timeout_at(deadline, b.readable())
+                .await
+                .unwrap_or_else(|_| panic!("only {} of 6 datagrams arrived", got.len()))
+                .expect("readable");
             let mut slices: Vec<IoSliceMut<'_>> =
                 storage.iter_mut().map(|s| IoSliceMut::new(s)).collect();
             let n = match b.try_recv(&mut slices, &mut meta) {

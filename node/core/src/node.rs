@@ -91,14 +91,21 @@ impl fmt::Display for PathKind {
 /// Something the shell should know about.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The answer to [`Node::ping`].
+    /// The first answer to [`Node::ping`] `id` (later ones, from other paths, are dropped).
     Pong {
+        /// The ping it answers.
+        id: PingId,
         /// The peer that answered.
         peer: NodePublicKey,
         /// The path the answer came by.
         path: PathKind,
         /// Round trip.
         rtt: Duration,
+    },
+    /// [`Node::ping`] `id` got no answer within [`USER_PING_TIMEOUT`].
+    PingTimeout {
+        /// The ping.
+        id: PingId,
     },
     /// A netcheck finished.
     Netcheck(Report),
@@ -168,6 +175,9 @@ pub enum NodeError {
         /// The sender's claimed disco key.
         key: DiscoPublicKey,
     },
+    /// A netcheck was asked for, but the DERP map names no STUN server with an address.
+    #[error("no STUN servers to check against (none in the DERP map, or none resolved)")]
+    NoStunServers,
     /// A packet relayed by DERP from one node that belongs to another.
     #[error("DERP packet from {relayed_by} claims to be from {claimed}")]
     DerpSenderMismatch {
@@ -276,8 +286,13 @@ impl Rng {
     }
 }
 
+/// Names one [`Node::ping`] call (it may send several disco pings, one per candidate path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PingId(pub u64);
+
 #[derive(Debug, Clone, Copy)]
 struct UserPing {
+    id: PingId,
     peer: NodePublicKey,
     sent: Instant,
 }
@@ -353,6 +368,7 @@ pub struct Node {
     lan_endpoints: Vec<SocketAddr>,
     endpoints: Vec<SocketAddr>,
     user_pings: BTreeMap<TxId, UserPing>,
+    next_ping_id: u64,
 }
 
 impl Node {
@@ -381,6 +397,7 @@ impl Node {
             lan_endpoints: Vec::new(),
             endpoints: Vec::new(),
             user_pings: BTreeMap::new(),
+            next_ping_id: 1,
         }
     }
 
@@ -764,12 +781,16 @@ impl Node {
             }
             Message::Pong { tx_id, .. } => {
                 if let Some(up) = self.user_pings.remove(&tx_id) {
+                    // The first pong answers the call; the same call's pings on other paths
+                    // are done with.
+                    self.user_pings.retain(|_, p| p.id != up.id);
                     let path = match source {
                         Source::Udp(a) => PathKind::Direct(a),
                         Source::Derp { region, .. } => PathKind::Relay(region),
                     };
                     let rtt = now.saturating_duration_since(up.sent);
                     self.events.push_back(Event::Pong {
+                        id: up.id,
                         peer: up.peer,
                         path,
                         rtt,
@@ -800,8 +821,8 @@ impl Node {
     }
 
     /// Pings `key` over disco on its current path (and starts discovery if that is DERP); the
-    /// answer comes as [`Event::Pong`].
-    pub fn ping(&mut self, key: &NodePublicKey, now: Instant) -> Result<(), NodeError> {
+    /// answer comes as [`Event::Pong`] with the returned id, or [`Event::PingTimeout`].
+    pub fn ping(&mut self, key: &NodePublicKey, now: Instant) -> Result<PingId, NodeError> {
         self.now = now;
         let peer = self
             .peers
@@ -822,11 +843,14 @@ impl Node {
         if targets.is_empty() {
             return Err(NodeError::NoPath { peer: *key });
         }
+        let id = PingId(self.next_ping_id);
+        self.next_ping_id += 1;
         for dst in targets {
             let tx_id = self.rng.tx_id();
             self.user_pings.insert(
                 tx_id,
                 UserPing {
+                    id,
                     peer: *key,
                     sent: now,
                 },
@@ -845,7 +869,7 @@ impl Node {
             );
         }
         self.maybe_discover(key, now);
-        Ok(())
+        Ok(id)
     }
 
     /// Runs what is due at `now`. Call when the deadline of [`Self::poll_timeout`] passes.
@@ -857,8 +881,16 @@ impl Node {
         }
         self.run_disco_timers(now);
         self.run_netcheck(now);
-        self.user_pings
-            .retain(|_, p| now < p.sent + USER_PING_TIMEOUT);
+        let mut expired = BTreeSet::new();
+        self.user_pings.retain(|_, p| {
+            let live = now < p.sent + USER_PING_TIMEOUT;
+            if !live {
+                expired.insert(p.id);
+            }
+            live
+        });
+        self.events
+            .extend(expired.into_iter().map(|id| Event::PingTimeout { id }));
     }
 
     fn run_wireguard_timers(&mut self, now: Instant) {
@@ -943,12 +975,17 @@ impl Node {
         self.events.push_back(Event::Netcheck(report));
     }
 
-    /// Starts a netcheck now (as `warren netcheck` asks); the report comes as [`Event::Netcheck`].
-    pub fn start_netcheck(&mut self, now: Instant) {
+    /// Starts a netcheck now (as `warren netcheck` asks); the report comes as
+    /// [`Event::Netcheck`]. Without STUN servers no report would ever come: that is an error.
+    pub fn start_netcheck(&mut self, now: Instant) -> Result<(), NodeError> {
+        if self.stun_servers.is_empty() {
+            return Err(NodeError::NoStunServers);
+        }
         if self.netcheck.is_none() {
             self.next_netcheck = Some(now);
             self.run_netcheck(now);
         }
+        Ok(())
     }
 
     /// The next datagram to send.

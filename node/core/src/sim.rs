@@ -182,8 +182,12 @@ pub struct Host {
     pub via_derp: Vec<Instant>,
     /// Of those, packets that came directly, with their arrival time.
     pub via_udp: Vec<Instant>,
+    /// Its `ping` calls that were sent.
+    pub pings: usize,
     /// Pongs for its `ping` calls.
     pub pongs: Vec<(PathKind, Duration)>,
+    /// Its `ping` calls that got no pong in time.
+    pub ping_timeouts: usize,
     echo: bool,
 }
 
@@ -318,7 +322,9 @@ impl World {
             received: 0,
             via_derp: Vec::new(),
             via_udp: Vec::new(),
+            pings: 0,
             pongs: Vec::new(),
+            ping_timeouts: 0,
             echo: true,
         });
         self.connect_all();
@@ -357,7 +363,9 @@ impl World {
     pub fn ping(&mut self, from: usize, to: usize) {
         let key = self.hosts[to].key;
         let now = self.now;
-        let _ = self.hosts[from].node.ping(&key, now);
+        if self.hosts[from].node.ping(&key, now).is_ok() {
+            self.hosts[from].pings += 1;
+        }
     }
 
     /// The path `from` uses to `to` now.
@@ -480,6 +488,7 @@ impl World {
                         }
                     }
                     Event::Pong { path, rtt, .. } => self.hosts[h].pongs.push((path, rtt)),
+                    Event::PingTimeout { .. } => self.hosts[h].ping_timeouts += 1,
                     Event::Netcheck(_) => {}
                 }
             }
@@ -784,6 +793,19 @@ mod tests {
             w.hosts[0].pongs
         );
         assert_eq!(last.1, WAN_DELAY * 2);
+        // One answer per call (once the last call's answer has had time to arrive).
+        let t1 = w.now;
+        w.run(t1 + Duration::from_secs(1), Duration::from_secs(1), |_| {});
+        assert_eq!(w.hosts[0].pongs.len(), w.hosts[0].pings);
+        assert_eq!(w.hosts[0].ping_timeouts, 0);
+
+        // A ping lost on a path that just died is answered by a timeout, once.
+        w.block_udp(sa, sb, true);
+        w.ping(0, 1);
+        let t2 = w.now;
+        w.run(t2 + Duration::from_secs(6), Duration::from_secs(1), |_| {});
+        assert_eq!(w.hosts[0].ping_timeouts, 1);
+        assert_eq!(w.hosts[0].pongs.len() + 1, w.hosts[0].pings);
     }
 
     #[test]
