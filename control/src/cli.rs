@@ -187,6 +187,20 @@ pub enum ApikeysCmd {
     },
 }
 
+/// A gRPC channel to control's local admin socket at `path`.
+pub async fn connect_unix(path: &std::path::Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_owned();
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(p).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+}
+
 /// Connects to the Admin API as the flags say.
 pub async fn connect(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<AdminClient<Channel>> {
     let channel = if let Some(url) = &cli.server {
@@ -197,22 +211,12 @@ pub async fn connect(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<Admin
             .with_context(|| format!("connecting to {url}"))?
     } else {
         let path = cli.socket.clone().unwrap_or(default_socket);
-        let p = path.clone();
-        Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let p = p.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(p).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                }
-            }))
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to {} (is warren-control serve running? are you root?)",
-                    path.display()
-                )
-            })?
+        connect_unix(&path).await.with_context(|| {
+            format!(
+                "connecting to {} (is warren-control serve running? are you root?)",
+                path.display()
+            )
+        })?
     };
     Ok(AdminClient::new(channel))
 }

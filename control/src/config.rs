@@ -293,10 +293,15 @@ impl Config {
                 reason: "must be a range of at least 4 addresses within 100.64.0.0/10".into(),
             });
         }
-        if self.prefixes.v6.prefix_len() > 120 {
+        // Node n gets the n-th address of both ranges: v6 must hold as many as v4.
+        let v4_bits = 32 - u32::from(self.prefixes.v4.prefix_len());
+        if 128 - u32::from(self.prefixes.v6.prefix_len()) < v4_bits.max(8) {
             return Err(ConfigError::Invalid {
                 key: "prefixes.v6",
-                reason: "must be /120 or larger".into(),
+                reason: format!(
+                    "must hold at least as many addresses as prefixes.v4 (/{} or larger)",
+                    128 - v4_bits.max(8)
+                ),
             });
         }
         if u32::from_str_radix(&self.unix_socket_permission, 8).is_err() {
@@ -432,6 +437,18 @@ base_domain = "example.test"
         let err =
             Config::parse("[database]\ntype = \"mysql\"\n", Path::new("c.toml")).expect_err("db");
         assert!(err.to_string().contains("database.type"));
+        // The default v4 range (/10) needs a v6 range of /106 or larger.
+        let err = Config::parse(
+            "[prefixes]\nv6 = \"fd7a:115c:a1e0::/120\"\n",
+            Path::new("c.toml"),
+        )
+        .expect_err("v6 too small");
+        assert!(err.to_string().contains("prefixes.v6"), "{err}");
+        Config::parse(
+            "[prefixes]\nv6 = \"fd7a:115c:a1e0::/106\"\n",
+            Path::new("c.toml"),
+        )
+        .expect("v6 as large as v4");
     }
 
     #[test]

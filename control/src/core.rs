@@ -260,7 +260,11 @@ impl Core {
                 .cloned()
                 .ok_or(ControlError::NodeNotFound { id })?;
             if expired(n.expiry_ms, now_ms) {
-                // Coming back after expiry takes a valid key, which then owns the node.
+                // Coming back after expiry takes a valid key, which then owns the node; without
+                // one the answer is that the node expired, not that "" is a malformed key.
+                if auth_key.is_empty() {
+                    return Err(ControlError::NodeExpired { key: node_key });
+                }
                 let key = self.check_auth_key(auth_key, now_ms)?;
                 n.expiry_ms = None;
                 n.auth_key_id = Some(key.id);

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::Stream;
@@ -15,7 +15,7 @@ use warren_proto::control::admin_server::Admin;
 use warren_proto::control::control_server::Control;
 use warren_proto::control::map_response::Kind;
 use warren_proto::control::*;
-use warren_proto::proof::{ReplayGuard, request_digest, verify_proof};
+use warren_proto::proof::{ReplayGuard, request_digest, unix_ms, verify_proof};
 use warren_proto::{ControlSecretKey, DiscoPublicKey, NodePublicKey};
 
 use crate::core::{Core, NewAuthKey};
@@ -24,14 +24,6 @@ use crate::store::{ApiKeyRecord, PreAuthKeyRecord};
 
 /// Largest request message accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-
-/// The wall clock in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 fn random30() -> Result<[u8; 30], Status> {
     let mut b = [0u8; 30];
@@ -88,16 +80,20 @@ impl ControlService {
         Self { shared }
     }
 
+    /// Checks the call's proof (outside the lock), then authenticates the node and returns the
+    /// core still locked: the call's work runs under the same lock, so the node cannot be
+    /// expired or deleted between the check and the work.
     async fn authenticate(
         &self,
         proof: Option<NodeProof>,
         rest: &impl prost::Message,
         method: &str,
-    ) -> Result<(u64, NodePublicKey), Status> {
-        let now = now_ms();
+    ) -> Result<(tokio::sync::MutexGuard<'_, Core>, u64, NodePublicKey), Status> {
+        let now = unix_ms();
         let key = self.shared.prove(proof, rest, method, now)?;
-        let id = self.shared.core.lock().await.authenticate(&key, now)?;
-        Ok((id, key))
+        let core = self.shared.core.lock().await;
+        let id = core.authenticate(&key, now)?;
+        Ok((core, id, key))
     }
 }
 
@@ -146,7 +142,7 @@ impl Control for ControlService {
         req: Request<RegisterNodeRequest>,
     ) -> Result<Response<RegisterNodeResponse>, Status> {
         let mut req = req.into_inner();
-        let now = now_ms();
+        let now = unix_ms();
         let proof = req.proof.take();
         let key = self.shared.prove(proof, &req, "RegisterNode", now)?;
         let disco =
@@ -165,8 +161,8 @@ impl Control for ControlService {
     ) -> Result<Response<GetNodeResponse>, Status> {
         let mut rest = req.into_inner();
         let proof = rest.proof.take();
-        let (id, _) = self.authenticate(proof, &rest, "GetNode").await?;
-        let node = self.shared.core.lock().await.node(id)?;
+        let (core, id, _) = self.authenticate(proof, &rest, "GetNode").await?;
+        let node = core.node(id)?;
         Ok(Response::new(GetNodeResponse { node: Some(node) }))
     }
 
@@ -176,8 +172,8 @@ impl Control for ControlService {
     ) -> Result<Response<ListNodesResponse>, Status> {
         let mut rest = req.into_inner();
         let proof = rest.proof.take();
-        let (id, _) = self.authenticate(proof, &rest, "ListNodes").await?;
-        let nodes = self.shared.core.lock().await.peers(id);
+        let (core, id, _) = self.authenticate(proof, &rest, "ListNodes").await?;
+        let nodes = core.peers(id);
         Ok(Response::new(ListNodesResponse { nodes }))
     }
 
@@ -187,16 +183,12 @@ impl Control for ControlService {
     ) -> Result<Response<UpdateNodeResponse>, Status> {
         let mut req = req.into_inner();
         let proof = req.proof.take();
-        let (id, _) = self.authenticate(proof, &req, "UpdateNode").await?;
+        let (mut core, id, _) = self.authenticate(proof, &req, "UpdateNode").await?;
         let endpoints = req
             .endpoints
             .map(|e| parse_endpoints(&e.endpoints))
             .transpose()?;
-        self.shared
-            .core
-            .lock()
-            .await
-            .update_node(id, endpoints, req.hostname, req.home_region)?;
+        core.update_node(id, endpoints, req.hostname, req.home_region)?;
         Ok(Response::new(UpdateNodeResponse {}))
     }
 
@@ -208,8 +200,9 @@ impl Control for ControlService {
     ) -> Result<Response<MapStream>, Status> {
         let mut rest = req.into_inner();
         let proof = rest.proof.take();
-        let (id, key) = self.authenticate(proof, &rest, "StreamMapResponse").await?;
-        let sub = self.shared.core.lock().await.subscribe(id, now_ms())?;
+        let (mut core, id, key) = self.authenticate(proof, &rest, "StreamMapResponse").await?;
+        let sub = core.subscribe(id, unix_ms())?;
+        drop(core);
         tracing::info!(node = id, key = %key.short(), "map stream opened");
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(run_stream(Arc::clone(&self.shared), id, sub, tx));
@@ -261,7 +254,7 @@ async fn run_stream(
                 Some(d) => Kind::clone(&d),
                 None => {
                     // The server closed this stream: deleted, expired or replaced.
-                    let status = shared.core.lock().await.stream_end_reason(id, now_ms());
+                    let status = shared.core.lock().await.stream_end_reason(id, unix_ms());
                     let _ = tx.send(Err(status)).await;
                     break;
                 }
@@ -284,7 +277,7 @@ async fn run_stream(
         .core
         .lock()
         .await
-        .unsubscribe(id, sub.stream, now_ms());
+        .unsubscribe(id, sub.stream, unix_ms());
     tracing::info!(node = id, "map stream closed");
 }
 
@@ -316,7 +309,11 @@ impl AdminService {
         let key = header
             .strip_prefix("Bearer ")
             .ok_or(ControlError::ApiKeyMissing)?;
-        self.shared.core.lock().await.check_api_key(key, now_ms())?;
+        self.shared
+            .core
+            .lock()
+            .await
+            .check_api_key(key, unix_ms())?;
         Ok(())
     }
 }
@@ -373,7 +370,7 @@ impl Admin for AdminService {
             .core
             .lock()
             .await
-            .create_user(&req.get_ref().name, now_ms())?;
+            .create_user(&req.get_ref().name, unix_ms())?;
         Ok(Response::new(CreateUserResponse {
             user: Some(user_msg(&u)),
         }))
@@ -423,7 +420,7 @@ impl Admin for AdminService {
             tags: r.tags,
         };
         let mut core = self.shared.core.lock().await;
-        let (k, secret) = core.create_auth_key(&new, random30()?, now_ms())?;
+        let (k, secret) = core.create_auth_key(&new, random30()?, unix_ms())?;
         let user = core.auth_key_user(&k);
         Ok(Response::new(CreatePreAuthKeyResponse {
             key: Some(auth_key_msg(&k, user)),
@@ -454,7 +451,7 @@ impl Admin for AdminService {
             .core
             .lock()
             .await
-            .expire_auth_key(&req.get_ref().prefix, now_ms())?;
+            .expire_auth_key(&req.get_ref().prefix, unix_ms())?;
         Ok(Response::new(ExpirePreAuthKeyResponse {}))
     }
 
@@ -469,7 +466,7 @@ impl Admin for AdminService {
                 .core
                 .lock()
                 .await
-                .create_api_key(exp, random30()?, now_ms())?;
+                .create_api_key(exp, random30()?, unix_ms())?;
         Ok(Response::new(CreateApiKeyResponse {
             key: Some(api_key_msg(&k)),
             secret,
@@ -502,7 +499,7 @@ impl Admin for AdminService {
             .core
             .lock()
             .await
-            .expire_api_key(&req.get_ref().prefix, now_ms())?;
+            .expire_api_key(&req.get_ref().prefix, unix_ms())?;
         Ok(Response::new(ExpireApiKeyResponse {}))
     }
 
@@ -543,7 +540,7 @@ impl Admin for AdminService {
             .core
             .lock()
             .await
-            .expire_node(req.get_ref().id, now_ms())?;
+            .expire_node(req.get_ref().id, unix_ms())?;
         Ok(Response::new(ExpireNodeResponse { node: Some(node) }))
     }
 
@@ -578,7 +575,7 @@ impl Admin for AdminService {
             .core
             .lock()
             .await
-            .authenticate(&key, now_ms())
+            .authenticate(&key, unix_ms())
             .is_ok();
         Ok(Response::new(VerifyNodeResponse { known }))
     }

@@ -17,8 +17,9 @@ use warren_proto::control::control_server::ControlServer;
 
 use crate::config::Config;
 use crate::core::{Core, Settings};
-use crate::grpc::{AdminService, ControlService, MAX_REQUEST_BYTES, Shared, now_ms};
+use crate::grpc::{AdminService, ControlService, MAX_REQUEST_BYTES, Shared};
 use crate::store::SqliteStore;
+use warren_proto::proof::unix_ms;
 
 /// Reads the server key at `path`, creating it (mode 0600) on first start.
 pub fn load_or_create_key(path: &Path) -> anyhow::Result<ControlSecretKey> {
@@ -89,7 +90,7 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
         },
         derp_map: derp_map(config)?,
     };
-    let core = Core::open(Box::new(store), &settings, now_ms())?;
+    let core = Core::open(Box::new(store), &settings, unix_ms())?;
     tracing::info!(nodes = core.netmap().len(), "state loaded");
     Ok(Arc::new(Shared {
         core: Mutex::new(core),
@@ -107,20 +108,23 @@ fn derp_map(config: &Config) -> anyhow::Result<warren_proto::control::DerpMap> {
     let server = &config.derp.server;
     if config.derp.embedded() && server.automatically_add_embedded_derp_region {
         let host = if server.ipv4.is_empty() {
-            url_host(&config.server_url)
+            url_host(&config.server_url)?
         } else {
             server.ipv4.clone()
         };
+        let ip = host.parse::<std::net::IpAddr>().ok();
         let node = warren_proto::control::DerpNode {
             name: format!("{}a", server.region_id),
             region_id: server.region_id,
-            host_name: host.clone(),
-            ipv4: if host.parse::<std::net::Ipv4Addr>().is_ok() {
-                host
-            } else {
-                String::new()
-            },
-            ipv6: String::new(),
+            ipv4: ip
+                .filter(|a| a.is_ipv4())
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            ipv6: ip
+                .filter(|a| a.is_ipv6())
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            host_name: host,
             stun_port: i32::from(server.stun_listen_addr.port()),
             derp_port: i32::from(server.listen_addr.port()),
             insecure_for_tests: false,
@@ -138,17 +142,18 @@ fn derp_map(config: &Config) -> anyhow::Result<warren_proto::control::DerpMap> {
     Ok(map)
 }
 
-/// The host part of a URL like `http://host:port/path`.
-fn url_host(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(v6).to_string(),
-        None => authority
-            .rsplit_once(':')
-            .map_or(authority, |(h, _)| h)
-            .to_string(),
-    }
+/// The host of a URL like `http://host:port/path` (an IPv6 literal without its brackets).
+fn url_host(url: &str) -> anyhow::Result<String> {
+    let uri: tonic::codegen::http::Uri = url
+        .parse()
+        .with_context(|| format!("server_url {url:?} is not a URL"))?;
+    let host = uri
+        .host()
+        .with_context(|| format!("server_url {url:?} has no host"))?;
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned())
 }
 
 /// Lets the embedded DERP server admit only registered, unexpired nodes.
@@ -162,7 +167,7 @@ impl warren_derp::verify::Verifier for CoreVerifier {
                 .core
                 .lock()
                 .await
-                .authenticate(&key, now_ms())
+                .authenticate(&key, unix_ms())
                 .is_ok())
         })
     }
@@ -215,7 +220,7 @@ async fn sweep_ephemeral(shared: Arc<Shared>) {
             .core
             .lock()
             .await
-            .reap_ephemeral(now_ms(), timeout_ms)
+            .reap_ephemeral(unix_ms(), timeout_ms)
         {
             tracing::warn!(error = %e, "ephemeral sweep failed");
         }
@@ -247,6 +252,62 @@ pub async fn serve_on(
     let admin_local = AdminServer::new(AdminService::new(Arc::clone(&shared), false))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 
+    // What can fail comes first, before the servers and the sweeper: the embedded relay's
+    // ports, then the admin socket.
+    let embedded = match config.derp.embedded() {
+        true => Some(start_embedded_derp(&config, &shared).await?),
+        false => None,
+    };
+    let socket = &config.unix_socket;
+    let unix = match bind_socket(&config) {
+        Ok(u) => u,
+        Err(e) => {
+            if let Some(derp) = embedded {
+                derp.shutdown().await;
+            }
+            return Err(e);
+        }
+    };
+    tracing::info!(listen = %tcp.local_addr()?, socket = %socket.display(), "warren-control serving");
+
+    let sweeper = tokio::spawn(sweep_ephemeral(Arc::clone(&shared)));
+    let streams = Arc::clone(&shared);
+    tokio::spawn(async move {
+        shutdown.await;
+        // Map streams never end by themselves: end them, so the servers can drain and stop.
+        streams.stopping.send_replace(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let tcp_server = Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .add_service(control)
+        .add_service(admin_tcp)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(tcp),
+            stopped(shared.stopping.subscribe()),
+        );
+    let unix_server = Server::builder()
+        .add_service(admin_local)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(unix),
+            stopped(shared.stopping.subscribe()),
+        );
+    let result = tokio::try_join!(tcp_server, unix_server);
+    sweeper.abort();
+    if let Some(derp) = embedded {
+        derp.shutdown().await;
+    }
+    let _ = std::fs::remove_file(socket);
+    result?;
+    tracing::info!("warren-control stopped");
+    Ok(())
+}
+
+/// Binds the local admin socket (replacing a stale one) with the configured mode; the file is
+/// removed again when the mode cannot be set.
+fn bind_socket(config: &Config) -> anyhow::Result<tokio::net::UnixListener> {
     let socket = &config.unix_socket;
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -259,48 +320,11 @@ pub async fn serve_on(
     let unix = tokio::net::UnixListener::bind(socket)
         .with_context(|| format!("binding {}", socket.display()))?;
     let mode = u32::from_str_radix(&config.unix_socket_permission, 8).unwrap_or(0o770);
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))?;
-    tracing::info!(listen = %tcp.local_addr()?, socket = %socket.display(), "warren-control serving");
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let sweeper = tokio::spawn(sweep_ephemeral(Arc::clone(&shared)));
-    let embedded = match config.derp.embedded() {
-        true => Some(start_embedded_derp(&config, &shared).await?),
-        false => None,
-    };
-    let streams = Arc::clone(&shared);
-    tokio::spawn(async move {
-        shutdown.await;
-        // Map streams never end by themselves: end them, so the servers can drain and stop.
-        streams.stopping.send_replace(true);
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let tcp_server = Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
-        .add_service(control)
-        .add_service(admin_tcp)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(tcp),
-            stopped(stop_rx.clone()),
-        );
-    let unix_server = Server::builder()
-        .add_service(admin_local)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(unix),
-            stopped(stop_rx),
-        );
-    let result = tokio::try_join!(tcp_server, unix_server);
-    sweeper.abort();
-    if let Some(derp) = embedded {
-        derp.shutdown().await;
+    if let Err(e) = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode)) {
+        let _ = std::fs::remove_file(socket);
+        return Err(e).with_context(|| format!("setting the mode of {}", socket.display()));
     }
-    let _ = std::fs::remove_file(socket);
-    result?;
-    tracing::info!("warren-control stopped");
-    Ok(())
+    Ok(unix)
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -316,5 +340,36 @@ pub async fn signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_derp_node_takes_its_address_from_server_url() {
+        let node_for = |server_url: &str| {
+            let config = Config {
+                server_url: server_url.to_owned(),
+                ..Config::default()
+            };
+            let map = derp_map(&config).expect("map");
+            let node = map.regions[0].nodes[0].clone();
+            (node.host_name, node.ipv4, node.ipv6)
+        };
+        let s = String::from;
+        assert_eq!(
+            node_for("http://[2001:db8::1]:50443"),
+            (s("2001:db8::1"), s(""), s("2001:db8::1"))
+        );
+        assert_eq!(
+            node_for("http://192.0.2.1:50443"),
+            (s("192.0.2.1"), s("192.0.2.1"), s(""))
+        );
+        assert_eq!(
+            node_for("https://control.example.net"),
+            (s("control.example.net"), s(""), s(""))
+        );
     }
 }

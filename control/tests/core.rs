@@ -194,6 +194,10 @@ fn admin_changes_reach_connected_peers() {
     // An expired node comes back only with a valid pre-auth key.
     assert!(matches!(
         core.register(k2, d2, "b", "", T0 + 3),
+        Err(ControlError::NodeExpired { .. })
+    ));
+    assert!(matches!(
+        core.register(k2, d2, "b", "not a key", T0 + 3),
         Err(ControlError::Malformed(_))
     ));
     core.create_user("bob", T0).expect("bob");

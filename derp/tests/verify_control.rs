@@ -59,26 +59,10 @@ async fn start_control() -> Control {
 }
 
 async fn local_admin(socket: &std::path::Path) -> AdminClient<Channel> {
-    let path = socket.to_owned();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(p).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
+    let channel = warren_control::cli::connect_unix(socket)
         .await
         .expect("unix connect");
     AdminClient::new(channel)
-}
-
-fn now_ms() -> i64 {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis();
-    i64::try_from(ms).expect("fits")
 }
 
 /// Registers `node` with control through a reusable pre-auth key.
@@ -115,12 +99,12 @@ async fn register(control: &Control, node: &NodeSecretKey) {
         hostname: "known".into(),
     };
     let mut nonce = [0u8; 24];
-    nonce[..8].copy_from_slice(&now_ms().to_be_bytes());
+    nonce[..8].copy_from_slice(&warren_proto::proof::unix_ms().to_be_bytes());
     req.proof = Some(make_proof(
         node,
         &server,
         "RegisterNode",
-        now_ms(),
+        warren_proto::proof::unix_ms(),
         nonce,
         &request_digest(&req),
     ));

@@ -3,7 +3,7 @@
 //! with backoff when control goes away. The data plane never waits on it.
 
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
@@ -23,13 +23,6 @@ pub struct Client {
     grpc: ControlClient<Channel>,
     node: NodeSecretKey,
     server: ControlPublicKey,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 impl Client {
@@ -64,7 +57,7 @@ impl Client {
             &self.node,
             &self.server,
             method,
-            now_ms(),
+            warren_proto::proof::unix_ms(),
             nonce,
             &request_digest(req),
         )

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::UnixListener;
@@ -240,13 +240,6 @@ const BURST: usize = 64;
 
 /// How often the node looks at its interfaces for new LAN endpoints.
 const LAN_RECHECK: Duration = Duration::from_secs(20);
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 impl Daemon {
     async fn run(
@@ -538,7 +531,7 @@ impl Daemon {
     }
 
     fn status(&self) -> Status {
-        let now_ms = unix_ms();
+        let now_ms = warren_proto::proof::unix_ms();
         let now = Instant::now();
         let me = self.netmap.self_node();
         let peers = self

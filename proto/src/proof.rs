@@ -89,6 +89,16 @@ pub fn request_digest(request_without_proof: &impl prost::Message) -> [u8; 32] {
     Sha256::digest(request_without_proof.encode_to_vec()).into()
 }
 
+/// Wall-clock milliseconds since the Unix epoch, the time proofs carry and are checked
+/// against. The functions here take the time as a parameter; the shells that stamp and check
+/// proofs read the clock with this (0 before 1970, saturated far in the future).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 fn plaintext(method: &str, unix_ms: i64, digest: &[u8; 32]) -> Vec<u8> {
     let mut p = Vec::with_capacity(DOMAIN.len() + 2 + method.len() + 8 + 32);
     p.extend_from_slice(DOMAIN);
