@@ -39,12 +39,13 @@
 //! [`NatLab::set_kind`] replaces the table atomically and flushes the router's conntrack table
 //! (`conntrack -F`, from the `conntrack` package), like a NAT that reboots into another type.
 
-use std::fmt;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::lab::{Lab, Lan};
+
+pub use warren_node_core::sim::{Filtering, Mapping, NatKind};
 
 /// The internet namespace's own address on the public segment (everyone's default gateway
 /// there; it forwards nothing).
@@ -81,104 +82,6 @@ const MAPPING_TIMEOUT: &str = "180s";
 const WAN_IF: &str = "wan";
 const LAN_IF: &str = "lan0";
 const HOST_IF: &str = "eth0";
-
-/// How a site reaches the internet (RFC 4787 mapping and filtering behaviour).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum NatKind {
-    /// Hosts have public addresses and no firewall.
-    Public,
-    /// Hosts have public addresses; their own namespace drops unsolicited inbound UDP but
-    /// admits replies (`ct state established,related`).
-    PublicFirewall,
-    /// Endpoint-independent mapping and filtering.
-    FullCone,
-    /// Endpoint-independent mapping, address-dependent filtering.
-    Restricted,
-    /// Endpoint-independent mapping, address-and-port-dependent filtering.
-    PortRestricted,
-    /// Endpoint-dependent mapping, address-and-port-dependent filtering.
-    Symmetric,
-    /// The router drops all forwarded UDP; TCP works (so DERP over TCP does).
-    UdpBlocked,
-}
-
-/// RFC 4787 mapping behaviour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mapping {
-    /// The same external `ip:port` for every destination (or no translation at all).
-    EndpointIndependent,
-    /// A different external port per destination.
-    EndpointDependent,
-}
-
-/// RFC 4787 filtering behaviour: who may send to a mapped address after an inside host has
-/// sent to `R:p` from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Filtering {
-    /// Anyone.
-    EndpointIndependent,
-    /// Anyone at address `R`, from any port.
-    AddressDependent,
-    /// Only `R:p`.
-    AddressAndPortDependent,
-}
-
-impl NatKind {
-    /// Every kind, in the order of PROTOCOLS.md's table.
-    pub const ALL: [NatKind; 7] = [
-        NatKind::Public,
-        NatKind::PublicFirewall,
-        NatKind::FullCone,
-        NatKind::Restricted,
-        NatKind::PortRestricted,
-        NatKind::Symmetric,
-        NatKind::UdpBlocked,
-    ];
-
-    /// True for the kinds where hosts have public addresses and there is no router.
-    pub fn is_public(self) -> bool {
-        matches!(self, NatKind::Public | NatKind::PublicFirewall)
-    }
-
-    /// The UDP mapping behaviour this kind promises (`None`: UDP does not pass at all).
-    pub fn mapping(self) -> Option<Mapping> {
-        match self {
-            NatKind::Symmetric => Some(Mapping::EndpointDependent),
-            NatKind::UdpBlocked => None,
-            _ => Some(Mapping::EndpointIndependent),
-        }
-    }
-
-    /// The UDP filtering behaviour this kind promises (`None`: UDP does not pass at all).
-    pub fn filtering(self) -> Option<Filtering> {
-        match self {
-            NatKind::Public | NatKind::FullCone => Some(Filtering::EndpointIndependent),
-            NatKind::Restricted => Some(Filtering::AddressDependent),
-            NatKind::PublicFirewall | NatKind::PortRestricted | NatKind::Symmetric => {
-                Some(Filtering::AddressAndPortDependent)
-            }
-            NatKind::UdpBlocked => None,
-        }
-    }
-
-    fn short(self) -> &'static str {
-        match self {
-            NatKind::Public => "pub",
-            NatKind::PublicFirewall => "pubfw",
-            NatKind::FullCone => "cone",
-            NatKind::Restricted => "restr",
-            NatKind::PortRestricted => "portr",
-            NatKind::Symmetric => "sym",
-            NatKind::UdpBlocked => "noudp",
-        }
-    }
-}
-
-impl fmt::Display for NatKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
-}
 
 /// A host of a site.
 #[derive(Debug, Clone)]

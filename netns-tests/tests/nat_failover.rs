@@ -305,11 +305,7 @@ fn nat_turns_symmetric(name: &str, other: NatKind) {
 
         let before = path_to(lab, &b, aa)?;
         mesh.net.set_kind(lab, &mut sa, NatKind::Symmetric)?;
-        let direct_expected = matches!(
-            other,
-            NatKind::Public | NatKind::FullCone | NatKind::Restricted
-        );
-        if direct_expected {
+        if NatKind::direct_expected(NatKind::Symmetric, other) {
             // The old mapping is gone: traffic must find the new one.
             let took = wait_path(lab, &a, aa, &b, ba, "direct", Duration::from_secs(60))?;
             let ep = path_to(lab, &b, aa)?;

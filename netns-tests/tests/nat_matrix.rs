@@ -42,21 +42,6 @@ fn v4(a: Ipv4Addr) -> IpAddr {
     IpAddr::V4(a)
 }
 
-/// The path PROTOCOLS.md's table predicts: true for direct.
-fn expect_direct(a: NatKind, b: NatKind) -> bool {
-    use NatKind::*;
-    let relay = |x: NatKind, y: NatKind| {
-        matches!(
-            (x, y),
-            (UdpBlocked, _)
-                | (PublicFirewall, Symmetric)
-                | (PortRestricted, Symmetric)
-                | (Symmetric, Symmetric)
-        )
-    };
-    !(relay(a, b) || relay(b, a))
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Spec {
     a: NatKind,
@@ -67,7 +52,7 @@ struct Spec {
 
 impl Spec {
     fn expect_direct(self) -> bool {
-        self.same_site || expect_direct(self.a, self.b)
+        self.same_site || NatKind::direct_expected(self.a, self.b)
     }
 
     fn label(self) -> String {
@@ -576,13 +561,13 @@ fn expectations_follow_protocols_table() {
         10,
         "7 pairs with UDP blocked, pubfw x sym, portr x sym, sym x sym: {relay:?}"
     );
-    assert!(expect_direct(Public, Symmetric));
-    assert!(expect_direct(FullCone, Symmetric));
-    assert!(expect_direct(Restricted, Symmetric));
-    assert!(!expect_direct(Symmetric, PortRestricted));
-    assert!(!expect_direct(Symmetric, PublicFirewall));
-    assert!(!expect_direct(Symmetric, Symmetric));
-    assert!(!expect_direct(UdpBlocked, Public));
+    assert!(NatKind::direct_expected(Public, Symmetric));
+    assert!(NatKind::direct_expected(FullCone, Symmetric));
+    assert!(NatKind::direct_expected(Restricted, Symmetric));
+    assert!(!NatKind::direct_expected(Symmetric, PortRestricted));
+    assert!(!NatKind::direct_expected(Symmetric, PublicFirewall));
+    assert!(!NatKind::direct_expected(Symmetric, Symmetric));
+    assert!(!NatKind::direct_expected(UdpBlocked, Public));
     if std::env::var_os("WARREN_MATRIX_ONLY").is_none() {
         assert_eq!(specs().len(), 28 + 3);
     }

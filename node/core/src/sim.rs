@@ -22,12 +22,15 @@ pub const LAN_DELAY: Duration = Duration::from_millis(1);
 /// One-way latency to and from the relay (TCP, so a little slower than UDP).
 pub const DERP_DELAY: Duration = Duration::from_millis(15);
 
-/// How a site connects to the internet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// How a site reaches the internet (RFC 4787 mapping and filtering behaviour). The
+/// simulator and the netns lab (`warren-netns-tests`) share these kinds and their expected
+/// paths, so both assert the one table of PROTOCOLS.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum NatKind {
-    /// A public address, nothing in front.
+    /// Hosts have public addresses and no firewall.
     Public,
-    /// A public address behind a stateful firewall (only replies get in).
+    /// Hosts have public addresses; their own namespace drops unsolicited inbound UDP but
+    /// admits replies (`ct state established,related`).
     PublicFirewall,
     /// Endpoint-independent mapping and filtering.
     FullCone,
@@ -37,8 +40,29 @@ pub enum NatKind {
     PortRestricted,
     /// Endpoint-dependent mapping, address-and-port-dependent filtering.
     Symmetric,
-    /// No UDP at all (DERP over TCP still works).
+    /// The router drops all forwarded UDP; TCP works (so DERP over TCP does).
     UdpBlocked,
+}
+
+/// RFC 4787 mapping behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// The same external `ip:port` for every destination (or no translation at all).
+    EndpointIndependent,
+    /// A different external port per destination.
+    EndpointDependent,
+}
+
+/// RFC 4787 filtering behaviour: who may send to a mapped address after an inside host has
+/// sent to `R:p` from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filtering {
+    /// Anyone.
+    EndpointIndependent,
+    /// Anyone at address `R`, from any port.
+    AddressDependent,
+    /// Only `R:p`.
+    AddressAndPortDependent,
 }
 
 impl NatKind {
@@ -64,6 +88,51 @@ impl NatKind {
                 | (PortRestricted, Symmetric)
                 | (Symmetric, Symmetric)
         )
+    }
+
+    /// True for the kinds where hosts have public addresses and there is no router.
+    pub fn is_public(self) -> bool {
+        matches!(self, NatKind::Public | NatKind::PublicFirewall)
+    }
+
+    /// The UDP mapping behaviour this kind promises (`None`: UDP does not pass at all).
+    pub fn mapping(self) -> Option<Mapping> {
+        match self {
+            NatKind::Symmetric => Some(Mapping::EndpointDependent),
+            NatKind::UdpBlocked => None,
+            _ => Some(Mapping::EndpointIndependent),
+        }
+    }
+
+    /// The UDP filtering behaviour this kind promises (`None`: UDP does not pass at all).
+    pub fn filtering(self) -> Option<Filtering> {
+        match self {
+            NatKind::Public | NatKind::FullCone => Some(Filtering::EndpointIndependent),
+            NatKind::Restricted => Some(Filtering::AddressDependent),
+            NatKind::PublicFirewall | NatKind::PortRestricted | NatKind::Symmetric => {
+                Some(Filtering::AddressAndPortDependent)
+            }
+            NatKind::UdpBlocked => None,
+        }
+    }
+
+    /// A short name for labels, namespaces and the command line (`pubfw`, `portr`, ...).
+    pub fn short(self) -> &'static str {
+        match self {
+            NatKind::Public => "pub",
+            NatKind::PublicFirewall => "pubfw",
+            NatKind::FullCone => "cone",
+            NatKind::Restricted => "restr",
+            NatKind::PortRestricted => "portr",
+            NatKind::Symmetric => "sym",
+            NatKind::UdpBlocked => "noudp",
+        }
+    }
+}
+
+impl std::fmt::Display for NatKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
     }
 }
 
