@@ -137,18 +137,7 @@ pub fn deliver(
     to: SocketAddr,
     timeout: Duration,
 ) -> Result<Option<SocketAddr>> {
-    let listener = lab.spawn(
-        listener_ns,
-        &format!("udp-listen-once :{port}"),
-        labtool,
-        [
-            "udp-listen-once",
-            "--port",
-            &port.to_string(),
-            "--timeout-ms",
-            &timeout.as_millis().to_string(),
-        ],
-    )?;
+    let listener = spawn_listener(lab, labtool, listener_ns, port, timeout, None)?;
     wait_ready(&listener)?;
     lab.run_ok(
         sender_ns,
@@ -163,7 +152,37 @@ pub fn deliver(
             "3",
         ],
     )?;
+    // A listener that already gave up saw nothing of what was sent: no answer either way.
+    if listener.wait_exit(Duration::ZERO).is_some()
+        && parse_listen_output(&listener.stdout())?.is_none()
+    {
+        bail!(
+            "udp-listen-once in {listener_ns} timed out before the datagrams were sent \
+             (inconclusive; is the machine overloaded?)"
+        );
+    }
     listener_result(&listener, listener_ns, timeout)
+}
+
+/// Starts `udp-listen-once` on `port` in `ns`, echoing to `send_to` first when given.
+fn spawn_listener(
+    lab: &mut Lab,
+    labtool: &Path,
+    ns: &str,
+    port: u16,
+    timeout: Duration,
+    send_to: Option<SocketAddr>,
+) -> Result<ProcHandle> {
+    let port = port.to_string();
+    let millis = timeout.as_millis().to_string();
+    let send_to = send_to.map(|a| a.to_string());
+    let mut args = vec!["udp-listen-once", "--port", &port, "--timeout-ms", &millis];
+    let mut label = format!("udp-listen-once :{port}");
+    if let Some(to) = &send_to {
+        args.extend(["--send-to", to]);
+        label.push_str(&format!(" --send-to {to}"));
+    }
+    lab.spawn(ns, &label, labtool, args)
 }
 
 /// Starts `udp-listen-once` on `port` in `ns` with `--send-to to` (an echo server) and returns
@@ -178,20 +197,7 @@ pub fn send_and_listen(
     to: SocketAddr,
     timeout: Duration,
 ) -> Result<Option<SocketAddr>> {
-    let listener = lab.spawn(
-        ns,
-        &format!("udp-listen-once :{port} --send-to {to}"),
-        labtool,
-        [
-            "udp-listen-once",
-            "--port",
-            &port.to_string(),
-            "--timeout-ms",
-            &timeout.as_millis().to_string(),
-            "--send-to",
-            &to.to_string(),
-        ],
-    )?;
+    let listener = spawn_listener(lab, labtool, ns, port, timeout, Some(to))?;
     listener_result(&listener, ns, timeout)
 }
 
