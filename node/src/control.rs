@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::{Channel, Endpoint};
+use warren_proto::backoff::Backoff;
 use warren_proto::control::control_client::ControlClient;
 use warren_proto::control::map_response::Kind;
 use warren_proto::control::*;
@@ -128,22 +129,27 @@ pub enum MapEvent {
     },
 }
 
+/// The first wait before reconnecting to control.
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest wait before reconnecting to control.
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+
 /// Follows the map stream forever: connect, report endpoints, forward messages; on failure wait
-/// with exponential backoff (250 ms up to 15 s) and start over.
+/// with jittered exponential backoff (250 ms up to 15 s, see [`Backoff`]) and start over, so a
+/// fleet that lost one control server does not come back to it in lockstep.
 pub async fn follow(
     url: String,
     node: NodeSecretKey,
     mut advert: watch::Receiver<Advert>,
     events: mpsc::Sender<MapEvent>,
 ) {
-    let mut backoff = Duration::from_millis(250);
-    let max = Duration::from_secs(15);
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     loop {
         let mut connected = false;
         let result = follow_once(&url, &node, &mut advert, &events, &mut connected).await;
         if connected {
             // The stream was up: start backing off from the beginning again.
-            backoff = Duration::from_millis(250);
+            backoff.reset();
         }
         let (reason, revoked) = match result {
             Ok(()) => ("control closed the stream".to_string(), false),
@@ -157,7 +163,12 @@ pub async fn follow(
             Err(Failure::Other(e)) => (format!("{e:#}"), false),
             Err(Failure::Stopped) => return,
         };
-        tracing::warn!(%reason, retry_in = ?backoff, "control stream down");
+        let wait = backoff.next_wait(crate::random_u64());
+        if revoked {
+            // A deleted or expired node has no reason to come back soon.
+            backoff.give_up_soon();
+        }
+        tracing::warn!(%reason, retry_in = ?wait, "control stream down");
         if events
             .send(MapEvent::Disconnected { reason, revoked })
             .await
@@ -165,11 +176,7 @@ pub async fn follow(
         {
             return;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(max);
-        if revoked {
-            backoff = max;
-        }
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -13,12 +13,16 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use warren_derp::client::{Client, ClientError, ClientEvent, ClientSender, ConnectOptions};
 use warren_node_core::netmap::DerpUrl;
+use warren_proto::backoff::Backoff;
 use warren_proto::{NodePublicKey, NodeSecretKey};
 
 /// Packets waiting for one link's connection.
 const LINK_QUEUE: usize = 512;
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The first wait before reconnecting a link.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A packet a DERP relay delivered.
 #[derive(Debug)]
@@ -171,14 +175,14 @@ async fn run_link(
     mut preferred: bool,
 ) {
     let set_live = |s: Option<ClientSender>| *live.lock().unwrap_or_else(|e| e.into_inner()) = s;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut first = true;
     loop {
         // Every attempt but the first waits, also after a connection that was lost: a server
         // that drops us at once (another holder of this key, say) is not hammered.
         if !std::mem::take(&mut first) {
             // Keep the queue moving meanwhile: stale packets are worthless later.
-            let wait = tokio::time::sleep(backoff);
+            let wait = tokio::time::sleep(backoff.next_wait(crate::random_u64()));
             tokio::pin!(wait);
             loop {
                 tokio::select! {
@@ -207,7 +211,6 @@ async fn run_link(
             }
         }
         let Some(client) = client else {
-            backoff = (backoff * 2).min(MAX_BACKOFF);
             continue;
         };
         tracing::info!(region, preferred, "DERP connected");
@@ -265,10 +268,8 @@ async fn run_link(
         }
         set_live(None);
         // Only a connection that lasted starts the next attempts from the shortest wait.
-        backoff = if connected.elapsed() >= MAX_BACKOFF {
-            Duration::from_millis(100)
-        } else {
-            (backoff * 2).min(MAX_BACKOFF)
-        };
+        if connected.elapsed() >= MAX_BACKOFF {
+            backoff.reset();
+        }
     }
 }

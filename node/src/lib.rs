@@ -8,3 +8,13 @@ pub mod derp;
 pub mod endpoints;
 pub mod state;
 pub mod udp;
+
+/// A random number from the OS, for jitter (a zero if the OS has none: jitter is then lost,
+/// nothing else).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    match getrandom::getrandom(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => 0,
+    }
+}

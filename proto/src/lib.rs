@@ -2,12 +2,14 @@
 //! possession. Pure: no sockets, files, clock or async runtime, so every binary and every
 //! sans-IO core can depend on it.
 //!
+//! - [`backoff`]: reconnect schedules with jitter, so a fleet does not retry in lockstep.
 //! - [`keys`]: typed X25519 keys per role (node, disco, control, DERP server).
 //! - [`proof`]: NaCl boxes and proofs of node-key possession for the control API.
 //! - [`derp`]: DERP v2 relay frames and handshake boxes, wire-compatible with Tailscale.
 //! - [`disco`]: disco path-discovery packets (ping, pong, call-me-maybe), sealed and opened.
 //! - [`stun`]: STUN Binding requests and responses (RFC 5389) and the demultiplexing test.
 
+pub mod backoff;
 pub mod derp;
 pub mod disco;
 mod endpoint;
