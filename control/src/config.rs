@@ -293,6 +293,17 @@ impl Config {
                 reason: "must be a range of at least 4 addresses within 100.64.0.0/10".into(),
             });
         }
+        let ula = Ipv6Net::new(
+            std::net::Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0),
+            48,
+        )
+        .unwrap_or_default();
+        if !ula.contains(&self.prefixes.v6) {
+            return Err(ConfigError::Invalid {
+                key: "prefixes.v6",
+                reason: "must be a range within fd7a:115c:a1e0::/48".into(),
+            });
+        }
         // Node n gets the n-th address of both ranges: v6 must hold as many as v4.
         let v4_bits = 32 - u32::from(self.prefixes.v4.prefix_len());
         if 128 - u32::from(self.prefixes.v6.prefix_len()) < v4_bits.max(8) {
@@ -449,6 +460,31 @@ base_domain = "example.test"
             Path::new("c.toml"),
         )
         .expect("v6 as large as v4");
+    }
+
+    #[test]
+    fn v6_prefix_outside_the_tailscale_range_is_refused() {
+        for outside in [
+            "2001:db8::/48",
+            "fd7a:115c:a1e1::/64",
+            "fd7a:115c::/32",
+            "::/0",
+        ] {
+            let err = Config::parse(
+                &format!("[prefixes]\nv6 = \"{outside}\"\n"),
+                Path::new("c.toml"),
+            )
+            .expect_err(outside);
+            assert!(
+                matches!(err, ConfigError::Invalid { key: "prefixes.v6", ref reason } if reason.contains("fd7a:115c:a1e0::/48")),
+                "{outside}: {err}"
+            );
+        }
+        Config::parse(
+            "[prefixes]\nv6 = \"fd7a:115c:a1e0:ab12::/64\"\n",
+            Path::new("c.toml"),
+        )
+        .expect("a /64 inside the range");
     }
 
     #[test]
