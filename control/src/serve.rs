@@ -107,11 +107,7 @@ fn derp_map(config: &Config) -> anyhow::Result<warren_proto::control::DerpMap> {
     let mut map = crate::derpmap::load(&config.derp.paths)?;
     let server = &config.derp.server;
     if config.derp.embedded() && server.automatically_add_embedded_derp_region {
-        let host = if server.ipv4.is_empty() {
-            url_host(&config.server_url)?
-        } else {
-            server.ipv4.clone()
-        };
+        let (host, _) = embedded_derp_host(config)?;
         let ip = host.parse::<std::net::IpAddr>().ok();
         let node = warren_proto::control::DerpNode {
             name: format!("{}a", server.region_id),
@@ -140,6 +136,56 @@ fn derp_map(config: &Config) -> anyhow::Result<warren_proto::control::DerpMap> {
         map.regions.sort_by_key(|r| r.region_id);
     }
     Ok(map)
+}
+
+/// The host nodes are told to reach the embedded DERP server at, and the key it came from.
+fn embedded_derp_host(config: &Config) -> anyhow::Result<(String, &'static str)> {
+    let ipv4 = &config.derp.server.ipv4;
+    Ok(match ipv4.is_empty() {
+        true => (url_host(&config.server_url)?, "server_url"),
+        false => (ipv4.clone(), "derp.server.ipv4"),
+    })
+}
+
+/// A configuration that works on this host but likely not as meant; logged once at start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartupWarning {
+    /// The DERP map sends nodes to the embedded DERP server at a loopback host, so every node on
+    /// another host has its DERP connections refused.
+    #[error(
+        "the DERP map sends nodes to the embedded DERP server at {host}, a loopback address: \
+         nodes on other hosts cannot reach it; set `{key}` to an address they can reach"
+    )]
+    LoopbackDerpHost {
+        /// The host in the map.
+        host: String,
+        /// The configuration key to set.
+        key: &'static str,
+    },
+}
+
+/// What to warn about at start-up (see [`StartupWarning`]).
+pub fn startup_warnings(config: &Config) -> Vec<StartupWarning> {
+    let mut warnings = Vec::new();
+    if config.derp.embedded()
+        && config.derp.server.automatically_add_embedded_derp_region
+        && let Ok((host, key)) = embedded_derp_host(config)
+        && is_loopback_host(&host)
+    {
+        warnings.push(StartupWarning::LoopbackDerpHost { host, key });
+    }
+    warnings
+}
+
+/// Whether `host` (an address or a name) only reaches this machine.
+fn is_loopback_host(host: &str) -> bool {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_canonical().is_loopback(),
+        Err(_) => {
+            let name = host.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+    }
 }
 
 /// The host of a URL like `http://host:port/path` (an IPv6 literal without its brackets).
@@ -245,6 +291,9 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shared = open(&config)?;
+    for warning in startup_warnings(&config) {
+        tracing::warn!("{warning}");
+    }
     let control = ControlServer::new(ControlService::new(Arc::clone(&shared)))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let admin_tcp = AdminServer::new(AdminService::new(Arc::clone(&shared), true))
@@ -371,5 +420,42 @@ mod tests {
             node_for("https://control.example.net"),
             (s("control.example.net"), s(""), s(""))
         );
+    }
+
+    #[test]
+    fn a_loopback_embedded_derp_host_is_warned_about_naming_the_key() {
+        let warnings = |server_url: &str, ipv4: &str, enabled: Option<bool>| {
+            let mut config = Config {
+                server_url: server_url.to_owned(),
+                ..Config::default()
+            };
+            config.derp.server.ipv4 = ipv4.to_owned();
+            config.derp.server.enabled = enabled;
+            startup_warnings(&config)
+        };
+        let loopback = |host: &str, key| StartupWarning::LoopbackDerpHost {
+            host: host.into(),
+            key,
+        };
+        // The default server_url is loopback.
+        let default = startup_warnings(&Config::default());
+        assert_eq!(default, [loopback("127.0.0.1", "server_url")]);
+        assert!(default[0].to_string().contains("set `server_url`"));
+        assert_eq!(
+            warnings("http://localhost:50443", "", None),
+            [loopback("localhost", "server_url")]
+        );
+        assert_eq!(
+            warnings("http://[::1]:50443", "", None),
+            [loopback("::1", "server_url")]
+        );
+        assert_eq!(
+            warnings("http://192.0.2.1:50443", "127.0.0.2", None),
+            [loopback("127.0.0.2", "derp.server.ipv4")]
+        );
+        assert_eq!(warnings("http://192.0.2.1:50443", "", None), []);
+        assert_eq!(warnings("https://control.example.net", "", None), []);
+        // No embedded DERP server, nothing in the map points at this host.
+        assert_eq!(warnings("http://127.0.0.1:50443", "", Some(false)), []);
     }
 }
