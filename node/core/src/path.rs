@@ -375,7 +375,16 @@ impl Paths {
     }
 
     /// A ping arrived directly from `from`: learn it as a candidate. Returns a ping to send
-    /// back when we have not pinged it recently, which opens our side of the NAT too.
+    /// back (beside the pong), which opens our side of a NAT or firewall and lets our side
+    /// confirm the path too.
+    ///
+    /// While `from` is unconfirmed (no pong from it within [`TRUST`]) the answer is a ping at
+    /// once, however recently we pinged it: our earlier ping may have died at the peer's
+    /// firewall before the peer's own ping opened it, and this ping proves it is open now.
+    /// Waiting out the rate limit cost a heartbeat (3 s) to go direct. This cannot loop: the
+    /// peer gets our pong before our ping, so the ping finds its side confirmed. A confirmed
+    /// candidate is pinged back only when not pinged for a [`HEARTBEAT`] and not the trusted
+    /// best path.
     pub fn handle_ping_from(
         &mut self,
         from: SocketAddr,
@@ -383,14 +392,16 @@ impl Paths {
         tx_id: impl FnOnce() -> TxId,
     ) -> Option<PingOut> {
         self.add(from, Origin::Reflexive);
-        let recent = self
-            .candidates
-            .get(&from)
-            .and_then(|c| c.last_ping)
-            .is_some_and(|t| now < t + HEARTBEAT);
-        let known_good = self.best.is_some_and(|b| b.addr == from) && self.trusted(now);
-        (!recent && !known_good && self.candidates.contains_key(&from))
-            .then(|| self.ping(from, now, false, tx_id()))
+        let c = self.candidates.get(&from)?;
+        let confirmed = c.last_pong.is_some_and(|t| now < t + TRUST);
+        if confirmed {
+            let recent = c.last_ping.is_some_and(|t| now < t + HEARTBEAT);
+            let known_good = self.best.is_some_and(|b| b.addr == from) && self.trusted(now);
+            if recent || known_good {
+                return None;
+            }
+        }
+        Some(self.ping(from, now, false, tx_id()))
     }
 
     /// The peer asked us (over DERP) to ping these endpoints of its own.
@@ -564,10 +575,11 @@ mod tests {
         let r = addr("203.0.113.5:6000");
         let back = p.handle_ping_from(r, t0, || [7; 12]).expect("ping back");
         assert_eq!(back.to, r);
+        let ms = Duration::from_millis;
+        p.handle_pong(back.tx_id, r, t0 + ms(2)).expect("pong");
         assert!(
-            p.handle_ping_from(r, t0 + Duration::from_millis(1), || [8; 12])
-                .is_none(),
-            "not twice at once"
+            p.handle_ping_from(r, t0 + ms(3), || [8; 12]).is_none(),
+            "a confirmed path is not pinged back"
         );
         let c = [addr("203.0.113.6:1"), addr("203.0.113.7:1")];
         assert_eq!(p.handle_call_me_maybe(&c, t0, ids()).len(), 2);
@@ -579,6 +591,68 @@ mod tests {
             p.handle_call_me_maybe(&[SocketAddr::from(([198, 18, 0, 1], i + 1))], t0, ids());
         }
         assert_eq!(p.candidates().count(), MAX_CANDIDATES, "bounded");
+    }
+
+    #[test]
+    fn ping_from_an_unconfirmed_candidate_is_answered_with_a_ping_at_once() {
+        // fw x fw: our ping to `a` died at the peer's firewall; the peer's ping then opened it.
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = Paths::default();
+        let a = addr("198.51.100.2:41641");
+        p.set_reported(&[a]);
+        let first = p.discover(t0, ids());
+        assert_eq!(first.len(), 1);
+        let back = p
+            .handle_ping_from(a, t0 + ms(40), || [42; 12])
+            .expect("ping back at once, though we pinged 40 ms ago");
+        assert_eq!(
+            back,
+            PingOut {
+                tx_id: [42; 12],
+                to: a
+            }
+        );
+        let r = p.handle_pong(back.tx_id, a, t0 + ms(60)).expect("pong");
+        assert!(r.new_best);
+        assert_eq!(p.route(t0 + ms(60), true), Route::Direct(a));
+    }
+
+    #[test]
+    fn mutual_ping_backs_end_once_both_sides_are_confirmed() {
+        // Two peers' path state, wired together over a loss-free path: A's ping reaches B,
+        // which answers with a pong and a ping; the exchange stops by itself.
+        let t0 = Instant::now();
+        let (a_addr, b_addr) = (addr("198.51.100.1:1"), addr("198.51.100.2:1"));
+        let (mut a, mut b) = (Paths::default(), Paths::default());
+        a.set_reported(&[b_addr]);
+        b.set_reported(&[a_addr]);
+        let mut next_id = ids();
+        // (sent by a, tx_id, is a pong), in flight in order.
+        let mut wire: Vec<(bool, TxId, bool)> = a
+            .discover(t0, &mut next_id)
+            .into_iter()
+            .map(|p| (true, p.tx_id, false))
+            .collect();
+        let mut sent = 0;
+        while let Some((from_a, tx_id, pong)) = (!wire.is_empty()).then(|| wire.remove(0)) {
+            sent += 1;
+            assert!(sent < 10, "ping-backs do not stop");
+            let (me, src) = if from_a {
+                (&mut b, a_addr)
+            } else {
+                (&mut a, b_addr)
+            };
+            if pong {
+                me.handle_pong(tx_id, src, t0);
+            } else {
+                wire.push((!from_a, tx_id, true));
+                if let Some(back) = me.handle_ping_from(src, t0, &mut next_id) {
+                    wire.push((!from_a, back.tx_id, false));
+                }
+            }
+        }
+        assert!(a.trusted(t0) && b.trusted(t0));
     }
 
     #[test]
