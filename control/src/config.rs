@@ -66,6 +66,24 @@ pub struct Config {
     pub dns: Dns,
     /// DERP relays.
     pub derp: Derp,
+    /// Limits on the connections the gRPC listener takes (warren's own section).
+    pub connections: Connections,
+}
+
+/// Limits on accepted connections (warren's own `connections` section; Headscale has none).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Connections {
+    /// The TCP listen backlog (the kernel caps it at `net.core.somaxconn`).
+    pub listen_backlog: u32,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            listen_backlog: crate::listen::DEFAULT_BACKLOG,
+        }
+    }
 }
 
 /// DERP settings (Headscale's `derp` section).
@@ -197,6 +215,7 @@ impl Default for Config {
             prefixes: Prefixes::default(),
             dns: Dns::default(),
             derp: Derp::default(),
+            connections: Connections::default(),
         }
     }
 }
@@ -319,6 +338,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "unix_socket_permission",
                 reason: "must be octal, like \"0770\"".into(),
+            });
+        }
+        if self.connections.listen_backlog == 0 {
+            return Err(ConfigError::Invalid {
+                key: "connections.listen_backlog",
+                reason: "must be above zero".into(),
             });
         }
         if self.keepalive_interval.is_zero() {

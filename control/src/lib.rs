@@ -9,6 +9,7 @@ pub mod derpmap;
 pub mod error;
 pub mod grpc;
 pub mod ipam;
+pub mod listen;
 pub mod netmap;
 pub mod secret;
 pub mod serve;

@@ -278,8 +278,7 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let tcp = tokio::net::TcpListener::bind(config.listen_addr)
-        .await
+    let tcp = crate::listen::bind_tcp(config.listen_addr, config.connections.listen_backlog)
         .with_context(|| format!("listening on {}", config.listen_addr))?;
     serve_on(config, tcp, shutdown).await
 }
