@@ -333,7 +333,7 @@ pub async fn serve_on(
         .add_service(control)
         .add_service(admin_tcp)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(tcp),
+            crate::listen::Acceptor::new(tcp),
             stopped(shared.stopping.subscribe()),
         );
     let unix_server = Server::builder()

@@ -1,7 +1,10 @@
-//! How control takes connections, over real loopback sockets: the listen backlog.
+//! How control takes connections, over real loopback sockets: the listen backlog and the
+//! options of accepted sockets.
 
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use tokio_stream::StreamExt;
 
 /// Connects `n` clients at once and returns those connected within `within`.
 async fn connect_all(addr: SocketAddr, n: usize, within: Duration) -> Vec<tokio::net::TcpStream> {
@@ -42,4 +45,26 @@ async fn listen_backlog_queues_more_than_tokios_default_of_1024() {
     let streams = connect_all(addr, n, Duration::from_secs(20)).await;
     assert_eq!(streams.len(), n, "connections completed without an accept");
     drop(listener);
+}
+
+#[tokio::test]
+async fn accepted_connections_have_tcp_nodelay_set() {
+    let listener = warren_control::listen::bind_tcp(
+        "127.0.0.1:0".parse().expect("addr"),
+        warren_control::listen::DEFAULT_BACKLOG,
+    )
+    .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut acceptor = warren_control::listen::Acceptor::new(listener);
+    let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let accepted = tokio::time::timeout(Duration::from_secs(10), acceptor.next())
+        .await
+        .expect("accepted in time")
+        .expect("stream open")
+        .expect("accepted");
+    // The server's side of the connection, as tonic gets it.
+    assert!(
+        accepted.nodelay().expect("getsockopt"),
+        "TCP_NODELAY on the accepted socket"
+    );
 }
