@@ -13,5 +13,6 @@ pub mod sim;
 pub mod wg;
 
 pub use node::{
-    Dest, Event, Node, NodeError, PathKind, PeerConfig, PeerStats, TimeoutReason, Transmit,
+    Dest, Event, Node, NodeError, PathKind, PathStatus, PeerConfig, PeerStats, TimeoutReason,
+    Transmit,
 };

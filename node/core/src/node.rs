@@ -88,6 +88,91 @@ impl fmt::Display for PathKind {
     }
 }
 
+/// How a peer's traffic travels now, for `warren status`. Unlike [`PathKind`] it tells a
+/// confirmed direct path from an address that is only being tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathStatus {
+    /// Packets go only to `addr`, which answered a disco ping within the trust window
+    /// ([`crate::path::TRUST`]).
+    Direct {
+        /// The peer's address.
+        addr: SocketAddr,
+        /// The round trip of the last disco ping answered there.
+        latency: Duration,
+    },
+    /// Nothing is confirmed: packets go directly to `candidates` on the chance that they
+    /// arrive (data to the first, WireGuard handshakes to all), and through DERP region
+    /// `relay` as well when the peer has one.
+    Trying {
+        /// The unconfirmed addresses packets are sent to, the one data goes to first.
+        candidates: Vec<SocketAddr>,
+        /// The DERP region that carries the traffic meanwhile, if any.
+        relay: Option<RegionId>,
+    },
+    /// Packets go only through DERP region `region` (discovery pings still look for a
+    /// direct path).
+    Relay {
+        /// The peer's home region.
+        region: RegionId,
+    },
+    /// The peer has neither an address nor a DERP region: its packets are dropped.
+    Unreachable,
+}
+
+impl PathStatus {
+    /// Whether traffic goes over a confirmed direct path.
+    pub fn is_direct(&self) -> bool {
+        matches!(self, Self::Direct { .. })
+    }
+
+    /// The confirmed direct path's round trip.
+    pub fn latency(&self) -> Option<Duration> {
+        match self {
+            Self::Direct { latency, .. } => Some(*latency),
+            _ => None,
+        }
+    }
+
+    /// The relay (and only that) or confirmed direct path in use, as a [`PathKind`]; `None`
+    /// while only unconfirmed addresses are tried without a relay, or nothing is.
+    pub fn kind(&self) -> Option<PathKind> {
+        match self {
+            Self::Direct { addr, .. } => Some(PathKind::Direct(*addr)),
+            Self::Trying {
+                relay: Some(region),
+                ..
+            }
+            | Self::Relay { region } => Some(PathKind::Relay(*region)),
+            Self::Trying { relay: None, .. } | Self::Unreachable => None,
+        }
+    }
+}
+
+/// `direct 192.0.2.1:41641`, `trying 192.0.2.1:41641 + relay 900`,
+/// `trying 10.0.0.2:41641, 192.0.2.1:41641`, `relay 900`, `unreachable`.
+impl fmt::Display for PathStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Direct { addr, .. } => write!(f, "direct {addr}"),
+            Self::Trying { candidates, relay } => {
+                f.write_str("trying ")?;
+                for (i, a) in candidates.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{a}")?;
+                }
+                match relay {
+                    Some(r) => write!(f, " + relay {r}"),
+                    None => Ok(()),
+                }
+            }
+            Self::Relay { region } => write!(f, "relay {region}"),
+            Self::Unreachable => f.write_str("unreachable"),
+        }
+    }
+}
+
 /// Something the shell should know about.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -209,9 +294,12 @@ pub struct PeerStats {
     pub name: String,
     /// The peer's addresses.
     pub allowed_ips: Vec<IpNet>,
-    /// The path in use now.
+    /// How its traffic travels now (what status should show).
+    pub status: PathStatus,
+    /// `status` as a [`PathKind`] ([`PathStatus::kind`]): a confirmed direct path or the
+    /// relay, never an unconfirmed address.
     pub path: Option<PathKind>,
-    /// The direct path's round trip, when there is one.
+    /// The confirmed direct path's round trip ([`PathStatus::latency`]).
     pub latency: Option<Duration>,
     /// Session counters.
     pub session: SessionStats,
@@ -1030,27 +1118,54 @@ impl Node {
             .min_by_key(|(t, _)| *t)
     }
 
-    /// The path `key`'s traffic takes now.
+    /// The confirmed direct path or the relay `key`'s traffic takes now; `None` when only
+    /// unconfirmed addresses are tried (no relay) or there is no path. See
+    /// [`Self::path_status`] for the whole picture.
     pub fn path(&self, key: &NodePublicKey, now: Instant) -> Option<PathKind> {
+        self.path_status(key, now)?.kind()
+    }
+
+    /// How `key`'s traffic travels now; `None` for an unknown peer.
+    pub fn path_status(&self, key: &NodePublicKey, now: Instant) -> Option<PathStatus> {
         let p = self.peers.get(key)?;
-        match p.paths.route(now, p.config.home_region != 0) {
-            Route::Direct(a) => Some(PathKind::Direct(a)),
-            Route::Relay { .. } => Some(PathKind::Relay(p.config.home_region)),
-            Route::Spray(a) => a.first().map(|a| PathKind::Direct(*a)),
-        }
+        let region = p.config.home_region;
+        Some(match p.paths.route(now, region != 0) {
+            Route::Direct(addr) => PathStatus::Direct {
+                addr,
+                latency: p.paths.best().map(|b| b.1).unwrap_or_default(),
+            },
+            Route::Relay {
+                also_direct: Some(a),
+            } => PathStatus::Trying {
+                candidates: vec![a],
+                relay: Some(region),
+            },
+            Route::Relay { also_direct: None } => PathStatus::Relay { region },
+            Route::Spray(a) if a.is_empty() => PathStatus::Unreachable,
+            Route::Spray(candidates) => PathStatus::Trying {
+                candidates,
+                relay: None,
+            },
+        })
     }
 
     /// Per-peer figures, in key order.
     pub fn peer_stats(&self, now: Instant) -> Vec<PeerStats> {
         self.peers
             .values()
-            .map(|p| PeerStats {
-                key: p.config.key,
-                name: p.config.name.clone(),
-                allowed_ips: p.config.allowed_ips.clone(),
-                path: self.path(&p.config.key, now),
-                latency: p.paths.best().filter(|_| p.paths.trusted(now)).map(|b| b.1),
-                session: p.session.stats(),
+            .map(|p| {
+                let status = self
+                    .path_status(&p.config.key, now)
+                    .unwrap_or(PathStatus::Unreachable);
+                PeerStats {
+                    key: p.config.key,
+                    name: p.config.name.clone(),
+                    allowed_ips: p.config.allowed_ips.clone(),
+                    path: status.kind(),
+                    latency: status.latency(),
+                    status,
+                    session: p.session.stats(),
+                }
             })
             .collect()
     }
@@ -1144,8 +1259,159 @@ mod tests {
         exchange(&mut p, now);
         assert_eq!(p.a.poll_tun(), Some(back));
         let stats = p.a.peer_stats(now);
-        assert_eq!(stats[0].path, Some(PathKind::Direct(p.b_addr)));
+        // Without disco nothing confirms the address: it is tried, not a direct path.
+        assert_eq!(
+            stats[0].status,
+            PathStatus::Trying {
+                candidates: vec![p.b_addr],
+                relay: None
+            }
+        );
+        assert_eq!(stats[0].path, None);
+        assert_eq!(stats[0].latency, None);
         assert!(stats[0].session.since_handshake.is_some());
+    }
+
+    /// Two nodes with disco keys and a relay region; `b_endpoints` is what A's netmap says
+    /// about B.
+    fn disco_pair(now: Instant, b_endpoints: Vec<SocketAddr>, b_region: RegionId) -> Pair {
+        let ka = NodeSecretKey::from_bytes([1; 32]);
+        let kb = NodeSecretKey::from_bytes([2; 32]);
+        let (da, db) = (
+            DiscoSecretKey::from_bytes([3; 32]),
+            DiscoSecretKey::from_bytes([4; 32]),
+        );
+        let a_addr: SocketAddr = "198.51.100.1:41641".parse().expect("addr");
+        let b_addr: SocketAddr = "198.51.100.2:41641".parse().expect("addr");
+        let (pa, pb) = (ka.public_key(), kb.public_key());
+        let (dpa, dpb) = (da.public_key(), db.public_key());
+        let mut a = Node::new(ka, da, 1, now);
+        let mut b = Node::new(kb, db, 2, now);
+        a.set_peers(vec![PeerConfig {
+            key: pb,
+            name: "b".into(),
+            allowed_ips: vec!["100.64.0.2/32".parse().expect("net")],
+            endpoints: b_endpoints,
+            disco: Some(dpb),
+            home_region: b_region,
+        }]);
+        b.set_peers(vec![PeerConfig {
+            key: pa,
+            name: "a".into(),
+            allowed_ips: vec!["100.64.0.1/32".parse().expect("net")],
+            endpoints: vec![a_addr],
+            disco: Some(dpa),
+            home_region: 900,
+        }]);
+        Pair {
+            a,
+            b,
+            a_addr,
+            b_addr,
+        }
+    }
+
+    /// Delivers UDP between the nodes (to the right address only) until both are quiet;
+    /// DERP traffic is dropped.
+    fn exchange_udp(p: &mut Pair, now: Instant) {
+        loop {
+            let mut moved = false;
+            while let Some(t) = p.a.poll_transmit() {
+                if t.dst == Dest::Udp(p.b_addr) {
+                    let _ = p.b.handle_udp(p.a_addr, &t.payload, now);
+                    moved = true;
+                }
+            }
+            while let Some(t) = p.b.poll_transmit() {
+                if t.dst == Dest::Udp(p.a_addr) {
+                    let _ = p.a.handle_udp(p.b_addr, &t.payload, now);
+                    moved = true;
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn path_status_tells_confirmed_from_tried_and_relayed() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = disco_pair(t0, vec!["198.51.100.2:41641".parse().expect("addr")], 900);
+        let kb = p.b.public_key();
+        assert_eq!(
+            p.a.path_status(&kb, t0),
+            Some(PathStatus::Relay { region: 900 })
+        );
+        assert_eq!(
+            p.a.path_status(&NodePublicKey::from_bytes([9; 32]), t0),
+            None
+        );
+        // A packet starts discovery; B's pong confirms the address.
+        let packet = ip_packet([100, 64, 0, 1], [100, 64, 0, 2], 100);
+        p.a.handle_tun_packet(&packet, t0).expect("routed");
+        exchange_udp(&mut p, t0 + ms(1));
+        let direct = PathStatus::Direct {
+            addr: p.b_addr,
+            latency: ms(1),
+        };
+        assert_eq!(p.a.path_status(&kb, t0 + ms(1)), Some(direct.clone()));
+        assert_eq!(direct.to_string(), "direct 198.51.100.2:41641");
+        let stats = &p.a.peer_stats(t0 + ms(1))[0];
+        assert_eq!(stats.status, direct);
+        assert_eq!(stats.path, Some(PathKind::Direct(p.b_addr)));
+        assert_eq!(stats.latency, Some(ms(1)));
+        // No pong for the trust window: still sent there, but no longer confirmed.
+        let stale = t0 + ms(1) + crate::path::TRUST;
+        let trying = PathStatus::Trying {
+            candidates: vec![p.b_addr],
+            relay: Some(900),
+        };
+        assert_eq!(p.a.path_status(&kb, stale), Some(trying.clone()));
+        assert_eq!(trying.to_string(), "trying 198.51.100.2:41641 + relay 900");
+        assert_eq!(trying.kind(), Some(PathKind::Relay(900)));
+        assert_eq!(trying.latency(), None);
+        let stats = &p.a.peer_stats(stale)[0];
+        assert_eq!(stats.path, Some(PathKind::Relay(900)));
+        assert_eq!(stats.latency, None);
+        // Silent for longer: DERP only.
+        let dead = t0 + ms(1) + crate::path::DIRECT_GRACE;
+        assert_eq!(
+            p.a.path_status(&kb, dead),
+            Some(PathStatus::Relay { region: 900 })
+        );
+        assert_eq!(PathStatus::Relay { region: 900 }.to_string(), "relay 900");
+    }
+
+    #[test]
+    fn path_status_without_relay_is_trying_or_unreachable() {
+        let t0 = Instant::now();
+        let lan: SocketAddr = "10.1.0.3:41641".parse().expect("addr");
+        let public: SocketAddr = "198.51.100.2:41641".parse().expect("addr");
+        let p = disco_pair(t0, vec![public, lan], 0);
+        let kb = p.b.public_key();
+        let status = p.a.path_status(&kb, t0).expect("known");
+        assert_eq!(
+            status,
+            PathStatus::Trying {
+                candidates: vec![lan, public],
+                relay: None
+            }
+        );
+        assert_eq!(
+            status.to_string(),
+            "trying 10.1.0.3:41641, 198.51.100.2:41641"
+        );
+        assert_eq!(
+            p.a.path(&kb, t0),
+            None,
+            "an unconfirmed address is not direct"
+        );
+        let p = disco_pair(t0, Vec::new(), 0);
+        assert_eq!(p.a.path_status(&kb, t0), Some(PathStatus::Unreachable));
+        assert_eq!(PathStatus::Unreachable.to_string(), "unreachable");
+        assert_eq!(p.a.peer_stats(t0)[0].path, None);
     }
 
     #[test]
