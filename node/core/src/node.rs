@@ -385,6 +385,12 @@ struct UserPing {
     sent: Instant,
 }
 
+/// Whether a WireGuard datagram is a handshake message (initiation, response or cookie
+/// reply: types 1 to 3, then three zero bytes) rather than data.
+fn is_wg_handshake(datagram: &[u8]) -> bool {
+    matches!(datagram, [1..=3, 0, 0, 0, ..])
+}
+
 /// Queues a WireGuard datagram for `peer` on its current route.
 fn route_datagram(
     peer: &Peer,
@@ -414,8 +420,10 @@ fn route_datagram(
             }
         }
         Route::Spray(addrs) => {
-            // Handshake initiations try every address; data goes to the first.
-            let take = if datagram.first() == Some(&1) {
+            // Nothing confirmed and no relay: WireGuard handshake messages (initiation,
+            // response, cookie) try every address, as a lost one costs boringtun's 5 s
+            // REKEY_TIMEOUT; data goes to the first (where the peer was last heard from).
+            let take = if is_wg_handshake(datagram) {
                 addrs.len()
             } else {
                 1
@@ -697,7 +705,7 @@ impl Node {
         let key = self
             .wg_receiver(datagram)?
             .ok_or(NodeError::UnknownPeer { from })?;
-        self.decapsulate(key, Some(from.ip()), datagram, now)
+        self.decapsulate(key, Some(from), datagram, now)
     }
 
     /// A packet relayed by DERP region `region` from peer `from`: disco or WireGuard.
@@ -735,10 +743,11 @@ impl Node {
         )
     }
 
+    /// Hands a datagram to `key`'s session; `from` is its UDP source (`None`: via DERP).
     fn decapsulate(
         &mut self,
         key: NodePublicKey,
-        src: Option<IpAddr>,
+        from: Option<SocketAddr>,
         datagram: &[u8],
         now: Instant,
     ) -> Result<(), NodeError> {
@@ -756,20 +765,29 @@ impl Node {
         let mut refused = None;
         let mut replies = Vec::new();
         peer.session
-            .decapsulate(src, datagram, scratch, &mut |out| match out {
-                WgOutput::Network(d) => replies.push(d.to_vec()),
-                WgOutput::Tunnel(p, src) => {
-                    if routes.allows(&key, src) {
-                        to_tun.push_back(p.to_vec());
-                    } else {
-                        refused = Some(src);
+            .decapsulate(
+                from.map(|a| a.ip()),
+                datagram,
+                scratch,
+                &mut |out| match out {
+                    WgOutput::Network(d) => replies.push(d.to_vec()),
+                    WgOutput::Tunnel(p, src) => {
+                        if routes.allows(&key, src) {
+                            to_tun.push_back(p.to_vec());
+                        } else {
+                            refused = Some(src);
+                        }
                     }
-                }
-            })
+                },
+            )
             .map_err(|error| NodeError::Wg {
                 peer: Some(key),
                 error,
             })?;
+        if let Some(a) = from {
+            // WireGuard authenticated it: the peer is at `a` (answers go there first).
+            peer.paths.note_wg_from(a);
+        }
         for d in &replies {
             route_datagram(peer, d, now, transmits);
         }
@@ -1412,6 +1430,44 @@ mod tests {
         assert_eq!(p.a.path_status(&kb, t0), Some(PathStatus::Unreachable));
         assert_eq!(PathStatus::Unreachable.to_string(), "unreachable");
         assert_eq!(p.a.peer_stats(t0)[0].path, None);
+    }
+
+    #[test]
+    fn unconfirmed_handshake_response_reaches_every_candidate_and_data_follows_the_peer() {
+        // A knows B by an unreachable LAN address (sorting first) and its real one, with no
+        // relay and nothing confirmed; B initiates.
+        let now = Instant::now();
+        let mut p = pair(now);
+        let kb = p.b.public_key();
+        let lan: SocketAddr = "10.0.0.0:41641".parse().expect("addr");
+        p.a.set_endpoints(&kb, vec![lan, p.b_addr]);
+        let packet = ip_packet([100, 64, 0, 2], [100, 64, 0, 1], 100);
+        p.b.handle_tun_packet(&packet, now).expect("routed");
+        let init = p.b.poll_transmit().expect("initiation");
+        assert_eq!(init.dst, Dest::Udp(p.a_addr));
+        p.a.handle_udp(p.b_addr, &init.payload, now)
+            .expect("initiation");
+        let sent: Vec<Transmit> = std::iter::from_fn(|| p.a.poll_transmit()).collect();
+        let to_b = sent
+            .iter()
+            .find(|t| t.dst == Dest::Udp(p.b_addr))
+            .expect("the handshake response goes to B's reachable address too");
+        assert!(is_wg_handshake(&to_b.payload) && to_b.payload[0] == 2);
+        // B completes the handshake and sends its packet; A's answer (data) goes to where
+        // B was heard from, not to the first candidate.
+        p.b.handle_udp(p.a_addr, &to_b.payload, now)
+            .expect("response");
+        while let Some(t) = p.b.poll_transmit() {
+            assert_eq!(t.dst, Dest::Udp(p.a_addr));
+            p.a.handle_udp(p.b_addr, &t.payload, now).expect("data");
+        }
+        assert_eq!(p.a.poll_tun(), Some(packet));
+        let back = ip_packet([100, 64, 0, 1], [100, 64, 0, 2], 60);
+        p.a.handle_tun_packet(&back, now).expect("routed");
+        let reply: Vec<Dest> = std::iter::from_fn(|| p.a.poll_transmit())
+            .map(|t| t.dst)
+            .collect();
+        assert_eq!(reply, vec![Dest::Udp(p.b_addr)]);
     }
 
     #[test]

@@ -79,7 +79,8 @@ pub enum Route {
         /// The untrusted direct path, if there is one.
         also_direct: Option<SocketAddr>,
     },
-    /// No DERP for this peer and nothing confirmed: try these addresses.
+    /// No DERP for this peer and nothing confirmed: try these addresses, the one WireGuard
+    /// last heard the peer from first.
     Spray(Vec<SocketAddr>),
 }
 
@@ -113,6 +114,8 @@ pub struct Paths {
     last_active: Option<Instant>,
     last_heartbeat: Option<Instant>,
     last_reprobe: Option<Instant>,
+    /// Where the peer's last authenticated WireGuard datagram came from.
+    wg_from: Option<SocketAddr>,
 }
 
 fn is_private(ip: IpAddr) -> bool {
@@ -225,7 +228,25 @@ impl Paths {
         }
         match self.best {
             Some(b) => Route::Spray(vec![b.addr]),
-            None => Route::Spray(self.candidates.keys().copied().collect()),
+            None => {
+                // Where WireGuard last heard the peer goes first (data goes only there).
+                let heard = self.wg_from.filter(|a| self.candidates.contains_key(a));
+                let rest = self
+                    .candidates
+                    .keys()
+                    .copied()
+                    .filter(|a| Some(*a) != heard);
+                Route::Spray(heard.into_iter().chain(rest).collect())
+            }
+        }
+    }
+
+    /// A WireGuard datagram from the peer came from `from` and was authenticated: until a
+    /// path is confirmed, [`Self::route`] sends there first (as WireGuard's own roaming does).
+    pub fn note_wg_from(&mut self, from: SocketAddr) {
+        if self.wg_from != Some(from) {
+            self.wg_from = Some(from);
+            self.add(from, Origin::Reflexive);
         }
     }
 
@@ -662,6 +683,15 @@ mod tests {
         let (a, b) = (addr("10.0.0.1:1"), addr("10.0.0.2:1"));
         p.set_reported(&[a, b]);
         assert_eq!(p.route(t0, false), Route::Spray(vec![a, b]));
+        p.note_wg_from(b);
+        assert_eq!(
+            p.route(t0, false),
+            Route::Spray(vec![b, a]),
+            "where WireGuard heard the peer goes first"
+        );
+        let c = addr("198.51.100.7:9");
+        p.note_wg_from(c);
+        assert_eq!(p.route(t0, false), Route::Spray(vec![c, a, b]), "learned");
     }
 
     #[test]

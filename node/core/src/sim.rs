@@ -258,6 +258,20 @@ pub struct Host {
     /// Its `ping` calls that got no pong in time.
     pub ping_timeouts: usize,
     echo: bool,
+    home_hidden: bool,
+}
+
+/// A WireGuard handshake message a host sent, for tests that check where handshakes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeSent {
+    /// When it was sent.
+    pub at: Instant,
+    /// The sending host.
+    pub from: usize,
+    /// WireGuard message type: 1 initiation, 2 response, 3 cookie reply.
+    pub kind: u8,
+    /// Where it was sent.
+    pub dst: Dest,
 }
 
 #[derive(Debug)]
@@ -290,6 +304,8 @@ pub struct World {
     stun: Vec<SocketAddr>,
     /// UDP between these WAN address pairs is dropped (both directions).
     blocked: BTreeSet<(IpAddr, IpAddr)>,
+    /// Every WireGuard handshake message sent, in order.
+    pub handshakes: Vec<HandshakeSent>,
 }
 
 /// splitmix64 step: the simulator's one source of randomness, so a seed replays a run.
@@ -341,6 +357,7 @@ impl World {
             rng: seed,
             seed,
             jitter: Duration::ZERO,
+            handshakes: Vec::new(),
             stun: vec![
                 "203.0.113.10:3478".parse().expect("addr"),
                 "203.0.113.11:3478".parse().expect("addr"),
@@ -436,6 +453,7 @@ impl World {
             pongs: Vec::new(),
             ping_timeouts: 0,
             echo: true,
+            home_hidden: false,
         });
         self.connect_all();
         i
@@ -458,8 +476,20 @@ impl World {
             allowed_ips: vec![IpNet::from(IpAddr::V4(h.mesh_ip))],
             endpoints: h.node.endpoints().to_vec(),
             disco: Some(h.node.disco_public_key()),
-            home_region: h.node.home_region().unwrap_or(REGION),
+            home_region: if h.home_hidden {
+                0
+            } else {
+                h.node.home_region().unwrap_or(REGION)
+            },
         }
+    }
+
+    /// Hides (or shows again) host `h`'s home DERP region from its peers: their netmap says
+    /// region 0, as it does in the moment after a node registers and before it has reported
+    /// its region. Peers then have no relay for `h` and send only directly.
+    pub fn hide_home_region(&mut self, h: usize, hide: bool) {
+        self.hosts[h].home_hidden = hide;
+        self.connect_all();
     }
 
     /// Host `from` sends one packet to host `to`'s mesh address.
@@ -573,6 +603,17 @@ impl World {
     fn drain(&mut self) {
         for h in 0..self.hosts.len() {
             while let Some(t) = self.hosts[h].node.poll_transmit() {
+                if let Some(kind @ 1..=3) = t.payload.first().copied()
+                    && t.payload.len() >= 32
+                    && t.payload[1..4] == [0, 0, 0]
+                {
+                    self.handshakes.push(HandshakeSent {
+                        at: self.now,
+                        from: h,
+                        kind,
+                        dst: t.dst,
+                    });
+                }
                 match t.dst {
                     Dest::Udp(dst) => self.route_udp(h, dst, t.payload),
                     Dest::Derp { peer, .. } => {
@@ -700,6 +741,7 @@ impl World {
 #[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
+    use crate::node::PathStatus;
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -772,6 +814,74 @@ mod tests {
         let [_, _, max] =
             time_to_direct_figures(NatKind::PublicFirewall, NatKind::PublicFirewall, 20);
         assert!(max < Duration::from_millis(500), "slowest run took {max:?}");
+    }
+
+    #[test]
+    fn handshake_response_reaches_a_peer_whose_lan_candidate_is_unreachable() {
+        // Issue 7: public x full-cone once needed 5.3 s for its first packet. The full-cone
+        // peer's netmap entry has no home region yet (as just after it registered), so the
+        // public node cannot relay to it and sprays; its LAN address (10.1.0.3, unreachable)
+        // sorts before its public one.
+        let mut w = World::new(Instant::now());
+        let (sa, sb) = (w.add_site(NatKind::Public), w.add_site(NatKind::FullCone));
+        w.add_host(sa);
+        w.add_host(sb);
+        w.hide_home_region(1, true);
+        let start = w.now;
+        w.run(
+            start + Duration::from_secs(1),
+            Duration::from_secs(1),
+            |_| {},
+        );
+        let public_b = SocketAddr::new(w.sites[sb].wan, w.hosts[1].local.port());
+        assert_eq!(
+            w.hosts[0].node.path_status(&w.hosts[1].key, w.now),
+            Some(PathStatus::Trying {
+                candidates: vec![w.hosts[1].local, public_b],
+                relay: None,
+            }),
+            "nothing confirmed yet, and no relay to the full-cone host"
+        );
+        // The full-cone host sends first: its handshake initiation reaches the public host
+        // (over DERP), which must answer somewhere the full-cone host hears.
+        let first_send = w.now;
+        let mut id = 0;
+        let arrived = w.run_until(
+            first_send + Duration::from_secs(10),
+            20 * MS,
+            |w| {
+                id += 1;
+                w.send(1, 0, id);
+            },
+            |w| w.hosts[0].received > 0,
+        );
+        let responses: Vec<Dest> = w
+            .handshakes
+            .iter()
+            .filter(|h| h.from == 0 && h.kind == 2)
+            .map(|h| h.dst)
+            .collect();
+        for h in &w.handshakes {
+            eprintln!(
+                "+{:?}: host {} sent WireGuard type {} to {:?}",
+                h.at.saturating_duration_since(first_send),
+                h.from,
+                h.kind,
+                h.dst
+            );
+        }
+        eprintln!("first packet after {:?}", arrived.map(|t| t - first_send));
+        assert!(
+            responses.contains(&Dest::Udp(public_b)),
+            "a handshake response must go to the reachable address: {responses:?}"
+        );
+        // boringtun would resend the initiation only after REKEY_TIMEOUT (5 s, on its own
+        // real clock, so never in virtual time): the first packet arrives or never does.
+        let arrived = arrived.expect("first packet arrived") - first_send;
+        assert!(
+            arrived < Duration::from_millis(200),
+            "first packet after {arrived:?}"
+        );
     }
 
     #[test]
