@@ -3,6 +3,7 @@
 //! ```toml
 //! listen = "0.0.0.0:443"          # HTTP(S); plain HTTP unless [tls] is set
 //! stun_listen = "0.0.0.0:3478"    # or stun = false
+//! stun_alt_listen = "0.0.0.0:3479" # optional second STUN port (NAT mapping tests, RFC 5780)
 //! key_path = "/var/lib/warren-derp/derp.key"
 //! mesh_key_path = "/etc/warren-derp/mesh.key"   # optional, 64 hex digits
 //! mesh_with = ["https://derp2.example.net/derp"] # the region's other servers (needs the key)
@@ -43,6 +44,10 @@ pub struct Config {
     pub stun: bool,
     /// The STUN listen address.
     pub stun_listen: SocketAddr,
+    /// A second STUN listen address (another port), answered by the same server: a node that
+    /// asks both sees whether its NAT maps by destination (hard NAT) with this server alone,
+    /// and RFC 5780 change-port requests are answered from it. Needs `stun`.
+    pub stun_alt_listen: Option<SocketAddr>,
     /// The server key file (created with mode 0600 when missing).
     pub key_path: PathBuf,
     /// A file holding the region's mesh key (64 hex digits).
@@ -89,6 +94,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 3340)),
             stun: true,
             stun_listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
+            stun_alt_listen: None,
             key_path: PathBuf::from(DEFAULT_KEY_PATH),
             mesh_key_path: None,
             mesh_with: Vec::new(),
@@ -116,6 +122,13 @@ impl Config {
             return Err(Error::Config {
                 path: path.map(Path::to_owned),
                 reason: "mesh_with needs mesh_key_path (mesh peers prove the shared key)".into(),
+            });
+        }
+        if self.stun_alt_listen.is_some() && !self.stun {
+            return Err(Error::Config {
+                path: path.map(Path::to_owned),
+                reason: "stun_alt_listen needs stun = true (it is a second port of that server)"
+                    .into(),
             });
         }
         Ok(self)
@@ -178,6 +191,22 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(c.mesh_with, vec!["http://derp2:3340/derp".to_owned()]);
+    }
+
+    #[test]
+    fn second_stun_port_is_optional() {
+        assert_eq!(Config::default().stun_alt_listen, None);
+        let c = Config::from_toml("stun_alt_listen = \"0.0.0.0:3479\"").expect("parses");
+        assert_eq!(
+            c.stun_alt_listen,
+            Some(SocketAddr::from(([0, 0, 0, 0], 3479)))
+        );
+        let err = Config::from_toml("stun = false\nstun_alt_listen = \"0.0.0.0:3479\"")
+            .expect_err("alt without stun");
+        assert!(
+            matches!(&err, Error::Config { reason, .. } if reason.contains("stun_alt_listen")),
+            "{err}"
+        );
     }
 
     #[test]

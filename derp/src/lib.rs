@@ -134,6 +134,8 @@ pub struct Running {
     pub http_addr: SocketAddr,
     /// The bound STUN address, when STUN runs.
     pub stun_addr: Option<SocketAddr>,
+    /// The bound second STUN address, when one is configured.
+    pub stun_alt_addr: Option<SocketAddr>,
     /// The relay, for stats.
     pub relay: Relay,
     stop: Option<oneshot::Sender<()>>,
@@ -205,18 +207,21 @@ pub async fn start_with(config: &Config, relay: Relay) -> Result<Running, Error>
         addr: config.listen,
         source,
     })?;
-    let udp = if config.stun {
-        let socket = UdpSocket::bind(config.stun_listen)
+    let bind_udp = |addr: SocketAddr| async move {
+        UdpSocket::bind(addr)
             .await
-            .map_err(|source| Error::Bind {
-                addr: config.stun_listen,
-                source,
-            })?;
-        Some(socket)
-    } else {
-        None
+            .map_err(|source| Error::Bind { addr, source })
+    };
+    let (udp, udp_alt) = match (config.stun, config.stun_alt_listen) {
+        (false, _) => (None, None),
+        (true, None) => (Some(bind_udp(config.stun_listen).await?), None),
+        (true, Some(alt)) => (
+            Some(bind_udp(config.stun_listen).await?),
+            Some(bind_udp(alt).await?),
+        ),
     };
     let stun_addr = udp.as_ref().and_then(|s| s.local_addr().ok());
+    let stun_alt_addr = udp_alt.as_ref().and_then(|s| s.local_addr().ok());
     let (stop, stopped) = oneshot::channel::<()>();
     let (stun_stop, stun_stopped) = oneshot::channel::<()>();
     let mut tasks = Vec::new();
@@ -224,6 +229,7 @@ pub async fn start_with(config: &Config, relay: Relay) -> Result<Running, Error>
         %http_addr,
         tls = tls.is_some(),
         stun = ?stun_addr,
+        stun_alt = ?stun_alt_addr,
         key = %relay.public_key(),
         "DERP relay listening"
     );
@@ -236,7 +242,7 @@ pub async fn start_with(config: &Config, relay: Relay) -> Result<Running, Error>
         let _ = stun_stop.send(());
     }));
     if let Some(socket) = udp {
-        tasks.push(tokio::spawn(stun::serve(socket, async move {
+        tasks.push(tokio::spawn(stun::serve(socket, udp_alt, async move {
             let _ = stun_stopped.await;
         })));
     }
@@ -249,6 +255,7 @@ pub async fn start_with(config: &Config, relay: Relay) -> Result<Running, Error>
     Ok(Running {
         http_addr,
         stun_addr,
+        stun_alt_addr,
         relay,
         stop: Some(stop),
         tasks,

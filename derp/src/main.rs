@@ -22,8 +22,12 @@ struct Args {
     /// STUN listen address (default 0.0.0.0:3478).
     #[arg(long)]
     stun_listen: Option<SocketAddr>,
+    /// A second STUN listen address (another port), so one server lets nodes detect hard NAT
+    /// and answers RFC 5780 change-port requests.
+    #[arg(long)]
+    stun_alt_listen: Option<SocketAddr>,
     /// Do not run the STUN server.
-    #[arg(long, conflicts_with = "stun_listen")]
+    #[arg(long, conflicts_with_all = ["stun_listen", "stun_alt_listen"])]
     no_stun: bool,
     /// TLS certificate chain (PEM); needs --tls-key.
     #[arg(long, requires = "tls_key")]
@@ -43,6 +47,9 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        // Colour only on a terminal: a log file or a pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let mut config = match &args.config {
@@ -54,6 +61,10 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(stun) = args.stun_listen {
         config.stun_listen = stun;
+        config.stun = true;
+    }
+    if let Some(alt) = args.stun_alt_listen {
+        config.stun_alt_listen = Some(alt);
         config.stun = true;
     }
     if args.no_stun {

@@ -1,5 +1,7 @@
 //! The STUN server: answers RFC 5389 Binding requests with the source address as
 //! XOR-MAPPED-ADDRESS (like Tailscale's derper), ignores every other datagram, never panics.
+//! It may listen on a second port too ([`crate::config::Config::stun_alt_listen`]): a node
+//! asking both learns whether its NAT maps by destination, from this one server.
 //!
 //! A server bound to a wildcard address answers each request from the address it arrived at
 //! (IP_PKTINFO through quinn-udp), so on a host with several addresses a client sees its
@@ -14,32 +16,59 @@ use tokio::net::UdpSocket;
 use tracing::{debug, info, trace, warn};
 use warren_proto::stun;
 
-/// Serves STUN on `socket` until `shutdown` resolves.
-pub async fn serve(socket: UdpSocket, shutdown: impl std::future::Future<Output = ()>) {
+/// One socket the server answers on.
+struct Port {
+    socket: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl Port {
+    fn new(socket: UdpSocket) -> std::io::Result<Self> {
+        let state = UdpSocketState::new((&socket).into())?;
+        Ok(Self { socket, state })
+    }
+}
+
+/// Serves STUN on `socket`, and on `alternate` (a second port) when given, until `shutdown`
+/// resolves. Both are answered by this one loop.
+pub async fn serve(
+    socket: UdpSocket,
+    alternate: Option<UdpSocket>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
-    let state = match UdpSocketState::new((&socket).into()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "STUN socket setup failed; not serving STUN");
-            return;
+    let mut ports = Vec::with_capacity(2);
+    for socket in std::iter::once(socket).chain(alternate) {
+        match Port::new(socket) {
+            Ok(p) => ports.push(p),
+            Err(e) => {
+                warn!(error = %e, "STUN socket setup failed; not serving STUN");
+                return;
+            }
         }
-    };
+    }
     // Room for a GRO run (up to 64 KiB), so no datagram of one is cut off.
     let mut buf = vec![0u8; 64 << 10];
     let mut out = Vec::with_capacity(64);
     loop {
-        tokio::select! {
+        let ready = tokio::select! {
             _ = &mut shutdown => break,
-            r = socket.readable() => if let Err(e) = r {
-                // The socket itself failed (not one datagram): waiting again would spin.
-                warn!(error = %e, "STUN socket failed; not serving STUN");
-                break;
-            },
+            r = readable(&ports, 0) => (0, r),
+            r = readable(&ports, 1) => (1, r),
+        };
+        let (at, r) = ready;
+        let Some(port) = ports.get(at) else {
+            continue;
+        };
+        if let Err(e) = r {
+            // The socket itself failed (not one datagram): waiting again would spin.
+            warn!(error = %e, "STUN socket failed; not serving STUN");
+            break;
         }
         let mut meta = [RecvMeta::default()];
-        let received = socket.try_io(Interest::READABLE, || {
+        let received = port.socket.try_io(Interest::READABLE, || {
             let mut bufs = [IoSliceMut::new(&mut buf)];
-            state.recv((&socket).into(), &mut bufs, &mut meta)
+            port.state.recv((&port.socket).into(), &mut bufs, &mut meta)
         });
         match received {
             Ok(_) => {}
@@ -57,20 +86,22 @@ pub async fn serve(socket: UdpSocket, shutdown: impl std::future::Future<Output 
             continue;
         };
         for packet in run.chunks(meta.stride.max(1)) {
-            answer(&socket, &state, &meta, packet, &mut out).await;
+            answer(port, &meta, packet, &mut out).await;
         }
     }
     info!("STUN server stopped");
 }
 
+/// Resolves when port `at` is readable; never when there is no such port.
+async fn readable(ports: &[Port], at: usize) -> std::io::Result<()> {
+    match ports.get(at) {
+        Some(p) => p.socket.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Answers one datagram when it is a Binding request, from the address it was sent to.
-async fn answer(
-    socket: &UdpSocket,
-    state: &UdpSocketState,
-    meta: &RecvMeta,
-    packet: &[u8],
-    out: &mut Vec<u8>,
-) {
+async fn answer(port: &Port, meta: &RecvMeta, packet: &[u8], out: &mut Vec<u8>) {
     let src = meta.addr;
     let txid = match stun::parse_request(packet) {
         Ok(txid) => txid,
@@ -88,9 +119,10 @@ async fn answer(
         segment_size: None,
         src_ip: meta.dst_ip,
     };
-    let sent = socket
+    let sent = port
+        .socket
         .async_io(Interest::WRITABLE, || {
-            state.try_send(socket.into(), &transmit)
+            port.state.try_send((&port.socket).into(), &transmit)
         })
         .await;
     // Per datagram, and requests can be spoofed: no louder than debug.
