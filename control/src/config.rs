@@ -76,12 +76,43 @@ pub struct Config {
 pub struct Connections {
     /// The TCP listen backlog (the kernel caps it at `net.core.somaxconn`).
     pub listen_backlog: u32,
+    /// TCP connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// How long a new connection may take to start its first request ("10s").
+    #[serde(with = "duration_text")]
+    pub handshake_timeout: Duration,
+    /// How long a connection may go without a request in flight ("5m"); a node's map stream
+    /// is always in flight.
+    #[serde(with = "duration_text")]
+    pub idle_timeout: Duration,
+    /// How often the server pings each HTTP/2 connection ("20s").
+    #[serde(with = "duration_text")]
+    pub http2_ping_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed ("20s").
+    #[serde(with = "duration_text")]
+    pub http2_ping_timeout: Duration,
 }
 
 impl Default for Connections {
     fn default() -> Self {
         Self {
             listen_backlog: crate::listen::DEFAULT_BACKLOG,
+            max_connections: crate::listen::DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: crate::listen::DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: crate::listen::DEFAULT_IDLE_TIMEOUT,
+            http2_ping_interval: Duration::from_secs(20),
+            http2_ping_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Connections {
+    /// The limits of the TCP listener.
+    pub fn limits(&self) -> crate::listen::Limits {
+        crate::listen::Limits {
+            max_connections: self.max_connections,
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
         }
     }
 }
@@ -340,11 +371,30 @@ impl Config {
                 reason: "must be octal, like \"0770\"".into(),
             });
         }
-        if self.connections.listen_backlog == 0 {
-            return Err(ConfigError::Invalid {
-                key: "connections.listen_backlog",
-                reason: "must be above zero".into(),
-            });
+        let c = &self.connections;
+        for (key, zero) in [
+            ("connections.listen_backlog", c.listen_backlog == 0),
+            ("connections.max_connections", c.max_connections == 0),
+            (
+                "connections.handshake_timeout",
+                c.handshake_timeout.is_zero(),
+            ),
+            ("connections.idle_timeout", c.idle_timeout.is_zero()),
+            (
+                "connections.http2_ping_interval",
+                c.http2_ping_interval.is_zero(),
+            ),
+            (
+                "connections.http2_ping_timeout",
+                c.http2_ping_timeout.is_zero(),
+            ),
+        ] {
+            if zero {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be above zero".into(),
+                });
+            }
         }
         if self.keepalive_interval.is_zero() {
             return Err(ConfigError::Invalid {

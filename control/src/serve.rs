@@ -18,6 +18,8 @@ use warren_proto::control::control_server::ControlServer;
 use crate::config::Config;
 use crate::core::{Core, Settings};
 use crate::grpc::{AdminService, ControlService, MAX_REQUEST_BYTES, Shared};
+use crate::listen::{AcceptStats, Acceptor, Limits, MAX_ADMIN_CONNECTIONS, TrackLayer};
+use crate::ratelimit::LogLimiter;
 use crate::store::SqliteStore;
 use warren_proto::proof::unix_ms;
 
@@ -283,11 +285,30 @@ pub async fn serve(
     serve_on(config, tcp, shutdown).await
 }
 
+/// What the server's listeners have seen, for tests and diagnostics.
+#[derive(Debug, Clone, Default)]
+pub struct ServeStats {
+    /// The gRPC listener (TCP).
+    pub tcp: Arc<AcceptStats>,
+    /// The local admin socket.
+    pub admin: Arc<AcceptStats>,
+}
+
 /// Serves on an already bound `tcp` listener until `shutdown` completes.
 pub async fn serve_on(
     config: Config,
     tcp: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_with(config, tcp, shutdown, ServeStats::default()).await
+}
+
+/// [`serve_on`], counting what the listeners see into `stats`.
+pub async fn serve_with(
+    config: Config,
+    tcp: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    stats: ServeStats,
 ) -> anyhow::Result<()> {
     let shared = open(&config)?;
     for warning in startup_warnings(&config) {
@@ -316,7 +337,12 @@ pub async fn serve_on(
             return Err(e);
         }
     };
-    tracing::info!(listen = %tcp.local_addr()?, socket = %socket.display(), "warren-control serving");
+    tracing::info!(
+        listen = %tcp.local_addr()?,
+        socket = %socket.display(),
+        max_connections = config.connections.max_connections,
+        "warren-control serving"
+    );
 
     let sweeper = tokio::spawn(sweep_ephemeral(Arc::clone(&shared)));
     let streams = Arc::clone(&shared);
@@ -328,18 +354,32 @@ pub async fn serve_on(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let tcp_server = Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+    // One limiter for every warning a peer can cause, so none of them can fill the log.
+    let logs = Arc::new(LogLimiter::default());
+    let connections = &config.connections;
+    let limits = connections.limits();
+    let admin_limits = Limits {
+        max_connections: MAX_ADMIN_CONNECTIONS,
+        ..limits
+    };
+    // The server pings every connection; one that stops answering is closed.
+    let builder = || {
+        Server::builder()
+            .http2_keepalive_interval(Some(connections.http2_ping_interval))
+            .http2_keepalive_timeout(Some(connections.http2_ping_timeout))
+            .layer(TrackLayer)
+    };
+    let tcp_server = builder()
         .add_service(control)
         .add_service(admin_tcp)
         .serve_with_incoming_shutdown(
-            crate::listen::Acceptor::new(tcp),
+            Acceptor::new(tcp, limits, stats.tcp, Arc::clone(&logs)),
             stopped(shared.stopping.subscribe()),
         );
-    let unix_server = Server::builder()
+    let unix_server = builder()
         .add_service(admin_local)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(unix),
+            Acceptor::new(unix, admin_limits, stats.admin, logs),
             stopped(shared.stopping.subscribe()),
         );
     let result = tokio::try_join!(tcp_server, unix_server);

@@ -2,153 +2,17 @@
 //! bad requests that change nothing, API-key protection of the admin API, and the map stream's
 //! full map, deltas and sequence numbers.
 
+mod common;
+
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use common::{Server, new_auth_key, register_req, server_key, sign};
 use tonic::Code;
 use tonic::transport::Channel;
-use warren_control::config::Config;
+use warren_proto::NodeSecretKey;
 use warren_proto::control::admin_client::AdminClient;
-use warren_proto::control::control_client::ControlClient;
 use warren_proto::control::map_response::Kind;
 use warren_proto::control::*;
-use warren_proto::proof::{make_proof, request_digest};
-use warren_proto::{ControlPublicKey, DiscoSecretKey, NodeSecretKey};
-
-struct Server {
-    _dir: tempfile::TempDir,
-    url: String,
-    socket: std::path::PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Server {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config {
-            unix_socket: dir.path().join("control.sock"),
-            keepalive_interval: Duration::from_millis(300),
-            ..Config::default()
-        };
-        config.noise.private_key_path = dir.path().join("control.key");
-        config.database.sqlite.path = dir.path().join("db.sqlite");
-        // No embedded DERP on the host's fixed ports while tests run in parallel.
-        config.derp.server.enabled = Some(false);
-        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}", tcp.local_addr().expect("addr"));
-        let socket = config.unix_socket.clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(warren_control::serve::serve_on(config, tcp, async move {
-            let _ = stopped.await;
-        }));
-        let server = Self {
-            _dir: dir,
-            url,
-            socket,
-            stop: Some(stop),
-            task,
-        };
-        // Wait until the unix socket exists (the server is then listening on both).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !server.socket.exists() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        server
-    }
-
-    async fn control(&self) -> ControlClient<Channel> {
-        ControlClient::connect(self.url.clone())
-            .await
-            .expect("connect")
-    }
-
-    async fn local_admin(&self) -> AdminClient<Channel> {
-        let channel = warren_control::cli::connect_unix(&self.socket)
-            .await
-            .expect("unix connect");
-        AdminClient::new(channel)
-    }
-
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.await.expect("join").expect("server ran cleanly");
-    }
-}
-
-async fn server_key(c: &mut ControlClient<Channel>) -> ControlPublicKey {
-    let r = c
-        .get_server_key(GetServerKeyRequest {})
-        .await
-        .expect("key")
-        .into_inner();
-    ControlPublicKey::from_slice(&r.server_key).expect("32 bytes")
-}
-
-async fn new_auth_key(admin: &mut AdminClient<Channel>) -> String {
-    let _ = admin
-        .create_user(CreateUserRequest {
-            name: "alice".into(),
-        })
-        .await;
-    let r = admin
-        .create_pre_auth_key(CreatePreAuthKeyRequest {
-            user: "alice".into(),
-            reusable: true,
-            ..Default::default()
-        })
-        .await
-        .expect("key");
-    r.into_inner().secret
-}
-
-/// A fresh nonce for every proof (the server refuses a nonce it has seen).
-fn nonce() -> [u8; 24] {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut b = [0u8; 24];
-    b[..8].copy_from_slice(&n.to_be_bytes());
-    b
-}
-
-/// A proof for `method` over `req` (which must not carry a proof yet).
-fn sign(
-    node: &NodeSecretKey,
-    server: &ControlPublicKey,
-    method: &str,
-    req: &impl prost::Message,
-) -> NodeProof {
-    make_proof(
-        node,
-        server,
-        method,
-        warren_proto::proof::unix_ms(),
-        nonce(),
-        &request_digest(req),
-    )
-}
-
-fn register_req(
-    node: &NodeSecretKey,
-    server: &ControlPublicKey,
-    auth_key: &str,
-    host: &str,
-) -> RegisterNodeRequest {
-    let mut req = RegisterNodeRequest {
-        proof: None,
-        auth_key: auth_key.into(),
-        disco_key: DiscoSecretKey::generate().public_key().to_vec(),
-        hostname: host.into(),
-    };
-    req.proof = Some(sign(node, server, "RegisterNode", &req));
-    req
-}
 
 #[tokio::test]
 async fn proofs_are_required_and_bad_requests_change_nothing() {
