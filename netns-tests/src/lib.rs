@@ -26,7 +26,9 @@ pub mod wait;
 
 pub use binaries::{Binaries, binaries, binaries_with_labtool, require_root};
 pub use lab::{Lab, Lan, serial};
-pub use mesh::{Control, ControlConfig, Mesh, Node, NodeInfo, NodeStatus, PeerStatus, PreAuthKey};
+pub use mesh::{
+    Control, ControlConfig, Mesh, Node, NodeInfo, NodeOptions, NodeStatus, PeerStatus, PreAuthKey,
+};
 pub use nat::{Host, NatKind, NatLab, Site};
 pub use natmesh::NatMesh;
 pub use process::ProcHandle;

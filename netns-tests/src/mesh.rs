@@ -491,6 +491,24 @@ impl Control {
     }
 }
 
+/// How [`Node::spawn_with`] starts `warren up`.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The TUN device name (`--tun`).
+    pub tun: String,
+    /// Start the daemon with this umask (via `sh`), to show its files do not depend on it.
+    pub umask: Option<u32>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            tun: "warren0".to_owned(),
+            umask: None,
+        }
+    }
+}
+
 /// A `warren up` process in its own namespace.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -518,14 +536,46 @@ impl Node {
         control_url: &str,
         auth_key: &str,
     ) -> Result<Self> {
+        let opts = NodeOptions::default();
+        Self::spawn_with(
+            lab,
+            bins,
+            ns,
+            lan_addr,
+            hostname,
+            control_url,
+            auth_key,
+            &opts,
+        )
+    }
+
+    /// [`Node::spawn`] with explicit [`NodeOptions`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_with(
+        lab: &mut Lab,
+        bins: &Binaries,
+        ns: &str,
+        lan_addr: Ipv4Addr,
+        hostname: &str,
+        control_url: &str,
+        auth_key: &str,
+        opts: &NodeOptions,
+    ) -> Result<Self> {
         let state_dir = lab.dir().join("nodes").join(hostname);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("create {}", state_dir.display()))?;
         let state = state_dir.to_string_lossy().into_owned();
-        let proc = lab.spawn(
-            ns,
-            &format!("warren {hostname}"),
-            &bins.warren,
+        let warren = bins.warren.to_string_lossy().into_owned();
+        let mut args: Vec<String> = Vec::new();
+        if let Some(umask) = opts.umask {
+            // `sh -c 'umask U; exec "$0" "$@"' warren up ...`: the daemon starts with that umask.
+            args.extend([
+                "-c".into(),
+                format!("umask {umask:03o}; exec \"$0\" \"$@\""),
+            ]);
+            args.push(warren.clone());
+        }
+        args.extend(
             [
                 "up",
                 "--control",
@@ -537,9 +587,16 @@ impl Node {
                 "--state-dir",
                 &state,
                 "--tun",
-                "warren0",
-            ],
-        )?;
+                &opts.tun,
+            ]
+            .map(str::to_owned),
+        );
+        let program = if opts.umask.is_some() {
+            "sh".to_owned()
+        } else {
+            warren
+        };
+        let proc = lab.spawn(ns, &format!("warren {hostname}"), program, args)?;
         Ok(Self {
             hostname: hostname.to_owned(),
             ns: ns.to_owned(),
@@ -709,15 +766,29 @@ impl Mesh {
     /// to [`Mesh::nodes`].
     pub fn spawn_node_with_key(&mut self, lab: &mut Lab, auth_key: &str) -> Result<Node> {
         let (ns, addr) = self.add_host(lab)?;
+        self.spawn_node_on(lab, &ns, addr, auth_key, &NodeOptions::default())
+    }
+
+    /// Starts a node on a host made with [`Mesh::add_host`] (named after the newest host),
+    /// without waiting; it is not added to [`Mesh::nodes`].
+    pub fn spawn_node_on(
+        &mut self,
+        lab: &mut Lab,
+        ns: &str,
+        addr: Ipv4Addr,
+        auth_key: &str,
+        opts: &NodeOptions,
+    ) -> Result<Node> {
         let hostname = format!("node{}", self.hosts);
-        Node::spawn(
+        Node::spawn_with(
             lab,
             &self.bins,
-            &ns,
+            ns,
             addr,
             &hostname,
             &self.control.url,
             auth_key,
+            opts,
         )
     }
 

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use warren_netns_tests::mesh::Control;
 use warren_netns_tests::{
-    Binaries, ControlConfig, Lab, Mesh, Node, NodeInfo, TransferReport, binaries_with_labtool,
-    require_root, serial, wait_until,
+    Binaries, ControlConfig, Lab, Mesh, Node, NodeInfo, NodeOptions, TransferReport,
+    binaries_with_labtool, require_root, serial, wait_until,
 };
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_warren-labtool");
@@ -450,6 +450,138 @@ fn ephemeral_node_is_removed_after_it_leaves() {
         );
         regular.check_running()?;
         regular.wait_peers(lab, 0, SOON)?;
+        Ok(())
+    });
+}
+
+/// Local resources come before registration: a TUN device that cannot be created fails
+/// `warren up` before it spends a single-use key or leaves a node on control.
+#[test]
+fn bad_tun_name_spends_no_key() {
+    lab_test("bad-tun", |lab, bins| {
+        let mut mesh = Mesh::start(lab, bins, 0)?;
+        let user = mesh.user.clone();
+        let single = mesh.control.create_preauth_key(lab, &user, &[])?;
+        let (ns, addr) = mesh.add_host(lab)?;
+        let opts = NodeOptions {
+            tun: "bad/name".to_owned(),
+            ..NodeOptions::default()
+        };
+        let bad = mesh.spawn_node_on(lab, &ns, addr, &single.secret, &opts)?;
+        let Some(status) = bad.proc().wait_exit(SOON) else {
+            bail!("`warren up --tun bad/name` is still running after {SOON:?}");
+        };
+        let stderr = bad.proc().stderr();
+        ensure!(
+            !status.success() && stderr.contains("creating TUN device bad/name"),
+            "`warren up --tun bad/name` exited with {status}:\n{stderr}"
+        );
+        let nodes = mesh.control.nodes(lab)?;
+        ensure!(nodes.is_empty(), "control lists a ghost node: {nodes:?}");
+        ensure!(
+            !bad.state_dir.join("warren.sock").exists(),
+            "the failed daemon left its socket behind"
+        );
+        // The key is still good for a node that can come up.
+        let good = mesh.spawn_node_on(lab, &ns, addr, &single.secret, &NodeOptions::default())?;
+        wait_ipv4(lab, &good)?;
+        Ok(())
+    });
+}
+
+/// A host with IPv6 disabled runs the node IPv4-only, with a warning, instead of failing on
+/// the fd7a: address.
+#[test]
+fn node_without_ipv6_runs_ipv4_only() {
+    lab_test("no-ipv6", |lab, bins| {
+        let mut mesh = Mesh::start(lab, bins, 1)?;
+        let (ns, addr) = mesh.add_host(lab)?;
+        for key in ["all", "default"] {
+            lab.run_ok(
+                &ns,
+                "sysctl",
+                ["-q", "-w", &format!("net.ipv6.conf.{key}.disable_ipv6=1")],
+            )?;
+        }
+        let key = mesh.key.secret.clone();
+        let v4only = mesh.spawn_node_on(lab, &ns, addr, &key, &NodeOptions::default())?;
+        let a = wait_ipv4(lab, &v4only)?;
+        let other = mesh.nodes[0].clone();
+        let b = other.ipv4(lab)?;
+        wait_ping(lab, &v4only, b)?;
+        wait_ping(lab, &other, a)?;
+        let stderr = v4only.proc().stderr();
+        ensure!(
+            stderr.contains("running IPv4-only"),
+            "no IPv4-only warning in:\n{stderr}"
+        );
+        Ok(())
+    });
+}
+
+/// The local API is the daemon's user's (and root's) alone, whatever the umask it started with
+/// and whatever mode its state directory had: another user cannot stop the node.
+#[test]
+fn local_api_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    lab_test("private-api", |lab, bins| {
+        let mut mesh = Mesh::start(lab, bins, 0)?;
+        // Let other users walk to the state directory, so only its own mode and the socket's
+        // keep them out (the lab's directory is private otherwise).
+        let nodes_dir = lab.dir().join("nodes");
+        std::fs::create_dir_all(&nodes_dir)?;
+        for dir in [lab.dir().to_path_buf(), nodes_dir] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+        }
+        let (ns, addr) = mesh.add_host(lab)?;
+        let opts = NodeOptions {
+            umask: Some(0),
+            ..NodeOptions::default()
+        };
+        let key = mesh.key.secret.clone();
+        // The state directory exists beforehand, open to everyone for reading.
+        let state = lab.dir().join("nodes").join(format!("node{}", 1));
+        std::fs::create_dir_all(&state)?;
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755))?;
+        let node = mesh.spawn_node_on(lab, &ns, addr, &key, &opts)?;
+        ensure!(node.state_dir == state, "state dir {:?}", node.state_dir);
+        wait_ipv4(lab, &node)?;
+
+        let mode = |p: &std::path::Path| -> Result<u32> {
+            Ok(std::fs::metadata(p)?.permissions().mode() & 0o777)
+        };
+        let socket = state.join("warren.sock");
+        ensure!(mode(&state)? == 0o700, "state dir mode {:o}", mode(&state)?);
+        ensure!(mode(&socket)? == 0o600, "socket mode {:o}", mode(&socket)?);
+        for key in ["node.key", "disco.key"] {
+            let m = mode(&state.join(key))?;
+            ensure!(m == 0o600, "{key} mode {m:o}");
+        }
+
+        // `nobody` cannot stop it.
+        let state_arg = state.to_string_lossy().into_owned();
+        let warren = bins.warren.to_string_lossy().into_owned();
+        let out = lab.run(
+            &ns,
+            "setpriv",
+            [
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                warren.as_str(),
+                "down",
+                "--state-dir",
+                state_arg.as_str(),
+            ],
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains("Permission denied"),
+            "`warren down` as nobody: {}\n{stderr}",
+            out.status
+        );
+        node.check_running()?;
+        node.status(lab)?;
         Ok(())
     });
 }

@@ -1,7 +1,8 @@
 //! The local API: `warren status`, `warren ip` and `warren down` talk to the running daemon over
 //! a unix socket in its state directory, one JSON request and one JSON answer per connection.
 
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -140,6 +141,63 @@ pub enum ApiResponse {
     },
 }
 
+/// The local API socket file; removed when this is dropped (also when `warren up` fails before
+/// it runs), so a dead daemon leaves no socket behind.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds the local API socket at `path` with mode 0600, whatever the umask: only the daemon's
+/// own user (and root) may talk to it. A stale socket file from a dead daemon is replaced.
+pub fn bind(path: &Path) -> anyhow::Result<(tokio::net::UnixListener, SocketFile)> {
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    let file = SocketFile(path.to_owned());
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok((listener, file))
+}
+
+/// Why a local API connection is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiRefused {
+    /// The peer runs as another user (the socket's mode should have kept it out already).
+    #[error(
+        "permission denied: uid {peer} may not use this node's API (only root and uid {owner})"
+    )]
+    OtherUser {
+        /// The caller's uid.
+        peer: u32,
+        /// The daemon's uid.
+        owner: u32,
+    },
+    /// The kernel did not say who the peer is.
+    #[error("permission denied: the caller's credentials are unknown")]
+    NoCredentials,
+}
+
+/// Checks the caller's credentials (SO_PEERCRED): root and the daemon's own user (`owner`) may
+/// use the API, nobody else.
+pub fn authorize(stream: &tokio::net::UnixStream, owner: u32) -> Result<(), ApiRefused> {
+    let cred = stream.peer_cred().map_err(|_| ApiRefused::NoCredentials)?;
+    authorize_uid(cred.uid(), owner)
+}
+
+/// [`authorize`] for a known caller uid.
+pub fn authorize_uid(peer: u32, owner: u32) -> Result<(), ApiRefused> {
+    if peer == 0 || peer == owner {
+        Ok(())
+    } else {
+        Err(ApiRefused::OtherUser { peer, owner })
+    }
+}
+
 /// Reads one request line from a connection.
 pub async fn read_request(stream: &mut tokio::net::UnixStream) -> anyhow::Result<ApiRequest> {
     let mut line = String::new();
@@ -196,5 +254,66 @@ mod netcheck_answer_tests {
             ApiResponse::Netcheck(r) => assert_eq!(r.latency_us.get("999"), Some(&1234)),
             other => panic!("unexpected {other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn socket_is_private_whatever_the_umask_and_removed_on_drop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("warren.sock");
+        // A stale file where the socket goes is replaced.
+        std::fs::write(&path, b"stale").expect("write");
+        let (listener, file) = bind(&path).expect("bind");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // The caller's credentials are read from the kernel: here, our own uid.
+        let client = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let me = rustix::process::geteuid().as_raw();
+        assert_eq!(authorize(&server, me), Ok(()));
+        let peer = client.peer_cred().expect("cred").uid();
+        assert_eq!(peer, me);
+        // Another owner: only root passes.
+        let other = me.wrapping_add(4242);
+        assert_eq!(
+            authorize(&server, other),
+            if me == 0 {
+                Ok(())
+            } else {
+                Err(ApiRefused::OtherUser {
+                    peer: me,
+                    owner: other,
+                })
+            }
+        );
+        drop(file);
+        assert!(!path.exists(), "socket file left behind");
+    }
+
+    #[test]
+    fn only_root_and_the_owner_may_call() {
+        assert_eq!(authorize_uid(0, 1000), Ok(()));
+        assert_eq!(authorize_uid(1000, 1000), Ok(()));
+        assert_eq!(
+            authorize_uid(65534, 1000),
+            Err(ApiRefused::OtherUser {
+                peer: 65534,
+                owner: 1000
+            })
+        );
+        assert_eq!(
+            authorize_uid(65534, 0),
+            Err(ApiRefused::OtherUser {
+                peer: 65534,
+                owner: 0
+            })
+        );
     }
 }

@@ -68,6 +68,21 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     }
     let keys = opts.state.load_or_create_keys()?;
     tracing::info!(node_key = %keys.node.public_key(), "starting");
+
+    // Local resources first: a bad TUN name, a taken port or socket fails here, before a
+    // single-use key is spent on a node that would never come up.
+    let tun = tun_rs::DeviceBuilder::new()
+        .name(&opts.tun)
+        .mtu(TUN_MTU)
+        .enable(false)
+        .build_async()
+        .with_context(|| format!("creating TUN device {}", opts.tun))?;
+    let udp = BatchSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, opts.port)))
+        .with_context(|| format!("binding UDP port {}", opts.port))?;
+    let port = udp.local_addr()?.port();
+    let socket_path = opts.state.socket();
+    let (listener, socket_file) = api::bind(&socket_path)?;
+
     let mut client = Client::connect(&opts.control, keys.node.clone()).await?;
     let me = client
         .register(&opts.auth_key, keys.disco.public_key(), &opts.hostname)
@@ -77,23 +92,8 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         })?;
     let (v4, v6) = addresses(&me.addresses)?;
     tracing::info!(name = %me.given_name, %v4, %v6, "registered");
-
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&opts.tun)
-        .ipv4(v4, 10, None)
-        .ipv6(v6, 48)
-        .mtu(TUN_MTU)
-        .build_async()
-        .with_context(|| format!("creating TUN device {}", opts.tun))?;
-    let udp = BatchSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, opts.port)))
-        .with_context(|| format!("binding UDP port {}", opts.port))?;
-    let port = udp.local_addr()?.port();
+    configure_tun(&tun, v4, v6).with_context(|| format!("configuring TUN device {}", opts.tun))?;
     tracing::info!(tun = %opts.tun, port, "data plane up");
-
-    let socket_path = opts.state.socket();
-    let _ = std::fs::remove_file(&socket_path);
-    let listener = UnixListener::bind(&socket_path)
-        .with_context(|| format!("binding {}", socket_path.display()))?;
 
     let (map_tx, map_rx) = mpsc::channel(1024);
     let lan = endpoints::local(port);
@@ -143,7 +143,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     daemon.derp.close();
     follower.abort();
     api_task.abort();
-    let _ = std::fs::remove_file(&socket_path);
+    drop(socket_file);
     drop(daemon);
     tracing::info!("stopped");
     // `warren down` hears back only now, when the node is down, and the answer is written
@@ -153,6 +153,31 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         let _ = reply.send(ApiResponse::Stopping);
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), alive_rx.recv()).await;
+    Ok(())
+}
+
+/// The mesh prefix lengths on the TUN device: all of 100.64.0.0/10 and fd7a:115c:a1e0::/48
+/// route into the mesh.
+const MESH_PREFIX_V4: u8 = 10;
+const MESH_PREFIX_V6: u8 = 48;
+
+/// Gives the TUN device its mesh addresses and brings it up. Without IPv6 on the host (the
+/// kernel refuses the address, e.g. `disable_ipv6`), the node runs IPv4-only with a warning.
+fn configure_tun(
+    tun: &tun_rs::AsyncDevice,
+    v4: Ipv4Addr,
+    v6: std::net::Ipv6Addr,
+) -> anyhow::Result<()> {
+    tun.set_network_address(v4, MESH_PREFIX_V4, None)
+        .with_context(|| format!("setting {v4}/{MESH_PREFIX_V4}"))?;
+    if let Err(e) = tun.add_address_v6(v6, MESH_PREFIX_V6) {
+        tracing::warn!(
+            error = %e,
+            address = %v6,
+            "cannot set the IPv6 mesh address (IPv6 disabled on this host?): running IPv4-only"
+        );
+    }
+    tun.enabled(true).context("bringing the device up")?;
     Ok(())
 }
 
@@ -177,11 +202,20 @@ fn addresses(list: &[String]) -> anyhow::Result<(Ipv4Addr, std::net::Ipv6Addr)> 
 type ApiCall = (ApiRequest, oneshot::Sender<ApiResponse>);
 
 async fn serve_api(listener: UnixListener, tx: mpsc::Sender<ApiCall>, alive: mpsc::Sender<()>) {
+    let me = rustix::process::geteuid().as_raw();
     while let Ok((mut stream, _)) = listener.accept().await {
         let tx = tx.clone();
         let alive = alive.clone();
         tokio::spawn(async move {
             let _alive = alive;
+            if let Err(refused) = api::authorize(&stream, me) {
+                tracing::warn!(%refused, "local API call refused");
+                let resp = ApiResponse::Error {
+                    message: refused.to_string(),
+                };
+                let _ = api::write_response(&mut stream, &resp).await;
+                return;
+            }
             let resp = match api::read_request(&mut stream).await {
                 Ok(req) => {
                     let (rtx, rrx) = oneshot::channel();
