@@ -551,7 +551,7 @@ impl Node {
             if let Some(old) = peer.config.disco {
                 self.by_disco.remove(&old);
             }
-            peer.paths.set_reported(&config.endpoints);
+            peer.paths.set_reported(&config.endpoints, self.now);
             if peer.config.home_region != config.home_region {
                 // A relay path appeared or moved: CallMeMaybe can go out now.
                 peer.paths.rediscover();
@@ -563,7 +563,7 @@ impl Node {
             self.by_index.insert(index, config.key);
             tracing::debug!(peer = %config.key.short(), name = %config.name, "peer added");
             let mut paths = Paths::default();
-            paths.set_reported(&config.endpoints);
+            paths.set_reported(&config.endpoints, self.now);
             self.peers.insert(
                 config.key,
                 Peer {
@@ -594,7 +594,7 @@ impl Node {
     /// Replaces a peer's reported endpoints.
     pub fn set_endpoints(&mut self, key: &NodePublicKey, endpoints: Vec<SocketAddr>) {
         if let Some(peer) = self.peers.get_mut(key) {
-            peer.paths.set_reported(&endpoints);
+            peer.paths.set_reported(&endpoints, self.now);
             peer.config.endpoints = endpoints;
         }
     }
@@ -786,7 +786,7 @@ impl Node {
             })?;
         if let Some(a) = from {
             // WireGuard authenticated it: the peer is at `a` (answers go there first).
-            peer.paths.note_wg_from(a);
+            peer.paths.note_wg_from(a, now);
         }
         for d in &replies {
             route_datagram(peer, d, now, transmits);

@@ -33,8 +33,14 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
 /// While relaying, keep sending directly too for this long after the direct path's last pong.
 pub const DIRECT_GRACE: Duration = Duration::from_secs(13);
-/// Most candidates kept per peer (reported plus learned).
+/// Most candidates kept per peer (reported plus learned). When full, a new one replaces the
+/// learned candidate heard from least recently (never a reported one or the best path).
 pub const MAX_CANDIDATES: usize = 32;
+/// A learned candidate (from a ping, a CallMeMaybe or WireGuard) not heard from for this
+/// long is forgotten, so a long-lived peer keeps learning new NAT mappings (Tailscale drops
+/// ping-learned endpoints after its 45 s session timeout too). Reported ones stay while
+/// control reports them; the best path stays as long as it is the best.
+pub const LEARNED_EXPIRY: Duration = Duration::from_secs(45);
 
 /// How a candidate address became known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +56,8 @@ pub enum Origin {
 #[derive(Debug, Clone)]
 struct Candidate {
     origin: Origin,
+    /// When it was last added, re-announced, or sent us a ping or a pong.
+    heard: Instant,
     last_ping: Option<Instant>,
     last_pong: Option<Instant>,
     rtt: Option<Duration>,
@@ -151,14 +159,32 @@ impl Paths {
         self.candidates.keys().copied()
     }
 
-    fn add(&mut self, addr: SocketAddr, origin: Origin) -> bool {
-        if self.candidates.contains_key(&addr) || self.candidates.len() >= MAX_CANDIDATES {
+    /// Learns `addr` (or notes that it was heard from again). Returns whether it is new.
+    fn add(&mut self, addr: SocketAddr, origin: Origin, now: Instant) -> bool {
+        if let Some(c) = self.candidates.get_mut(&addr) {
+            c.heard = c.heard.max(now);
             return false;
+        }
+        self.expire(now);
+        if self.candidates.len() >= MAX_CANDIDATES {
+            let best = self.best.map(|b| b.addr);
+            let victim = self
+                .candidates
+                .iter()
+                .filter(|(a, c)| c.origin != Origin::Reported && Some(**a) != best)
+                .min_by_key(|(_, c)| c.heard)
+                .map(|(a, _)| *a);
+            let Some(victim) = victim else {
+                return false;
+            };
+            self.candidates.remove(&victim);
+            tracing::debug!(%victim, new = %addr, "disco: candidate replaced");
         }
         self.candidates.insert(
             addr,
             Candidate {
                 origin,
+                heard: now,
                 last_ping: None,
                 last_pong: None,
                 rtt: None,
@@ -167,8 +193,16 @@ impl Paths {
         true
     }
 
+    /// Forgets learned candidates not heard from for [`LEARNED_EXPIRY`], except the best path.
+    fn expire(&mut self, now: Instant) {
+        let best = self.best.map(|b| b.addr);
+        self.candidates.retain(|a, c| {
+            c.origin == Origin::Reported || Some(*a) == best || now < c.heard + LEARNED_EXPIRY
+        });
+    }
+
     /// Replaces the reported candidates; learned ones stay.
-    pub fn set_reported(&mut self, endpoints: &[SocketAddr]) {
+    pub fn set_reported(&mut self, endpoints: &[SocketAddr], now: Instant) {
         self.candidates
             .retain(|a, c| c.origin != Origin::Reported || endpoints.contains(a));
         let mut added = false;
@@ -176,7 +210,7 @@ impl Paths {
             if let Some(c) = self.candidates.get_mut(e) {
                 c.origin = Origin::Reported;
             } else {
-                added |= self.add(*e, Origin::Reported);
+                added |= self.add(*e, Origin::Reported, now);
             }
         }
         if added {
@@ -243,10 +277,10 @@ impl Paths {
 
     /// A WireGuard datagram from the peer came from `from` and was authenticated: until a
     /// path is confirmed, [`Self::route`] sends there first (as WireGuard's own roaming does).
-    pub fn note_wg_from(&mut self, from: SocketAddr) {
+    pub fn note_wg_from(&mut self, from: SocketAddr, now: Instant) {
         if self.wg_from != Some(from) {
             self.wg_from = Some(from);
-            self.add(from, Origin::Reflexive);
+            self.add(from, Origin::Reflexive, now);
         }
     }
 
@@ -292,6 +326,7 @@ impl Paths {
     /// Starts a discovery round: one ping to every candidate.
     pub fn discover(&mut self, now: Instant, mut tx_id: impl FnMut() -> TxId) -> Vec<PingOut> {
         self.last_discovery = Some(now);
+        self.expire(now);
         let addrs: Vec<SocketAddr> = self.candidates.keys().copied().collect();
         addrs
             .into_iter()
@@ -303,6 +338,7 @@ impl Paths {
     /// while the best is slower than [`GOOD_ENOUGH`].
     pub fn due_pings(&mut self, now: Instant, mut tx_id: impl FnMut() -> TxId) -> Vec<PingOut> {
         self.pending.retain(|_, p| now < p.sent + PING_TIMEOUT);
+        self.expire(now);
         let mut out = Vec::new();
         if !self.active(now) {
             return out;
@@ -361,6 +397,7 @@ impl Paths {
         self.pending.remove(&tx_id);
         if let Some(c) = self.candidates.get_mut(&from) {
             c.last_pong = Some(now);
+            c.heard = c.heard.max(now);
             c.rtt = Some(rtt);
         } else {
             return None;
@@ -412,7 +449,7 @@ impl Paths {
         now: Instant,
         tx_id: impl FnOnce() -> TxId,
     ) -> Option<PingOut> {
-        self.add(from, Origin::Reflexive);
+        self.add(from, Origin::Reflexive, now);
         let c = self.candidates.get(&from)?;
         let confirmed = c.last_pong.is_some_and(|t| now < t + TRUST);
         if confirmed {
@@ -433,7 +470,7 @@ impl Paths {
         mut tx_id: impl FnMut() -> TxId,
     ) -> Vec<PingOut> {
         for e in endpoints {
-            self.add(*e, Origin::CallMeMaybe);
+            self.add(*e, Origin::CallMeMaybe, now);
         }
         let targets: Vec<SocketAddr> = endpoints
             .iter()
@@ -469,7 +506,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let a = addr("198.51.100.1:41641");
-        p.set_reported(&[a]);
+        p.set_reported(&[a], t0);
         assert_eq!(p.route(t0, true), Route::Relay { also_direct: None });
         assert!(p.wants_discovery(t0));
         let pings = p.discover(t0, ids());
@@ -504,7 +541,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let a = addr("198.51.100.1:1");
-        p.set_reported(&[a]);
+        p.set_reported(&[a], t0);
         let pings = p.discover(t0, ids());
         assert!(
             p.handle_pong(pings[0].tx_id, addr("203.0.113.9:1"), t0)
@@ -519,7 +556,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let a = addr("198.51.100.1:1");
-        p.set_reported(&[a]);
+        p.set_reported(&[a], t0);
         let mut next_id = ids();
         p.note_sent(t0);
         let ping = p.discover(t0, &mut next_id)[0];
@@ -551,7 +588,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let (a, b) = (addr("198.51.100.1:1"), addr("198.51.100.2:1"));
-        p.set_reported(&[a, b]);
+        p.set_reported(&[a, b], t0);
         let pings = p.discover(t0, ids());
         let ms = Duration::from_millis;
         assert!(
@@ -606,12 +643,92 @@ mod tests {
         assert_eq!(p.handle_call_me_maybe(&c, t0, ids()).len(), 2);
         assert_eq!(p.candidates().count(), 3);
         // Reported endpoints replace only reported ones.
-        p.set_reported(&[]);
+        p.set_reported(&[], t0);
         assert_eq!(p.candidates().count(), 3);
-        for i in 0..100u16 {
-            p.handle_call_me_maybe(&[SocketAddr::from(([198, 18, 0, 1], i + 1))], t0, ids());
+    }
+
+    #[test]
+    fn a_new_mapping_is_learned_after_32_others() {
+        // A long-lived peer whose NAT keeps giving it new mappings, each of which pings us.
+        let t0 = Instant::now();
+        let secs = |n: u16| t0 + Duration::from_secs(u64::from(n));
+        let mapping = |n: u16| SocketAddr::from(([203, 0, 113, 5], 1000 + n));
+        let mut p = Paths::default();
+        let reported = addr("198.51.100.9:41641");
+        p.set_reported(&[reported], t0);
+        let mut next_id = ids();
+        let back = p
+            .handle_ping_from(mapping(0), t0, &mut next_id)
+            .expect("ping back");
+        p.handle_pong(back.tx_id, mapping(0), t0).expect("pong");
+        assert_eq!(p.best().map(|b| b.0), Some(mapping(0)));
+        // 40 more, one a second: well within LEARNED_EXPIRY, so the cap has to make room.
+        for n in 1..=40 {
+            let back = p
+                .handle_ping_from(mapping(n), secs(n), &mut next_id)
+                .unwrap_or_else(|| panic!("mapping {n} is pinged back"));
+            assert_eq!(back.to, mapping(n));
+            assert!(
+                p.candidates().any(|a| a == mapping(n)),
+                "mapping {n} learned"
+            );
+            assert!(p.candidates().count() <= MAX_CANDIDATES, "bounded");
         }
-        assert_eq!(p.candidates().count(), MAX_CANDIDATES, "bounded");
+        assert_eq!(p.candidates().count(), MAX_CANDIDATES);
+        // The least recently heard learned ones made room; the reported endpoint and the
+        // best path (the oldest of all) did not.
+        assert!(p.candidates().any(|a| a == reported));
+        assert!(p.candidates().any(|a| a == mapping(0)));
+        assert!(!p.candidates().any(|a| a == mapping(10)));
+        assert!(p.candidates().any(|a| a == mapping(11)));
+        // The newest mapping's pong is counted: it becomes the path.
+        let t = secs(41);
+        let ping = p.track_ping(mapping(40), t, [200; 12]);
+        let r = p.handle_pong(ping.tx_id, mapping(40), t).expect("pong");
+        assert!(r.new_best);
+        assert_eq!(p.route(t, true), Route::Direct(mapping(40)));
+    }
+
+    #[test]
+    fn learned_candidates_expire_unless_heard_from_or_best() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut p = Paths::default();
+        let reported = addr("198.51.100.9:41641");
+        let (heard, best) = (addr("203.0.113.5:1"), addr("203.0.113.5:2"));
+        let told = addr("203.0.113.6:1");
+        p.set_reported(&[reported], t0);
+        let mut next_id = ids();
+        let _ = p.handle_ping_from(heard, t0, &mut next_id);
+        let _ = p.handle_call_me_maybe(&[told], t0, &mut next_id);
+        let back = p.handle_ping_from(best, t0, &mut next_id).expect("ping");
+        p.handle_pong(back.tx_id, best, t0).expect("pong");
+        // `heard` pings again later; `told` is never heard from again.
+        let _ = p.handle_ping_from(heard, at(30), &mut next_id);
+        let targets = |p: &mut Paths, t| -> Vec<SocketAddr> {
+            let mut to: Vec<_> = p.discover(t, ids()).into_iter().map(|x| x.to).collect();
+            to.sort();
+            to
+        };
+        let mut expect = vec![reported, heard, best];
+        expect.sort();
+        assert_eq!(targets(&mut p, at(46)), expect, "`told` expired");
+        let mut expect = vec![reported, best];
+        expect.sort();
+        assert_eq!(
+            targets(&mut p, at(80)),
+            expect,
+            "`heard` expired; the best path and the reported endpoint stay"
+        );
+        // A full set of reported endpoints is never evicted for a learned one.
+        let many: Vec<SocketAddr> = (0..40u16)
+            .map(|n| SocketAddr::from(([198, 51, 100, 10], n + 1)))
+            .collect();
+        let mut p = Paths::default();
+        p.set_reported(&many, t0);
+        assert_eq!(p.candidates().count(), MAX_CANDIDATES);
+        assert!(p.handle_ping_from(told, t0, ids()).is_none());
+        assert!(p.candidates().all(|a| many.contains(&a)));
     }
 
     #[test]
@@ -621,7 +738,7 @@ mod tests {
         let ms = Duration::from_millis;
         let mut p = Paths::default();
         let a = addr("198.51.100.2:41641");
-        p.set_reported(&[a]);
+        p.set_reported(&[a], t0);
         let first = p.discover(t0, ids());
         assert_eq!(first.len(), 1);
         let back = p
@@ -646,8 +763,8 @@ mod tests {
         let t0 = Instant::now();
         let (a_addr, b_addr) = (addr("198.51.100.1:1"), addr("198.51.100.2:1"));
         let (mut a, mut b) = (Paths::default(), Paths::default());
-        a.set_reported(&[b_addr]);
-        b.set_reported(&[a_addr]);
+        a.set_reported(&[b_addr], t0);
+        b.set_reported(&[a_addr], t0);
         let mut next_id = ids();
         // (sent by a, tx_id, is a pong), in flight in order.
         let mut wire: Vec<(bool, TxId, bool)> = a
@@ -681,16 +798,16 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let (a, b) = (addr("10.0.0.1:1"), addr("10.0.0.2:1"));
-        p.set_reported(&[a, b]);
+        p.set_reported(&[a, b], t0);
         assert_eq!(p.route(t0, false), Route::Spray(vec![a, b]));
-        p.note_wg_from(b);
+        p.note_wg_from(b, t0);
         assert_eq!(
             p.route(t0, false),
             Route::Spray(vec![b, a]),
             "where WireGuard heard the peer goes first"
         );
         let c = addr("198.51.100.7:9");
-        p.note_wg_from(c);
+        p.note_wg_from(c, t0);
         assert_eq!(p.route(t0, false), Route::Spray(vec![c, a, b]), "learned");
     }
 
@@ -699,12 +816,12 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Paths::default();
         let a = addr("198.51.100.1:41641");
-        p.set_reported(&[a]);
+        p.set_reported(&[a], t0);
         let _ = p.discover(t0, ids());
         let t1 = t0 + Duration::from_secs(1);
-        p.set_reported(&[a]);
+        p.set_reported(&[a], t0);
         assert!(!p.wants_discovery(t1), "same endpoints: still rate limited");
-        p.set_reported(&[a, addr("198.51.100.2:41641")]);
+        p.set_reported(&[a, addr("198.51.100.2:41641")], t0);
         assert!(p.wants_discovery(t1), "a new endpoint: discovery at once");
     }
 }
