@@ -585,3 +585,45 @@ fn local_api_is_private() {
         Ok(())
     });
 }
+
+/// Logs that go to a file or a pipe are plain text: no terminal colour codes from any of the
+/// three programs.
+#[test]
+fn logs_in_files_have_no_colour_codes() {
+    lab_test("plain-logs", |lab, bins| {
+        let mesh = Mesh::start(lab, bins, 1)?;
+        let ns = mesh.control.proc().map(|p| p.ns().to_owned());
+        let ns = ns.context("control has no process")?;
+        let key = lab.dir().join("derp.key").to_string_lossy().into_owned();
+        let derp = lab.spawn(
+            &ns,
+            "warren-derp",
+            &bins.derp,
+            [
+                "--listen",
+                "127.0.0.1:3341",
+                "--stun-listen",
+                "127.0.0.1:3479",
+                "--key-path",
+                key.as_str(),
+            ],
+        )?;
+        wait_until(SOON, "warren-derp logs that it serves", || {
+            Ok(derp.stderr().contains("INFO"))
+        })?;
+        let node = &mesh.nodes[0];
+        let control = mesh.control.proc().context("control has no process")?;
+        for (what, log) in [
+            ("warren-derp", derp.stderr()),
+            ("warren-control", control.stderr()),
+            ("warren", node.proc().stderr()),
+        ] {
+            ensure!(log.contains("INFO"), "{what} logged nothing:\n{log}");
+            ensure!(
+                !log.contains('\u{1b}'),
+                "{what} wrote colour codes to its log file:\n{log:?}"
+            );
+        }
+        Ok(())
+    });
+}
