@@ -3,6 +3,10 @@
 //! It may listen on a second port too ([`crate::config::Config::stun_alt_listen`]): a node
 //! asking both learns whether its NAT maps by destination, from this one server.
 //!
+//! Bursts (a netcheck from many nodes at once) are absorbed by a large socket receive buffer
+//! ([`RECV_BUFFER_BYTES`], forced past `net.core.rmem_max` when the process may) and drained
+//! in batches (recvmmsg through quinn-udp).
+//!
 //! A server bound to a wildcard address answers each request from the address it arrived at
 //! (IP_PKTINFO through quinn-udp), so on a host with several addresses a client sees its
 //! answer come from the server it asked, and NAT mappings opened towards that address match.
@@ -16,6 +20,16 @@ use tokio::net::UdpSocket;
 use tracing::{debug, info, trace, warn};
 use warren_proto::stun;
 
+/// The receive buffer asked of the kernel for each STUN socket. A Binding request takes about
+/// 1 KiB of buffer space in the kernel, so this holds thousands of requests arriving at once.
+pub const RECV_BUFFER_BYTES: usize = 8 << 20;
+/// Room for one received datagram, or one GRO run of them (up to 64 KiB), so none is cut off.
+const SLOT_BYTES: usize = 64 << 10;
+/// Datagrams received per system call.
+const BATCH: usize = quinn_udp::BATCH_SIZE;
+/// Batches drained from one socket before the loop looks at shutdown and the other socket.
+const BATCHES_PER_TURN: usize = 8;
+
 /// One socket the server answers on.
 struct Port {
     socket: UdpSocket,
@@ -25,7 +39,45 @@ struct Port {
 impl Port {
     fn new(socket: UdpSocket) -> std::io::Result<Self> {
         let state = UdpSocketState::new((&socket).into())?;
-        Ok(Self { socket, state })
+        let port = Self { socket, state };
+        port.grow_receive_buffer();
+        Ok(port)
+    }
+
+    /// Asks for [`RECV_BUFFER_BYTES`] of receive buffer: forced (SO_RCVBUFFORCE, needs
+    /// CAP_NET_ADMIN) where possible, else as much as `net.core.rmem_max` allows.
+    fn grow_receive_buffer(&self) {
+        #[cfg(target_os = "linux")]
+        let forced = rustix::net::sockopt::set_socket_recv_buffer_size_force(
+            &self.socket,
+            RECV_BUFFER_BYTES,
+        )
+        .is_ok();
+        #[cfg(not(target_os = "linux"))]
+        let forced = false;
+        if !forced
+            && let Err(e) = self
+                .state
+                .set_recv_buffer_size((&self.socket).into(), RECV_BUFFER_BYTES)
+        {
+            debug!(error = %e, "could not set the STUN receive buffer");
+        }
+        let granted = self
+            .state
+            .recv_buffer_size((&self.socket).into())
+            .unwrap_or(0);
+        let addr = self.socket.local_addr().ok();
+        // Linux reports twice what it grants (bookkeeping included).
+        if granted < RECV_BUFFER_BYTES {
+            info!(
+                ?addr,
+                granted,
+                wanted = RECV_BUFFER_BYTES,
+                "STUN receive buffer is small: bursts may be lost (raise net.core.rmem_max)"
+            );
+        } else {
+            debug!(?addr, granted, forced, "STUN receive buffer");
+        }
     }
 }
 
@@ -47,46 +99,52 @@ pub async fn serve(
             }
         }
     }
-    // Room for a GRO run (up to 64 KiB), so no datagram of one is cut off.
-    let mut buf = vec![0u8; 64 << 10];
+    let mut slots = vec![0u8; SLOT_BYTES * BATCH];
+    let mut metas = [RecvMeta::default(); BATCH];
     let mut out = Vec::with_capacity(64);
-    loop {
-        let ready = tokio::select! {
+    'serve: loop {
+        let (at, ready) = tokio::select! {
             _ = &mut shutdown => break,
             r = readable(&ports, 0) => (0, r),
             r = readable(&ports, 1) => (1, r),
         };
-        let (at, r) = ready;
         let Some(port) = ports.get(at) else {
             continue;
         };
-        if let Err(e) = r {
+        if let Err(e) = ready {
             // The socket itself failed (not one datagram): waiting again would spin.
             warn!(error = %e, "STUN socket failed; not serving STUN");
             break;
         }
-        let mut meta = [RecvMeta::default()];
-        let received = port.socket.try_io(Interest::READABLE, || {
-            let mut bufs = [IoSliceMut::new(&mut buf)];
-            port.state.recv((&port.socket).into(), &mut bufs, &mut meta)
-        });
-        match received {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                // ICMP errors surface here on some systems; keep serving without spinning.
-                debug!(error = %e, "STUN receive failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
+        for _ in 0..BATCHES_PER_TURN {
+            let received = port.socket.try_io(Interest::READABLE, || {
+                let mut bufs: Vec<IoSliceMut<'_>> = slots
+                    .chunks_exact_mut(SLOT_BYTES)
+                    .map(IoSliceMut::new)
+                    .collect();
+                port.state
+                    .recv((&port.socket).into(), &mut bufs, &mut metas)
+            });
+            let count = match received {
+                Ok(count) => count,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue 'serve,
+                Err(e) => {
+                    // ICMP errors surface here on some systems; keep serving without spinning.
+                    debug!(error = %e, "STUN receive failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue 'serve;
+                }
+            };
+            for (meta, slot) in metas.iter().zip(slots.chunks_exact(SLOT_BYTES)).take(count) {
+                // GRO may hand over a run of datagrams from one sender; each gets its own
+                // answer.
+                let Some(run) = slot.get(..meta.len) else {
+                    continue;
+                };
+                for packet in run.chunks(meta.stride.max(1)) {
+                    answer(port, meta, packet, &mut out).await;
+                }
             }
-        }
-        let [meta] = meta;
-        // GRO may hand over a run of datagrams from one sender; each gets its own answer.
-        let Some(run) = buf.get(..meta.len) else {
-            continue;
-        };
-        for packet in run.chunks(meta.stride.max(1)) {
-            answer(port, &meta, packet, &mut out).await;
         }
     }
     info!("STUN server stopped");

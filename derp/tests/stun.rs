@@ -1,6 +1,7 @@
 //! The STUN server over real loopback UDP: bursts, classic (RFC 3489) clients, RFC 5780
 //! CHANGE-REQUEST with the alternate port, unknown attributes, and Debian's `stun` client.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -49,10 +50,60 @@ async fn ask(sock: &UdpSocket, server: SocketAddr, id: stun::TxId) -> (SocketAdd
     (from, mapped)
 }
 
+/// A client socket whose receive buffer holds a whole burst of answers, so only the server
+/// can lose them.
+async fn big_client_socket() -> UdpSocket {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let state = quinn_udp::UdpSocketState::new((&sock).into()).expect("state");
+    state
+        .set_recv_buffer_size((&sock).into(), 8 << 20)
+        .expect("rcvbuf");
+    sock
+}
+
 fn txid(i: u32) -> stun::TxId {
     let mut t = [0xa5; 12];
     t[..4].copy_from_slice(&i.to_be_bytes());
     t
+}
+
+/// 2,000 Binding requests sent back to back from one socket are all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_binding_requests_is_answered_whole() {
+    const BURST: u32 = 2_000;
+    let running = start().await;
+    let server = running.stun_addr.expect("stun runs");
+    let sock = std::sync::Arc::new(big_client_socket().await);
+    let receiver = {
+        let sock = sock.clone();
+        tokio::spawn(async move {
+            let mut seen = BTreeSet::new();
+            let mut buf = [0u8; 1500];
+            // Stop when all are in, or when nothing more arrived for a while (lost ones).
+            while seen.len() < BURST as usize {
+                let Ok(r) = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf)).await
+                else {
+                    break;
+                };
+                let n = r.expect("recv");
+                let (id, _) = stun::parse_response(&buf[..n]).expect("a success response");
+                seen.insert(id);
+            }
+            seen.len()
+        })
+    };
+    let mut req = Vec::new();
+    for i in 0..BURST {
+        req.clear();
+        stun::build_request(txid(i), Some(stun::SOFTWARE_TAILNODE), &mut req);
+        sock.send_to(&req, server).await.expect("send");
+    }
+    let answered = tokio::time::timeout(STEP, receiver)
+        .await
+        .expect("counted in time")
+        .expect("join");
+    assert_eq!(answered, BURST as usize, "answers to a burst of {BURST}");
+    running.shutdown().await;
 }
 
 /// A second STUN port is reported in `Running` and answered by the same server, each from its
