@@ -121,7 +121,8 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Whether control reports it online.
     pub online: bool,
-    /// The path in use: `direct IP:PORT` or `relay REGION` (none before the first packet).
+    /// The path in use: `direct IP:PORT` (confirmed), `trying IP:PORT, …[ + relay REGION]`,
+    /// `relay REGION` or `unreachable`; a relay that is not connected ends in `(DERP down)`.
     pub path: Option<String>,
     /// Round trip of the direct path, microseconds.
     pub latency_us: Option<u64>,
@@ -135,10 +136,29 @@ impl PeerStatus {
             .is_some_and(|p| p.starts_with("direct"))
     }
 
-    /// True when the path goes through a DERP relay.
+    /// True when the path goes through a DERP relay whose connection is up (`relay R`, or
+    /// `trying … + relay R` while unconfirmed addresses are tried beside it).
     pub fn is_relay(&self) -> bool {
-        self.path.as_deref().is_some_and(|p| p.starts_with("relay"))
+        self.path
+            .as_deref()
+            .is_some_and(|p| relay_of(p).is_some() && !p.ends_with("(DERP down)"))
     }
+
+    /// True when the path's relay is named but its DERP connection is down.
+    pub fn is_relay_down(&self) -> bool {
+        self.path
+            .as_deref()
+            .is_some_and(|p| relay_of(p).is_some() && p.ends_with("(DERP down)"))
+    }
+}
+
+/// The relay region named in a status path (`relay 999`, `trying … + relay 999`, either
+/// possibly followed by `(DERP down)`).
+fn relay_of(path: &str) -> Option<u32> {
+    let rest = path
+        .strip_prefix("relay ")
+        .or_else(|| path.split_once("+ relay ").map(|(_, r)| r))?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 impl NodeStatus {

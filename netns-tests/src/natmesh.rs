@@ -180,7 +180,8 @@ pub fn path_to(lab: &Lab, from: &Node, to: Ipv4Addr) -> Result<Option<String>> {
     Ok(peer(&s, to)?.path.clone())
 }
 
-/// Splits `"direct 1.2.3.4:5"` into its endpoint; `None` for relay paths.
+/// Splits `"direct 1.2.3.4:5"` into its endpoint; `None` for every other path (relayed,
+/// unconfirmed addresses being tried, unreachable).
 pub fn direct_endpoint(path: &str) -> Result<Option<std::net::SocketAddr>> {
     match path.split_once(' ') {
         Some(("direct", ep)) => {
@@ -188,7 +189,8 @@ pub fn direct_endpoint(path: &str) -> Result<Option<std::net::SocketAddr>> {
                 format!("bad endpoint in path {path:?}")
             })?))
         }
-        Some(("relay", _)) => Ok(None),
+        Some(("relay" | "trying", _)) => Ok(None),
+        None if path == "unreachable" => Ok(None),
         _ => bail!("unexpected path {path:?}"),
     }
 }

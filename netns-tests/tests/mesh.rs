@@ -627,3 +627,47 @@ fn logs_in_files_have_no_colour_codes() {
         Ok(())
     });
 }
+
+/// With the DERP map pointing at loopback (no `server_url`/`derp.server.ipv4` for a reachable
+/// host), control warns at start, and a node whose peer is reachable only by relay says the
+/// relay is down instead of calling it a path.
+#[test]
+fn unreachable_relay_shows_as_down() {
+    lab_test("relay-down", |lab, bins| {
+        let settings = ControlConfig {
+            extra_toml: "\n[derp.server]\nipv4 = \"127.0.0.1\"\n".to_owned(),
+            ..ControlConfig::default()
+        };
+        let mut mesh = Mesh::start_with(lab, bins, 0, &settings)?;
+        let control_log = mesh.control.proc().context("no control")?.stderr();
+        ensure!(
+            control_log.contains("loopback"),
+            "control did not warn about the loopback DERP host:\n{control_log}"
+        );
+        let a = mesh.spawn_node(lab)?;
+        let b = mesh.spawn_node(lab)?;
+        let (a, b) = (mesh.nodes[a].clone(), mesh.nodes[b].clone());
+        // No direct path either: b drops every UDP datagram from a.
+        let rules = format!(
+            "table inet nodirect {{\n chain input {{\n type filter hook input priority 0;\n \
+             ip saddr {} meta l4proto udp drop\n }}\n}}\n",
+            a.lan_addr
+        );
+        let path = lab.dir().join("nodirect.nft");
+        std::fs::write(&path, rules)?;
+        lab.run_ok(&b.ns, "nft", ["-f", &path.to_string_lossy()])?;
+        mesh.wait_full_mesh(lab, SOON)?;
+        let bv4 = wait_ipv4(lab, &b)?;
+        // Traffic makes a try a path.
+        let _ = lab.ping_wait(&a.ns, v4(bv4), Duration::from_millis(200))?;
+        let mut last = None;
+        wait_until(SOON, "a shows its relay to b as down", || {
+            let s = a.status(lab)?;
+            let p = s.peer_with_addr(v4(bv4)).context("b is not a peer of a")?;
+            last = p.path.clone();
+            Ok(p.is_relay_down() && !p.is_direct() && !p.is_relay())
+        })
+        .with_context(|| format!("last path {last:?}"))?;
+        Ok(())
+    });
+}

@@ -49,10 +49,15 @@ pub struct PeerStatus {
     pub addresses: Vec<String>,
     /// Node key, text form.
     pub node_key: String,
-    /// The direct endpoint in use, when the path is direct.
+    /// The direct endpoint in use, when the path is direct (confirmed by a disco pong).
     pub endpoint: Option<String>,
-    /// The path: `direct <ip:port>` or `relay <region>`.
+    /// How traffic travels: `direct <ip:port>` (confirmed), `trying <ip:port>, …` (unconfirmed
+    /// addresses, no relay), `trying <ip:port>, … + relay <region>`, `relay <region>` or
+    /// `unreachable`; a relay whose DERP connection is not up is followed by `(DERP down)`.
     pub path: Option<String>,
+    /// Whether the DERP connection of the path's relay is up, when the path uses a relay.
+    #[serde(default)]
+    pub relay_up: Option<bool>,
     /// Round trip of the direct path, in microseconds.
     pub latency_us: Option<u64>,
     /// Unix ms of the last WireGuard handshake.

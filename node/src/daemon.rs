@@ -13,7 +13,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use warren_node_core::netmap::{self as map, MapChange, Netmap};
 use warren_node_core::node::{PathKind, PingId};
-use warren_node_core::{Dest, Event, Node};
+use warren_node_core::{Dest, Event, Node, PathStatus};
 use warren_proto::NodePublicKey;
 use warren_proto::control::DerpMap;
 use warren_proto::control::map_response::Kind;
@@ -179,6 +179,27 @@ fn configure_tun(
     }
     tun.enabled(true).context("bringing the device up")?;
     Ok(())
+}
+
+/// The relay region a path uses, if any.
+fn relay_region(status: &PathStatus) -> Option<u32> {
+    match status {
+        PathStatus::Relay { region }
+        | PathStatus::Trying {
+            relay: Some(region),
+            ..
+        } => Some(*region),
+        _ => None,
+    }
+}
+
+/// A path as `warren status` shows it: the core's wording, and `(DERP down)` after a relay
+/// whose connection is not up, since packets sent that way are lost until it is.
+fn path_text(status: &PathStatus, link_up: impl Fn(u32) -> bool) -> String {
+    match relay_region(status) {
+        Some(region) if !link_up(region) => format!("{status} (DERP down)"),
+        _ => status.to_string(),
+    }
 }
 
 fn addresses(list: &[String]) -> anyhow::Result<(Ipv4Addr, std::net::Ipv6Addr)> {
@@ -578,12 +599,13 @@ impl Daemon {
                     name: p.name,
                     addresses: p.allowed_ips.iter().map(|a| a.addr().to_string()).collect(),
                     node_key: p.key.to_string(),
-                    endpoint: match p.path {
-                        Some(warren_node_core::PathKind::Direct(a)) => Some(a.to_string()),
+                    endpoint: match &p.status {
+                        PathStatus::Direct { addr, .. } => Some(addr.to_string()),
                         _ => None,
                     },
-                    path: p.path.map(|k| k.to_string()),
-                    latency_us: p.latency.map(|d| d.as_micros() as u64),
+                    path: Some(path_text(&p.status, |r| self.derp.is_up(r))),
+                    relay_up: relay_region(&p.status).map(|r| self.derp.is_up(r)),
+                    latency_us: p.status.latency().map(|d| d.as_micros() as u64),
                     last_handshake_unix_ms: p
                         .session
                         .since_handshake
@@ -618,5 +640,35 @@ impl Daemon {
             control_error: self.control_error.clone(),
             peers,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_says_when_the_relay_is_down() {
+        let a: SocketAddr = "192.0.2.1:41641".parse().expect("addr");
+        let up = |_| true;
+        let down = |_| false;
+        let relay = PathStatus::Relay { region: 999 };
+        assert_eq!(path_text(&relay, up), "relay 999");
+        assert_eq!(path_text(&relay, down), "relay 999 (DERP down)");
+        let trying = PathStatus::Trying {
+            candidates: vec![a],
+            relay: Some(999),
+        };
+        assert_eq!(path_text(&trying, up), "trying 192.0.2.1:41641 + relay 999");
+        assert_eq!(
+            path_text(&trying, down),
+            "trying 192.0.2.1:41641 + relay 999 (DERP down)"
+        );
+        let direct = PathStatus::Direct {
+            addr: a,
+            latency: Duration::from_millis(1),
+        };
+        assert_eq!(path_text(&direct, down), "direct 192.0.2.1:41641");
+        assert_eq!(relay_region(&direct), None);
     }
 }

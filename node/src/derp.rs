@@ -114,6 +114,12 @@ impl DerpLinks {
         }
     }
 
+    /// Whether the link to `region` is connected now (false when there is none yet, or it is
+    /// between attempts: packets through it are queued or lost).
+    pub fn is_up(&self, region: u32) -> bool {
+        self.links.get(&region).is_some_and(|l| l.live().is_some())
+    }
+
     /// Sends a packet to `peer` through `region`, connecting to it if needed.
     pub fn send(&mut self, region: u32, peer: NodePublicKey, packet: Vec<u8>) {
         let Some(link) = self.link(region) else {
