@@ -1,7 +1,13 @@
 //! The STUN server: answers RFC 5389 Binding requests with the source address as
-//! XOR-MAPPED-ADDRESS (like Tailscale's derper), ignores every other datagram, never panics.
+//! XOR-MAPPED-ADDRESS (like Tailscale's derper), and classic RFC 3489 ones (no magic cookie)
+//! with MAPPED-ADDRESS and SOURCE-ADDRESS; ignores every other datagram, never panics.
+//! Comprehension-required attributes it does not understand get a 420 error listing them
+//! (RFC 8489 §6.3.1).
+//!
 //! It may listen on a second port too ([`crate::config::Config::stun_alt_listen`]): a node
-//! asking both learns whether its NAT maps by destination, from this one server.
+//! asking both learns whether its NAT maps by destination, from this one server, and an
+//! RFC 5780 CHANGE-REQUEST for another port is answered from the other port. A request to
+//! change the IP address gets 420: the server has one.
 //!
 //! Bursts (a netcheck from many nodes at once) are absorbed by a large socket receive buffer
 //! ([`RECV_BUFFER_BYTES`], forced past `net.core.rmem_max` when the process may) and drained
@@ -12,6 +18,7 @@
 //! answer come from the server it asked, and NAT mappings opened towards that address match.
 
 use std::io::IoSliceMut;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
@@ -34,12 +41,19 @@ const BATCHES_PER_TURN: usize = 8;
 struct Port {
     socket: UdpSocket,
     state: UdpSocketState,
+    /// The bound address (IP unspecified on a wildcard socket).
+    local: SocketAddr,
 }
 
 impl Port {
     fn new(socket: UdpSocket) -> std::io::Result<Self> {
         let state = UdpSocketState::new((&socket).into())?;
-        let port = Self { socket, state };
+        let local = socket.local_addr()?;
+        let port = Self {
+            socket,
+            state,
+            local,
+        };
         port.grow_receive_buffer();
         Ok(port)
     }
@@ -66,17 +80,17 @@ impl Port {
             .state
             .recv_buffer_size((&self.socket).into())
             .unwrap_or(0);
-        let addr = self.socket.local_addr().ok();
+        let addr = self.local;
         // Linux reports twice what it grants (bookkeeping included).
         if granted < RECV_BUFFER_BYTES {
             info!(
-                ?addr,
+                %addr,
                 granted,
                 wanted = RECV_BUFFER_BYTES,
                 "STUN receive buffer is small: bursts may be lost (raise net.core.rmem_max)"
             );
         } else {
-            debug!(?addr, granted, forced, "STUN receive buffer");
+            debug!(%addr, granted, forced, "STUN receive buffer");
         }
     }
 }
@@ -142,7 +156,7 @@ pub async fn serve(
                     continue;
                 };
                 for packet in run.chunks(meta.stride.max(1)) {
-                    answer(port, meta, packet, &mut out).await;
+                    answer(&ports, at, meta, packet, &mut out).await;
                 }
             }
         }
@@ -158,18 +172,54 @@ async fn readable(ports: &[Port], at: usize) -> std::io::Result<()> {
     }
 }
 
-/// Answers one datagram when it is a Binding request, from the address it was sent to.
-async fn answer(port: &Port, meta: &RecvMeta, packet: &[u8], out: &mut Vec<u8>) {
+/// Answers one datagram that arrived on `ports[at]` when it is a Binding request: a success
+/// from the address it was sent to (or from the other port, for a change-port request), or a
+/// 420 error naming what the server cannot honour: comprehension-required attributes it does
+/// not understand, and CHANGE-REQUEST when it asks for another IP (this server has one) or
+/// for another port that is not there.
+async fn answer(ports: &[Port], at: usize, meta: &RecvMeta, packet: &[u8], out: &mut Vec<u8>) {
     let src = meta.addr;
-    let txid = match stun::parse_request(packet) {
-        Ok(txid) => txid,
+    let Some(here) = ports.get(at) else {
+        return;
+    };
+    let request = match stun::parse_binding_request(packet) {
+        Ok(request) => request,
         Err(e) => {
             trace!(%src, error = %e, "not a valid Binding request; ignored");
             return;
         }
     };
+    let mut unknown = request.unknown;
+    let mut from = here;
+    let stun::ChangeRequest {
+        change_ip,
+        change_port,
+    } = request.change;
+    if change_ip {
+        unknown.push(stun::ATTR_CHANGE_REQUEST);
+    } else if change_port {
+        // Only another port: an answer from another IP would be a change-IP answer.
+        let other = ports
+            .iter()
+            .enumerate()
+            .find(|(i, p)| *i != at && p.local.ip() == here.local.ip());
+        match other {
+            Some((_, other)) => from = other,
+            None => unknown.push(stun::ATTR_CHANGE_REQUEST),
+        }
+    }
     out.clear();
-    stun::build_response(txid, src, out);
+    if unknown.is_empty() {
+        let ip = meta
+            .dst_ip
+            .or(Some(from.local.ip()).filter(|ip| !ip.is_unspecified()));
+        let source = ip.map(|ip| SocketAddr::new(ip, from.local.port()));
+        stun::build_binding_success(request.transaction, src, source, out);
+    } else {
+        trace!(%src, ?unknown, "STUN request with attributes not honoured; answering 420");
+        from = here;
+        stun::build_unknown_attributes_error(request.transaction, &unknown, out);
+    }
     let transmit = Transmit {
         destination: src,
         ecn: None,
@@ -177,10 +227,10 @@ async fn answer(port: &Port, meta: &RecvMeta, packet: &[u8], out: &mut Vec<u8>) 
         segment_size: None,
         src_ip: meta.dst_ip,
     };
-    let sent = port
+    let sent = from
         .socket
         .async_io(Interest::WRITABLE, || {
-            port.state.try_send((&port.socket).into(), &transmit)
+            from.state.try_send((&from.socket).into(), &transmit)
         })
         .await;
     // Per datagram, and requests can be spoofed: no louder than debug.

@@ -174,3 +174,233 @@ async fn the_binary_takes_a_second_stun_port_flag() {
     let _ = child.wait();
     assert_eq!(answered, Some((true, true)), "second port in {line:?}");
 }
+
+/// A Binding request with a CHANGE-REQUEST carrying `flags` (0x04 change IP, 0x02 change
+/// port), classic (RFC 3489, a 16-byte id) or RFC 5389 (cookie and 12-byte id) as `classic`
+/// says, and any further `(type, 4-byte value)` attributes.
+fn request_bytes(classic: bool, id: u8, flags: u8, extra: &[(u16, [u8; 4])]) -> Vec<u8> {
+    let mut out = vec![
+        0x00,
+        0x01,
+        0x00,
+        u8::try_from(8 * (1 + extra.len())).expect("short"),
+    ];
+    if !classic {
+        out.extend_from_slice(&stun::MAGIC_COOKIE);
+        out.extend_from_slice(&[id; 12]);
+    } else {
+        out.extend_from_slice(&[id; 16]);
+    }
+    out.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0, 0, 0, flags]);
+    for (ty, value) in extra {
+        out.extend_from_slice(&ty.to_be_bytes());
+        out.extend_from_slice(&[0, 4]);
+        out.extend_from_slice(value);
+    }
+    out
+}
+
+/// Sends `request` to `server`; returns the answer and where it came from.
+async fn exchange(sock: &UdpSocket, server: SocketAddr, request: &[u8]) -> (Vec<u8>, SocketAddr) {
+    sock.send_to(request, server).await.expect("send");
+    let mut buf = [0u8; 1500];
+    let (n, from) = tokio::time::timeout(STEP, sock.recv_from(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("recv");
+    (buf[..n].to_vec(), from)
+}
+
+/// Classic RFC 3489 Binding requests (no magic cookie), as Debian's `stun` client sends them,
+/// are answered with MAPPED-ADDRESS and the 16-byte id echoed.
+#[tokio::test]
+async fn classic_requests_are_answered_with_mapped_address() {
+    let running = start().await;
+    let server = running.stun_addr.expect("stun runs");
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let (answer, from) = exchange(&sock, server, &request_bytes(true, 0x31, 0, &[])).await;
+    assert_eq!(from, server);
+    assert_eq!(
+        stun::parse_classic_response(&answer),
+        Ok(([0x31; 16], sock.local_addr().expect("addr")))
+    );
+    running.shutdown().await;
+}
+
+/// A comprehension-required attribute the server does not understand gets 420 with
+/// UNKNOWN-ATTRIBUTES (RFC 8489 §6.3.1), in both forms; optional ones are ignored.
+#[tokio::test]
+async fn unknown_required_attributes_get_420() {
+    let running = start().await;
+    let server = running.stun_addr.expect("stun runs");
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    for classic in [false, true] {
+        let req = request_bytes(classic, 5, 0, &[(0x7777, [1; 4]), (0x8fff, [2; 4])]);
+        let (answer, _) = exchange(&sock, server, &req).await;
+        let (transaction, code, unknown) =
+            stun::parse_error_response(&answer).expect("an error response");
+        let expected = if classic {
+            stun::Transaction::Rfc3489([5; 16])
+        } else {
+            stun::Transaction::Rfc5389([5; 12])
+        };
+        assert_eq!(
+            (transaction, code, unknown),
+            (expected, stun::ERROR_UNKNOWN_ATTRIBUTE, vec![0x7777])
+        );
+    }
+    // Only comprehension-optional extras: answered.
+    let req = request_bytes(false, 6, 0, &[(0x8fff, [2; 4])]);
+    let (answer, _) = exchange(&sock, server, &req).await;
+    assert_eq!(
+        stun::parse_response(&answer),
+        Ok(([6; 12], sock.local_addr().expect("addr")))
+    );
+    running.shutdown().await;
+}
+
+/// What a CHANGE-REQUEST (RFC 5780) gets, for the classic and the RFC 5389 form:
+/// no flag -> an ordinary answer; change IP -> 420 (one address); change port -> the answer
+/// comes from the other STUN port, or 420 when there is none.
+#[tokio::test]
+async fn change_requests_use_the_second_port_and_never_another_ip() {
+    const IP: u8 = 0x04;
+    const PORT: u8 = 0x02;
+    let single = start().await;
+    let both = start_with_alt(true).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let me = sock.local_addr().expect("addr");
+    let one = single.stun_addr.expect("stun runs");
+    let main = both.stun_addr.expect("stun runs");
+    let alt = both.stun_alt_addr.expect("second port");
+    let refused = |answer: &[u8]| {
+        stun::parse_error_response(answer).map(|(_, code, unknown)| (code, unknown))
+    };
+    let change_refused = Ok((
+        stun::ERROR_UNKNOWN_ATTRIBUTE,
+        vec![stun::ATTR_CHANGE_REQUEST],
+    ));
+    for classic in [true, false] {
+        let mapped = |answer: &[u8]| {
+            if classic {
+                stun::parse_classic_response(answer).map(|(_, a)| a)
+            } else {
+                stun::parse_response(answer).map(|(_, a)| a)
+            }
+        };
+        for (server, flags) in [(one, 0), (main, 0), (alt, 0)] {
+            let (answer, from) =
+                exchange(&sock, server, &request_bytes(classic, 1, flags, &[])).await;
+            assert_eq!(
+                (mapped(&answer), from),
+                (Ok(me), server),
+                "no flags, {classic}"
+            );
+        }
+        for (server, flags) in [
+            (one, IP),
+            (one, IP | PORT),
+            (one, PORT),
+            (main, IP),
+            (alt, IP | PORT),
+        ] {
+            let (answer, from) =
+                exchange(&sock, server, &request_bytes(classic, 2, flags, &[])).await;
+            assert_eq!(
+                (refused(&answer), from),
+                (change_refused.clone(), server),
+                "flags {flags:#x} to {server}, classic {classic}"
+            );
+        }
+        for (server, other) in [(main, alt), (alt, main)] {
+            let (answer, from) =
+                exchange(&sock, server, &request_bytes(classic, 3, PORT, &[])).await;
+            assert_eq!(
+                (mapped(&answer), from),
+                (Ok(me), other),
+                "change port, {classic}"
+            );
+        }
+    }
+    single.shutdown().await;
+    both.shutdown().await;
+}
+
+/// Runs Debian's `stun` client (package `stun-client`) with `args`; returns what it printed
+/// (stdout and stderr). Fails, saying so, when the binary is not installed: this test must
+/// not pass without it.
+async fn stun_client(args: &[String]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_path = dir.path().join("out");
+    let out = std::fs::File::create(&out_path).expect("create");
+    let err = out.try_clone().expect("clone");
+    let spawned = std::process::Command::new("stun")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "Debian's `stun` client is not installed (apt-get install -y stun-client); \
+             this interoperability test needs it"
+        ),
+        Err(e) => panic!("cannot run `stun`: {e}"),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`stun {}` did not finish in time", args.join(" "));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::read_to_string(&out_path).expect("read output")
+}
+
+/// A loopback UDP port free right now, for the client's source port (it binds it and the next).
+fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr").port()
+}
+
+/// Debian's `stun` client (RFC 3489, classic requests with CHANGE-REQUEST) gets its mapped
+/// address from the server, and its NAT type test completes: on loopback, "Open".
+#[tokio::test]
+async fn debian_stun_client_interoperates() {
+    let running = start_with_alt(true).await;
+    let server = running.stun_addr.expect("stun runs");
+    let src = free_udp_port();
+    let args = [
+        server.to_string(),
+        "1".into(),
+        "-v".into(),
+        "-p".into(),
+        src.to_string(),
+    ];
+    let text = stun_client(&args).await;
+    assert!(
+        text.contains(&format!("MappedAddress = 127.0.0.1:{src}")),
+        "test I by `stun {}`:\n{text}",
+        args.join(" ")
+    );
+    assert!(
+        text.contains(&format!("SourceAddress = {server}")),
+        "test I by `stun {}`:\n{text}",
+        args.join(" ")
+    );
+    let src = free_udp_port();
+    let args = [server.to_string(), "-p".into(), src.to_string()];
+    let text = stun_client(&args).await;
+    assert!(
+        text.contains("Primary: Open"),
+        "NAT type test by `stun {}`:\n{text}",
+        args.join(" ")
+    );
+    running.shutdown().await;
+}

@@ -6,6 +6,12 @@
 //! Tailscale's `derper` answers only requests that carry `SOFTWARE` = [`SOFTWARE_TAILNODE`]
 //! and end in a valid `FINGERPRINT`; send that to be answered by stock relays. warren's own
 //! [`parse_request`] accepts any Binding request, checking the fingerprint when one is present.
+//!
+//! A server answering any standard client reads requests with [`parse_binding_request`]: it
+//! also takes classic RFC 3489 requests (no magic cookie, a 16-byte transaction id), reads
+//! CHANGE-REQUEST (RFC 5780) and lists the comprehension-required attributes it does not
+//! understand, which must be answered with [`build_unknown_attributes_error`] (RFC 8489
+//! §6.3.1) instead of [`build_binding_success`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -21,9 +27,46 @@ pub const SOFTWARE_TAILNODE: &[u8] = b"tailnode";
 /// The longest `SOFTWARE` value RFC 5389 allows, in bytes; longer values are cut.
 pub const MAX_SOFTWARE_LEN: usize = 763;
 
+/// The ERROR-CODE of an answer to a request with comprehension-required attributes the server
+/// does not understand (listed in UNKNOWN-ATTRIBUTES).
+pub const ERROR_UNKNOWN_ATTRIBUTE: u16 = 420;
+/// The CHANGE-REQUEST attribute (RFC 5780 §7.2, RFC 3489 §11.2.4).
+pub const ATTR_CHANGE_REQUEST: u16 = 0x0003;
+/// At most this many types are listed in [`BindingRequest::unknown`] (and so in an
+/// UNKNOWN-ATTRIBUTES answer), whatever the request holds.
+pub const MAX_UNKNOWN_ATTRIBUTES: usize = 16;
+
 const BINDING_REQUEST: u16 = 0x0001;
 const BINDING_SUCCESS: u16 = 0x0101;
+const BINDING_ERROR: u16 = 0x0111;
 const ATTR_MAPPED_ADDRESS: u16 = 0x0001;
+const ATTR_SOURCE_ADDRESS: u16 = 0x0004;
+const ATTR_ERROR_CODE: u16 = 0x0009;
+const ATTR_UNKNOWN_ATTRIBUTES: u16 = 0x000A;
+/// Comprehension-required attributes a server without authentication understands in a
+/// Binding request: those RFC 8489 defines (it ignores credentials it never asked for), the
+/// RFC 3489 ones that ask nothing of it, and CHANGE-REQUEST. RESPONSE-ADDRESS (0x0002) and
+/// RFC 5780's RESPONSE-PORT and PADDING are not: the server never answers elsewhere.
+const UNDERSTOOD: [u16; 16] = [
+    0x0001, // MAPPED-ADDRESS
+    ATTR_CHANGE_REQUEST,
+    0x0004, // SOURCE-ADDRESS (RFC 3489)
+    0x0005, // CHANGED-ADDRESS (RFC 3489)
+    0x0006, // USERNAME
+    0x0007, // PASSWORD (RFC 3489)
+    0x0008, // MESSAGE-INTEGRITY
+    0x0009, // ERROR-CODE
+    0x000A, // UNKNOWN-ATTRIBUTES
+    0x000B, // REFLECTED-FROM (RFC 3489)
+    0x0014, // REALM
+    0x0015, // NONCE
+    0x001C, // MESSAGE-INTEGRITY-SHA256
+    0x001D, // PASSWORD-ALGORITHM
+    0x001E, // USERHASH
+    0x0020, // XOR-MAPPED-ADDRESS
+];
+const CHANGE_IP: u8 = 0x04;
+const CHANGE_PORT: u8 = 0x02;
 const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
 /// XOR-MAPPED-ADDRESS in the comprehension-optional range, as some servers send it.
 const ATTR_XOR_MAPPED_ADDRESS_ALT: u16 = 0x8020;
@@ -86,6 +129,15 @@ pub enum StunError {
     /// A success response without XOR-MAPPED-ADDRESS or MAPPED-ADDRESS.
     #[error("STUN response carries no mapped address")]
     NoMappedAddress,
+    /// A STUN message, but not a Binding error response.
+    #[error("STUN message type {message_type:#06x} is not a Binding error response")]
+    NotErrorResponse {
+        /// The message type found.
+        message_type: u16,
+    },
+    /// An error response without ERROR-CODE.
+    #[error("STUN error response carries no ERROR-CODE")]
+    NoErrorCode,
 }
 
 /// Whether a datagram looks like STUN: at least a header, the top two bits zero, and the magic
@@ -169,17 +221,54 @@ struct Attr<'a> {
     offset: usize,
 }
 
-/// Checks the header, length, attribute layout and (if present) FINGERPRINT of a message;
-/// returns its type, transaction id and attributes.
-fn parse_message(buf: &[u8]) -> Result<(u16, TxId, Vec<Attr<'_>>), StunError> {
-    if !is_stun(buf) {
-        return Err(StunError::NotStun);
-    }
+/// A request's transaction, which the answer must echo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transaction {
+    /// RFC 5389/8489: the magic cookie, then a 12-byte id.
+    Rfc5389(TxId),
+    /// Classic RFC 3489 STUN: no magic cookie; the 16 bytes after the length are the id.
+    Rfc3489([u8; 16]),
+}
+
+/// The flags of a CHANGE-REQUEST attribute; both false when the request has none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChangeRequest {
+    /// Answer from another IP address.
+    pub change_ip: bool,
+    /// Answer from another port.
+    pub change_port: bool,
+}
+
+/// A Binding request as a server reads it ([`parse_binding_request`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingRequest {
+    /// The transaction to answer.
+    pub transaction: Transaction,
+    /// What CHANGE-REQUEST asks of the answer.
+    pub change: ChangeRequest,
+    /// Comprehension-required attributes (type below 0x8000) this codec does not understand,
+    /// in the order first seen, without repeats, at most [`MAX_UNKNOWN_ATTRIBUTES`]. When not
+    /// empty the request must get a 420 answer, not a success (RFC 8489 §6.3.1).
+    pub unknown: Vec<u16>,
+}
+
+/// Reads the 20-byte header of a message with or without the magic cookie: its type, its
+/// transaction and the attribute bytes its length covers (bytes past it are ignored, as
+/// Tailscale does).
+fn split_header(buf: &[u8]) -> Result<(u16, Transaction, &[u8]), StunError> {
     let (header, body) = buf
         .split_first_chunk::<HEADER_LEN>()
         .ok_or(StunError::NotStun)?;
-    let [t0, t1, l0, l1, _, _, _, _, tx @ ..] = *header;
-    let message_type = u16::from_be_bytes([t0, t1]);
+    let [t0, t1, l0, l1, id @ ..] = *header;
+    if t0 & 0xC0 != 0 {
+        return Err(StunError::NotStun);
+    }
+    let transaction = match id.split_first_chunk::<4>() {
+        Some((cookie, tx)) if *cookie == MAGIC_COOKIE => {
+            Transaction::Rfc5389(*tx.first_chunk::<12>().ok_or(StunError::NotStun)?)
+        }
+        _ => Transaction::Rfc3489(id),
+    };
     let declared = usize::from(u16::from_be_bytes([l0, l1]));
     let bad_length = StunError::BadLength {
         declared,
@@ -188,8 +277,17 @@ fn parse_message(buf: &[u8]) -> Result<(u16, TxId, Vec<Attr<'_>>), StunError> {
     if declared % 4 != 0 {
         return Err(bad_length);
     }
-    // Bytes after the declared length are ignored, as Tailscale does.
     let body = body.get(..declared).ok_or(bad_length)?;
+    Ok((u16::from_be_bytes([t0, t1]), transaction, body))
+}
+
+/// Splits `body` (which starts at [`HEADER_LEN`] in `buf`) into attributes. With `fingerprint`
+/// (RFC 5389 messages), a FINGERPRINT must be last and correct.
+fn split_attributes<'a>(
+    buf: &[u8],
+    body: &'a [u8],
+    fingerprint_checked: bool,
+) -> Result<Vec<Attr<'a>>, StunError> {
     let mut attrs = Vec::new();
     let mut at = 0;
     let mut fingerprint_seen = false;
@@ -210,7 +308,7 @@ fn parse_message(buf: &[u8]) -> Result<(u16, TxId, Vec<Attr<'_>>), StunError> {
         if rest.len() < padded {
             return Err(malformed);
         }
-        if ty == ATTR_FINGERPRINT {
+        if fingerprint_checked && ty == ATTR_FINGERPRINT {
             let found = u32::from_be_bytes(*value.first_chunk::<4>().ok_or(malformed)?);
             let expected = fingerprint(buf.get(..offset).unwrap_or_default());
             if found != expected {
@@ -221,7 +319,198 @@ fn parse_message(buf: &[u8]) -> Result<(u16, TxId, Vec<Attr<'_>>), StunError> {
         attrs.push(Attr { ty, value, offset });
         at += 4 + padded;
     }
-    Ok((message_type, tx, attrs))
+    Ok(attrs)
+}
+
+/// Checks the header, length, attribute layout and (if present) FINGERPRINT of an RFC 5389
+/// message; returns its type, transaction id and attributes.
+fn parse_message(buf: &[u8]) -> Result<(u16, TxId, Vec<Attr<'_>>), StunError> {
+    if !is_stun(buf) {
+        return Err(StunError::NotStun);
+    }
+    let (message_type, transaction, body) = split_header(buf)?;
+    let Transaction::Rfc5389(tx) = transaction else {
+        return Err(StunError::NotStun);
+    };
+    Ok((message_type, tx, split_attributes(buf, body, true)?))
+}
+
+/// Parses a Binding request as a server answering any client must: RFC 5389/8489 requests
+/// (a FINGERPRINT, when present, must be last and correct) and classic RFC 3489 ones (no magic
+/// cookie). Reads CHANGE-REQUEST and collects the comprehension-required attributes not
+/// understood ([`BindingRequest::unknown`]); comprehension-optional ones are skipped.
+pub fn parse_binding_request(buf: &[u8]) -> Result<BindingRequest, StunError> {
+    let (message_type, transaction, body) = split_header(buf)?;
+    if message_type != BINDING_REQUEST {
+        return Err(StunError::NotBindingRequest { message_type });
+    }
+    let modern = matches!(transaction, Transaction::Rfc5389(_));
+    let mut change = ChangeRequest::default();
+    let mut unknown = Vec::new();
+    for attr in split_attributes(buf, body, modern)? {
+        if attr.ty == ATTR_CHANGE_REQUEST {
+            let flags = attr
+                .value
+                .first_chunk::<4>()
+                .ok_or(StunError::MalformedAttribute {
+                    offset: attr.offset,
+                })?[3];
+            change.change_ip |= flags & CHANGE_IP != 0;
+            change.change_port |= flags & CHANGE_PORT != 0;
+        } else if attr.ty < 0x8000
+            && !UNDERSTOOD.contains(&attr.ty)
+            && !unknown.contains(&attr.ty)
+            && unknown.len() < MAX_UNKNOWN_ATTRIBUTES
+        {
+            unknown.push(attr.ty);
+        }
+    }
+    Ok(BindingRequest {
+        transaction,
+        change,
+        unknown,
+    })
+}
+
+/// Appends a message header for `transaction` with `body_len` bytes of attributes to follow.
+fn put_header(message_type: u16, transaction: Transaction, body_len: usize, out: &mut Vec<u8>) {
+    put_u16(out, message_type);
+    // Every body built here is a few dozen bytes.
+    put_u16(out, u16::try_from(body_len).unwrap_or(u16::MAX));
+    match transaction {
+        Transaction::Rfc5389(tx) => {
+            out.extend_from_slice(&MAGIC_COOKIE);
+            out.extend_from_slice(&tx);
+        }
+        Transaction::Rfc3489(id) => out.extend_from_slice(&id),
+    }
+}
+
+/// Appends a plain (not XORed) address attribute of type `ty`.
+fn put_address(ty: u16, addr: SocketAddr, out: &mut Vec<u8>) {
+    let (family, octets): (u8, Vec<u8>) = match unmap(addr.ip()) {
+        IpAddr::V4(v4) => (FAMILY_IPV4, v4.octets().to_vec()),
+        IpAddr::V6(v6) => (FAMILY_IPV6, v6.octets().to_vec()),
+    };
+    put_u16(out, ty);
+    put_u16(out, u16::try_from(4 + octets.len()).unwrap_or(u16::MAX));
+    out.push(0);
+    out.push(family);
+    put_u16(out, addr.port());
+    out.extend_from_slice(&octets);
+}
+
+fn address_attr_len(addr: SocketAddr) -> usize {
+    match unmap(addr.ip()) {
+        IpAddr::V4(_) => 4 + 8,
+        IpAddr::V6(_) => 4 + 20,
+    }
+}
+
+/// Appends the success answer to a request read by [`parse_binding_request`], `mapped` being
+/// the request's source. An RFC 5389 request gets what [`build_response`] writes (only
+/// XOR-MAPPED-ADDRESS, like Tailscale's); a classic RFC 3489 one gets MAPPED-ADDRESS, and
+/// SOURCE-ADDRESS when `source` (where the answer is sent from) is known.
+pub fn build_binding_success(
+    transaction: Transaction,
+    mapped: SocketAddr,
+    source: Option<SocketAddr>,
+    out: &mut Vec<u8>,
+) {
+    match transaction {
+        Transaction::Rfc5389(tx) => build_response(tx, mapped, out),
+        Transaction::Rfc3489(_) => {
+            let body = address_attr_len(mapped) + source.map_or(0, address_attr_len);
+            put_header(BINDING_SUCCESS, transaction, body, out);
+            put_address(ATTR_MAPPED_ADDRESS, mapped, out);
+            if let Some(source) = source {
+                put_address(ATTR_SOURCE_ADDRESS, source, out);
+            }
+        }
+    }
+}
+
+/// Appends a Binding error answer with ERROR-CODE 420 (Unknown Attribute) and
+/// UNKNOWN-ATTRIBUTES listing `unknown` (at most [`MAX_UNKNOWN_ATTRIBUTES`] are written; the
+/// list is padded by repeating its last type, as RFC 3489 asks and RFC 8489 allows).
+pub fn build_unknown_attributes_error(
+    transaction: Transaction,
+    unknown: &[u16],
+    out: &mut Vec<u8>,
+) {
+    const REASON: &[u8] = b"Unknown Attribute";
+    let unknown = unknown.get(..MAX_UNKNOWN_ATTRIBUTES).unwrap_or(unknown);
+    let error_len = 4 + REASON.len();
+    let list_len = 2 * unknown.len();
+    let body = 4 + error_len.next_multiple_of(4) + 4 + list_len.next_multiple_of(4);
+    put_header(BINDING_ERROR, transaction, body, out);
+    put_u16(out, ATTR_ERROR_CODE);
+    put_u16(out, u16::try_from(error_len).unwrap_or(u16::MAX));
+    let [class, number] = [ERROR_UNKNOWN_ATTRIBUTE / 100, ERROR_UNKNOWN_ATTRIBUTE % 100];
+    out.extend_from_slice(&[0, 0]);
+    out.extend(u8::try_from(class).ok());
+    out.extend(u8::try_from(number).ok());
+    out.extend_from_slice(REASON);
+    out.resize(out.len() + error_len.next_multiple_of(4) - error_len, 0);
+    put_u16(out, ATTR_UNKNOWN_ATTRIBUTES);
+    put_u16(out, u16::try_from(list_len).unwrap_or(u16::MAX));
+    for ty in unknown {
+        put_u16(out, *ty);
+    }
+    if let Some(last) = unknown.last().filter(|_| unknown.len() % 2 == 1) {
+        put_u16(out, *last);
+    }
+}
+
+/// Reads a Binding error answer: its transaction, ERROR-CODE (class * 100 + number) and the
+/// types listed in UNKNOWN-ATTRIBUTES (empty when absent). For clients and tests.
+pub fn parse_error_response(buf: &[u8]) -> Result<(Transaction, u16, Vec<u16>), StunError> {
+    let (message_type, transaction, body) = split_header(buf)?;
+    if message_type != BINDING_ERROR {
+        return Err(StunError::NotErrorResponse { message_type });
+    }
+    let modern = matches!(transaction, Transaction::Rfc5389(_));
+    let mut code = None;
+    let mut unknown = Vec::new();
+    for attr in split_attributes(buf, body, modern)? {
+        let malformed = StunError::MalformedAttribute {
+            offset: attr.offset,
+        };
+        match attr.ty {
+            ATTR_ERROR_CODE => {
+                let [_, _, class, number] = *attr.value.first_chunk::<4>().ok_or(malformed)?;
+                code = Some(u16::from(class & 0x07) * 100 + u16::from(number));
+            }
+            ATTR_UNKNOWN_ATTRIBUTES => {
+                unknown = attr
+                    .value
+                    .chunks_exact(2)
+                    .map(|t| u16::from_be_bytes([t[0], t[1]]))
+                    .collect();
+                unknown.dedup();
+            }
+            _ => {}
+        }
+    }
+    Ok((transaction, code.ok_or(StunError::NoErrorCode)?, unknown))
+}
+
+/// Reads a classic RFC 3489 Binding success answer: its 16-byte transaction id and its
+/// MAPPED-ADDRESS. For tests of classic clients.
+pub fn parse_classic_response(buf: &[u8]) -> Result<([u8; 16], SocketAddr), StunError> {
+    let (message_type, transaction, body) = split_header(buf)?;
+    if message_type != BINDING_SUCCESS {
+        return Err(StunError::NotSuccessResponse { message_type });
+    }
+    let Transaction::Rfc3489(id) = transaction else {
+        return Err(StunError::NotStun);
+    };
+    for attr in split_attributes(buf, body, false)? {
+        if attr.ty == ATTR_MAPPED_ADDRESS {
+            return Ok((id, decode_address(attr.value, attr.offset, None)?));
+        }
+    }
+    Err(StunError::NoMappedAddress)
 }
 
 /// Parses a Binding request (server side) and returns its transaction id. SOFTWARE is not
@@ -557,6 +846,189 @@ mod tests {
         req[24..28].copy_from_slice(&fp);
         req.extend_from_slice(&hex("80 22 00 00"));
         assert_eq!(parse_request(&req), Err(StunError::FingerprintNotLast));
+    }
+
+    /// What Debian's `stun` client (RFC 3489) sends: test I, then change-IP, then change-port.
+    const CLASSIC_TEST_I: &str = "0001 0008 0186897f ea67f73b 1e61ad05 e4c4b143 0003 0004 00000000";
+    const CLASSIC_CHANGE_IP: &str =
+        "0001 0008 022bfc2b 179cf73c 2af52825 ddf03a5e 0003 0004 00000004";
+    const CLASSIC_CHANGE_PORT: &str =
+        "0001 0008 0395b641 85624659 1e07327e 59fe345e 0003 0004 00000002";
+
+    fn hex_words(text: &str) -> Vec<u8> {
+        let digits: String = text.split_whitespace().collect();
+        (0..digits.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    #[test]
+    fn classic_requests_are_read_with_their_change_flags() {
+        let test_i = parse_binding_request(&hex_words(CLASSIC_TEST_I)).expect("classic");
+        let Transaction::Rfc3489(id) = test_i.transaction else {
+            panic!("classic transaction expected: {test_i:?}");
+        };
+        assert_eq!(&id[..4], &[0x01, 0x86, 0x89, 0x7f]);
+        assert_eq!(test_i.change, ChangeRequest::default());
+        assert!(test_i.unknown.is_empty());
+        let ip = parse_binding_request(&hex_words(CLASSIC_CHANGE_IP)).expect("classic");
+        assert_eq!(
+            ip.change,
+            ChangeRequest {
+                change_ip: true,
+                change_port: false
+            }
+        );
+        let port = parse_binding_request(&hex_words(CLASSIC_CHANGE_PORT)).expect("classic");
+        assert_eq!(
+            port.change,
+            ChangeRequest {
+                change_ip: false,
+                change_port: true
+            }
+        );
+        // The netcheck parser and the demultiplexer still want the cookie.
+        assert_eq!(
+            parse_request(&hex_words(CLASSIC_TEST_I)),
+            Err(StunError::NotStun)
+        );
+        assert!(!is_stun(&hex_words(CLASSIC_TEST_I)));
+        // Modern requests read the same as before.
+        let mut req = Vec::new();
+        build_request([5; 12], Some(SOFTWARE_TAILNODE), &mut req);
+        assert_eq!(
+            parse_binding_request(&req),
+            Ok(BindingRequest {
+                transaction: Transaction::Rfc5389([5; 12]),
+                change: ChangeRequest::default(),
+                unknown: vec![],
+            })
+        );
+    }
+
+    #[test]
+    fn classic_success_carries_mapped_and_source_address() {
+        let id: [u8; 16] = core::array::from_fn(|i| u8::try_from(i).expect("small"));
+        let mapped: SocketAddr = "192.0.2.1:32853".parse().expect("addr");
+        let source: SocketAddr = "198.51.100.2:3478".parse().expect("addr");
+        let mut out = Vec::new();
+        build_binding_success(Transaction::Rfc3489(id), mapped, Some(source), &mut out);
+        let mut expected = hex("01 01 00 18");
+        expected.extend_from_slice(&id);
+        expected.extend_from_slice(&hex("00 01 00 08 00 01 80 55 c0 00 02 01"));
+        expected.extend_from_slice(&hex("00 04 00 08 00 01 0d 96 c6 33 64 02"));
+        assert_eq!(out, expected);
+        assert_eq!(parse_classic_response(&out), Ok((id, mapped)));
+        // An RFC 5389 request gets the usual XOR-MAPPED-ADDRESS answer, nothing else.
+        let mut modern = Vec::new();
+        build_binding_success(
+            Transaction::Rfc5389([3; 12]),
+            mapped,
+            Some(source),
+            &mut modern,
+        );
+        let mut plain = Vec::new();
+        build_response([3; 12], mapped, &mut plain);
+        assert_eq!(modern, plain);
+    }
+
+    /// A request with `attrs` (type, value) after the header, RFC 5389 form.
+    fn request_with(attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (ty, value) in attrs {
+            put_u16(&mut body, *ty);
+            put_u16(&mut body, u16::try_from(value.len()).expect("short"));
+            body.extend_from_slice(value);
+            body.resize(body.len().next_multiple_of(4), 0);
+        }
+        let mut out = Vec::new();
+        put_header(
+            BINDING_REQUEST,
+            Transaction::Rfc5389([4; 12]),
+            body.len(),
+            &mut out,
+        );
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn unknown_comprehension_required_attributes_are_listed() {
+        let req = request_with(&[
+            (0x8022, b"warren"),           // SOFTWARE: optional, understood
+            (0x7777, b"x"),                // unknown, required
+            (0x8fff, b"later"),            // unknown, optional: skipped
+            (0x0006, b"user"),             // USERNAME: understood
+            (0x0027, &[0x12, 0x34, 0, 0]), // RESPONSE-PORT: not honoured
+            (0x7777, b"again"),            // listed once
+        ]);
+        let parsed = parse_binding_request(&req).expect("parses");
+        assert_eq!(parsed.unknown, vec![0x7777, 0x0027]);
+        // RFC 5769's sample carries ICE's PRIORITY, which a plain STUN server does not know.
+        let sample = parse_binding_request(&hex(RFC_REQUEST)).expect("parses");
+        assert_eq!(sample.transaction, Transaction::Rfc5389(RFC_TXID));
+        assert_eq!(sample.unknown, vec![0x0024]);
+        // The list is capped.
+        let types: Vec<u16> = (0x7000..0x7040).collect();
+        let many: Vec<(u16, &[u8])> = types.iter().map(|t| (*t, &b""[..])).collect();
+        let parsed = parse_binding_request(&request_with(&many)).expect("parses");
+        assert_eq!(parsed.unknown, types[..MAX_UNKNOWN_ATTRIBUTES].to_vec());
+        // A CHANGE-REQUEST shorter than its 4 bytes is malformed.
+        assert_eq!(
+            parse_binding_request(&request_with(&[(ATTR_CHANGE_REQUEST, &[0, 0])])),
+            Err(StunError::MalformedAttribute { offset: 20 })
+        );
+        // So is a bad fingerprint, in a modern request.
+        let mut fp = Vec::new();
+        build_request([1; 12], None, &mut fp);
+        let last = fp.len() - 1;
+        fp[last] ^= 1;
+        assert!(matches!(
+            parse_binding_request(&fp),
+            Err(StunError::BadFingerprint { .. })
+        ));
+    }
+
+    #[test]
+    fn error_420_lists_the_unknown_attributes() {
+        let mut out = Vec::new();
+        build_unknown_attributes_error(Transaction::Rfc5389([2; 12]), &[0x7777], &mut out);
+        let mut expected = hex("01 11 00 24 21 12 a4 42");
+        expected.extend_from_slice(&[2; 12]);
+        expected.extend_from_slice(&hex("00 09 00 15 00 00 04 14"));
+        expected.extend_from_slice(b"Unknown Attribute\0\0\0");
+        // One type, padded by repeating it.
+        expected.extend_from_slice(&hex("00 0a 00 02 77 77 77 77"));
+        assert_eq!(out, expected);
+        assert_eq!(
+            parse_error_response(&out),
+            Ok((Transaction::Rfc5389([2; 12]), 420, vec![0x7777]))
+        );
+        // Classic form, two types.
+        let mut classic = Vec::new();
+        let id = [9u8; 16];
+        build_unknown_attributes_error(
+            Transaction::Rfc3489(id),
+            &[ATTR_CHANGE_REQUEST, 0x0002],
+            &mut classic,
+        );
+        assert_eq!(&classic[..4], &[0x01, 0x11, 0x00, 0x24]);
+        assert_eq!(&classic[4..20], &id);
+        assert_eq!(
+            parse_error_response(&classic),
+            Ok((
+                Transaction::Rfc3489(id),
+                420,
+                vec![ATTR_CHANGE_REQUEST, 0x0002]
+            ))
+        );
+        assert_eq!(
+            parse_error_response(&hex(RFC_RESPONSE_V4)),
+            Err(StunError::NotErrorResponse {
+                message_type: 0x0101
+            })
+        );
     }
 
     #[test]

@@ -98,15 +98,37 @@ fn stun_never_panics() {
     stun::build_request([3; 12], Some(stun::SOFTWARE_TAILNODE), &mut req);
     let mut resp = Vec::new();
     stun::build_response([3; 12], "192.0.2.1:32853".parse().expect("addr"), &mut resp);
+    let mut classic = vec![0, 1, 0, 8];
+    classic.extend_from_slice(&[7; 16]);
+    classic.extend_from_slice(&[0, 3, 0, 4, 0, 0, 0, 6]);
+    let mut error = Vec::new();
+    stun::build_unknown_attributes_error(
+        stun::Transaction::Rfc3489([7; 16]),
+        &[0x7777, 3],
+        &mut error,
+    );
     for i in 0..50_000 {
-        let input = match i % 3 {
+        let input = match i % 5 {
             0 => rng.bytes(200),
             1 => rng.mutate(&req),
+            2 => rng.mutate(&classic),
+            3 => rng.mutate(&error),
             _ => rng.mutate(&resp),
         };
         let _ = stun::is_stun(&input);
         let _ = stun::parse_request(&input);
         let _ = stun::parse_response(&input);
+        if let Ok(r) = stun::parse_binding_request(&input) {
+            assert!(r.unknown.len() <= stun::MAX_UNKNOWN_ATTRIBUTES);
+            let mut out = Vec::new();
+            stun::build_unknown_attributes_error(r.transaction, &r.unknown, &mut out);
+            assert_eq!(
+                stun::parse_error_response(&out),
+                Ok((r.transaction, stun::ERROR_UNKNOWN_ATTRIBUTE, r.unknown))
+            );
+        }
+        let _ = stun::parse_error_response(&input);
+        let _ = stun::parse_classic_response(&input);
     }
 }
 
