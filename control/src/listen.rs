@@ -5,7 +5,10 @@
 //!   reconnecting at once must not overflow the kernel's accept queue).
 //! - [`Acceptor`]: the accepted connections, each with TCP_NODELAY set (tonic ignores its own
 //!   `tcp_nodelay` for connections it did not accept), at most [`Limits::max_connections`] at a
-//!   time (over the cap a connection is closed at once).
+//!   time (over the cap a connection is closed at once). A failed accept (out of file
+//!   descriptors, say) pauses it, 10 ms doubling up to 1 s, instead of retrying at once as
+//!   tonic would (a busy loop that starved everything else); the admin socket keeps a spare
+//!   descriptor, so an operator can still get in when the process is out of them.
 //! - [`Conn`]: a connection with a deadline. It must start a request within
 //!   [`Limits::handshake_timeout`] of being accepted, and is closed after
 //!   [`Limits::idle_timeout`] without a request in flight (a node's map stream is always in
@@ -41,6 +44,43 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
 /// How many admin connections the local socket serves at once.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// The first pause after a failed accept; each further failure doubles it.
+pub const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest pause after failed accepts.
+pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// File descriptors kept out of reach of TCP connections: the database, the listeners, the
+/// admin socket's connections and the embedded DERP server's sockets need some too.
+pub const FD_RESERVE: u64 = 128;
+
+/// Raises the soft limit on open files to the hard limit (a server with thousands of nodes
+/// needs more than the usual soft 1024) and returns the soft limit now in force (`None`:
+/// unlimited).
+pub fn raise_nofile_limit() -> io::Result<Option<u64>> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // An unlimited hard limit still cannot exceed the kernel's fs.nr_open (2^20 by default).
+    let target = limit.maximum.unwrap_or(1 << 20);
+    if limit.current.is_some_and(|current| current < target) {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum: limit.maximum,
+            },
+        )?;
+    }
+    Ok(getrlimit(Resource::Nofile).current)
+}
+
+/// The TCP connection cap that leaves [`FD_RESERVE`] descriptors of `nofile` (the soft limit
+/// on open files; `None`: unlimited) for everything else.
+pub fn cap_for_fd_limit(max_connections: usize, nofile: Option<u64>) -> usize {
+    let Some(nofile) = nofile else {
+        return max_connections;
+    };
+    let room = usize::try_from(nofile.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+    max_connections.min(room).max(1)
+}
 
 /// Binds a TCP listener on `addr` whose accept queue holds `backlog` connections (tokio's
 /// `TcpListener::bind` always asks for 1024).
@@ -85,6 +125,8 @@ pub struct AcceptStats {
     handshake_timeouts: AtomicU64,
     idle_timeouts: AtomicU64,
     open: AtomicUsize,
+    backoff_ms: AtomicU64,
+    spare_used: AtomicU64,
 }
 
 impl AcceptStats {
@@ -116,6 +158,16 @@ impl AcceptStats {
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// The pause before the next accept after failures; zero while accepts succeed.
+    pub fn backoff(&self) -> Duration {
+        Duration::from_millis(self.backoff_ms.load(Ordering::Relaxed))
+    }
+
+    /// Connections accepted into the spare descriptor when the process had no other.
+    pub fn spare_used(&self) -> u64 {
+        self.spare_used.load(Ordering::Relaxed)
     }
 }
 
@@ -177,6 +229,11 @@ pub struct Acceptor<L> {
     limits: Limits,
     stats: Arc<AcceptStats>,
     logs: Arc<LogLimiter>,
+    backoff: Duration,
+    pause: Option<Pin<Box<Sleep>>>,
+    /// Keeps a spare descriptor (see [`Acceptor::with_spare_fd`]).
+    keep_spare: bool,
+    spare: Option<std::fs::File>,
 }
 
 impl<L: Listen> Acceptor<L> {
@@ -193,8 +250,43 @@ impl<L: Listen> Acceptor<L> {
             limits,
             stats,
             logs,
+            backoff: Duration::ZERO,
+            pause: None,
+            keep_spare: false,
+            spare: None,
         }
     }
+
+    /// Holds a spare file descriptor and gives it up to accept a connection when the process
+    /// has no other, so this listener still answers when the process is out of descriptors.
+    pub fn with_spare_fd(mut self) -> Self {
+        self.keep_spare = true;
+        self.spare = open_spare();
+        self
+    }
+}
+
+/// A descriptor to hold in reserve.
+fn open_spare() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+/// Whether an accept failed because the process or the system is out of file descriptors.
+fn out_of_fds(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(Errno::from_io_error(e), Some(Errno::MFILE | Errno::NFILE))
+}
+
+/// Whether an accept failed for the one connection only (it went away before it was taken),
+/// so the next can be taken at once.
+fn connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::PermissionDenied
+    )
 }
 
 impl<L: Listen> tokio_stream::Stream for Acceptor<L> {
@@ -203,13 +295,43 @@ impl<L: Listen> tokio_stream::Stream for Acceptor<L> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
+            if let Some(pause) = this.pause.as_mut() {
+                ready!(pause.as_mut().poll(cx));
+                this.pause = None;
+            }
             let (io, peer) = match ready!(this.listener.poll_accept(cx)) {
                 Ok(accepted) => accepted,
+                Err(e) if connection_error(&e) => {
+                    tracing::debug!(error = %e, "a connection went away before it was accepted");
+                    continue;
+                }
                 Err(e) => {
                     this.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    return Poll::Ready(Some(Err(e)));
+                    if out_of_fds(&e) && this.spare.take().is_some() {
+                        // Its descriptor is free now: take the connection with it.
+                        this.stats.spare_used.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    // The connection waits in the queue; retrying at once would spin.
+                    this.backoff = (this.backoff * 2).clamp(MIN_ACCEPT_BACKOFF, MAX_ACCEPT_BACKOFF);
+                    let ms = u64::try_from(this.backoff.as_millis()).unwrap_or(u64::MAX);
+                    this.stats.backoff_ms.store(ms, Ordering::Relaxed);
+                    if let Some(held_back) = this.logs.allow() {
+                        tracing::warn!(error = %e, retry_in = ?this.backoff, held_back,
+                            "cannot accept connections");
+                    }
+                    this.pause = Some(Box::pin(tokio::time::sleep(this.backoff)));
+                    continue;
                 }
             };
+            if !this.backoff.is_zero() {
+                this.backoff = Duration::ZERO;
+                this.stats.backoff_ms.store(0, Ordering::Relaxed);
+                tracing::info!("accepting connections again");
+            }
+            if this.keep_spare && this.spare.is_none() {
+                this.spare = open_spare();
+            }
             let slot = Slot::take(&this.stats);
             if slot.open_before >= this.limits.max_connections {
                 this.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -554,5 +676,18 @@ impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_connections_leave_descriptors_for_the_rest() {
+        assert_eq!(cap_for_fd_limit(16_384, Some(1024)), 1024 - 128);
+        assert_eq!(cap_for_fd_limit(16_384, Some(1 << 20)), 16_384);
+        assert_eq!(cap_for_fd_limit(16_384, None), 16_384);
+        assert_eq!(cap_for_fd_limit(16_384, Some(100)), 1);
     }
 }

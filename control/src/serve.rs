@@ -18,7 +18,9 @@ use warren_proto::control::control_server::ControlServer;
 use crate::config::Config;
 use crate::core::{Core, Settings};
 use crate::grpc::{AdminService, ControlService, MAX_REQUEST_BYTES, Shared};
-use crate::listen::{AcceptStats, Acceptor, Limits, MAX_ADMIN_CONNECTIONS, TrackLayer};
+use crate::listen::{
+    AcceptStats, Acceptor, Limits, MAX_ADMIN_CONNECTIONS, TrackLayer, cap_for_fd_limit,
+};
 use crate::ratelimit::LogLimiter;
 use crate::store::SqliteStore;
 use warren_proto::proof::unix_ms;
@@ -280,6 +282,10 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    match crate::listen::raise_nofile_limit() {
+        Ok(nofile) => tracing::info!(?nofile, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     let tcp = crate::listen::bind_tcp(config.listen_addr, config.connections.listen_backlog)
         .with_context(|| format!("listening on {}", config.listen_addr))?;
     serve_on(config, tcp, shutdown).await
@@ -337,10 +343,22 @@ pub async fn serve_with(
             return Err(e);
         }
     };
+    let connections = &config.connections;
+    // TCP connections never take the descriptors the database and the admin socket need.
+    let mut limits = connections.limits();
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    limits.max_connections = cap_for_fd_limit(limits.max_connections, nofile);
+    if limits.max_connections < connections.max_connections {
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            nofile,
+            "connections.max_connections lowered to fit the open files limit"
+        );
+    }
     tracing::info!(
         listen = %tcp.local_addr()?,
         socket = %socket.display(),
-        max_connections = config.connections.max_connections,
+        max_connections = limits.max_connections,
         "warren-control serving"
     );
 
@@ -356,8 +374,6 @@ pub async fn serve_with(
     };
     // One limiter for every warning a peer can cause, so none of them can fill the log.
     let logs = Arc::new(LogLimiter::default());
-    let connections = &config.connections;
-    let limits = connections.limits();
     let admin_limits = Limits {
         max_connections: MAX_ADMIN_CONNECTIONS,
         ..limits
@@ -379,7 +395,7 @@ pub async fn serve_with(
     let unix_server = builder()
         .add_service(admin_local)
         .serve_with_incoming_shutdown(
-            Acceptor::new(unix, admin_limits, stats.admin, logs),
+            Acceptor::new(unix, admin_limits, stats.admin, logs).with_spare_fd(),
             stopped(shared.stopping.subscribe()),
         );
     let result = tokio::try_join!(tcp_server, unix_server);
