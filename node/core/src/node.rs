@@ -3,7 +3,9 @@
 //! (direct UDP once disco has confirmed one, DERP otherwise), answers and sends disco pings,
 //! and runs netcheck. The shell calls `handle_*` with input and the current time, then drains
 //! `poll_transmit` (to the UDP socket or a DERP connection), `poll_tun` (to the device) and
-//! `poll_event`, and re-arms one timer from `poll_timeout`.
+//! `poll_event`, and re-arms one timer from `poll_timeout`. Every packet decrypted from a
+//! peer passes the packet [`Filter`] (allow-all until [`Node::set_filter`]) before it reaches
+//! `poll_tun`; packets from the TUN device record their flows so replies pass.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -14,6 +16,7 @@ use ipnet::IpNet;
 use warren_proto::disco::{self, DiscoError, Message};
 use warren_proto::{DiscoPublicKey, DiscoSecretKey, NodePublicKey, NodeSecretKey, stun};
 
+use crate::filter::{DropReason, Filter, FlowTable, Verdict};
 use crate::ip::{self, IpError};
 use crate::netcheck::{self, Netcheck, RegionId, Report, StunServer};
 use crate::path::{Paths, PingOut, Route, TxId};
@@ -243,6 +246,15 @@ pub enum NodeError {
         /// What WireGuard said.
         error: WgError,
     },
+    /// The packet filter dropped a packet from a peer (counted in
+    /// [`PeerStats::filter_drops`]).
+    #[error("packet from {peer} dropped by the filter: {reason}")]
+    Filtered {
+        /// The peer.
+        peer: NodePublicKey,
+        /// Why.
+        reason: DropReason,
+    },
     /// A peer sent a packet from an address it may not use.
     #[error("peer {peer} may not send from {src}")]
     SourceNotAllowed {
@@ -303,6 +315,8 @@ pub struct PeerStats {
     pub latency: Option<Duration>,
     /// Session counters.
     pub session: SessionStats,
+    /// Packets from this peer the packet filter dropped.
+    pub filter_drops: u64,
 }
 
 #[derive(Debug)]
@@ -311,6 +325,7 @@ struct Peer {
     index: u32,
     session: Session,
     paths: Paths,
+    filter_drops: u64,
 }
 
 /// Where an incoming packet came from.
@@ -465,6 +480,8 @@ pub struct Node {
     endpoints: Vec<SocketAddr>,
     user_pings: BTreeMap<TxId, UserPing>,
     next_ping_id: u64,
+    filter: Filter,
+    flows: FlowTable,
 }
 
 impl Node {
@@ -494,6 +511,8 @@ impl Node {
             endpoints: Vec::new(),
             user_pings: BTreeMap::new(),
             next_ping_id: 1,
+            filter: Filter::allow_all(),
+            flows: FlowTable::new(),
         }
     }
 
@@ -520,6 +539,24 @@ impl Node {
     /// The last finished netcheck.
     pub fn last_report(&self) -> Option<&Report> {
         self.last_report.as_ref()
+    }
+
+    /// Replaces the packet filter for traffic from peers. The flows this node started are
+    /// kept, so their replies still pass the new filter.
+    pub fn set_filter(&mut self, filter: Filter) {
+        if filter != self.filter {
+            tracing::debug!(
+                allow_all = filter.is_allow_all(),
+                rules = filter.rules().len(),
+                "packet filter replaced"
+            );
+            self.filter = filter;
+        }
+    }
+
+    /// The packet filter in force.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
     }
 
     /// Replaces the whole peer set with a full netmap's; known peers keep their sessions.
@@ -571,6 +608,7 @@ impl Node {
                     index,
                     session,
                     paths,
+                    filter_drops: 0,
                 },
             );
         }
@@ -653,9 +691,11 @@ impl Node {
             peers,
             scratch,
             transmits,
+            flows,
             ..
         } = self;
         let peer = peers.get_mut(&key).ok_or(NodeError::NoRoute { dst })?;
+        flows.note_outbound(packet, now);
         peer.paths.note_sent(now);
         let mut datagrams = Vec::new();
         peer.session
@@ -757,12 +797,16 @@ impl Node {
             transmits,
             to_tun,
             routes,
+            filter,
+            flows,
             ..
         } = self;
         let Some(peer) = peers.get_mut(&key) else {
             return Ok(());
         };
         let mut refused = None;
+        let mut filtered = None;
+        let mut drops = 0;
         let mut replies = Vec::new();
         peer.session
             .decapsulate(
@@ -772,10 +816,17 @@ impl Node {
                 &mut |out| match out {
                     WgOutput::Network(d) => replies.push(d.to_vec()),
                     WgOutput::Tunnel(p, src) => {
-                        if routes.allows(&key, src) {
-                            to_tun.push_back(p.to_vec());
-                        } else {
+                        if !routes.allows(&key, src) {
                             refused = Some(src);
+                            return;
+                        }
+                        match filter.check(p, flows, now) {
+                            Verdict::Accept(_) => to_tun.push_back(p.to_vec()),
+                            Verdict::Drop(reason) => {
+                                tracing::trace!(peer = %key.short(), %reason, "filter: dropped");
+                                filtered = Some(reason);
+                                drops += 1;
+                            }
                         }
                     }
                 },
@@ -788,12 +839,14 @@ impl Node {
             // WireGuard authenticated it: the peer is at `a` (answers go there first).
             peer.paths.note_wg_from(a, now);
         }
+        peer.filter_drops += drops;
         for d in &replies {
             route_datagram(peer, d, now, transmits);
         }
-        match refused {
-            Some(src) => Err(NodeError::SourceNotAllowed { peer: key, src }),
-            None => Ok(()),
+        match (refused, filtered) {
+            (Some(src), _) => Err(NodeError::SourceNotAllowed { peer: key, src }),
+            (None, Some(reason)) => Err(NodeError::Filtered { peer: key, reason }),
+            (None, None) => Ok(()),
         }
     }
 
@@ -1183,6 +1236,7 @@ impl Node {
                     latency: status.latency(),
                     status,
                     session: p.session.stats(),
+                    filter_drops: p.filter_drops,
                 }
             })
             .collect()
@@ -1468,6 +1522,86 @@ mod tests {
             .map(|t| t.dst)
             .collect();
         assert_eq!(reply, vec![Dest::Udp(p.b_addr)]);
+    }
+
+    fn udp_packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ipv4(src, dst, 64)
+            .udp(sport, dport)
+            .write(&mut v, b"query")
+            .expect("build");
+        v
+    }
+
+    fn tcp_syn(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ipv4(src, dst, 64)
+            .tcp(sport, dport, 1, 1024)
+            .syn()
+            .write(&mut v, &[])
+            .expect("build");
+        v
+    }
+
+    #[test]
+    fn filter_drops_what_no_rule_allows_counts_it_per_peer_and_lets_replies_in() {
+        use crate::filter::{DstPorts, IpProto, PortRange, Rule};
+        let now = Instant::now();
+        let mut p = pair(now);
+        let ka = p.a.public_key();
+        let (a_ip, b_ip) = ([100, 64, 0, 1], [100, 64, 0, 2]);
+        assert!(
+            p.b.filter().is_allow_all(),
+            "no filter until control sends one"
+        );
+        // While B has no filter it queries A: a flow B started.
+        let query = udp_packet(b_ip, a_ip, 5000, 53);
+        p.b.handle_tun_packet(&query, now).expect("routed");
+        exchange(&mut p, now);
+        assert_eq!(p.a.poll_tun(), Some(query));
+        // Now B lets A reach TCP 22 only.
+        let ssh_only = Filter::new(
+            vec!["100.64.0.2/32".parse().expect("net")],
+            vec![Rule {
+                srcs: vec!["100.64.0.1/32".parse().expect("net")],
+                dsts: vec![DstPorts {
+                    net: "100.64.0.2/32".parse().expect("net"),
+                    ports: PortRange::single(22),
+                }],
+                protos: vec![IpProto::TCP],
+            }],
+        );
+        p.b.set_filter(ssh_only.clone());
+        assert_eq!(p.b.filter(), &ssh_only);
+        let ssh = tcp_syn(a_ip, b_ip, 40000, 22);
+        p.a.handle_tun_packet(&ssh, now).expect("routed");
+        exchange(&mut p, now);
+        assert_eq!(p.b.poll_tun(), Some(ssh));
+        // UDP to B is decrypted, then dropped and counted against A.
+        let dns = udp_packet(a_ip, b_ip, 6000, 53);
+        p.a.handle_tun_packet(&dns, now).expect("routed");
+        let t = p.a.poll_transmit().expect("data");
+        assert_eq!(
+            p.b.handle_udp(p.a_addr, &t.payload, now),
+            Err(NodeError::Filtered {
+                peer: ka,
+                reason: DropReason::NoRule
+            })
+        );
+        assert_eq!(p.b.poll_tun(), None);
+        assert_eq!(p.b.peer_stats(now)[0].filter_drops, 1);
+        assert_eq!(p.a.peer_stats(now)[0].filter_drops, 0);
+        // A's answer to B's query passes the new filter: the flow outlived the old one.
+        let answer = udp_packet(a_ip, b_ip, 53, 5000);
+        p.a.handle_tun_packet(&answer, now).expect("routed");
+        exchange(&mut p, now);
+        assert_eq!(p.b.poll_tun(), Some(answer));
+        assert_eq!(p.b.peer_stats(now)[0].filter_drops, 1);
+        // Back to no policy: everything passes again.
+        p.b.set_filter(Filter::allow_all());
+        p.a.handle_tun_packet(&dns, now).expect("routed");
+        exchange(&mut p, now);
+        assert_eq!(p.b.poll_tun(), Some(dns));
     }
 
     #[test]
