@@ -2,6 +2,7 @@
 //! key) and `Admin` for operators (an API key over TCP; none over the local unix socket). They
 //! check input, lock the [`Core`] briefly, and turn results into responses.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::Stream;
+use tonic::codegen::http;
 use tonic::{Request, Response, Status};
 use warren_proto::control::admin_server::Admin;
 use warren_proto::control::control_server::Control;
@@ -20,10 +22,106 @@ use warren_proto::{ControlSecretKey, DiscoPublicKey, NodePublicKey};
 
 use crate::core::{Core, NewAuthKey};
 use crate::error::ControlError;
+use crate::listen::ConnInfo;
+use crate::ratelimit::LogLimiter;
 use crate::store::{ApiKeyRecord, PreAuthKeyRecord};
 
 /// Largest request message accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// How tonic words the INTERNAL statuses it answers a request it cannot decode with (prost's
+/// `DecodeError`, a bad frame, a missing message). gRPC's status table calls a request that
+/// does not parse INTERNAL; to the sender it is its own error, INVALID_ARGUMENT.
+const DECODE_FAILURES: [&str; 5] = [
+    "failed to decode Protobuf message",
+    "protocol error:",
+    "Missing request message",
+    "Unexpected EOF decoding stream",
+    "Error decompressing",
+];
+
+/// Whether `status` is tonic's answer to a request it could not decode.
+fn is_decode_failure(status: &Status) -> bool {
+    status.code() == tonic::Code::Internal
+        && DECODE_FAILURES
+            .iter()
+            .any(|prefix| status.message().starts_with(prefix))
+}
+
+/// Answers requests tonic could not decode with INVALID_ARGUMENT instead of INTERNAL, and logs
+/// them (a warning, rate-limited: any peer can send them).
+#[derive(Debug, Clone)]
+pub struct MalformedRequestLayer {
+    logs: Arc<LogLimiter>,
+}
+
+impl MalformedRequestLayer {
+    /// Logs through `logs`.
+    pub fn new(logs: Arc<LogLimiter>) -> Self {
+        Self { logs }
+    }
+}
+
+impl<S> tower::Layer<S> for MalformedRequestLayer {
+    type Service = MalformedRequest<S>;
+
+    fn layer(&self, inner: S) -> MalformedRequest<S> {
+        MalformedRequest {
+            inner,
+            logs: Arc::clone(&self.logs),
+        }
+    }
+}
+
+/// The service [`MalformedRequestLayer`] wraps around the server's routes.
+#[derive(Debug, Clone)]
+pub struct MalformedRequest<S> {
+    inner: S,
+    logs: Arc<LogLimiter>,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for MalformedRequest<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let peer = req.extensions().get::<ConnInfo>().map(ConnInfo::peer);
+        let method = req.uri().path().to_owned();
+        let logs = Arc::clone(&self.logs);
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let mut response = response.await?;
+            // A request refused before its handler ran carries its status in the headers.
+            if let Some(status) = Status::from_header_map(response.headers())
+                && is_decode_failure(&status)
+            {
+                let refused =
+                    Status::invalid_argument(format!("malformed request: {}", status.message()));
+                if refused.add_header(response.headers_mut()).is_err() {
+                    tracing::debug!("cannot rewrite a status header");
+                }
+                if let Some(held_back) = logs.allow() {
+                    let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+                    tracing::warn!(%peer, %method, error = status.message(), held_back,
+                        "malformed request");
+                }
+            }
+            Ok(response)
+        })
+    }
+}
 
 fn random30() -> Result<[u8; 30], Status> {
     let mut b = [0u8; 30];

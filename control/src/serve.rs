@@ -17,7 +17,7 @@ use warren_proto::control::control_server::ControlServer;
 
 use crate::config::Config;
 use crate::core::{Core, Settings};
-use crate::grpc::{AdminService, ControlService, MAX_REQUEST_BYTES, Shared};
+use crate::grpc::{AdminService, ControlService, MAX_REQUEST_BYTES, MalformedRequestLayer, Shared};
 use crate::listen::{
     AcceptStats, Acceptor, Limits, MAX_ADMIN_CONNECTIONS, TrackLayer, cap_for_fd_limit,
 };
@@ -384,6 +384,7 @@ pub async fn serve_with(
             .http2_keepalive_interval(Some(connections.http2_ping_interval))
             .http2_keepalive_timeout(Some(connections.http2_ping_timeout))
             .layer(TrackLayer)
+            .layer(MalformedRequestLayer::new(Arc::clone(&logs)))
     };
     let tcp_server = builder()
         .add_service(control)
@@ -395,7 +396,7 @@ pub async fn serve_with(
     let unix_server = builder()
         .add_service(admin_local)
         .serve_with_incoming_shutdown(
-            Acceptor::new(unix, admin_limits, stats.admin, logs).with_spare_fd(),
+            Acceptor::new(unix, admin_limits, stats.admin, Arc::clone(&logs)).with_spare_fd(),
             stopped(shared.stopping.subscribe()),
         );
     let result = tokio::try_join!(tcp_server, unix_server);
