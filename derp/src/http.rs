@@ -86,8 +86,11 @@ pub async fn serve(
                 let (stream, remote) = match accepted {
                     Ok(v) => v,
                     Err(e) => {
-                        // Out of file descriptors and the like: back off a little, keep serving.
-                        warn!(error = %e, "accept failed");
+                        // Out of file descriptors and the like (a flood of connections can
+                        // cause it): back off a little, keep serving.
+                        if let Some(held_back) = relay.peer_log().allow() {
+                            warn!(error = %e, held_back, "accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }

@@ -5,6 +5,7 @@
 //! - [`http`]: the HTTP(S) front: `/derp` upgrade, probes, `/generate_204`.
 //! - [`stun`]: the STUN Binding server.
 //! - [`verify`]: optional client verification against warren-control.
+//! - [`log_limit`]: the bound on log lines that peers can cause.
 //! - [`client`]: the DERP client nodes and tests use.
 //! - [`config`]: the TOML configuration.
 //!
@@ -15,6 +16,7 @@ pub mod client;
 pub mod config;
 pub(crate) mod frame;
 pub mod http;
+pub mod log_limit;
 pub mod server;
 pub mod stun;
 pub mod verify;

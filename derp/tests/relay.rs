@@ -962,3 +962,63 @@ async fn dial_address_connects_while_tls_checks_the_name() {
         .expect("dialled by address, verified by name");
     running.shutdown().await;
 }
+
+/// A `tracing` writer into a shared buffer, to read what the relay logged.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A refused client's reason is logged at info, and a flood of them writes a bounded number
+/// of lines (one limiter shared by every such site).
+#[tokio::test]
+async fn refused_clients_are_logged_at_info_a_bounded_number_of_times() {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .finish();
+    // The relay's tasks run on this test's (current-thread) runtime, so on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let (running, _) = start(RelayOptions::default()).await;
+    const FLOOD: usize = 3 * warren_derp::log_limit::PEER_LOG_BURST as usize;
+    for _ in 0..FLOOD {
+        let (mut raw, _) = Raw::upgrade(running.http_addr).await;
+        assert!(matches!(raw.frame().await, Some(Frame::ServerKey { .. })));
+        raw.send(&Frame::ClientInfo {
+            key: NodeSecretKey::generate().public_key(),
+            nonce: [0; 24],
+            sealed: vec![0xee; 64],
+        })
+        .await;
+        raw.expect_closed().await;
+    }
+    assert_eq!(running.relay.stats().refused, FLOOD as u64);
+    let text = String::from_utf8(logs.0.lock().expect("log").clone()).expect("utf-8");
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("client refused"))
+        .collect();
+    assert_eq!(
+        refused.len(),
+        warren_derp::log_limit::PEER_LOG_BURST as usize,
+        "{text}"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|l| l.contains(" INFO ") && l.contains("info box does not open")),
+        "{text}"
+    );
+    running.shutdown().await;
+}

@@ -740,7 +740,7 @@ pub enum InfoError {
         /// The field, as warren names it.
         field: &'static str,
     },
-    /// The mesh key was neither empty nor 64 hex digits.
+    /// A mesh key (in a file or given as text) is not 64 hex digits.
     #[error("mesh key is not 64 hex digits")]
     BadMeshKey,
 }
@@ -786,7 +786,8 @@ impl ClientInfo {
 
     /// Reads `ClientInfo` JSON from any client: field names match case-insensitively and
     /// ignoring `_`/`-` (Go's `meshKey`/`CanAckPings`, snake_case from others), every field is
-    /// optional, unknown fields are ignored, and an empty mesh key means none.
+    /// optional, unknown fields are ignored, and a mesh key that is not 64 hex digits (absent,
+    /// empty, `"none"`, anything else) means none: the client is an ordinary one.
     pub fn from_json(json: &[u8]) -> Result<Self, InfoError> {
         let mut info = ClientInfo {
             version: 0,
@@ -799,11 +800,13 @@ impl ClientInfo {
             match normalize(&name).as_str() {
                 "version" => info.version = json_u32(&value, "version")?,
                 "meshkey" => {
+                    // Anything but 64 hex digits is "no mesh key": Tailscale's Rust client
+                    // sends "none", old Go clients "" (Go's server would not even read
+                    // snake_case `mesh_key`). Only a matching key grants anything, so a
+                    // malformed one refuses nothing.
                     info.mesh_key = match &value {
-                        serde_json::Value::Null => None,
-                        serde_json::Value::String(s) if s.trim().is_empty() => None,
-                        serde_json::Value::String(s) => Some(s.parse()?),
-                        _ => return Err(InfoError::BadMeshKey),
+                        serde_json::Value::String(s) => s.parse().ok(),
+                        _ => None,
                     }
                 }
                 "canackpings" => info.can_ack_pings = json_bool(&value, "can_ack_pings")?,
@@ -1343,10 +1346,29 @@ mod tests {
                 .token_bucket_bytes_burst,
             7
         );
-        assert_eq!(
-            ClientInfo::from_json(br#"{"meshKey":"zz"}"#),
-            Err(InfoError::BadMeshKey)
+        // Tailscale's Rust client (ts_derp 0.6): snake_case and "mesh_key":"none".
+        let ts = ClientInfo::from_json(
+            br#"{"can_ack_pings":false,"is_prober":false,"mesh_key":"none","version":2}"#,
         );
+        assert_eq!(
+            ts,
+            Ok(ClientInfo {
+                version: 2,
+                mesh_key: None,
+                can_ack_pings: false,
+                is_prober: false,
+                app_name: None,
+            })
+        );
+        // Whatever else is not a key is no key either, never a refusal.
+        for bad in [r#""zz""#, r#""none ""#, "42", "null", "[1]", r#""abab""#] {
+            let json = format!(r#"{{"version":2,"meshKey":{bad}}}"#);
+            assert_eq!(
+                ClientInfo::from_json(json.as_bytes()).map(|i| i.mesh_key),
+                Ok(None),
+                "{json}"
+            );
+        }
         assert_eq!(
             ClientInfo::from_json(br#"{"version":"2"}"#),
             Err(InfoError::BadField { field: "version" })

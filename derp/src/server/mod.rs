@@ -32,6 +32,7 @@ use warren_proto::{DerpPublicKey, DerpSecretKey, NodePublicKey, NodeSecretKey};
 
 use crate::client::{Client, ClientEvent, ClientSender, ConnectOptions};
 use crate::frame::{FrameReader, ReadError, write_frame};
+use crate::log_limit::LogLimiter;
 use crate::verify::Verifier;
 use queue::{ClientQueue, Next, Pushed};
 use registry::{ConnId, MeshLinkId, Registry, Route};
@@ -185,6 +186,10 @@ struct Inner {
     /// Links to the other servers of the region, for `ForwardPacket`.
     mesh_links: Mutex<BTreeMap<MeshLinkId, ClientSender>>,
     next_link: AtomicU64,
+    /// Shared by every info/warn line a connection can cause before or without proving
+    /// anything (refusals, bad frames, connects on an open relay), so a flood of clients
+    /// writes a bounded number of lines.
+    peer_log: LogLimiter,
 }
 
 /// A DERP relay. Cheap to clone; feed it connections with [`Relay::accept`].
@@ -239,6 +244,7 @@ impl Relay {
                 shutdown,
                 mesh_links: Mutex::new(BTreeMap::new()),
                 next_link: AtomicU64::new(1),
+                peer_log: LogLimiter::default(),
             }),
         }
     }
@@ -254,6 +260,11 @@ impl Relay {
             .registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The limiter for log lines that peers can cause (shared with the HTTP front).
+    pub(crate) fn peer_log(&self) -> &LogLimiter {
+        &self.inner.peer_log
     }
 
     /// A snapshot of the counters.
@@ -439,6 +450,7 @@ impl Relay {
         .instrument(span.clone())
         .await;
         let _enter = span.enter();
+        let log = &self.inner.peer_log;
         match result {
             Ok(()) => debug!("connection closed"),
             Err(ConnError::Read(ReadError::Closed)) => debug!("client hung up"),
@@ -447,10 +459,25 @@ impl Relay {
                     .counters
                     .bad_frames
                     .fetch_add(1, Ordering::Relaxed);
-                warn!(error = %e, "closing connection: bad frame");
+                if let Some(held_back) = log.allow() {
+                    warn!(error = %e, held_back, "closing connection: bad frame");
+                }
             }
-            Err(e @ (ConnError::Refused | ConnError::VerifyFailed(_))) => {
-                info!(error = %e, "client refused");
+            Err(e @ ConnError::NotPermitted(_)) => {
+                if let Some(held_back) = log.allow() {
+                    warn!(error = %e, held_back, "closing connection: frame not permitted");
+                }
+            }
+            Err(
+                e @ (ConnError::Refused
+                | ConnError::VerifyFailed(_)
+                | ConnError::HandshakeTimeout
+                | ConnError::NotClientInfo(_)
+                | ConnError::BadClientInfo(_)),
+            ) => {
+                if let Some(held_back) = log.allow() {
+                    info!(error = %e, held_back, "client refused");
+                }
             }
             Err(e) => debug!(error = %e, "connection ended"),
         }
@@ -487,7 +514,14 @@ impl Relay {
                     Ok(true) => {}
                     Ok(false) => return Err(ConnError::Refused),
                     Err(e) if self.inner.options.verify_fail_open => {
-                        warn!(error = %e, %key, "verification failed; admitting (fail open)");
+                        if let Some(held_back) = self.inner.peer_log.allow() {
+                            warn!(
+                                error = %e,
+                                %key,
+                                held_back,
+                                "verification failed; admitting (fail open)"
+                            );
+                        }
                     }
                     Err(e) => return Err(ConnError::VerifyFailed(e)),
                 }
@@ -511,12 +545,16 @@ impl Relay {
         tracing::Span::current().record("peer", tracing::field::display(key.short()));
 
         let registration = self.register(key, mesh_peer);
-        info!(
-            conn = registration.conn.0,
-            mesh_peer,
-            version = info.version,
-            "client connected"
-        );
+        // On an open relay anyone can connect: limited like the refusals.
+        if let Some(held_back) = self.inner.peer_log.allow() {
+            info!(
+                conn = registration.conn.0,
+                mesh_peer,
+                version = info.version,
+                held_back,
+                "client connected"
+            );
+        }
         self.relay(&mut reader, &mut wr, &registration).await
     }
 
@@ -540,11 +578,14 @@ impl Relay {
         };
         if let Some((old, old_queue)) = registered.replaced {
             self.inner.counters.replaced.fetch_add(1, Ordering::Relaxed);
-            info!(
-                old = old.0,
-                new = registered.conn.0,
-                "newer connection replaces older one"
-            );
+            if let Some(held_back) = self.inner.peer_log.allow() {
+                info!(
+                    old = old.0,
+                    new = registered.conn.0,
+                    held_back,
+                    "newer connection replaces older one"
+                );
+            }
             old_queue.close(Some(REPLACED_HEALTH.to_owned()));
         }
         Registration {
