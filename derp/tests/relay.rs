@@ -963,6 +963,44 @@ async fn dial_address_connects_while_tls_checks_the_name() {
     running.shutdown().await;
 }
 
+/// A client sending frames the relay does not act on (an unknown type and a server-only
+/// type, each as large as allowed) keeps its connection, and its traffic still flows.
+#[tokio::test]
+async fn large_ignored_frames_are_skipped_and_traffic_goes_on() {
+    let (running, url) = start(RelayOptions::default()).await;
+    let kb = NodeSecretKey::generate();
+    let mut b = connect(&url, &kb).await;
+    let ka = NodeSecretKey::generate();
+    let mut raw = Raw::handshake(running.http_addr, &ka).await;
+    raw.send(&Frame::Unknown {
+        frame_type: derp::FrameType(0x7f),
+        payload: vec![0x11; derp::MAX_INFO_LEN],
+    })
+    .await;
+    raw.send(&Frame::SendPacket {
+        dst: kb.public_key(),
+        packet: b"after unknown".to_vec(),
+    })
+    .await;
+    assert_eq!(recv_packet(&mut b).await.1, b"after unknown".to_vec());
+    raw.send(&Frame::Health {
+        problem: "h".repeat(derp::MAX_INFO_LEN),
+    })
+    .await;
+    raw.send(&Frame::SendPacket {
+        dst: kb.public_key(),
+        packet: vec![0x22; derp::MAX_PACKET_SIZE],
+    })
+    .await;
+    assert_eq!(
+        recv_packet(&mut b).await,
+        (ka.public_key(), vec![0x22; derp::MAX_PACKET_SIZE])
+    );
+    let stats = running.relay.stats();
+    assert_eq!((stats.bad_frames, stats.clients), (0, 2));
+    running.shutdown().await;
+}
+
 /// A `tracing` writer into a shared buffer, to read what the relay logged.
 #[derive(Clone, Default)]
 struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);

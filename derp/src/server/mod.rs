@@ -607,6 +607,8 @@ impl Relay {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        // Past the handshake, what the relay does not act on is read past, not buffered.
+        reader.set_skip(client_frame_skip);
         let info = ServerInfo::default();
         let frame = seal_server_info(&self.inner.key, &client.key, random_nonce(), &info);
         write_frame(wr, &frame).await?;
@@ -872,6 +874,24 @@ fn client_frame_limit(frame_type: derp::FrameType) -> usize {
         | derp::FrameType::CLOSE_PEER => MAX_PING_LEN,
         other => other.max_payload_len(),
     }
+}
+
+/// Frames a connected client may send that the relay does not act on: unknown types and the
+/// ones only servers send. They are discarded without buffering (as Tailscale's server
+/// discards unknown frames), within the type's limit.
+fn client_frame_skip(frame_type: derp::FrameType) -> bool {
+    use derp::FrameType as T;
+    !matches!(
+        frame_type,
+        T::SEND_PACKET
+            | T::FORWARD_PACKET
+            | T::NOTE_PREFERRED
+            | T::PING
+            | T::PONG
+            | T::KEEP_ALIVE
+            | T::CLOSE_PEER
+            | T::WATCH_CONNS
+    )
 }
 
 /// Resolves when `rx` says stop (or its sender is gone, which never happens while the relay
