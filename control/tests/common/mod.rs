@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
+use prost::bytes::{Buf, BufMut};
 use tokio::net::TcpListener;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use warren_control::config::Config;
 use warren_control::serve::ServeStats;
@@ -183,4 +186,74 @@ pub fn stream_req(node: &NodeSecretKey, server: &ControlPublicKey) -> StreamMapR
     let mut req = StreamMapRequest { proof: None };
     req.proof = Some(sign(node, server, "StreamMapResponse", &req));
     req
+}
+
+/// Sends and receives message bytes as they are.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Raw;
+
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let bytes = src.chunk().to_vec();
+        src.advance(bytes.len());
+        Ok(Some(bytes))
+    }
+}
+
+/// Calls `method` with `message` as the request's protobuf bytes.
+pub async fn call_raw(channel: &Channel, method: &'static str, message: &[u8]) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.expect("ready");
+    grpc.unary(
+        tonic::Request::new(message.to_vec()),
+        PathAndQuery::from_static(method),
+        Raw,
+    )
+    .await
+    .expect_err("a malformed request is refused")
+}
+
+/// Not protobuf: a truncated varint, a length past the end, a reserved wire type, field 0.
+pub const MALFORMED: [&[u8]; 4] = [&[0x0a, 0xff], &[0x0a, 0x05, 0x01], &[0x0f], &[0x00, 0x01]];
+
+/// GetServerKey with its empty (valid) request.
+pub async fn call_raw_ok(channel: &Channel) -> Vec<u8> {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.expect("ready");
+    grpc.unary(
+        tonic::Request::new(Vec::new()),
+        PathAndQuery::from_static("/warren.control.v1.Control/GetServerKey"),
+        Raw,
+    )
+    .await
+    .expect("served")
+    .into_inner()
 }
