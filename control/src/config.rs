@@ -144,6 +144,10 @@ pub struct DerpServer {
     pub listen_addr: SocketAddr,
     /// Where STUN listens.
     pub stun_listen_addr: SocketAddr,
+    /// A second STUN address, given to nodes as a STUN-only node of the region so netcheck
+    /// can compare two mappings and tell a NAT that maps per destination (hard NAT): by
+    /// default the next port of `stun_listen_addr`; "off", or an address.
+    pub stun_alt_listen_addr: AltStun,
     /// The address nodes use to reach it; empty means the host of `server_url`.
     pub ipv4: String,
     /// Its key file, created on first start [default: `derp_server_private.key` beside
@@ -164,6 +168,7 @@ impl Default for DerpServer {
             region_name: "warren embedded DERP".into(),
             listen_addr: SocketAddr::from(([0, 0, 0, 0], 3340)),
             stun_listen_addr: SocketAddr::from(([0, 0, 0, 0], 3478)),
+            stun_alt_listen_addr: AltStun::default(),
             ipv4: String::new(),
             private_key_path: None,
             automatically_add_embedded_derp_region: true,
@@ -176,6 +181,51 @@ impl Derp {
     /// Whether the embedded server runs.
     pub fn embedded(&self) -> bool {
         self.server.enabled.unwrap_or(self.paths.is_empty())
+    }
+}
+
+/// Where the embedded server's second STUN address is (`derp.server.stun_alt_listen_addr`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AltStun {
+    /// The port after `stun_listen_addr`'s, on the same address (an ephemeral port when that
+    /// one is ephemeral).
+    #[default]
+    NextPort,
+    /// No second address ("off").
+    Off,
+    /// This address.
+    At(SocketAddr),
+}
+
+impl<'de> Deserialize<'de> for AltStun {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "off" => Ok(AltStun::Off),
+            "next-port" => Ok(AltStun::NextPort),
+            addr => addr.parse().map(AltStun::At).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "{text:?} is not \"off\", \"next-port\" or an address like \"0.0.0.0:3479\""
+                ))
+            }),
+        }
+    }
+}
+
+impl DerpServer {
+    /// The second STUN address, if any; `None` also when `stun_listen_addr` has no next port
+    /// (the configuration check refuses that).
+    pub fn stun_alt_listen(&self) -> Option<SocketAddr> {
+        let main = self.stun_listen_addr;
+        match self.stun_alt_listen_addr {
+            AltStun::Off => None,
+            AltStun::At(addr) => Some(addr),
+            AltStun::NextPort if main.port() == 0 => Some(main),
+            AltStun::NextPort => main
+                .port()
+                .checked_add(1)
+                .map(|p| SocketAddr::new(main.ip(), p)),
+        }
     }
 }
 
@@ -371,6 +421,23 @@ impl Config {
                 reason: "must be octal, like \"0770\"".into(),
             });
         }
+        let server = &self.derp.server;
+        if server.stun_alt_listen_addr == AltStun::NextPort && server.stun_alt_listen().is_none() {
+            return Err(ConfigError::Invalid {
+                key: "derp.server.stun_alt_listen_addr",
+                reason: "derp.server.stun_listen_addr has no next port; name an address or \"off\""
+                    .into(),
+            });
+        }
+        if let AltStun::At(alt) = server.stun_alt_listen_addr
+            && alt == server.stun_listen_addr
+            && alt.port() != 0
+        {
+            return Err(ConfigError::Invalid {
+                key: "derp.server.stun_alt_listen_addr",
+                reason: "must differ from derp.server.stun_listen_addr".into(),
+            });
+        }
         let c = &self.connections;
         for (key, zero) in [
             ("connections.listen_backlog", c.listen_backlog == 0),
@@ -560,6 +627,64 @@ base_domain = "example.test"
             Path::new("c.toml"),
         )
         .expect("a /64 inside the range");
+    }
+
+    #[test]
+    fn second_stun_address_defaults_to_the_next_port() {
+        let server = |text: &str| {
+            Config::parse(text, Path::new("c.toml")).map(|c| {
+                (
+                    c.derp.server.stun_alt_listen_addr,
+                    c.derp.server.stun_alt_listen(),
+                )
+            })
+        };
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(
+            server("").expect("default"),
+            (AltStun::NextPort, Some(addr("0.0.0.0:3479")))
+        );
+        assert_eq!(
+            server("[derp.server]\nstun_listen_addr = \"127.0.0.1:0\"\n").expect("ephemeral"),
+            (AltStun::NextPort, Some(addr("127.0.0.1:0")))
+        );
+        assert_eq!(
+            server("[derp.server]\nstun_alt_listen_addr = \"off\"\n").expect("off"),
+            (AltStun::Off, None)
+        );
+        assert_eq!(
+            server("[derp.server]\nstun_alt_listen_addr = \"192.0.2.9:3478\"\n").expect("at"),
+            (
+                AltStun::At(addr("192.0.2.9:3478")),
+                Some(addr("192.0.2.9:3478"))
+            )
+        );
+        let err = server("[derp.server]\nstun_listen_addr = \"0.0.0.0:65535\"\n")
+            .expect_err("no next port");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    key: "derp.server.stun_alt_listen_addr",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = server("[derp.server]\nstun_alt_listen_addr = \"0.0.0.0:3478\"\n")
+            .expect_err("the same address");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    key: "derp.server.stun_alt_listen_addr",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = server("[derp.server]\nstun_alt_listen_addr = \"of\"\n").expect_err("typo");
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
     }
 
     #[test]

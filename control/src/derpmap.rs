@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use warren_proto::control::{DerpMap, DerpNode, DerpRegion};
 
 /// Why a DERP map file could not be used.
@@ -38,45 +38,56 @@ pub enum DerpMapError {
     },
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct JsonMap {
     #[serde(default)]
     regions: BTreeMap<String, JsonRegion>,
 }
 
-#[derive(Debug, Deserialize)]
+// Empty values are left out when written, as Tailscale's `omitempty` does.
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct JsonRegion {
     #[serde(rename = "RegionID")]
     region_id: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     region_code: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     region_name: String,
     #[serde(default)]
     nodes: Vec<JsonNode>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "PascalCase")]
 struct JsonNode {
     name: String,
     #[serde(rename = "RegionID")]
     region_id: u32,
     host_name: String,
-    #[serde(default, rename = "IPv4")]
+    #[serde(default, rename = "IPv4", skip_serializing_if = "String::is_empty")]
     ipv4: String,
-    #[serde(default, rename = "IPv6")]
+    #[serde(default, rename = "IPv6", skip_serializing_if = "String::is_empty")]
     ipv6: String,
-    #[serde(default, rename = "STUNPort")]
+    #[serde(default, rename = "STUNPort", skip_serializing_if = "is_zero")]
     stun_port: i32,
-    #[serde(default, rename = "DERPPort")]
+    #[serde(default, rename = "STUNOnly", skip_serializing_if = "is_false")]
+    stun_only: bool,
+    #[serde(default, rename = "DERPPort", skip_serializing_if = "is_zero")]
     derp_port: i32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     insecure_for_tests: bool,
-    #[serde(default, rename = "PlainHTTP")]
+    #[serde(default, rename = "PlainHTTP", skip_serializing_if = "is_false")]
     plain_http: bool,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Parses one DERP map in Tailscale's JSON shape; `path` is for messages.
@@ -114,6 +125,7 @@ pub fn parse(text: &str, path: &Path) -> Result<DerpMap, DerpMapError> {
                 derp_port: n.derp_port,
                 insecure_for_tests: n.insecure_for_tests,
                 plain_http: n.plain_http,
+                stun_only: n.stun_only,
             })
             .collect();
         regions.push(DerpRegion {
@@ -125,6 +137,41 @@ pub fn parse(text: &str, path: &Path) -> Result<DerpMap, DerpMapError> {
     }
     regions.sort_by_key(|r| r.region_id);
     Ok(DerpMap { regions })
+}
+
+/// Writes `map` in Tailscale's JSON shape (what [`parse`] reads).
+pub fn to_json(map: &DerpMap) -> String {
+    let regions = map
+        .regions
+        .iter()
+        .map(|r| {
+            let nodes = r
+                .nodes
+                .iter()
+                .map(|n| JsonNode {
+                    name: n.name.clone(),
+                    region_id: n.region_id,
+                    host_name: n.host_name.clone(),
+                    ipv4: n.ipv4.clone(),
+                    ipv6: n.ipv6.clone(),
+                    stun_port: n.stun_port,
+                    stun_only: n.stun_only,
+                    derp_port: n.derp_port,
+                    insecure_for_tests: n.insecure_for_tests,
+                    plain_http: n.plain_http,
+                })
+                .collect();
+            let region = JsonRegion {
+                region_id: r.region_id,
+                region_code: r.region_code.clone(),
+                region_name: r.region_name.clone(),
+                nodes,
+            };
+            (r.region_id.to_string(), region)
+        })
+        .collect();
+    // Strings, numbers and booleans in maps with string keys: nothing that cannot be written.
+    serde_json::to_string_pretty(&JsonMap { regions }).unwrap_or_default()
 }
 
 /// Reads and merges DERP map files; a later file's region replaces an earlier one's.
@@ -162,6 +209,22 @@ mod tests {
             ("203.0.113.1", 3478, 8080)
         );
         assert!(n.plain_http && n.insecure_for_tests);
+    }
+
+    #[test]
+    fn stun_only_nodes_survive_a_round_trip() {
+        let text = r#"{"Regions": {"999": {"RegionID": 999, "RegionCode": "warren", "Nodes": [
+            {"Name": "999a", "RegionID": 999, "HostName": "203.0.113.1", "STUNPort": 3478,
+             "DERPPort": 3340, "PlainHTTP": true},
+            {"Name": "999b", "RegionID": 999, "HostName": "203.0.113.1", "STUNPort": 3479,
+             "STUNOnly": true}]}}}"#;
+        let map = parse(text, Path::new("m.json")).expect("parses");
+        let only: Vec<bool> = map.regions[0].nodes.iter().map(|n| n.stun_only).collect();
+        assert_eq!(only, [false, true]);
+        let written = to_json(&map);
+        assert!(written.contains("\"STUNOnly\": true"), "{written}");
+        assert_eq!(written.matches("STUNOnly").count(), 1, "{written}");
+        assert_eq!(parse(&written, Path::new("w.json")).expect("reparses"), map);
     }
 
     #[test]

@@ -129,13 +129,33 @@ fn derp_map(config: &Config) -> anyhow::Result<warren_proto::control::DerpMap> {
             derp_port: i32::from(server.listen_addr.port()),
             insecure_for_tests: false,
             plain_http: true,
+            stun_only: false,
         };
+        let mut nodes = vec![node.clone()];
+        if let Some(alt) = server.stun_alt_listen() {
+            // A second address of the same server unless it listens on an IP of its own.
+            let own_ip = !alt.ip().is_unspecified() && alt.ip() != server.stun_listen_addr.ip();
+            let (host_name, ipv4, ipv6) = match (own_ip, alt.ip()) {
+                (false, _) => (node.host_name, node.ipv4, node.ipv6),
+                (true, ip @ std::net::IpAddr::V4(_)) => (ip.to_string(), ip.to_string(), "".into()),
+                (true, ip @ std::net::IpAddr::V6(_)) => (ip.to_string(), "".into(), ip.to_string()),
+            };
+            nodes.push(warren_proto::control::DerpNode {
+                name: format!("{}b", server.region_id),
+                host_name,
+                ipv4,
+                ipv6,
+                stun_port: i32::from(alt.port()),
+                stun_only: true,
+                ..node
+            });
+        }
         map.regions.retain(|r| r.region_id != server.region_id);
         map.regions.push(warren_proto::control::DerpRegion {
             region_id: server.region_id,
             region_code: server.region_code.clone(),
             region_name: server.region_name.clone(),
-            nodes: vec![node],
+            nodes,
         });
         map.regions.sort_by_key(|r| r.region_id);
     }
@@ -233,6 +253,7 @@ async fn start_embedded_derp(
         listen: server.listen_addr,
         stun: true,
         stun_listen: server.stun_listen_addr,
+        stun_alt_listen: server.stun_alt_listen(),
         key_path: server.private_key_path.clone().unwrap_or_else(|| {
             let dir = config
                 .noise
@@ -253,7 +274,8 @@ async fn start_embedded_derp(
     };
     let relay = warren_derp::server::Relay::new(key, options);
     let running = warren_derp::start_with(&derp_config, relay).await?;
-    tracing::info!(derp = %running.http_addr, stun = ?running.stun_addr, region = server.region_id, "embedded DERP serving");
+    tracing::info!(derp = %running.http_addr, stun = ?running.stun_addr,
+        stun_alt = ?running.stun_alt_addr, region = server.region_id, "embedded DERP serving");
     Ok(running)
 }
 
@@ -475,6 +497,45 @@ mod tests {
         assert_eq!(
             node_for("https://control.example.net"),
             (s("control.example.net"), s(""), s(""))
+        );
+    }
+
+    #[test]
+    fn the_embedded_region_has_a_stun_only_second_node() {
+        let nodes = |alt: crate::config::AltStun| {
+            let mut config = Config {
+                server_url: "http://192.0.2.1:50443".into(),
+                ..Config::default()
+            };
+            config.derp.server.stun_alt_listen_addr = alt;
+            let map = derp_map(&config).expect("map");
+            assert_eq!(map.regions.len(), 1);
+            map.regions[0]
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.ipv4.clone(), n.stun_port, n.stun_only))
+                .collect::<Vec<_>>()
+        };
+        let s = String::from;
+        use crate::config::AltStun;
+        assert_eq!(
+            nodes(AltStun::NextPort),
+            [
+                (s("999a"), s("192.0.2.1"), 3478, false),
+                (s("999b"), s("192.0.2.1"), 3479, true)
+            ]
+        );
+        assert_eq!(
+            nodes(AltStun::Off),
+            [(s("999a"), s("192.0.2.1"), 3478, false)]
+        );
+        // Listening on an address of its own: nodes are sent there.
+        assert_eq!(
+            nodes(AltStun::At("192.0.2.2:3478".parse().expect("addr"))),
+            [
+                (s("999a"), s("192.0.2.1"), 3478, false),
+                (s("999b"), s("192.0.2.2"), 3478, true)
+            ]
         );
     }
 

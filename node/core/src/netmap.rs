@@ -128,11 +128,11 @@ pub struct DerpUrl {
     pub insecure: bool,
 }
 
-/// The DERP servers of each region, in the map's order.
+/// The DERP servers of each region, in the map's order (STUN-only nodes are not DERP servers).
 pub fn derp_urls(map: &DerpMap) -> BTreeMap<RegionId, Vec<DerpUrl>> {
     let mut out: BTreeMap<RegionId, Vec<DerpUrl>> = BTreeMap::new();
     for region in &map.regions {
-        for n in &region.nodes {
+        for n in region.nodes.iter().filter(|n| !n.stun_only) {
             let (scheme, default_port) = if n.plain_http {
                 ("http", 80)
             } else {
@@ -426,5 +426,37 @@ mod tests {
                 ("https://[2001:db8::12]:443/derp".to_owned(), None),
             ]
         );
+    }
+
+    #[test]
+    fn a_stun_only_node_is_probed_but_not_a_derp_server() {
+        use warren_proto::control::{DerpNode, DerpRegion};
+        let node = |name: &str, stun_port, stun_only| DerpNode {
+            name: name.into(),
+            region_id: 999,
+            host_name: "203.0.113.10".into(),
+            stun_port,
+            derp_port: 3340,
+            plain_http: true,
+            stun_only,
+            ..DerpNode::default()
+        };
+        let map = DerpMap {
+            regions: vec![DerpRegion {
+                region_id: 999,
+                nodes: vec![node("999a", 3478, false), node("999b", 3479, true)],
+                ..DerpRegion::default()
+            }],
+        };
+        let stun: Vec<String> = stun_servers(&map)
+            .iter()
+            .map(|s| s.addr.to_string())
+            .collect();
+        assert_eq!(stun, ["203.0.113.10:3478", "203.0.113.10:3479"]);
+        let urls: Vec<String> = derp_urls(&map)[&999]
+            .iter()
+            .map(|u| u.url.clone())
+            .collect();
+        assert_eq!(urls, ["http://203.0.113.10:3340/derp"]);
     }
 }
