@@ -178,7 +178,17 @@ async fn control_verifier_asks_verify_node() {
     let mut ok = Client::connect(&url, &known, &opts)
         .await
         .expect("known admitted");
-    assert!(Client::connect(&url, &stranger, &opts).await.is_err());
+    // The relay closes a refused client's connection before its ServerInfo.
+    let refused = Client::connect(&url, &stranger, &opts)
+        .await
+        .expect_err("stranger refused");
+    assert!(
+        matches!(
+            refused,
+            warren_derp::client::ClientError::Read(warren_derp::ReadError::Closed)
+        ),
+        "{refused:?}"
+    );
     ok.sender().ping([4; 8]).await.expect("ping");
     assert_eq!(
         tokio::time::timeout(Duration::from_secs(10), ok.recv())
