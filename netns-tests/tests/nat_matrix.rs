@@ -88,7 +88,7 @@ impl Outcome {
 
     fn cell(&self) -> String {
         match (&self.error, self.observed_direct(), self.first_direct) {
-            (None, true, Some(t)) => format!("direct {:.1}s", t.as_secs_f64()),
+            (None, true, Some(t)) => format!("direct {:.2}s", t.as_secs_f64()),
             (None, true, None) => "direct".to_owned(),
             (None, false, _) => "relay".to_owned(),
             (Some(_), true, _) => "FAIL got direct".to_owned(),
