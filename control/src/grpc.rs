@@ -23,7 +23,7 @@ use warren_proto::{ControlSecretKey, DiscoPublicKey, NodePublicKey};
 use crate::core::{Core, NewAuthKey};
 use crate::error::ControlError;
 use crate::listen::ConnInfo;
-use crate::ratelimit::LogLimiter;
+use warren_derp::log_limit::LogLimiter;
 use crate::store::{ApiKeyRecord, PreAuthKeyRecord};
 
 /// Largest request message accepted, in bytes.

@@ -11,7 +11,6 @@ pub mod grpc;
 pub mod ipam;
 pub mod listen;
 pub mod netmap;
-pub mod ratelimit;
 pub mod secret;
 pub mod serve;
 pub mod store;

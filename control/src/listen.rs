@@ -31,7 +31,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener, UnixStream};
 use tokio::time::{Instant, Sleep};
 use tonic::codegen::http;
 
-use crate::ratelimit::LogLimiter;
+use warren_derp::log_limit::LogLimiter;
 
 /// The listen backlog when the configuration names none; the kernel caps it at
 /// `net.core.somaxconn` (4096 on current Linux).

@@ -21,7 +21,7 @@ use crate::grpc::{AdminService, ControlService, MAX_REQUEST_BYTES, MalformedRequ
 use crate::listen::{
     AcceptStats, Acceptor, Limits, MAX_ADMIN_CONNECTIONS, TrackLayer, cap_for_fd_limit,
 };
-use crate::ratelimit::LogLimiter;
+use warren_derp::log_limit::LogLimiter;
 use crate::store::SqliteStore;
 use warren_proto::proof::unix_ms;
 

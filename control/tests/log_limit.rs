@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use common::{MALFORMED, Server, call_raw};
 use tonic::Code;
 use tonic::transport::Channel;
-use warren_control::ratelimit::PEER_LOG_BURST;
+use warren_derp::log_limit::PEER_LOG_BURST;
 
 /// Collects what the test's log subscriber writes.
 #[derive(Clone, Default)]

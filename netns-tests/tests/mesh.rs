@@ -603,7 +603,7 @@ fn logs_in_files_have_no_colour_codes() {
                 "--listen",
                 "127.0.0.1:3341",
                 "--stun-listen",
-                "127.0.0.1:3479",
+                "127.0.0.1:3480",
                 "--key-path",
                 key.as_str(),
             ],
