@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod ipam;
 pub mod listen;
 pub mod netmap;
+pub mod policy;
 pub mod secret;
 pub mod serve;
 pub mod store;
