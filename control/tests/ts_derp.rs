@@ -5,129 +5,15 @@
 //! largest ts_derp can frame, and hear `PeerGone` when a peer leaves.
 
 mod common;
+#[path = "../../derp/tests/support/ts.rs"]
+mod ts;
 
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::sync::Arc;
 
 use common::{Server, new_auth_key, register_req, server_key};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-use warren_proto::NodeSecretKey;
+use ts::{Node, TS_MAX_PACKET, frames, ts_over_tcp, ts_recv};
 use warren_proto::derp::{Frame, PeerGoneReason};
-
-const STEP: Duration = Duration::from_secs(10);
-/// The largest packet `ts_derp` 0.6.1 can send or receive: it caps a whole frame payload
-/// (the 32-byte key included) at 64 KiB.
-const TS_MAX_PACKET: usize = (64 << 10) - 32;
-
-/// One node key in both libraries' types.
-struct Node {
-    secret: NodeSecretKey,
-    pair: ts_keys::NodeKeyPair,
-}
-
-impl Node {
-    fn new() -> Self {
-        let secret = NodeSecretKey::generate();
-        let text = format!("privkey:{}", hex::encode(*secret.to_bytes()));
-        let private: ts_keys::NodePrivateKey = text.parse().expect("ts private key");
-        let pair = ts_keys::NodeKeyPair::from(private);
-        let node = Self { secret, pair };
-        assert_eq!(node.pair.public, node.ts_public(), "same X25519 key");
-        node
-    }
-
-    fn ts_public(&self) -> ts_keys::NodePublicKey {
-        ts_keys::NodePublicKey::from_bytes(*self.secret.public_key().as_bytes())
-    }
-}
-
-/// A stream that keeps a copy of every byte read through it, to see the frames `ts_derp`
-/// handles internally (it reports `PeerGone` only in a debug log).
-struct Tap<T> {
-    inner: T,
-    seen: Arc<Mutex<Vec<u8>>>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            let new = buf.filled().get(before..).unwrap_or_default();
-            self.seen.lock().expect("tap").extend_from_slice(new);
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Tap<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-type TapClient = ts_derp::Client<Tap<TcpStream>>;
-
-/// Upgrades a TCP connection to `/derp` (POST, as ts_derp does) and runs ts_derp's handshake
-/// over it; returns its outcome and the bytes the client read.
-async fn ts_over_tcp(
-    addr: SocketAddr,
-    node: &Node,
-) -> (Result<TapClient, ts_derp::Error>, Arc<Mutex<Vec<u8>>>) {
-    let mut s = TcpStream::connect(addr).await.expect("tcp");
-    s.write_all(
-        b"POST /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
-    )
-    .await
-    .expect("write");
-    // Byte by byte, so nothing after the head is taken from ts_derp.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let b = tokio::time::timeout(STEP, s.read_u8())
-            .await
-            .expect("upgrade answered in time")
-            .expect("read");
-        head.push(b);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let tap = Tap {
-        inner: s,
-        seen: seen.clone(),
-    };
-    let client = tokio::time::timeout(STEP, ts_derp::Client::handshake(tap, &node.pair))
-        .await
-        .expect("handshake ends in time");
-    (client, seen)
-}
-
-async fn ts_recv(c: &TapClient) -> (ts_keys::NodePublicKey, Vec<u8>) {
-    let (src, packet) = tokio::time::timeout(STEP, c.recv_one())
-        .await
-        .expect("packet in time")
-        .expect("ts_derp recv");
-    (src, packet.as_ref().to_vec())
-}
 
 /// A loopback port free right now.
 fn free_port(udp: bool) -> u16 {
@@ -206,15 +92,7 @@ async fn ts_derp_talks_through_the_embedded_relay() {
         reason: PeerGoneReason::Disconnected,
     };
     common::wait_until("b hears PeerGone for a", || {
-        let seen = seen_b.lock().expect("tap");
-        let mut at = 0;
-        while let Ok(Some((f, used))) = Frame::decode(seen.get(at..).unwrap_or_default()) {
-            if f == gone {
-                return true;
-            }
-            at += used;
-        }
-        false
+        frames(&seen_b.lock().expect("tap")).contains(&gone)
     })
     .await;
     cc.send_one(b.ts_public(), b"still there?")
