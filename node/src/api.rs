@@ -62,6 +62,9 @@ pub struct PeerStatus {
     pub latency_us: Option<u64>,
     /// Unix ms of the last WireGuard handshake.
     pub last_handshake_unix_ms: Option<i64>,
+    /// Packets from the peer that the packet filter dropped.
+    #[serde(default)]
+    pub filter_drops: u64,
     /// Bytes received from the peer.
     pub rx_bytes: u64,
     /// Bytes sent to the peer.

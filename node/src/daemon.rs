@@ -13,7 +13,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use warren_node_core::netmap::{self as map, MapChange, Netmap};
 use warren_node_core::node::{PathKind, PingId};
-use warren_node_core::{Dest, Event, Node, PathStatus};
+use warren_node_core::{Dest, Event, Node, NodeError, PathStatus};
 use warren_proto::NodePublicKey;
 use warren_proto::control::DerpMap;
 use warren_proto::control::map_response::Kind;
@@ -408,14 +408,21 @@ impl Daemon {
     }
 
     fn on_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
-        if let Err(e) = self.node.handle_udp(from, datagram, now) {
-            tracing::debug!(error = %e, %from, "dropped datagram");
+        match self.node.handle_udp(from, datagram, now) {
+            Ok(()) => {}
+            // Counted per peer (status shows it); one line per packet only at trace.
+            Err(e @ NodeError::Filtered { .. }) => tracing::trace!(error = %e, %from, "filtered"),
+            Err(e) => tracing::debug!(error = %e, %from, "dropped datagram"),
         }
     }
 
     fn on_derp(&mut self, r: DerpReceived, now: Instant) {
-        if let Err(e) = self.node.handle_derp(r.region, r.from, &r.packet, now) {
-            tracing::debug!(error = %e, region = r.region, "dropped DERP packet");
+        match self.node.handle_derp(r.region, r.from, &r.packet, now) {
+            Ok(()) => {}
+            Err(e @ NodeError::Filtered { .. }) => {
+                tracing::trace!(error = %e, region = r.region, "filtered");
+            }
+            Err(e) => tracing::debug!(error = %e, region = r.region, "dropped DERP packet"),
         }
     }
 
@@ -610,6 +617,7 @@ impl Daemon {
                         .session
                         .since_handshake
                         .map(|d| now_ms - i64::try_from(d.as_millis()).unwrap_or(0)),
+                    filter_drops: p.filter_drops,
                     rx_bytes: p.session.rx_bytes,
                     tx_bytes: p.session.tx_bytes,
                     online,
