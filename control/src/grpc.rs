@@ -23,8 +23,8 @@ use warren_proto::{ControlSecretKey, DiscoPublicKey, NodePublicKey};
 use crate::core::{Core, NewAuthKey};
 use crate::error::ControlError;
 use crate::listen::ConnInfo;
-use warren_derp::log_limit::LogLimiter;
 use crate::store::{ApiKeyRecord, PreAuthKeyRecord};
+use warren_derp::log_limit::LogLimiter;
 
 /// Largest request message accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;

@@ -21,8 +21,8 @@ use crate::grpc::{AdminService, ControlService, MAX_REQUEST_BYTES, MalformedRequ
 use crate::listen::{
     AcceptStats, Acceptor, Limits, MAX_ADMIN_CONNECTIONS, TrackLayer, cap_for_fd_limit,
 };
-use warren_derp::log_limit::LogLimiter;
 use crate::store::SqliteStore;
+use warren_derp::log_limit::LogLimiter;
 use warren_proto::proof::unix_ms;
 
 /// Reads the server key at `path`, creating it (mode 0600) on first start.
