@@ -99,15 +99,24 @@ impl fmt::Display for Place {
             Place::Group { name } => write!(f, "groups[{name:?}]"),
             Place::Host { name } => write!(f, "hosts[{name:?}]"),
             Place::TagOwner { tag } => write!(f, "tagOwners[{tag:?}]"),
-            Place::Acl { index, field } => write!(f, "acls[{index}].{field}"),
-            Place::Grant { index, field } => write!(f, "grants[{index}].{field}"),
+            Place::Acl { index, field } => entry(f, "acls", *index, field),
+            Place::Grant { index, field } => entry(f, "grants", *index, field),
             Place::AutoApprover { key } => write!(f, "autoApprovers.{key}"),
-            Place::NodeAttr { index, field } => write!(f, "nodeAttrs[{index}].{field}"),
-            Place::Ssh { index, field } => write!(f, "ssh[{index}].{field}"),
-            Place::Test { index, field } => write!(f, "tests[{index}].{field}"),
-            Place::SshTest { index, field } => write!(f, "sshTests[{index}].{field}"),
+            Place::NodeAttr { index, field } => entry(f, "nodeAttrs", *index, field),
+            Place::Ssh { index, field } => entry(f, "ssh", *index, field),
+            Place::Test { index, field } => entry(f, "tests", *index, field),
+            Place::SshTest { index, field } => entry(f, "sshTests", *index, field),
             Place::Section { name } => write!(f, "{name}"),
         }
+    }
+}
+
+/// `section[index]` or `section[index].field` (an empty field names the whole entry).
+fn entry(f: &mut fmt::Formatter<'_>, section: &str, index: usize, field: &str) -> fmt::Result {
+    if field.is_empty() {
+        write!(f, "{section}[{index}]")
+    } else {
+        write!(f, "{section}[{index}].{field}")
     }
 }
 
