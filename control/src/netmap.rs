@@ -101,6 +101,7 @@ impl Netmap {
             peers,
             dns: Some(self.dns.clone()),
             derp_map: Some(self.derp_map.clone()),
+            filter: None,
         })
     }
 

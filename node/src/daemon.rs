@@ -512,6 +512,7 @@ impl Daemon {
             Ok(MapChange::Reset(peers)) => {
                 tracing::debug!(peers = peers.len(), "full netmap");
                 self.node.set_peers(peers);
+                self.set_filter(self.netmap.filter());
                 let derp_map = self.netmap.derp_map().cloned();
                 if derp_map != self.derp_map {
                     if let Some(m) = &derp_map {
@@ -531,8 +532,20 @@ impl Daemon {
                 self.node.remove_peer(&key);
             }
             Ok(MapChange::Endpoints(key, eps)) => self.node.set_endpoints(&key, eps),
+            Ok(MapChange::Filter(f)) => self.set_filter(f),
             Ok(MapChange::None) => {}
             Err(e) => tracing::warn!(error = %e, "ignoring netmap message"),
+        }
+    }
+
+    fn set_filter(&mut self, filter: warren_node_core::filter::Filter) {
+        if *self.node.filter() != filter {
+            tracing::info!(
+                allow_all = filter.is_allow_all(),
+                rules = filter.rules().len(),
+                "packet filter"
+            );
+            self.node.set_filter(filter);
         }
     }
 

@@ -8,9 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use warren_proto::control::map_response::Kind;
-use warren_proto::control::{DerpMap, DnsConfig, Node};
+use warren_proto::control::{DerpMap, DnsConfig, Node, PacketFilter};
 use warren_proto::{DiscoPublicKey, KeyParseError, NodePublicKey};
 
+use crate::filter::{DstPorts, Filter, IpProto, PortRange, Rule};
 use crate::netcheck::{RegionId, StunServer};
 use crate::node::PeerConfig;
 
@@ -49,6 +50,9 @@ pub enum MapChange {
     Remove(NodePublicKey),
     /// A peer's endpoints changed.
     Endpoints(NodePublicKey, Vec<SocketAddr>),
+    /// This node's packet filter changed (a new filter from control, or new own addresses).
+    /// A full map ([`MapChange::Reset`]) carries one too: read it with [`Netmap::filter`].
+    Filter(Filter),
     /// Nothing for the data plane (keepalive, online state, this node's own record).
     None,
 }
@@ -168,6 +172,71 @@ pub fn derp_urls(map: &DerpMap) -> BTreeMap<RegionId, Vec<DerpUrl>> {
     out
 }
 
+/// The node's packet filter from control's `filter` (absent or `allow_all`: no policy, accept
+/// everything) and its own record (its addresses are the filter's local destinations). A rule
+/// with a malformed prefix or port range is left out, which can only take access away.
+pub fn packet_filter(filter: Option<&PacketFilter>, me: Option<&Node>) -> Filter {
+    let Some(f) = filter.filter(|f| !f.allow_all) else {
+        return Filter::allow_all();
+    };
+    let local = me
+        .map(|n| n.addresses.iter().filter_map(|a| a.parse().ok()).collect())
+        .unwrap_or_default();
+    let rules = f
+        .rules
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match filter_rule(r) {
+            Some(rule) => Some(rule),
+            None => {
+                tracing::warn!(
+                    rule = i,
+                    "control sent a malformed filter rule; leaving it out"
+                );
+                None
+            }
+        })
+        .collect();
+    Filter::new(local, rules)
+}
+
+/// `*` is every address of both families; anything else a prefix or a bare address.
+fn prefixes(text: &str) -> Option<Vec<IpNet>> {
+    if text == "*" {
+        return Some(vec![
+            IpNet::new(IpAddr::from([0u8; 4]), 0).ok()?,
+            IpNet::new(IpAddr::from([0u16; 8]), 0).ok()?,
+        ]);
+    }
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .ok()
+        .map(|n| vec![n])
+}
+
+fn filter_rule(r: &warren_proto::control::FilterRule) -> Option<Rule> {
+    let mut srcs = Vec::new();
+    for s in &r.src {
+        srcs.extend(prefixes(s)?);
+    }
+    let mut dsts = Vec::new();
+    for d in &r.dst {
+        let ports = PortRange {
+            first: u16::try_from(d.first).ok()?,
+            last: u16::try_from(d.last).ok()?,
+        };
+        for net in prefixes(&d.net)? {
+            dsts.push(DstPorts { net, ports });
+        }
+    }
+    let protos = r
+        .protos
+        .iter()
+        .map(|p| u8::try_from(*p).ok().map(IpProto))
+        .collect::<Option<_>>()?;
+    Some(Rule { srcs, dsts, protos })
+}
+
 /// The netmap as this node knows it.
 #[derive(Debug, Default, Clone)]
 pub struct Netmap {
@@ -175,6 +244,7 @@ pub struct Netmap {
     peers: BTreeMap<u64, Node>,
     dns: Option<DnsConfig>,
     derp_map: Option<DerpMap>,
+    filter: Option<PacketFilter>,
 }
 
 impl Netmap {
@@ -201,6 +271,11 @@ impl Netmap {
     /// The DERP relays.
     pub fn derp_map(&self) -> Option<&DerpMap> {
         self.derp_map.as_ref()
+    }
+
+    /// The packet filter control gave this node ([`packet_filter`]).
+    pub fn filter(&self) -> Filter {
+        packet_filter(self.filter.as_ref(), self.me.as_ref())
     }
 
     fn key_of(&self, id: u64) -> Option<NodePublicKey> {
@@ -230,6 +305,7 @@ impl Netmap {
                 self.me = full.self_node;
                 self.dns = full.dns;
                 self.derp_map = full.derp_map;
+                self.filter = full.filter;
                 MapChange::Reset(configs)
             }
             Kind::PeerAdded(p) | Kind::PeerChanged(p) => {
@@ -269,8 +345,18 @@ impl Netmap {
                 MapChange::None
             }
             Kind::SelfChanged(n) => {
+                let addresses_changed = self.me.as_ref().is_none_or(|m| m.addresses != n.addresses);
                 self.me = Some(n);
-                MapChange::None
+                // Its addresses are the filter's local destinations.
+                if addresses_changed && self.filter.as_ref().is_some_and(|f| !f.allow_all) {
+                    MapChange::Filter(self.filter())
+                } else {
+                    MapChange::None
+                }
+            }
+            Kind::FilterChanged(f) => {
+                self.filter = Some(f);
+                MapChange::Filter(self.filter())
             }
             Kind::Keepalive(_) => MapChange::None,
         })
@@ -309,6 +395,7 @@ mod tests {
             peers: vec![node(2)],
             dns: None,
             derp_map: None,
+            filter: None,
         };
         let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else {
             panic!("reset")
@@ -345,6 +432,7 @@ mod tests {
             peers: vec![node(2), bad.clone()],
             dns: None,
             derp_map: None,
+            filter: None,
         };
         let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else {
             panic!("reset")
@@ -458,5 +546,90 @@ mod tests {
             .map(|u| u.url.clone())
             .collect();
         assert_eq!(urls, ["http://203.0.113.10:3340/derp"]);
+    }
+
+    #[test]
+    fn filters_from_control() {
+        use warren_proto::control::{DstPorts as WireDst, FilterRule};
+        let me = node(1);
+        // No filter, or allow_all: no policy.
+        assert!(packet_filter(None, Some(&me)).is_allow_all());
+        let all = PacketFilter {
+            allow_all: true,
+            rules: vec![],
+        };
+        assert!(packet_filter(Some(&all), Some(&me)).is_allow_all());
+        // Rules: `*` is both families, bare addresses are host prefixes, and a rule with a
+        // malformed part is left out (only ever less access).
+        let wire = PacketFilter {
+            allow_all: false,
+            rules: vec![
+                FilterRule {
+                    src: vec!["*".into()],
+                    dst: vec![WireDst {
+                        net: "100.64.0.1".into(),
+                        first: 22,
+                        last: 22,
+                    }],
+                    protos: vec![6],
+                },
+                FilterRule {
+                    src: vec!["not an address".into()],
+                    dst: vec![],
+                    protos: vec![],
+                },
+                FilterRule {
+                    src: vec!["100.64.0.2/32".into()],
+                    dst: vec![WireDst {
+                        net: "100.64.0.1/32".into(),
+                        first: 0,
+                        last: 70_000,
+                    }],
+                    protos: vec![],
+                },
+            ],
+        };
+        let f = packet_filter(Some(&wire), Some(&me));
+        assert!(!f.is_allow_all());
+        assert_eq!(f.local(), ["100.64.0.1/32".parse::<IpNet>().expect("net")]);
+        assert_eq!(
+            f.rules(),
+            [Rule {
+                srcs: vec![
+                    "0.0.0.0/0".parse().expect("net"),
+                    "::/0".parse().expect("net")
+                ],
+                dsts: vec![DstPorts {
+                    net: "100.64.0.1/32".parse().expect("net"),
+                    ports: PortRange::single(22),
+                }],
+                protos: vec![IpProto::TCP],
+            }]
+        );
+        // Over the stream: a full map's filter, then a change, then new own addresses.
+        let mut m = Netmap::default();
+        let full = FullMap {
+            self_node: Some(me.clone()),
+            peers: vec![node(2)],
+            dns: None,
+            derp_map: None,
+            filter: Some(wire.clone()),
+        };
+        assert!(matches!(m.apply(Kind::Full(full)), Ok(MapChange::Reset(_))));
+        assert_eq!(m.filter(), f);
+        let none = PacketFilter {
+            allow_all: false,
+            rules: vec![],
+        };
+        let Ok(MapChange::Filter(deny)) = m.apply(Kind::FilterChanged(none)) else {
+            panic!("filter change")
+        };
+        assert!(!deny.is_allow_all() && deny.rules().is_empty());
+        let mut moved = me.clone();
+        moved.addresses = vec!["100.64.0.9/32".into()];
+        let Ok(MapChange::Filter(f)) = m.apply(Kind::SelfChanged(moved)) else {
+            panic!("new local addresses")
+        };
+        assert_eq!(f.local(), ["100.64.0.9/32".parse::<IpNet>().expect("net")]);
     }
 }
