@@ -219,26 +219,28 @@ struct Index {
 }
 
 impl Index {
-    /// Index `policy` over `nodes`, reusing the member sets of selectors `prev` had.
-    fn build(policy: &CompiledPolicy, nodes: &Nodes, prev: Option<&Index>) -> Index {
+    /// Index `policy` over `nodes`, reusing what `prev` (the index of the policy before)
+    /// already knows: member sets of selectors both policies use, source prefixes of rules
+    /// with the same sources.
+    fn build(
+        policy: &CompiledPolicy,
+        nodes: &Nodes,
+        prev: Option<(&Index, &CompiledPolicy)>,
+    ) -> Index {
         let mut ix = Index::default();
-        let intern = |ix: &mut Index, sel: &Selector, role: Role| -> u32 {
+        let mut fresh: Vec<u32> = Vec::new();
+        let mut intern = |ix: &mut Index, sel: &Selector, role: Role| -> u32 {
             if let Some(&id) = ix.sel_ids.get(&(sel.clone(), role)) {
                 return id;
             }
             let id = u32::try_from(ix.sels.len()).unwrap_or(u32::MAX);
-            let members = match prev.and_then(|p| p.sel_ids.get(&(sel.clone(), role))) {
+            let members = match prev.and_then(|(p, _)| p.sel_ids.get(&(sel.clone(), role))) {
                 Some(&old) => prev
-                    .map(|p| p.sels[old as usize].members.clone())
+                    .map(|(p, _)| p.sels[old as usize].members.clone())
                     .unwrap_or_default(),
                 None => {
-                    let mut m = BitSet::new();
-                    for (slot, n) in nodes.iter() {
-                        if node_matches(sel, role, n) {
-                            m.insert(slot);
-                        }
-                    }
-                    m
+                    fresh.push(id);
+                    BitSet::new()
                 }
             };
             ix.sels.push(SelEntry {
@@ -303,6 +305,30 @@ impl Index {
             }
             ix.rules.push(rix);
         }
+        // Members of selectors the previous policy did not have: a scan per selector when
+        // they are few (a policy edit), else one pass over the nodes through the lookups.
+        if fresh.len() <= 8 {
+            for &id in &fresh {
+                let (sel, role) = (ix.sels[id as usize].sel.clone(), ix.sels[id as usize].role);
+                for (slot, n) in nodes.iter() {
+                    if node_matches(&sel, role, n) {
+                        ix.sels[id as usize].members.insert(slot);
+                    }
+                }
+            }
+        } else {
+            let mut is_fresh = vec![false; ix.sels.len()];
+            for &id in &fresh {
+                is_fresh[id as usize] = true;
+            }
+            for (slot, n) in nodes.iter() {
+                for id in ix.matching_sels(n) {
+                    if is_fresh[id as usize] {
+                        ix.sels[id as usize].members.insert(slot);
+                    }
+                }
+            }
+        }
         ix.node_sels = vec![Vec::new(); nodes.slots.len()];
         for (id, s) in ix.sels.iter().enumerate() {
             for slot in s.members.iter() {
@@ -311,9 +337,25 @@ impl Index {
                 }
             }
         }
-        for ri in 0..ix.rules.len() {
+        // Source prefixes: computed once per distinct source list, reused from the previous
+        // policy where the list is the same.
+        let mut known: HashMap<&[Selector], Arc<[IpNet]>> = HashMap::new();
+        if let Some((p_ix, p_policy)) = prev {
+            for (r, rix) in p_policy.rules().iter().zip(&p_ix.rules) {
+                known.insert(&r.body.src, rix.src_ips.clone());
+            }
+        }
+        for (ri, rule) in policy.rules().iter().enumerate() {
             ix.refresh_rule_members(ri);
-            ix.rules[ri].src_ips = ix.compute_src_ips(ri, nodes);
+            let ips = match known.get(rule.body.src.as_slice()) {
+                Some(ips) => ips.clone(),
+                None => {
+                    let ips = ix.compute_src_ips(ri, nodes);
+                    known.insert(&rule.body.src, ips.clone());
+                    ips
+                }
+            };
+            ix.rules[ri].src_ips = ips;
         }
         ix
     }
@@ -707,6 +749,28 @@ impl PolicyState {
         }
     }
 
+    /// A state holding `nodes` under `policy`, indexed in one pass (start-up). The policy's
+    /// `tests` run against these nodes first.
+    pub fn build(
+        policy: Arc<CompiledPolicy>,
+        nodes: impl IntoIterator<Item = PolicyNode>,
+    ) -> Result<Self, PolicyError> {
+        let mut store = Nodes::default();
+        for n in nodes {
+            if let Some(&old) = store.by_id.get(&n.id) {
+                store.remove(old);
+            }
+            store.insert(n);
+        }
+        super::tests_block::run(&policy, &store)?;
+        let index = Index::build(&policy, &store, None);
+        Ok(Self {
+            policy,
+            nodes: store,
+            index,
+        })
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> &Arc<CompiledPolicy> {
         &self.policy
@@ -891,7 +955,7 @@ impl PolicyState {
         policy: Arc<CompiledPolicy>,
     ) -> Result<Vec<NodeDelta>, PolicyError> {
         self.check(&policy)?;
-        let new_index = Index::build(&policy, &self.nodes, Some(&self.index));
+        let new_index = Index::build(&policy, &self.nodes, Some((&self.index, &self.policy)));
         // Rules whose meaning differs between the two policies (a multiset difference).
         let mut counts: HashMap<&super::compile::RuleBody, i64> = HashMap::new();
         for r in self.policy.rules() {
@@ -1011,11 +1075,21 @@ impl PolicyState {
         v
     }
 
-    /// Recompute the source prefixes of `rules`; returns those that changed (network rules).
+    /// Recompute the source prefixes of `rules` (once per distinct source list); returns
+    /// those that changed (network rules).
     fn refresh_src_ips(&mut self, rules: &BTreeSet<u32>) -> BTreeSet<u32> {
         let mut changed = BTreeSet::new();
+        let mut done: HashMap<Vec<u32>, Arc<[IpNet]>> = HashMap::new();
         for &ri in rules {
-            let new = self.index.compute_src_ips(ri as usize, &self.nodes);
+            let key = self.index.rules[ri as usize].src.clone();
+            let new = match done.get(&key) {
+                Some(ips) => ips.clone(),
+                None => {
+                    let ips = self.index.compute_src_ips(ri as usize, &self.nodes);
+                    done.insert(key, ips.clone());
+                    ips
+                }
+            };
             let r = &mut self.index.rules[ri as usize];
             if r.src_ips != new {
                 r.src_ips = new;
@@ -1295,6 +1369,8 @@ mod tests {
         for n in &nodes {
             fresh.upsert_node(n.clone());
         }
+        let bulk = PolicyState::build(state.policy().clone(), nodes.iter().cloned())
+            .expect("no tests block");
         for n in &nodes {
             let peers = state.peers_of(n.id).expect("known node");
             let filter = state.filter_for(n.id).expect("known node");
@@ -1303,6 +1379,16 @@ mod tests {
                 fresh.peers_of(n.id).expect("known"),
                 "step {step}: peers of {}",
                 n.id
+            );
+            assert_eq!(
+                peers,
+                bulk.peers_of(n.id).expect("known"),
+                "step {step}: bulk peers"
+            );
+            assert_eq!(
+                filter,
+                bulk.filter_for(n.id).expect("known"),
+                "step {step}: bulk filter"
             );
             assert_eq!(
                 filter,
