@@ -12,7 +12,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use warren_control::policy::{
     AliasPosition, CapabilityProblem, CompiledPolicy, NodeId, Place, PolicyError, PolicyNode,
-    PolicyState, PolicyUser, PortProblem, Pos, Section, TestFailure, TestProblem, proto,
+    PolicyState, PolicyUser, PortProblem, Pos, Section, TestBlock, TestFailure, TestProblem, proto,
 };
 
 fn corpus_dir() -> PathBuf {
@@ -387,6 +387,7 @@ fn expected_error(name: &str) -> Option<Check> {
             *e == PolicyError::TestsFailed {
                 failures: vec![
                     TestFailure {
+                        block: TestBlock::Tests,
                         index: 1,
                         at: at(8, 5),
                         src: "carol@example.org".into(),
@@ -395,6 +396,7 @@ fn expected_error(name: &str) -> Option<Check> {
                         },
                     },
                     TestFailure {
+                        block: TestBlock::Tests,
                         index: 2,
                         at: at(9, 5),
                         src: "bob@example.com".into(),
@@ -438,6 +440,34 @@ fn expected_error(name: &str) -> Option<Check> {
                         alias: "group:ghosts".into(),
                     },
                 ),
+            ]
+        },
+        "err_ssh_tests_fail.hujson" => |e| {
+            let PolicyError::TestsFailed { failures } = e else {
+                return false;
+            };
+            let got: Vec<(TestBlock, usize, &TestProblem)> = failures
+                .iter()
+                .map(|f| (f.block, f.index, &f.problem))
+                .collect();
+            got == vec![
+                (
+                    TestBlock::SshTests,
+                    0,
+                    &TestProblem::SshNotAllowed {
+                        dst: "tag:web".into(),
+                        user: "ubuntu".into(),
+                    },
+                ),
+                (
+                    TestBlock::SshTests,
+                    1,
+                    &TestProblem::SshNotDenied {
+                        dst: "tag:web".into(),
+                        user: "root".into(),
+                    },
+                ),
+                (TestBlock::SshTests, 2, &TestProblem::MissingExpectations),
             ]
         },
         _ => return None,

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use super::alias::{Alias, AutoGroup};
 use super::error::{AliasPosition, Place, PolicyError, Pos};
-use super::parse::{AutoApprovers, Policy, PolicyTest, Spanned};
+use super::parse::{AutoApprovers, Policy, PolicyTest, Spanned, SshTest};
 use super::ports::PortRange;
 
 /// What a rule names: a set of nodes, or of addresses, resolved against nodes at run time.
@@ -138,6 +138,17 @@ pub struct Rule {
     pub body: RuleBody,
 }
 
+/// An `ssh` rule with its aliases resolved, for running `sshTests` (warren runs no SSH).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshAccess {
+    /// Who may log in.
+    pub src: Vec<Selector>,
+    /// Where.
+    pub dst: Vec<Target>,
+    /// As which users (`root`, `autogroup:nonroot`, `localpart:*@domain`, names).
+    pub users: Vec<String>,
+}
+
 /// A policy compiled into rules over selectors, with everything that needs nodes left to
 /// [`super::state::PolicyState`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +159,8 @@ pub struct CompiledPolicy {
     hosts: BTreeMap<String, IpNet>,
     auto_approvers: AutoApprovers,
     tests: Vec<PolicyTest>,
+    ssh: Vec<SshAccess>,
+    ssh_tests: Vec<SshTest>,
 }
 
 impl Default for CompiledPolicy {
@@ -160,6 +173,8 @@ impl Default for CompiledPolicy {
             hosts: BTreeMap::new(),
             auto_approvers: AutoApprovers::default(),
             tests: Vec::new(),
+            ssh: Vec::new(),
+            ssh_tests: Vec::new(),
         }
     }
 }
@@ -237,23 +252,33 @@ impl CompiledPolicy {
                 }
             }
         }
+        let mut ssh = Vec::with_capacity(p.ssh.len());
         for (index, s) in p.ssh.iter().enumerate() {
             let place = Place::Ssh {
                 index,
                 field: "src",
             };
+            let mut src = Vec::new();
             for a in &s.src {
-                c.resolve(a, &place)?;
+                src.extend(c.resolve(a, &place)?);
             }
             let place = Place::Ssh {
                 index,
                 field: "dst",
             };
+            let mut dst = Vec::new();
             for a in &s.dst {
-                if !matches!(a.value, Alias::AutoGroup(AutoGroup::SelfDevices)) {
-                    c.resolve(a, &place)?;
+                if matches!(a.value, Alias::AutoGroup(AutoGroup::SelfDevices)) {
+                    dst.push(Target::SelfDevices);
+                } else {
+                    dst.extend(c.resolve(a, &place)?.into_iter().map(Target::Sel));
                 }
             }
+            ssh.push(SshAccess {
+                src,
+                dst,
+                users: s.users.clone(),
+            });
         }
 
         let mut rules = Vec::new();
@@ -419,6 +444,8 @@ impl CompiledPolicy {
             hosts: c.hosts.clone(),
             auto_approvers: p.auto_approvers.clone(),
             tests: p.tests.clone(),
+            ssh,
+            ssh_tests: p.ssh_tests.clone(),
         })
     }
 
@@ -435,6 +462,16 @@ impl CompiledPolicy {
     /// The `tests` entries.
     pub fn tests(&self) -> &[PolicyTest] {
         &self.tests
+    }
+
+    /// The `ssh` rules, resolved.
+    pub fn ssh_rules(&self) -> &[SshAccess] {
+        &self.ssh
+    }
+
+    /// The `sshTests` entries.
+    pub fn ssh_tests(&self) -> &[SshTest] {
+        &self.ssh_tests
     }
 
     /// Whether a tag has an entry in `tagOwners`.

@@ -269,13 +269,31 @@ pub enum TestProblem {
         /// The destination as written.
         dst: String,
     },
+    /// An `sshTests` login user that is empty.
+    BadLoginUser,
+    /// An `sshTests` `accept`/`check` login the `ssh` rules do not allow.
+    SshNotAllowed {
+        /// The destination host as written.
+        dst: String,
+        /// The login user.
+        user: String,
+    },
+    /// An `sshTests` `deny` login the `ssh` rules allow.
+    SshNotDenied {
+        /// The destination host as written.
+        dst: String,
+        /// The login user.
+        user: String,
+    },
 }
 
 impl fmt::Display for TestProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TestProblem::MissingSrc => write!(f, "src must be specified"),
-            TestProblem::MissingExpectations => write!(f, "accept or deny must be specified"),
+            TestProblem::MissingExpectations => {
+                write!(f, "accept, check or deny must be specified")
+            }
             TestProblem::UnknownAlias { alias } => write!(f, "unknown alias {alias:?}"),
             TestProblem::BadDestination { dst } => {
                 write!(f, "{dst:?} is not host:port with one host and one port")
@@ -285,14 +303,32 @@ impl fmt::Display for TestProblem {
             }
             TestProblem::NotAllowed { dst } => write!(f, "accept {dst:?}: denied"),
             TestProblem::NotDenied { dst } => write!(f, "deny {dst:?}: allowed"),
+            TestProblem::BadLoginUser => write!(f, "login users cannot be empty"),
+            TestProblem::SshNotAllowed { dst, user } => {
+                write!(f, "ssh {user}@{dst}: denied")
+            }
+            TestProblem::SshNotDenied { dst, user } => {
+                write!(f, "ssh {user}@{dst}: allowed")
+            }
         }
     }
 }
 
-/// One failing entry of the `tests` block.
+/// Which block a failing test is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TestBlock {
+    /// `tests`: network access.
+    Tests,
+    /// `sshTests`: SSH logins.
+    SshTests,
+}
+
+/// One failing entry of the `tests` (or `sshTests`) block.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TestFailure {
-    /// Index in `tests`, from 0.
+    /// The block.
+    pub block: TestBlock,
+    /// Index in the block, from 0.
     pub index: usize,
     /// Where the entry starts.
     pub at: Pos,
@@ -304,9 +340,13 @@ pub struct TestFailure {
 
 impl fmt::Display for TestFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let block = match self.block {
+            TestBlock::Tests => "tests",
+            TestBlock::SshTests => "sshTests",
+        };
         write!(
             f,
-            "{}: tests[{}] (src {:?}): {}",
+            "{}: {block}[{}] (src {:?}): {}",
             self.at, self.index, self.src, self.problem
         )
     }

@@ -21,17 +21,18 @@ mod tests_block;
 
 pub use alias::{AdminRole, Alias, AutoGroup};
 pub use compile::{
-    Access, CompiledPolicy, DstSpec, Rule, RuleBody, RuleOrigin, Section, Selector, Target,
+    Access, CompiledPolicy, DstSpec, Rule, RuleBody, RuleOrigin, Section, Selector, SshAccess,
+    Target,
 };
 pub use error::{
-    AliasPosition, CapabilityProblem, Place, PolicyError, PortProblem, Pos, SshProblem,
+    AliasPosition, CapabilityProblem, Place, PolicyError, PortProblem, Pos, SshProblem, TestBlock,
     TestFailure, TestProblem,
 };
 pub use filter::{DstNet, DstPorts, FilterRule, PacketFilter};
 pub use node::{NodeId, NodeOwner, PolicyNode, PolicyUser};
 pub use parse::{
     AclDst, AclRule, AutoApprovers, GrantRule, GroupDef, HostDef, IpSpec, NodeAttr, Policy,
-    PolicyTest, Spanned, SshRule, TagOwnerDef,
+    PolicyTest, Spanned, SshRule, SshTest, TagOwnerDef,
 };
 pub use ports::{PortRange, parse_ports, parse_proto, proto};
 pub use state::{Explanation, NodeDelta, PolicyState};

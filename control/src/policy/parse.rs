@@ -40,8 +40,8 @@ pub struct Policy {
     pub ssh: Vec<SshRule>,
     /// `tests`, run against the compiled policy before it is applied.
     pub tests: Vec<PolicyTest>,
-    /// How many `sshTests` entries were given (accepted and not run).
-    pub ssh_tests: usize,
+    /// `sshTests`, run against the `ssh` rules before the policy is applied.
+    pub ssh_tests: Vec<SshTest>,
     /// `randomizeClientPort`.
     pub randomize_client_port: bool,
 }
@@ -164,6 +164,24 @@ pub struct SshRule {
     pub users: Vec<String>,
 }
 
+/// One `sshTests` entry: may `src` log in to each of `dst` as the listed users? Checked when
+/// it runs, like `tests`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTest {
+    /// Where it starts.
+    pub at: Pos,
+    /// `src` as written (`None` when missing).
+    pub src: Option<String>,
+    /// Destination hosts (no ports).
+    pub dst: Vec<String>,
+    /// Login users that must be allowed.
+    pub accept: Vec<String>,
+    /// Login users that must be allowed with a check (treated as allowed).
+    pub check: Vec<String>,
+    /// Login users that must be refused.
+    pub deny: Vec<String>,
+}
+
 /// One `tests` entry. Its parts are checked when it runs: a malformed entry is a failing test.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyTest {
@@ -246,9 +264,8 @@ impl Policy {
                 "sshTests" => {
                     let arr = hujson::array(&doc, f.value, &place)?;
                     for (i, v) in arr.elements.iter().enumerate() {
-                        check_ssh_test(&doc, i, v)?;
+                        p.ssh_tests.push(parse_ssh_test(&doc, i, v)?);
                     }
-                    p.ssh_tests = arr.elements.len();
                 }
                 "randomizeClientPort" => match f.value {
                     Value::BooleanLit(b) => p.randomize_client_port = b.value,
@@ -944,41 +961,64 @@ fn parse_ssh(doc: &Doc<'_>, index: usize, v: &Value<'_>) -> Result<SshRule, Poli
     })
 }
 
-fn check_ssh_test(doc: &Doc<'_>, index: usize, v: &Value<'_>) -> Result<(), PolicyError> {
+fn parse_ssh_test(doc: &Doc<'_>, index: usize, v: &Value<'_>) -> Result<SshTest, PolicyError> {
     let place = Place::SshTest { index, field: "" };
     let obj = hujson::object(doc, v, &place)?;
+    let mut t = SshTest {
+        at: doc.at(v),
+        src: None,
+        dst: Vec::new(),
+        accept: Vec::new(),
+        check: Vec::new(),
+        deny: Vec::new(),
+    };
     let known = ["src", "dst", "accept", "check", "deny"];
     for f in hujson::fields(doc, obj, &place, &known, true)? {
         let fplace = Place::SshTest {
             index,
             field: f.name,
         };
-        if f.name == "dst" {
-            for (s, sat) in hujson::strings(doc, f.value, &fplace)? {
-                match parse_alias(&s) {
-                    Ok(Alias::Prefix(p)) if p.prefix_len() != p.max_prefix_len() => {
-                        return Err(PolicyError::AliasNotAllowed {
-                            at: sat,
-                            place: fplace,
-                            alias: s,
-                            position: super::error::AliasPosition::Test,
-                        });
+        match f.name {
+            "src" => t.src = Some(hujson::string(doc, f.value, &fplace)?.0),
+            "dst" => {
+                for (s, sat) in hujson::strings(doc, f.value, &fplace)? {
+                    match parse_alias(&s) {
+                        Ok(Alias::Prefix(p)) if p.prefix_len() != p.max_prefix_len() => {
+                            return Err(PolicyError::AliasNotAllowed {
+                                at: sat,
+                                place: fplace,
+                                alias: s,
+                                position: super::error::AliasPosition::Test,
+                            });
+                        }
+                        Ok(Alias::AutoGroup(AutoGroup::Internet)) => {
+                            return Err(PolicyError::AliasNotAllowed {
+                                at: sat,
+                                place: fplace,
+                                alias: s,
+                                position: super::error::AliasPosition::Test,
+                            });
+                        }
+                        Ok(_) => t.dst.push(s),
+                        Err(problem) => return Err(alias_error(&s, sat, &fplace, problem)),
                     }
-                    Ok(Alias::AutoGroup(AutoGroup::Internet)) => {
-                        return Err(PolicyError::AliasNotAllowed {
-                            at: sat,
-                            place: fplace,
-                            alias: s,
-                            position: super::error::AliasPosition::Test,
-                        });
-                    }
-                    Ok(_) => {}
-                    Err(problem) => return Err(alias_error(&s, sat, &fplace, problem)),
                 }
             }
+            "accept" | "check" | "deny" => {
+                let users = hujson::strings(doc, f.value, &fplace)?
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect();
+                match f.name {
+                    "accept" => t.accept = users,
+                    "check" => t.check = users,
+                    _ => t.deny = users,
+                }
+            }
+            _ => {}
         }
     }
-    Ok(())
+    Ok(t)
 }
 
 fn parse_test(doc: &Doc<'_>, index: usize, v: &Value<'_>) -> Result<PolicyTest, PolicyError> {

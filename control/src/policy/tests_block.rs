@@ -6,9 +6,9 @@ use std::net::IpAddr;
 
 use super::alias::{Alias, AutoGroup, in_set, internet_prefixes, parse_alias};
 use super::compile::{Access, CompiledPolicy, Selector, Target};
-use super::error::{PolicyError, TestFailure, TestProblem};
+use super::error::{PolicyError, TestBlock, TestFailure, TestProblem};
 use super::node::{NodeOwner, PolicyNode};
-use super::parse::{PolicyTest, split_test_dst};
+use super::parse::{PolicyTest, SshTest, split_test_dst};
 use super::ports::proto;
 use super::state::{Nodes, Role, node_matches};
 
@@ -231,6 +231,18 @@ pub(crate) fn run(policy: &CompiledPolicy, nodes: &Nodes) -> Result<(), PolicyEr
     for (index, t) in policy.tests().iter().enumerate() {
         for problem in run_one(policy, nodes, t) {
             failures.push(TestFailure {
+                block: TestBlock::Tests,
+                index,
+                at: t.at,
+                src: t.src.clone().unwrap_or_default(),
+                problem,
+            });
+        }
+    }
+    for (index, t) in policy.ssh_tests().iter().enumerate() {
+        for problem in run_ssh_one(policy, nodes, t) {
+            failures.push(TestFailure {
+                block: TestBlock::SshTests,
                 index,
                 at: t.at,
                 src: t.src.clone().unwrap_or_default(),
@@ -243,4 +255,127 @@ pub(crate) fn run(policy: &CompiledPolicy, nodes: &Nodes) -> Result<(), PolicyEr
     } else {
         Err(PolicyError::TestsFailed { failures })
     }
+}
+
+/// The nodes an alias in an `sshTests` entry names: a user, group, tag, host or IPv4 address
+/// of a node (Tailscale refuses IPv6 literals there).
+fn ssh_test_nodes<'n>(
+    policy: &CompiledPolicy,
+    nodes: &'n Nodes,
+    text: &str,
+    role: Role,
+) -> Option<Vec<&'n PolicyNode>> {
+    let alias = parse_alias(text).ok()?;
+    let sels: Vec<Selector> = match &alias {
+        Alias::Prefix(_) => {
+            let ip = text.parse::<IpAddr>().ok().filter(IpAddr::is_ipv4)?;
+            return nodes.owner_of(ip).map(|n| vec![n]);
+        }
+        Alias::Host(h) => {
+            let p = policy.host(h)?;
+            return nodes.owner_of(p.addr()).map(|n| vec![n]);
+        }
+        Alias::User(u) => vec![Selector::User(u.clone())],
+        Alias::UserDomain(d) => vec![Selector::UserDomain(d.clone())],
+        Alias::Group(g) => policy
+            .group(g)?
+            .iter()
+            .map(|u| Selector::User(u.clone()))
+            .collect(),
+        Alias::Tag(t) if policy.tag_defined(t) => vec![Selector::Tag(t.clone())],
+        Alias::AutoGroup(AutoGroup::Member) => vec![Selector::Member],
+        Alias::AutoGroup(AutoGroup::Tagged) => vec![Selector::Tagged],
+        _ => return None,
+    };
+    let out: Vec<&PolicyNode> = nodes
+        .iter()
+        .filter(|(_, n)| sels.iter().any(|s| node_matches(s, role, n)))
+        .map(|(_, n)| n)
+        .collect();
+    (!out.is_empty()).then_some(out)
+}
+
+/// Whether a rule's login users admit `user` for a connection from `src`.
+fn login_allowed(users: &[String], user: &str, src: &PolicyNode) -> bool {
+    users.iter().any(|u| {
+        if u == user {
+            return true;
+        }
+        if u == "autogroup:nonroot" {
+            return user != "root";
+        }
+        if let Some(domain) = u.strip_prefix("localpart:*@") {
+            let NodeOwner::User(owner) = &src.owner else {
+                return false;
+            };
+            return owner
+                .email
+                .as_deref()
+                .and_then(|e| e.split_once('@'))
+                .is_some_and(|(local, d)| d == domain && local == user);
+        }
+        false
+    })
+}
+
+/// Whether some `ssh` rule lets `src` log in to `dst` as `user`.
+fn ssh_allowed(policy: &CompiledPolicy, src: &PolicyNode, dst: &PolicyNode, user: &str) -> bool {
+    policy.ssh_rules().iter().any(|r| {
+        r.src.iter().any(|s| node_matches(s, Role::Src, src))
+            && r.dst.iter().any(|d| match d {
+                Target::Sel(s) => node_matches(s, Role::Dst, dst),
+                Target::SelfDevices => same_user(Some(src), Some(dst)),
+            })
+            && login_allowed(&r.users, user, src)
+    })
+}
+
+fn run_ssh_one(policy: &CompiledPolicy, nodes: &Nodes, t: &SshTest) -> Vec<TestProblem> {
+    let Some(src) = t.src.as_deref().filter(|s| !s.is_empty()) else {
+        return vec![TestProblem::MissingSrc];
+    };
+    if t.accept.is_empty() && t.check.is_empty() && t.deny.is_empty() {
+        return vec![TestProblem::MissingExpectations];
+    }
+    if t.accept
+        .iter()
+        .chain(&t.check)
+        .chain(&t.deny)
+        .any(String::is_empty)
+    {
+        return vec![TestProblem::BadLoginUser];
+    }
+    let Some(srcs) = ssh_test_nodes(policy, nodes, src, Role::Src) else {
+        return vec![TestProblem::UnknownAlias {
+            alias: src.to_string(),
+        }];
+    };
+    let mut problems = Vec::new();
+    for dst in &t.dst {
+        let Some(dsts) = ssh_test_nodes(policy, nodes, dst, Role::Dst) else {
+            problems.push(TestProblem::UnknownAlias { alias: dst.clone() });
+            continue;
+        };
+        let all = |user: &str| {
+            srcs.iter()
+                .all(|s| dsts.iter().all(|d| ssh_allowed(policy, s, d, user)))
+        };
+        for user in t.accept.iter().chain(&t.check) {
+            if !all(user) {
+                problems.push(TestProblem::SshNotAllowed {
+                    dst: dst.clone(),
+                    user: user.clone(),
+                });
+            }
+        }
+        for user in &t.deny {
+            if all(user) {
+                problems.push(TestProblem::SshNotDenied {
+                    dst: dst.clone(),
+                    user: user.clone(),
+                });
+            }
+        }
+    }
+    problems
 }
