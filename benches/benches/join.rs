@@ -61,10 +61,13 @@ fn join(c: &mut Criterion) {
             let mut netmap = warren_control::netmap::Netmap::default();
             let mut subs = Vec::with_capacity(n);
             for id in 1..=n as u64 {
-                netmap.upsert(Node {
-                    id,
-                    ..Node::default()
-                });
+                netmap.upsert(
+                    Node {
+                        id,
+                        ..Node::default()
+                    },
+                    warren_benches::identity(id),
+                );
             }
             for id in 1..=n as u64 {
                 if let Some(mut sub) = netmap.subscribe(id) {
@@ -82,7 +85,7 @@ fn join(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     let start = Instant::now();
-                    let sent = netmap.upsert(joiner.clone());
+                    let sent = netmap.upsert(joiner.clone(), warren_benches::identity(u64::MAX));
                     total += start.elapsed();
                     assert_eq!(sent, n);
                     netmap.remove(u64::MAX);

@@ -30,6 +30,7 @@ impl Mesh {
                 base_domain: "bench.internal".into(),
             },
             derp_map: Default::default(),
+            policy: None,
         };
         let now_ms = 1_700_000_000_000;
         let store = SqliteStore::in_memory().expect("sqlite");
@@ -87,4 +88,22 @@ impl Mesh {
         }
         n
     }
+}
+
+/// A node's identity for the policy, owned by user `bench`, with addresses derived from `id`
+/// (for benchmarks that drive the netmap directly).
+pub fn identity(id: u64) -> warren_control::policy::PolicyNode {
+    let low = u32::try_from(id & 0x003f_ffff).unwrap_or(0);
+    let user = warren_control::policy::PolicyUser {
+        id: 1,
+        name: "bench".into(),
+        email: None,
+    };
+    warren_control::policy::PolicyNode::user(
+        id,
+        &format!("n{id}"),
+        user,
+        std::net::Ipv4Addr::from(0x6440_0000 | low),
+        std::net::Ipv6Addr::from((0xfd7a_115c_a1e0_u128 << 80) | u128::from(low)),
+    )
 }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -13,6 +14,7 @@ use warren_proto::{DiscoPublicKey, NodePublicKey};
 use crate::error::ControlError;
 use crate::ipam::Ipam;
 use crate::netmap::{Delta, Netmap, Subscription};
+use crate::policy::{CompiledPolicy, NodeOwner, PolicyError, PolicyNode, PolicyState, PolicyUser};
 use crate::secret::{self, SecretKind};
 use crate::store::{ApiKeyRecord, NodeRecord, PreAuthKeyRecord, Store, UserRecord};
 
@@ -34,6 +36,9 @@ pub struct Settings {
     pub dns: DnsConfig,
     /// The DERP relays sent in every full map.
     pub derp_map: DerpMap,
+    /// The access policy in force at start; `None`: none configured, every node may reach
+    /// every other.
+    pub policy: Option<Arc<CompiledPolicy>>,
 }
 
 /// A new pre-auth key's options.
@@ -151,7 +156,11 @@ impl Core {
             by_key: HashMap::new(),
             names: HashMap::new(),
             ipam: Ipam::new(settings.v4, settings.v6),
-            netmap: Netmap::new(settings.dns.clone(), settings.derp_map.clone()),
+            netmap: Netmap::new(
+                settings.dns.clone(),
+                settings.derp_map.clone(),
+                settings.policy.clone(),
+            ),
             store,
         };
         for n in core.store.nodes()? {
@@ -160,7 +169,8 @@ impl Core {
             core.names.insert(n.given_name.clone(), n.id);
             if !expired(n.expiry_ms, now_ms) {
                 let view = core.view(&n);
-                core.netmap.upsert(view);
+                let identity = core.identity(&n);
+                core.netmap.upsert(view, identity);
             }
             core.nodes.insert(n.id, n);
         }
@@ -205,6 +215,36 @@ impl Core {
             ephemeral: n.ephemeral,
             home_region: n.home_region,
         }
+    }
+
+    /// A node as the policy sees it: owned by its tags when it has any (Headscale 0.28+:
+    /// a tagged node belongs to no user), else by its user.
+    fn identity(&self, n: &NodeRecord) -> PolicyNode {
+        let owner = if n.tags.is_empty() {
+            NodeOwner::User(PolicyUser {
+                id: n.user_id,
+                name: self.user_name(n.user_id),
+                email: None,
+            })
+        } else {
+            NodeOwner::Tags(n.tags.clone())
+        };
+        PolicyNode {
+            id: crate::policy::NodeId(n.id),
+            name: n.given_name.clone(),
+            owner,
+            ipv4: Some(n.ipv4),
+            ipv6: Some(n.ipv6),
+            approved_routes: Vec::new(),
+        }
+    }
+
+    /// Puts a node's current record into the live netmap (with its policy identity).
+    fn publish(&mut self, n: &NodeRecord) -> (Node, usize) {
+        let view = self.view(n);
+        let identity = self.identity(n);
+        let sent = self.netmap.upsert(view.clone(), identity);
+        (view, sent)
     }
 
     fn unique_name(&self, wanted: &str, except: Option<u64>) -> String {
@@ -276,9 +316,7 @@ impl Core {
             n.hostname = hostname.to_string();
             self.store.update_node(&n)?;
             self.nodes.insert(id, n.clone());
-            let view = self.view(&n);
-            self.netmap.upsert(view.clone());
-            return Ok(view);
+            return Ok(self.publish(&n).0);
         }
         let key = self.check_auth_key(auth_key, now_ms)?;
         let (ipv4, ipv6) = self.ipam.allocate()?;
@@ -310,9 +348,8 @@ impl Core {
         tracing::info!(node = n.id, name = %n.given_name, key = %node_key.short(), %ipv4, "node registered");
         self.by_key.insert(node_key, n.id);
         self.names.insert(n.given_name.clone(), n.id);
-        let view = self.view(&n);
+        let (view, _) = self.publish(&n);
         self.nodes.insert(n.id, n);
-        self.netmap.upsert(view.clone());
         Ok(view)
     }
 
@@ -387,13 +424,13 @@ impl Core {
         }
         self.store.update_node(&n)?;
         let strings: Vec<String> = n.endpoints.iter().map(|e| e.to_string()).collect();
-        let view = self.view(&n);
-        self.nodes.insert(id, n);
-        Ok(if record_changed {
-            self.netmap.upsert(view)
+        let sent = if record_changed {
+            self.publish(&n).1
         } else {
             self.netmap.set_endpoints(id, strings)
-        })
+        };
+        self.nodes.insert(id, n);
+        Ok(sent)
     }
 
     /// Opens a map stream for `id` and marks it online.
@@ -672,11 +709,46 @@ impl Core {
         self.store.update_node(&n)?;
         self.names.remove(&old);
         self.names.insert(n.given_name.clone(), id);
-        let view = self.view(&n);
+        let view = if self.netmap.node(id).is_some() {
+            self.publish(&n).0
+        } else {
+            self.view(&n)
+        };
         self.nodes.insert(id, n);
-        if self.netmap.node(id).is_some() {
-            self.netmap.upsert(view.clone());
-        }
         Ok(view)
+    }
+
+    // --- policy ---
+
+    /// Replaces the access policy (`None`: none, every node may reach every other). Atomic: a
+    /// policy whose `tests` fail against the current nodes changes nothing. Every node that
+    /// gains or loses a peer or whose filter changes is told at once; returns the deltas sent.
+    pub fn set_policy(
+        &mut self,
+        policy: Option<Arc<CompiledPolicy>>,
+    ) -> Result<usize, PolicyError> {
+        self.netmap.set_policy(policy)
+    }
+
+    /// Runs `policy`'s `tests` against the current nodes, changing nothing (`policy check`).
+    pub fn check_policy(&self, policy: &CompiledPolicy) -> Result<(), PolicyError> {
+        self.netmap.policy().check(policy)
+    }
+
+    /// The policy state: who sees whom, filters, `explain`, name lookups.
+    pub fn policy_state(&self) -> &PolicyState {
+        self.netmap.policy()
+    }
+
+    /// Whether a policy is configured.
+    pub fn policy_configured(&self) -> bool {
+        self.netmap.policy_configured()
+    }
+
+    /// The policy in force's `tests` run against the current nodes: `Some` with the failures
+    /// (for a loud warning at start-up, where the policy is kept: see the README).
+    pub fn policy_failures(&self) -> Option<PolicyError> {
+        let state = self.netmap.policy();
+        state.check(state.policy()).err()
     }
 }

@@ -1,17 +1,24 @@
-//! The live netmap: every node as its peers see it, and the open map streams. A change is turned
-//! into one delta, built once and shared by reference with each subscriber that can see the
-//! node, so a join, move or leave costs work in proportion to the peers it affects, never a
-//! rebuild of every node's map. A subscriber that cannot keep up is marked lagging and gets no
-//! more deltas; its stream then replaces the backlog with a fresh full map ([`Netmap::resync`]),
-//! so its memory stays bounded, nobody else waits for it, and it does not have to reconnect.
+//! The live netmap: every node as its peers see it, the open map streams, and the policy that
+//! decides who sees whom ([`PolicyState`]). A change is turned into deltas for exactly the
+//! subscribers it concerns: a node's record goes, built once and shared by reference, to the
+//! nodes that may see it; the policy's per-node differences (peers gained or lost, a new packet
+//! filter) go to the nodes they name. So a join, move, leave or policy edit costs work in
+//! proportion to the nodes and edges it affects, never a rebuild of every node's map. A
+//! subscriber that cannot keep up is marked lagging and gets no more deltas; its stream then
+//! replaces the backlog with a fresh full map ([`Netmap::resync`]), so its memory stays
+//! bounded, nobody else waits for it, and it does not have to reconnect.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::mpsc;
 use warren_proto::control::{
     DerpMap, DnsConfig, FullMap, Node, PeerEndpoints, PeerOnline, PeerRemoved, map_response::Kind,
+};
+
+use crate::policy::{
+    CompiledPolicy, DstNet, NodeDelta, NodeId, PacketFilter, PolicyError, PolicyNode, PolicyState,
 };
 
 /// One change, shared by every stream that receives it.
@@ -40,8 +47,8 @@ pub struct Subscription {
     pub lagging: Arc<AtomicBool>,
 }
 
-/// Every visible node and every open stream.
-#[derive(Debug, Default)]
+/// Every node, every open stream, and the policy in force.
+#[derive(Debug)]
 pub struct Netmap {
     nodes: BTreeMap<u64, Arc<Node>>,
     subscribers: BTreeMap<u64, Subscriber>,
@@ -49,15 +56,74 @@ pub struct Netmap {
     dns: DnsConfig,
     derp_map: DerpMap,
     lagged: u64,
+    /// Who sees whom and each node's filter.
+    policy: PolicyState,
+    /// Whether a policy is configured; without one every node gets an allow-all filter.
+    policy_on: bool,
+}
+
+impl Default for Netmap {
+    fn default() -> Self {
+        Self::new(DnsConfig::default(), DerpMap::default(), None)
+    }
+}
+
+/// A node's filter as it goes on the wire.
+fn wire_filter(
+    policy_on: bool,
+    filter: Option<&PacketFilter>,
+) -> warren_proto::control::PacketFilter {
+    use warren_proto::control::{DstPorts, FilterRule, PacketFilter as Wire};
+    if !policy_on {
+        return Wire {
+            allow_all: true,
+            rules: Vec::new(),
+        };
+    }
+    let rules = filter
+        .map(|f| {
+            f.rules
+                .iter()
+                .map(|r| FilterRule {
+                    src: r.src.iter().map(ToString::to_string).collect(),
+                    dst: r
+                        .dst
+                        .iter()
+                        .map(|d| DstPorts {
+                            net: match d.net {
+                                DstNet::Any => "*".to_owned(),
+                                DstNet::Net(n) => n.to_string(),
+                            },
+                            first: u32::from(d.ports.first),
+                            last: u32::from(d.ports.last),
+                        })
+                        .collect(),
+                    protos: r.protos.iter().map(|p| u32::from(*p)).collect(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Wire {
+        allow_all: false,
+        rules,
+    }
 }
 
 impl Netmap {
-    /// An empty netmap with these DNS and DERP settings.
-    pub fn new(dns: DnsConfig, derp_map: DerpMap) -> Self {
+    /// An empty netmap with these DNS and DERP settings and this policy (`None`: none
+    /// configured, every node sees every other and accepts every packet).
+    pub fn new(dns: DnsConfig, derp_map: DerpMap, policy: Option<Arc<CompiledPolicy>>) -> Self {
+        let policy_on = policy.is_some();
+        let policy = policy.unwrap_or_else(|| Arc::new(CompiledPolicy::allow_all()));
         Self {
+            nodes: BTreeMap::new(),
+            subscribers: BTreeMap::new(),
+            next_stream: 0,
             dns,
             derp_map,
-            ..Self::default()
+            lagged: 0,
+            policy: PolicyState::new(policy),
+            policy_on,
         }
     }
 
@@ -81,27 +147,76 @@ impl Netmap {
         self.nodes.get(&id)
     }
 
-    /// Whether `viewer` may see `node`. Every node sees every other one until ACL policy arrives;
-    /// this is the single place that decision lives.
-    fn visible(&self, _viewer: u64, _node: u64) -> bool {
-        true
+    /// The policy state: who sees whom, filters, `explain`.
+    pub fn policy(&self) -> &PolicyState {
+        &self.policy
     }
 
-    /// The full map for `id`: itself and every peer it can see.
+    /// Whether a policy is configured.
+    pub fn policy_configured(&self) -> bool {
+        self.policy_on
+    }
+
+    /// Replaces the policy (`None`: none). Atomic: a policy that does not compile against the
+    /// nodes or whose `tests` fail changes nothing. Returns the deltas sent.
+    pub fn set_policy(
+        &mut self,
+        policy: Option<Arc<CompiledPolicy>>,
+    ) -> Result<usize, PolicyError> {
+        let on = policy.is_some();
+        let policy = policy.unwrap_or_else(|| Arc::new(CompiledPolicy::allow_all()));
+        let deltas = self.policy.set_policy(policy)?;
+        let mut sent = 0;
+        if on != self.policy_on {
+            // Every node's filter changes form (allow-all on the wire or rules).
+            self.policy_on = on;
+            let ids: Vec<u64> = self.subscribers.keys().copied().collect();
+            let mut told = BTreeSet::new();
+            for d in &deltas {
+                sent += self.apply_delta(d, None, &mut told);
+            }
+            for id in ids {
+                let filter = self.policy.filter_for(NodeId(id));
+                let f = wire_filter(self.policy_on, filter.as_ref());
+                if self.send(id, Arc::new(Kind::FilterChanged(f))) {
+                    sent += 1;
+                }
+            }
+            return Ok(sent);
+        }
+        let mut told = BTreeSet::new();
+        for d in &deltas {
+            sent += self.apply_delta(d, None, &mut told);
+        }
+        Ok(sent)
+    }
+
+    /// The nodes that see `id`.
+    fn viewers(&self, id: u64) -> Vec<u64> {
+        self.policy
+            .peers_of(NodeId(id))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| n.0)
+            .collect()
+    }
+
+    /// The full map for `id`: itself, every peer it can see, and its packet filter.
     pub fn full_map(&self, id: u64) -> Option<FullMap> {
         let me = self.nodes.get(&id)?;
         let peers = self
-            .nodes
-            .iter()
-            .filter(|(other, _)| **other != id && self.visible(id, **other))
-            .map(|(_, n)| Node::clone(n))
+            .viewers(id)
+            .into_iter()
+            .filter_map(|p| self.nodes.get(&p))
+            .map(|n| Node::clone(n))
             .collect();
+        let filter = self.policy.filter_for(NodeId(id));
         Some(FullMap {
             self_node: Some(Node::clone(me)),
             peers,
             dns: Some(self.dns.clone()),
             derp_map: Some(self.derp_map.clone()),
-            filter: None,
+            filter: Some(wire_filter(self.policy_on, filter.as_ref())),
         })
     }
 
@@ -158,19 +273,70 @@ impl Netmap {
         self.subscribers.contains_key(&id)
     }
 
-    /// Adds or replaces a node; tells every subscriber that can see it. Returns deltas sent.
-    pub fn upsert(&mut self, node: Node) -> usize {
+    /// Adds or replaces a node, with its identity for the policy (owner, addresses); tells every
+    /// subscriber that can see it, and applies what the change means for the policy (peers
+    /// gained or lost, filters). Returns deltas sent.
+    pub fn upsert(&mut self, node: Node, identity: PolicyNode) -> usize {
         let id = node.id;
         let node = Arc::new(node);
         let existed = self.nodes.insert(id, Arc::clone(&node)).is_some();
-        let delta = Arc::new(if existed {
-            Kind::PeerChanged(Node::clone(&node))
-        } else {
-            Kind::PeerAdded(Node::clone(&node))
-        });
-        let mut sent = self.fanout(id, &delta);
-        if existed && self.send(id, Arc::new(Kind::SelfChanged(Node::clone(&node)))) {
-            sent += 1;
+        let deltas = self.policy.upsert_node(identity);
+        // Subscribers told about this node by a peer-added or peer-removed delta.
+        let mut told = BTreeSet::new();
+        let mut sent = 0;
+        for d in &deltas {
+            sent += self.apply_delta(d, Some(id), &mut told);
+        }
+        if existed {
+            let delta = Arc::new(Kind::PeerChanged(Node::clone(&node)));
+            for viewer in self.viewers(id) {
+                if !told.contains(&viewer) && self.send(viewer, Arc::clone(&delta)) {
+                    sent += 1;
+                }
+            }
+            if self.send(id, Arc::new(Kind::SelfChanged(Node::clone(&node)))) {
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    /// Sends one node's policy difference: records of peers it now sees, removals, its new
+    /// filter. `about` is the node whose change caused it; viewers told about it go in `told`.
+    fn apply_delta(
+        &mut self,
+        d: &NodeDelta,
+        about: Option<u64>,
+        told: &mut BTreeSet<u64>,
+    ) -> usize {
+        let viewer = d.node.0;
+        if !self.subscribers.contains_key(&viewer) {
+            return 0;
+        }
+        let mut sent = 0;
+        for p in &d.peers_added {
+            if Some(p.0) == about {
+                told.insert(viewer);
+            }
+            if let Some(n) = self.nodes.get(&p.0).cloned()
+                && self.send(viewer, Arc::new(Kind::PeerAdded(Node::clone(&n))))
+            {
+                sent += 1;
+            }
+        }
+        for p in &d.peers_removed {
+            if Some(p.0) == about {
+                told.insert(viewer);
+            }
+            if self.send(viewer, Arc::new(Kind::PeerRemoved(PeerRemoved { id: p.0 }))) {
+                sent += 1;
+            }
+        }
+        if let Some(f) = &d.filter {
+            let wire = wire_filter(self.policy_on, Some(f));
+            if self.send(viewer, Arc::new(Kind::FilterChanged(wire))) {
+                sent += 1;
+            }
         }
         sent
     }
@@ -181,8 +347,12 @@ impl Netmap {
             return 0;
         }
         self.subscribers.remove(&id);
-        let delta = Arc::new(Kind::PeerRemoved(PeerRemoved { id }));
-        self.fanout(id, &delta)
+        let deltas = self.policy.remove_node(NodeId(id));
+        let mut told = BTreeSet::new();
+        deltas
+            .iter()
+            .map(|d| self.apply_delta(d, Some(id), &mut told))
+            .sum()
     }
 
     /// Replaces a node's endpoints; tells every subscriber that can see it.
@@ -216,10 +386,9 @@ impl Netmap {
 
     fn fanout(&mut self, about: u64, delta: &Delta) -> usize {
         let targets: Vec<u64> = self
-            .subscribers
-            .keys()
-            .copied()
-            .filter(|viewer| *viewer != about && self.visible(*viewer, about))
+            .viewers(about)
+            .into_iter()
+            .filter(|viewer| self.subscribers.contains_key(viewer))
             .collect();
         targets
             .into_iter()
@@ -253,6 +422,7 @@ impl Netmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::PolicyUser;
 
     fn node(id: u64) -> Node {
         Node {
@@ -262,15 +432,36 @@ mod tests {
         }
     }
 
+    fn ident(id: u64) -> PolicyNode {
+        let user = PolicyUser {
+            id: 1,
+            name: "u".into(),
+            email: None,
+        };
+        let n = u32::try_from(id).expect("small id");
+        PolicyNode::user(
+            id,
+            &format!("n{id}"),
+            user,
+            std::net::Ipv4Addr::from(0x6440_0000 + n),
+            std::net::Ipv6Addr::from(0xfd7a_115c_a1e0_u128 << 80 | u128::from(n)),
+        )
+    }
+
+    /// Adds or replaces node `id` (owned by user `u`).
+    fn put(m: &mut Netmap, id: u64) -> usize {
+        m.upsert(node(id), ident(id))
+    }
+
     #[test]
     fn subscriber_gets_full_map_then_only_deltas_about_others() {
         let mut m = Netmap::default();
-        m.upsert(node(1));
-        m.upsert(node(2));
+        put(&mut m, 1);
+        put(&mut m, 2);
         let mut sub = m.subscribe(1).expect("known");
         assert_eq!(sub.full.peers.len(), 1);
         assert_eq!(sub.full.self_node.as_ref().map(|n| n.id), Some(1));
-        assert_eq!(m.upsert(node(3)), 1);
+        assert_eq!(put(&mut m, 3), 1);
         assert!(matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerAdded(n) if n.id == 3));
         assert_eq!(m.set_endpoints(3, vec!["10.0.0.3:1".into()]), 1);
         assert!(
@@ -284,7 +475,7 @@ mod tests {
             matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerRemoved(r) if r.id == 3)
         );
         // A change to the subscriber itself arrives as SelfChanged, not as a peer.
-        assert_eq!(m.upsert(node(1)), 1);
+        assert_eq!(put(&mut m, 1), 1);
         assert!(
             matches!(&*sub.deltas.try_recv().expect("delta"), Kind::SelfChanged(n) if n.id == 1)
         );
@@ -295,25 +486,25 @@ mod tests {
         let mut m = Netmap::default();
         let mut subs = Vec::new();
         for id in 1..=50 {
-            m.upsert(node(id));
+            put(&mut m, id);
         }
         for id in 1..=50 {
             subs.push(m.subscribe(id).expect("known"));
         }
-        assert_eq!(m.upsert(node(51)), 50);
+        assert_eq!(put(&mut m, 51), 50);
     }
 
     #[test]
     fn a_lagging_stream_is_resynced_and_others_keep_their_deltas() {
         let mut m = Netmap::default();
-        m.upsert(node(1));
-        m.upsert(node(2));
+        put(&mut m, 1);
+        put(&mut m, 2);
         let mut slow = m.subscribe(1).expect("known");
         let mut fast = m.subscribe(2).expect("known");
         let joins = STREAM_QUEUE as u64 + 5;
         let mut fast_got = 0;
         for i in 0..joins {
-            m.upsert(node(100 + i));
+            put(&mut m, 100 + i);
             while fast.deltas.try_recv().is_ok() {
                 fast_got += 1;
             }
@@ -334,7 +525,7 @@ mod tests {
             "the full map has all it missed"
         );
         assert!(!slow.lagging.load(Ordering::Acquire));
-        m.upsert(node(9999));
+        put(&mut m, 9999);
         let d = rx.try_recv().expect("delta after resync");
         assert!(matches!(&*d, Kind::PeerAdded(n) if n.id == 9999));
         assert!(m.resync(1, slow.stream + 100).is_none());
@@ -343,11 +534,146 @@ mod tests {
     #[test]
     fn replaced_stream_does_not_unsubscribe_the_new_one() {
         let mut m = Netmap::default();
-        m.upsert(node(1));
+        put(&mut m, 1);
         let old = m.subscribe(1).expect("known");
         let new = m.subscribe(1).expect("known");
         assert!(!m.unsubscribe(1, old.stream));
         assert!(m.is_subscribed(1));
         assert!(m.unsubscribe(1, new.stream));
+    }
+
+    fn owned_by(id: u64, user: u64, name: &str) -> PolicyNode {
+        let mut n = ident(id);
+        n.owner = crate::policy::NodeOwner::User(PolicyUser {
+            id: user,
+            name: name.into(),
+            email: None,
+        });
+        n
+    }
+
+    fn drain(sub: &mut Subscription) -> Vec<Kind> {
+        let mut out = Vec::new();
+        while let Ok(d) = sub.deltas.try_recv() {
+            out.push(Kind::clone(&d));
+        }
+        out
+    }
+
+    fn peer_ids(full: &FullMap) -> Vec<u64> {
+        full.peers.iter().map(|n| n.id).collect()
+    }
+
+    #[test]
+    fn each_node_sees_only_what_policy_allows_and_hears_only_its_differences() {
+        let policy = |text: &str| Some(Arc::new(CompiledPolicy::from_text(text).expect("policy")));
+        // alice may reach bob on TCP 22; carol nobody.
+        let only_ssh = r#"{"acls": [{"action": "accept", "src": ["alice@"], "dst": ["bob@:22"], "proto": "tcp"}]}"#;
+        let mut m = Netmap::new(DnsConfig::default(), DerpMap::default(), policy(only_ssh));
+        for (id, user, name) in [(1, 1, "alice"), (2, 2, "bob"), (3, 3, "carol")] {
+            m.upsert(node(id), owned_by(id, user, name));
+        }
+        let mut alice = m.subscribe(1).expect("known");
+        let mut bob = m.subscribe(2).expect("known");
+        let mut carol = m.subscribe(3).expect("known");
+        assert_eq!(peer_ids(&alice.full), [2]);
+        assert_eq!(
+            peer_ids(&bob.full),
+            [1],
+            "a peer when either may reach the other"
+        );
+        assert_eq!(peer_ids(&carol.full), Vec::<u64>::new());
+        let bob_filter = bob.full.filter.clone().expect("filter");
+        assert!(!bob_filter.allow_all);
+        assert_eq!(bob_filter.rules.len(), 1);
+        assert_eq!(
+            bob_filter.rules[0].src,
+            ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]
+        );
+        assert_eq!(bob_filter.rules[0].protos, [6]);
+        let dst = &bob_filter.rules[0].dst;
+        assert!(dst.iter().all(|d| d.first == 22 && d.last == 22), "{dst:?}");
+        let alice_filter = alice.full.filter.clone().expect("filter");
+        assert!(
+            !alice_filter.allow_all && alice_filter.rules.is_empty(),
+            "nothing may reach alice"
+        );
+
+        // carol's endpoints move: nobody sees carol, nobody hears of it.
+        assert_eq!(m.set_endpoints(3, vec!["10.0.0.3:1".into()]), 0);
+        assert!(drain(&mut alice).is_empty() && drain(&mut bob).is_empty());
+
+        // A policy edit that lets carol reach bob too: carol and bob learn of each other and
+        // bob's filter changes; alice hears nothing.
+        let edited = r#"{"acls": [{"action": "accept", "src": ["alice@", "carol@"], "dst": ["bob@:22"], "proto": "tcp"}]}"#;
+        let sent = m.set_policy(policy(edited)).expect("applies");
+        assert!(drain(&mut alice).is_empty());
+        let to_bob = drain(&mut bob);
+        assert!(
+            to_bob
+                .iter()
+                .any(|k| matches!(k, Kind::PeerAdded(n) if n.id == 3)),
+            "{to_bob:?}"
+        );
+        assert!(
+            to_bob
+                .iter()
+                .any(|k| matches!(k, Kind::FilterChanged(f) if f.rules[0].src.len() == 4)),
+            "{to_bob:?}"
+        );
+        let to_carol = drain(&mut carol);
+        assert_eq!(to_carol.len(), 1, "{to_carol:?}");
+        assert!(matches!(&to_carol[0], Kind::PeerAdded(n) if n.id == 2));
+        assert_eq!(sent, to_bob.len() + to_carol.len());
+
+        // A policy whose tests fail changes nothing and tells nobody.
+        let failing = r#"{"acls": [], "tests": [{"src": "carol@", "accept": ["100.64.0.2:22"]}]}"#;
+        let err = m.set_policy(policy(failing)).expect_err("tests fail");
+        assert!(matches!(err, PolicyError::TestsFailed { .. }), "{err}");
+        assert!(drain(&mut bob).is_empty() && drain(&mut carol).is_empty());
+        assert_eq!(m.full_map(3).map(|f| peer_ids(&f)), Some(vec![2]));
+
+        // carol's node becomes a tagged node: no longer carol's, it loses bob.
+        let mut tagged = owned_by(3, 3, "carol");
+        tagged.owner = crate::policy::NodeOwner::Tags(vec!["tag:x".into()]);
+        let tagged_policy = r#"{"tagOwners": {"tag:x": ["carol@"]}, "acls": [{"action": "accept", "src": ["alice@", "carol@"], "dst": ["bob@:22"], "proto": "tcp"}]}"#;
+        m.set_policy(policy(tagged_policy)).expect("applies");
+        drain(&mut bob);
+        drain(&mut carol);
+        m.upsert(node(3), tagged);
+        let to_bob = drain(&mut bob);
+        assert!(
+            to_bob
+                .iter()
+                .any(|k| matches!(k, Kind::PeerRemoved(r) if r.id == 3)),
+            "{to_bob:?}"
+        );
+        assert!(
+            !to_bob.iter().any(|k| matches!(k, Kind::PeerChanged(_))),
+            "{to_bob:?}"
+        );
+        let to_carol = drain(&mut carol);
+        assert!(
+            to_carol
+                .iter()
+                .any(|k| matches!(k, Kind::PeerRemoved(r) if r.id == 2)),
+            "{to_carol:?}"
+        );
+
+        // No policy again: everyone sees everyone, and filters say allow-all.
+        m.set_policy(None).expect("applies");
+        let to_alice = drain(&mut alice);
+        assert!(
+            to_alice
+                .iter()
+                .any(|k| matches!(k, Kind::PeerAdded(n) if n.id == 3)),
+            "{to_alice:?}"
+        );
+        assert!(
+            to_alice
+                .iter()
+                .any(|k| matches!(k, Kind::FilterChanged(f) if f.allow_all)),
+            "{to_alice:?}"
+        );
     }
 }

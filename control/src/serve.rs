@@ -93,6 +93,7 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
             base_domain: config.dns.base_domain.clone(),
         },
         derp_map: derp_map(config)?,
+        policy: None,
     };
     let core = Core::open(Box::new(store), &settings, unix_ms())?;
     tracing::info!(nodes = core.netmap().len(), "state loaded");

@@ -23,6 +23,7 @@ fn settings() -> Settings {
             base_domain: "test.internal".into(),
         },
         derp_map: Default::default(),
+        policy: None,
     }
 }
 
