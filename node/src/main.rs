@@ -185,13 +185,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.me.addresses.join(" ")
             );
             out!(
-                "{:<20} {:<16} {:<8} {:<38} {:>12} {:>12}  HANDSHAKE",
+                "{:<20} {:<16} {:<8} {:<38} {:>12} {:>12} {:>8}  HANDSHAKE",
                 "PEER",
                 "ADDRESS",
                 "STATUS",
                 "PATH",
                 "RX",
-                "TX"
+                "TX",
+                "DROPPED"
             );
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -203,7 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|t| format!("{}s ago", (now - t).max(0) / 1000))
                     .unwrap_or_else(|| "never".into());
                 out!(
-                    "{:<20} {:<16} {:<8} {:<38} {:>12} {:>12}  {hs}",
+                    "{:<20} {:<16} {:<8} {:<38} {:>12} {:>12} {:>8}  {hs}",
                     p.name,
                     p.addresses.first().map(String::as_str).unwrap_or("-"),
                     if p.online { "online" } else { "offline" },
@@ -214,6 +215,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     p.rx_bytes,
                     p.tx_bytes,
+                    p.filter_drops,
                 );
             }
             Ok(())
