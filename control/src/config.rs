@@ -68,6 +68,49 @@ pub struct Config {
     pub derp: Derp,
     /// Limits on the connections the gRPC listener takes (warren's own section).
     pub connections: Connections,
+    /// The access policy (Headscale's `policy` section).
+    pub policy: PolicyConfig,
+}
+
+/// Where the access policy comes from (Headscale's `policy` section: `mode`, `path`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// `"file"` (the default): the HuJSON file at `path`, watched and reloaded when it
+    /// changes; `"database"`: the policy stored with `warren-control policy set`.
+    pub mode: PolicyMode,
+    /// The policy file in file mode; empty (the default) means no policy: every node may reach
+    /// every other.
+    pub path: PathBuf,
+}
+
+/// `policy.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// The policy is the file at `policy.path`.
+    #[default]
+    File,
+    /// The policy is stored in the database and changed through the Admin API.
+    Database,
+}
+
+impl PolicyMode {
+    /// The name used in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyMode::File => "file",
+            PolicyMode::Database => "database",
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// The policy file, in file mode with a path configured.
+    pub fn file(&self) -> Option<&Path> {
+        (self.mode == PolicyMode::File && !self.path.as_os_str().is_empty())
+            .then_some(self.path.as_path())
+    }
 }
 
 /// Limits on accepted connections (warren's own `connections` section; Headscale has none).
@@ -297,6 +340,7 @@ impl Default for Config {
             dns: Dns::default(),
             derp: Derp::default(),
             connections: Connections::default(),
+            policy: PolicyConfig::default(),
         }
     }
 }
@@ -467,6 +511,15 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "keepalive_interval",
                 reason: "must be above zero".into(),
+            });
+        }
+        if self.policy.mode == PolicyMode::Database && !self.policy.path.as_os_str().is_empty() {
+            // Silently ignoring the file would leave its author wondering why edits do nothing.
+            return Err(ConfigError::Invalid {
+                key: "policy.path",
+                reason: "is only read in file mode; with policy.mode = \"database\" the policy \
+                         is stored with `warren-control policy set` (remove policy.path)"
+                    .into(),
             });
         }
         Ok(())
@@ -685,6 +738,47 @@ base_domain = "example.test"
         );
         let err = server("[derp.server]\nstun_alt_listen_addr = \"of\"\n").expect_err("typo");
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    }
+
+    #[test]
+    fn policy_section_takes_headscale_keys() {
+        let c = Config::parse("", Path::new("c.toml")).expect("defaults");
+        assert_eq!(c.policy.mode, PolicyMode::File);
+        assert_eq!(c.policy.file(), None, "no path: no policy");
+        let c = Config::parse(
+            "[policy]\nmode = \"file\"\npath = \"/etc/warren/policy.hujson\"\n",
+            Path::new("c.toml"),
+        )
+        .expect("file mode");
+        assert_eq!(
+            c.policy.file(),
+            Some(Path::new("/etc/warren/policy.hujson"))
+        );
+        let c = Config::parse("[policy]\nmode = \"database\"\n", Path::new("c.toml"))
+            .expect("database mode");
+        assert_eq!(c.policy.mode, PolicyMode::Database);
+        assert_eq!(c.policy.file(), None);
+        let err = Config::parse("[policy]\nmode = \"db\"\n", Path::new("c.toml"))
+            .expect_err("unknown mode");
+        assert!(
+            matches!(&err, ConfigError::Parse { message, .. } if message.contains("database")),
+            "{err}"
+        );
+        let err = Config::parse(
+            "[policy]\nmode = \"database\"\npath = \"/etc/p.hujson\"\n",
+            Path::new("c.toml"),
+        )
+        .expect_err("a path in database mode");
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    key: "policy.path",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

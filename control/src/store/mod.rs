@@ -165,4 +165,17 @@ pub trait Store: Send {
     fn update_node(&mut self, node: &NodeRecord) -> Result<(), StoreError>;
     /// Removes a node.
     fn delete_node(&mut self, id: u64) -> Result<(), StoreError>;
+    /// The access policy stored for `policy.mode = "database"`, if one was set.
+    fn policy(&self) -> Result<Option<StoredPolicy>, StoreError>;
+    /// Stores the access policy text (replacing the previous one), or removes it (`None`).
+    fn set_policy(&mut self, text: Option<&str>, now_ms: i64) -> Result<(), StoreError>;
+}
+
+/// The access policy as stored in database mode: its text, as the operator wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPolicy {
+    /// The HuJSON text.
+    pub text: String,
+    /// When it was stored.
+    pub updated_ms: i64,
 }

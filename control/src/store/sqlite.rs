@@ -4,7 +4,9 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{ApiKeyRecord, NodeRecord, PreAuthKeyRecord, Store, StoreError, UserRecord};
+use super::{
+    ApiKeyRecord, NodeRecord, PreAuthKeyRecord, Store, StoreError, StoredPolicy, UserRecord,
+};
 
 /// Schema migrations; entry `i` moves the database from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -54,6 +56,14 @@ CREATE TABLE nodes (
 "#,
     r#"
 ALTER TABLE nodes ADD COLUMN home_region INTEGER NOT NULL DEFAULT 0;
+"#,
+    // The access policy of `policy.mode = "database"`: at most one row.
+    r#"
+CREATE TABLE policy (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    data TEXT NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
 "#,
 ];
 
@@ -514,6 +524,34 @@ impl Store for SqliteStore {
             .execute("DELETE FROM nodes WHERE id = ?1", params![sql_id(node_id)])?;
         Ok(())
     }
+
+    fn policy(&self) -> Result<Option<StoredPolicy>, StoreError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT data, updated_ms FROM policy WHERE id = 1",
+                [],
+                |r| {
+                    Ok(StoredPolicy {
+                        text: r.get(0)?,
+                        updated_ms: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn set_policy(&mut self, text: Option<&str>, now_ms: i64) -> Result<(), StoreError> {
+        match text {
+            Some(text) => self.conn.execute(
+                "INSERT INTO policy (id, data, updated_ms) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_ms = excluded.updated_ms",
+                params![text, now_ms],
+            )?,
+            None => self.conn.execute("DELETE FROM policy WHERE id = 1", [])?,
+        };
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -573,6 +611,55 @@ mod tests {
         );
         assert_eq!(s.nodes().expect("nodes"), vec![node]);
         assert!(s.preauth_key("abc").expect("get").expect("exists").used);
+    }
+
+    #[test]
+    fn the_policy_is_stored_replaced_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.sqlite");
+        {
+            let mut s = SqliteStore::open(&path, true).expect("open");
+            assert_eq!(s.policy().expect("read"), None, "a new database has none");
+            s.set_policy(Some("{ // first\n}"), 10).expect("store");
+            s.set_policy(Some("{\"acls\": []}"), 20).expect("replace");
+        }
+        let mut s = SqliteStore::open(&path, true).expect("reopen");
+        assert_eq!(
+            s.policy().expect("read"),
+            Some(StoredPolicy {
+                text: "{\"acls\": []}".into(),
+                updated_ms: 20
+            })
+        );
+        s.set_policy(None, 30).expect("remove");
+        assert_eq!(s.policy().expect("read"), None);
+    }
+
+    #[test]
+    fn a_version_2_database_gains_the_policy_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.sqlite");
+        {
+            // A database as the previous release left it: the first two migrations only.
+            let mut conn = Connection::open(&path).expect("open");
+            for (i, sql) in MIGRATIONS[..2].iter().enumerate() {
+                let tx = conn.transaction().expect("tx");
+                tx.execute_batch(sql).expect("migrate");
+                tx.pragma_update(None, "user_version", (i + 1) as i64)
+                    .expect("version");
+                tx.commit().expect("commit");
+            }
+            conn.execute(
+                "INSERT INTO users (name, created_ms) VALUES ('alice', 1)",
+                [],
+            )
+            .expect("user");
+        }
+        let mut s = SqliteStore::open(&path, true).expect("migrates");
+        assert_eq!(s.schema_version().expect("version"), 3);
+        assert_eq!(s.users().expect("users").len(), 1, "data kept");
+        assert_eq!(s.policy().expect("read"), None);
+        s.set_policy(Some("{}"), 5).expect("store");
     }
 
     #[test]
