@@ -752,3 +752,77 @@ impl Core {
         state.check(state.policy()).err()
     }
 }
+
+// --- policy storage and tags, for the Admin API (`policy set`, `nodes tag`, tagged keys) ---
+
+impl Core {
+    /// The policy stored for `policy.mode = "database"`, if any.
+    pub fn stored_policy(&self) -> Result<Option<crate::store::StoredPolicy>, ControlError> {
+        Ok(self.store.policy()?)
+    }
+
+    /// Database mode's `policy set`: `policy` (compiled from `text`) has its tests run against
+    /// the current nodes, is stored, then applied. A refused policy or a failed write changes
+    /// nothing, so the stored and the enforced policy never disagree. Returns the deltas sent.
+    pub fn store_policy(
+        &mut self,
+        text: &str,
+        policy: Arc<CompiledPolicy>,
+        now_ms: i64,
+    ) -> Result<usize, ControlError> {
+        self.check_policy(&policy)?;
+        let previous = self.store.policy()?;
+        self.store.set_policy(Some(text), now_ms)?;
+        match self.set_policy(Some(policy)) {
+            Ok(sent) => Ok(sent),
+            Err(e) => {
+                // Not expected: the same tests passed against the same nodes just above. The
+                // stored copy goes back all the same.
+                let (text, at) = match &previous {
+                    Some(p) => (Some(p.text.as_str()), p.updated_ms),
+                    None => (None, now_ms),
+                };
+                if let Err(undo) = self.store.set_policy(text, at) {
+                    tracing::error!(error = %undo, "cannot restore the stored policy");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Checks tags a pre-auth key or a node is to carry: each `tag:<name>`, and owned in the
+    /// policy in force (any tag when no policy is configured).
+    pub fn check_node_tags(&self, tags: &[String]) -> Result<(), ControlError> {
+        check_tags(tags)?;
+        self.policy_state().policy().check_tags(tags)?;
+        Ok(())
+    }
+
+    /// Replaces a node's tags (at least one, each owned in the policy): the node is then owned
+    /// by its tags, not by a user, and its peers' maps and filters follow at once.
+    pub fn tag_node(&mut self, id: u64, mut tags: Vec<String>) -> Result<Node, ControlError> {
+        if tags.is_empty() {
+            return Err(ControlError::InvalidField {
+                field: "tags",
+                reason: "at least one tag is required",
+            });
+        }
+        self.check_node_tags(&tags)?;
+        tags.sort();
+        tags.dedup();
+        let mut n = self
+            .nodes
+            .get(&id)
+            .cloned()
+            .ok_or(ControlError::NodeNotFound { id })?;
+        n.tags = tags;
+        self.store.update_node(&n)?;
+        let view = if self.netmap.node(id).is_some() {
+            self.publish(&n).0
+        } else {
+            self.view(&n)
+        };
+        self.nodes.insert(id, n);
+        Ok(view)
+    }
+}

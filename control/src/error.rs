@@ -4,6 +4,7 @@ use warren_proto::NodePublicKey;
 use warren_proto::proof::ProofError;
 
 use crate::ipam::Exhausted;
+use crate::policy::PolicyError;
 use crate::secret::MalformedSecret;
 use crate::store::StoreError;
 
@@ -95,6 +96,35 @@ pub enum ControlError {
     /// The address range is full.
     #[error("{0}")]
     Exhausted(#[from] Exhausted),
+    /// A policy was refused, or a tag has no owner in the policy in force; the message names
+    /// the place and line:col, or the failing tests.
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+    /// `policy set` while the policy is a file (`policy.mode = "file"`).
+    #[error(
+        "policy.mode is \"file\": the policy is {path}; edit that file (it is reloaded when it \
+         changes), or set policy.mode = \"database\" to manage it with `policy set`"
+    )]
+    PolicyModeIsFile {
+        /// The policy file (or a note that none is configured).
+        path: String,
+    },
+    /// A policy text above the size limit.
+    #[error("the policy is {size} bytes; at most {max} are accepted")]
+    PolicyTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// `policy explain`: SRC or DST names no node, address, user, group or tag.
+    #[error("{role} {what:?} matches no node name, mesh address, user, group or tag")]
+    NoSuchTarget {
+        /// "source" or "destination".
+        role: &'static str,
+        /// What was asked for.
+        what: String,
+    },
     /// The database failed.
     #[error("storage: {0}")]
     Store(#[from] StoreError),
@@ -115,7 +145,11 @@ impl From<ControlError> for tonic::Status {
             E::AuthKeyNotFound | E::AuthKeyExpired | E::AuthKeyUsed | E::NodeExpired { .. } => {
                 Code::PermissionDenied
             }
-            E::Malformed(_) | E::InvalidField { .. } => Code::InvalidArgument,
+            E::Malformed(_) | E::InvalidField { .. } | E::Policy(_) | E::PolicyTooLarge { .. } => {
+                Code::InvalidArgument
+            }
+            E::NoSuchTarget { .. } => Code::NotFound,
+            E::PolicyModeIsFile { .. } => Code::FailedPrecondition,
             E::UserExists { .. } | E::NameTaken { .. } => Code::AlreadyExists,
             E::UserHasNodes { .. } => Code::FailedPrecondition,
             E::Exhausted(_) => Code::ResourceExhausted,

@@ -20,14 +20,24 @@ use warren_proto::control::*;
 use warren_proto::proof::{ReplayGuard, request_digest, unix_ms, verify_proof};
 use warren_proto::{ControlSecretKey, DiscoPublicKey, NodePublicKey};
 
+use crate::config::PolicyMode;
 use crate::core::{Core, NewAuthKey};
 use crate::error::ControlError;
 use crate::listen::ConnInfo;
+use crate::policy::{CompiledPolicy, Explanation, NodeId, PolicyState, Section};
 use crate::store::{ApiKeyRecord, PreAuthKeyRecord};
 use warren_derp::log_limit::LogLimiter;
 
 /// Largest request message accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest policy text accepted (a file, or `policy set`/`check`), in bytes.
+pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+/// Largest Admin request accepted: a policy and its envelope.
+pub const MAX_ADMIN_REQUEST_BYTES: usize = MAX_POLICY_BYTES + 4096;
+/// Most (source, destination) pairs one `policy explain` answers.
+pub const MAX_EXPLAIN_PAIRS: usize = 1000;
+/// The user a tagged node is shown under (Headscale's name): it is owned by its tags.
+pub const TAGGED_DEVICES: &str = "tagged-devices";
 
 /// How tonic words the INTERNAL statuses it answers a request it cannot decode with (prost's
 /// `DecodeError`, a bad frame, a missing message). gRPC's status table calls a request that
@@ -144,6 +154,60 @@ pub struct Shared {
     pub replay: std::sync::Mutex<ReplayGuard>,
     /// Set to true when the server shuts down; map streams then end.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Where the access policy comes from, and its text in force.
+    pub policy: PolicySource,
+}
+
+/// Where the access policy comes from (`policy.mode`, `policy.path`) and the text in force, kept
+/// beside the core so `policy get` returns exactly what is enforced.
+#[derive(Debug)]
+pub struct PolicySource {
+    /// `policy.mode`.
+    pub mode: PolicyMode,
+    /// The policy file (file mode with a path configured).
+    pub path: Option<std::path::PathBuf>,
+    /// The text in force; `None`: no policy. Changed only with the core locked, together with
+    /// the core's policy.
+    text: std::sync::Mutex<Option<Arc<str>>>,
+}
+
+impl PolicySource {
+    /// A source with `text` in force.
+    pub fn new(mode: PolicyMode, path: Option<std::path::PathBuf>, text: Option<Arc<str>>) -> Self {
+        Self {
+            mode,
+            path,
+            text: std::sync::Mutex::new(text),
+        }
+    }
+
+    /// The text in force (`None`: no policy).
+    pub fn text(&self) -> Option<Arc<str>> {
+        self.text
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Records the text now in force; call with the core locked, right after the core's policy
+    /// changed.
+    pub fn set_text(&self, text: Option<Arc<str>>) {
+        *self
+            .text
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = text;
+    }
+}
+
+/// Compiles a policy text, refusing one above [`MAX_POLICY_BYTES`].
+pub fn compile_policy(text: &str) -> Result<CompiledPolicy, ControlError> {
+    if text.len() > MAX_POLICY_BYTES {
+        return Err(ControlError::PolicyTooLarge {
+            size: text.len(),
+            max: MAX_POLICY_BYTES,
+        });
+    }
+    Ok(CompiledPolicy::from_text(text)?)
 }
 
 impl Shared {
@@ -416,6 +480,14 @@ impl AdminService {
     }
 }
 
+/// A node as the Admin API shows it: a tagged node is owned by its tags, not by a user.
+fn admin_node(mut n: Node) -> Node {
+    if !n.tags.is_empty() {
+        n.user = TAGGED_DEVICES.into();
+    }
+    n
+}
+
 fn user_msg(u: &crate::store::UserRecord) -> User {
     User {
         id: u.id,
@@ -518,6 +590,8 @@ impl Admin for AdminService {
             tags: r.tags,
         };
         let mut core = self.shared.core.lock().await;
+        // The tags must be owned in the policy in force (Headscale checks only the prefix).
+        core.check_node_tags(&new.tags)?;
         let (k, secret) = core.create_auth_key(&new, random30()?, unix_ms())?;
         let user = core.auth_key_user(&k);
         Ok(Response::new(CreatePreAuthKeyResponse {
@@ -606,12 +680,18 @@ impl Admin for AdminService {
         req: Request<AdminListNodesRequest>,
     ) -> Result<Response<AdminListNodesResponse>, Status> {
         self.authorize(&req).await?;
+        let user = nonempty(&req.get_ref().user);
         let nodes = self
             .shared
             .core
             .lock()
             .await
-            .admin_nodes(nonempty(&req.get_ref().user))?;
+            .admin_nodes(user)?
+            .into_iter()
+            // A tagged node belongs to no user: a user's list leaves it out.
+            .filter(|n| user.is_none() || n.tags.is_empty())
+            .map(admin_node)
+            .collect();
         Ok(Response::new(AdminListNodesResponse { nodes }))
     }
 
@@ -639,7 +719,9 @@ impl Admin for AdminService {
             .lock()
             .await
             .expire_node(req.get_ref().id, unix_ms())?;
-        Ok(Response::new(ExpireNodeResponse { node: Some(node) }))
+        Ok(Response::new(ExpireNodeResponse {
+            node: Some(admin_node(node)),
+        }))
     }
 
     async fn rename_node(
@@ -654,7 +736,9 @@ impl Admin for AdminService {
             .lock()
             .await
             .rename_node(r.id, &r.new_name)?;
-        Ok(Response::new(RenameNodeResponse { node: Some(node) }))
+        Ok(Response::new(RenameNodeResponse {
+            node: Some(admin_node(node)),
+        }))
     }
 
     async fn verify_node(
@@ -677,4 +761,292 @@ impl Admin for AdminService {
             .is_ok();
         Ok(Response::new(VerifyNodeResponse { known }))
     }
+
+    async fn tag_node(
+        &self,
+        req: Request<TagNodeRequest>,
+    ) -> Result<Response<TagNodeResponse>, Status> {
+        self.authorize(&req).await?;
+        let r = req.into_inner();
+        let node = self.shared.core.lock().await.tag_node(r.id, r.tags)?;
+        tracing::info!(node = node.id, tags = ?node.tags, "node tagged");
+        Ok(Response::new(TagNodeResponse {
+            node: Some(admin_node(node)),
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<GetPolicyRequest>,
+    ) -> Result<Response<GetPolicyResponse>, Status> {
+        self.authorize(&req).await?;
+        let source = &self.shared.policy;
+        // Under the core's lock: the text and the policy in force change together.
+        let (configured, text) = {
+            let core = self.shared.core.lock().await;
+            (core.policy_configured(), source.text())
+        };
+        Ok(Response::new(GetPolicyResponse {
+            configured,
+            policy: text.map(|t| t.to_string()).unwrap_or_default(),
+            mode: source.mode.as_str().into(),
+            path: source
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn set_policy(
+        &self,
+        req: Request<SetPolicyRequest>,
+    ) -> Result<Response<SetPolicyResponse>, Status> {
+        self.authorize(&req).await?;
+        let source = &self.shared.policy;
+        if source.mode == PolicyMode::File {
+            let path = match &source.path {
+                Some(p) => p.display().to_string(),
+                None => "not configured (policy.path is empty)".into(),
+            };
+            return Err(ControlError::PolicyModeIsFile { path }.into());
+        }
+        let text: Arc<str> = req.into_inner().policy.into();
+        // Compiling needs no lock; applying and storing happen under it, together.
+        let compiled = Arc::new(compile_policy(&text)?);
+        let mut core = self.shared.core.lock().await;
+        let sent = core.store_policy(&text, compiled, unix_ms())?;
+        source.set_text(Some(Arc::clone(&text)));
+        drop(core);
+        tracing::info!(updates = sent, bytes = text.len(), "policy set and applied");
+        Ok(Response::new(SetPolicyResponse {
+            updates_sent: u64::try_from(sent).unwrap_or(u64::MAX),
+        }))
+    }
+
+    async fn check_policy(
+        &self,
+        req: Request<CheckPolicyRequest>,
+    ) -> Result<Response<CheckPolicyResponse>, Status> {
+        self.authorize(&req).await?;
+        let compiled = compile_policy(&req.into_inner().policy)?;
+        self.shared
+            .core
+            .lock()
+            .await
+            .check_policy(&compiled)
+            .map_err(ControlError::from)?;
+        Ok(Response::new(CheckPolicyResponse {}))
+    }
+
+    async fn explain_policy(
+        &self,
+        req: Request<ExplainPolicyRequest>,
+    ) -> Result<Response<ExplainPolicyResponse>, Status> {
+        self.authorize(&req).await?;
+        let r = req.into_inner();
+        let proto = match r.proto.as_str() {
+            "" => crate::policy::proto::TCP,
+            p => crate::policy::parse_proto(p).ok_or(ControlError::InvalidField {
+                field: "proto",
+                reason: "not a protocol name or number 1-255",
+            })?,
+        };
+        let port = r
+            .port
+            .map(|p| {
+                u16::try_from(p).map_err(|_| ControlError::InvalidField {
+                    field: "port",
+                    reason: "above 65535",
+                })
+            })
+            .transpose()?;
+        let core = self.shared.core.lock().await;
+        let answer = explain(core.policy_state(), &r.src, &r.dst, port, proto)?;
+        Ok(Response::new(ExplainPolicyResponse {
+            configured: core.policy_configured(),
+            ..answer
+        }))
+    }
+}
+
+/// One side of an `explain` question: a node, or an address no node has.
+#[derive(Debug, Clone)]
+struct Side {
+    node: Option<(NodeId, String)>,
+    v4: Option<std::net::IpAddr>,
+    v6: Option<std::net::IpAddr>,
+}
+
+impl Side {
+    /// The address to ask with, in the family of `other` when only one fits.
+    fn addr_for(&self, other: &Side) -> Option<std::net::IpAddr> {
+        match (self.v4, other.v4) {
+            (Some(a), Some(_)) => Some(a),
+            _ if other.v6.is_some() && self.v6.is_some() => self.v6,
+            _ => self.v4.or(self.v6),
+        }
+    }
+}
+
+/// Resolves `what` (a mesh IP, a node name, a user, a group or a tag) to endpoints.
+fn resolve(state: &PolicyState, role: &'static str, what: &str) -> Result<Vec<Side>, ControlError> {
+    let of_node = |id: NodeId| {
+        state.node(id).map(|n| Side {
+            node: Some((id, n.name.clone())),
+            v4: n.ipv4.map(Into::into),
+            v6: n.ipv6.map(Into::into),
+        })
+    };
+    if let Ok(ip) = what.parse::<std::net::IpAddr>() {
+        // An address: its node, or the bare address (a host, a subnet).
+        let node = state.find_nodes(what).first().copied();
+        let mut e = match node {
+            Some(id) => of_node(id).ok_or_else(|| ControlError::NoSuchTarget {
+                role,
+                what: what.into(),
+            })?,
+            None => Side {
+                node: None,
+                v4: None,
+                v6: None,
+            },
+        };
+        // Ask about exactly the address given.
+        (e.v4, e.v6) = match ip {
+            std::net::IpAddr::V4(_) => (Some(ip), None),
+            std::net::IpAddr::V6(_) => (None, Some(ip)),
+        };
+        return Ok(vec![e]);
+    }
+    let found: Vec<Side> = state
+        .find_nodes(what)
+        .into_iter()
+        .filter_map(of_node)
+        .collect();
+    if found.is_empty() {
+        return Err(ControlError::NoSuchTarget {
+            role,
+            what: what.into(),
+        });
+    }
+    Ok(found)
+}
+
+/// The rule that decided an explanation, for the wire.
+fn rule_ref(e: &Explanation) -> Option<PolicyRuleRef> {
+    e.rule.map(|o| PolicyRuleRef {
+        section: match o.section {
+            Section::Acl => "acls",
+            Section::Grant => "grants",
+            Section::AllowAll => "default",
+        }
+        .into(),
+        index: u32::try_from(o.index).unwrap_or(u32::MAX),
+        line: o.at.line,
+        column: o.at.col,
+    })
+}
+
+/// The position in the policy's rule list of the first rule from `e`'s origin.
+fn rule_position(state: &PolicyState, e: &Explanation) -> Option<usize> {
+    let origin = e.rule?;
+    state
+        .policy()
+        .rules()
+        .iter()
+        .position(|r| r.origin == origin)
+}
+
+/// Whether `src` may reach `dst` on some port: the first rule, in policy order, that allows any
+/// port, and a port it allows. Each rule's port ranges are tried at their first port (a rule
+/// allowing any port of a range allows its first), so the search stops at the first rule
+/// whose own range start is allowed by it or an earlier rule.
+fn explain_any_port(
+    state: &PolicyState,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    proto: u8,
+) -> (Explanation, u16) {
+    let mut tried: std::collections::HashMap<u16, Explanation> = Default::default();
+    for (i, rule) in state.policy().rules().iter().enumerate() {
+        if !rule.body.protos.is_empty() && !rule.body.protos.contains(&proto) {
+            continue;
+        }
+        for range in rule.body.dst.iter().flat_map(|d| d.ports.iter()) {
+            // Port 0 is no real port: `*` is shown by its first usable one.
+            let port = if range.first == 0 && range.last > 0 {
+                1
+            } else {
+                range.first
+            };
+            let e = tried
+                .entry(port)
+                .or_insert_with(|| state.explain(src, dst, port, proto));
+            if e.allowed && rule_position(state, e).is_some_and(|at| at <= i) {
+                return (e.clone(), port);
+            }
+        }
+    }
+    (state.explain(src, dst, 0, proto), 0)
+}
+
+/// Answers `policy explain` for every (source node, destination node) pair, up to
+/// [`MAX_EXPLAIN_PAIRS`].
+fn explain(
+    state: &PolicyState,
+    src: &str,
+    dst: &str,
+    port: Option<u16>,
+    proto: u8,
+) -> Result<ExplainPolicyResponse, ControlError> {
+    let srcs = resolve(state, "source", src)?;
+    let dsts = resolve(state, "destination", dst)?;
+    let total = srcs.len().saturating_mul(dsts.len());
+    let mut decisions = Vec::new();
+    let mut examined = 0usize;
+    'pairs: for s in &srcs {
+        for d in &dsts {
+            if decisions.len() == MAX_EXPLAIN_PAIRS {
+                break 'pairs;
+            }
+            examined += 1;
+            if s.node.is_some() && s.node.as_ref().map(|n| n.0) == d.node.as_ref().map(|n| n.0) {
+                // A node and itself: not a question the policy answers.
+                continue;
+            }
+            let (Some(src_ip), Some(dst_ip)) = (s.addr_for(d), d.addr_for(s)) else {
+                continue;
+            };
+            let (e, port) = match port {
+                Some(p) => (state.explain(src_ip, dst_ip, p, proto), p),
+                None => explain_any_port(state, src_ip, dst_ip, proto),
+            };
+            let (src_node_id, src_node) =
+                s.node.clone().map(|(id, n)| (id.0, n)).unwrap_or_default();
+            let (dst_node_id, dst_node) =
+                d.node.clone().map(|(id, n)| (id.0, n)).unwrap_or_default();
+            decisions.push(PolicyDecision {
+                src_node_id,
+                src_node,
+                src_ip: src_ip.to_string(),
+                dst_node_id,
+                dst_node,
+                dst_ip: dst_ip.to_string(),
+                allowed: e.allowed,
+                rule: rule_ref(&e),
+                port: u32::from(port),
+                visible: e.visible.unwrap_or(false),
+            });
+        }
+    }
+    // Pairs never looked at (a node paired with itself among them, if any).
+    let omitted = u64::try_from(total - examined).unwrap_or(u64::MAX);
+    Ok(ExplainPolicyResponse {
+        decisions,
+        proto: u32::from(proto),
+        any_port: port.is_none(),
+        omitted,
+        configured: true,
+    })
 }

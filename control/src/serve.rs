@@ -1,27 +1,34 @@
-//! `warren-control serve`: loads the key and the database, then serves `Control` and `Admin` on
-//! TCP and `Admin` on the local unix socket until SIGINT or SIGTERM.
+//! `warren-control serve`: loads the key, the database and the access policy, then serves
+//! `Control` and `Admin` on TCP and `Admin` on the local unix socket until SIGINT or SIGTERM,
+//! reloading the policy when its file changes or on SIGHUP.
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 use tonic::transport::Server;
 use warren_proto::ControlSecretKey;
 use warren_proto::control::DnsConfig;
 use warren_proto::control::admin_server::AdminServer;
 use warren_proto::control::control_server::ControlServer;
 
-use crate::config::Config;
+use crate::config::{Config, PolicyMode};
 use crate::core::{Core, Settings};
-use crate::grpc::{AdminService, ControlService, MAX_REQUEST_BYTES, MalformedRequestLayer, Shared};
+use crate::error::ControlError;
+use crate::grpc::{
+    AdminService, ControlService, MAX_ADMIN_REQUEST_BYTES, MAX_POLICY_BYTES, MAX_REQUEST_BYTES,
+    MalformedRequestLayer, PolicySource, Shared, compile_policy,
+};
 use crate::listen::{
     AcceptStats, Acceptor, Limits, MAX_ADMIN_CONNECTIONS, TrackLayer, cap_for_fd_limit,
 };
-use crate::store::SqliteStore;
+use crate::policy::{CompiledPolicy, PolicyError};
+use crate::store::{SqliteStore, Store};
 use warren_derp::log_limit::LogLimiter;
 use warren_proto::proof::unix_ms;
 
@@ -85,6 +92,8 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
         config.database.sqlite.write_ahead_log,
     )
     .with_context(|| format!("opening database {}", config.database.sqlite.path.display()))?;
+    // A policy that does not compile refuses the start (naming file, line and column).
+    let policy = initial_policy(config, &store)?;
     let settings = Settings {
         v4: config.prefixes.v4,
         v6: config.prefixes.v6,
@@ -93,9 +102,18 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
             base_domain: config.dns.base_domain.clone(),
         },
         derp_map: derp_map(config)?,
-        policy: None,
+        policy: policy.as_ref().map(|(_, compiled)| Arc::clone(compiled)),
     };
     let core = Core::open(Box::new(store), &settings, unix_ms())?;
+    let origin = match config.policy.mode {
+        PolicyMode::File => config.policy.file().map(|p| PolicyOrigin::File(p.into())),
+        PolicyMode::Database => Some(PolicyOrigin::Database),
+    };
+    match (&policy, &origin) {
+        (Some(_), Some(origin)) => tracing::info!(policy = %origin, "access policy loaded"),
+        _ => tracing::info!("no access policy: every node may reach every other"),
+    }
+    warn_failing_tests(&core, origin.as_ref());
     tracing::info!(nodes = core.netmap().len(), "state loaded");
     Ok(Arc::new(Shared {
         core: Mutex::new(core),
@@ -104,6 +122,11 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
         ephemeral_timeout: config.ephemeral_node_inactivity_timeout,
         replay: std::sync::Mutex::new(Default::default()),
         stopping: tokio::sync::watch::Sender::new(false),
+        policy: PolicySource::new(
+            config.policy.mode,
+            config.policy.file().map(Path::to_path_buf),
+            policy.map(|(text, _)| text),
+        ),
     }))
 }
 
@@ -321,6 +344,8 @@ pub struct ServeStats {
     pub tcp: Arc<AcceptStats>,
     /// The local admin socket.
     pub admin: Arc<AcceptStats>,
+    /// Policy reloads.
+    pub policy: Arc<PolicyReloadStats>,
 }
 
 /// Serves on an already bound `tcp` listener until `shutdown` completes.
@@ -345,21 +370,31 @@ pub async fn serve_with(
     }
     let control = ControlServer::new(ControlService::new(Arc::clone(&shared)))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    // Admin requests may carry a policy file.
     let admin_tcp = AdminServer::new(AdminService::new(Arc::clone(&shared), true))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES);
     let admin_local = AdminServer::new(AdminService::new(Arc::clone(&shared), false))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        .max_decoding_message_size(MAX_ADMIN_REQUEST_BYTES);
 
-    // What can fail comes first, before the servers and the sweeper: the embedded relay's
-    // ports, then the admin socket.
+    // What can fail comes first, before the servers and the sweeper: the policy file's
+    // watch, the embedded relay's ports, then the admin socket. The watch is in place before
+    // the socket exists, so no edit made after the server answers is missed.
+    let reloader = spawn_policy_reloader(Arc::clone(&shared), Arc::clone(&stats.policy))?;
     let embedded = match config.derp.embedded() {
-        true => Some(start_embedded_derp(&config, &shared).await?),
+        true => match start_embedded_derp(&config, &shared).await {
+            Ok(derp) => Some(derp),
+            Err(e) => {
+                reloader.abort();
+                return Err(e);
+            }
+        },
         false => None,
     };
     let socket = &config.unix_socket;
     let unix = match bind_socket(&config) {
         Ok(u) => u,
         Err(e) => {
+            reloader.abort();
             if let Some(derp) = embedded {
                 derp.shutdown().await;
             }
@@ -424,6 +459,7 @@ pub async fn serve_with(
         );
     let result = tokio::try_join!(tcp_server, unix_server);
     sweeper.abort();
+    reloader.abort();
     if let Some(derp) = embedded {
         derp.shutdown().await;
     }
@@ -453,6 +489,378 @@ fn bind_socket(config: &Config) -> anyhow::Result<tokio::net::UnixListener> {
         return Err(e).with_context(|| format!("setting the mode of {}", socket.display()));
     }
     Ok(unix)
+}
+
+// --- the access policy: loading at start-up, live reload ---
+
+/// Where a policy came from, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyOrigin {
+    /// The file at `policy.path`.
+    File(PathBuf),
+    /// The policy stored in the database (`policy.mode = "database"`).
+    Database,
+}
+
+impl std::fmt::Display for PolicyOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyOrigin::File(path) => write!(f, "policy file {}", path.display()),
+            PolicyOrigin::Database => f.write_str("the policy stored in the database"),
+        }
+    }
+}
+
+/// Why a policy could not be loaded or applied (at start-up or on a reload). On a reload the
+/// policy in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyLoadError {
+    /// The policy file could not be read.
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The policy file is gone. At start-up that is an error; on a reload the policy in force
+    /// stays (a missing file never means "allow all").
+    #[error("policy file {path} does not exist")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The policy is larger than [`MAX_POLICY_BYTES`].
+    #[error("{origin} is larger than {max} bytes")]
+    TooLarge {
+        /// Where it came from.
+        origin: PolicyOrigin,
+        /// The limit.
+        max: usize,
+    },
+    /// The policy does not compile (the error names line:col), or its `tests` fail against the
+    /// current nodes (the error names each failing test).
+    #[error("{origin}: {source}")]
+    Invalid {
+        /// Where it came from.
+        origin: PolicyOrigin,
+        /// Why it was refused.
+        source: PolicyError,
+    },
+    /// Database mode, on a reload: the stored policy was removed. The policy in force stays.
+    #[error("no policy is stored in the database any more")]
+    StoredPolicyGone,
+    /// The database failed.
+    #[error("reading the stored policy: {0}")]
+    Store(#[from] ControlError),
+}
+
+/// Reads a policy file, refusing one larger than [`MAX_POLICY_BYTES`].
+pub fn read_policy_file(path: &Path) -> Result<String, PolicyLoadError> {
+    use std::io::Read;
+    let read_error = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::NotFound => PolicyLoadError::Missing { path: path.into() },
+        _ => PolicyLoadError::Read {
+            path: path.into(),
+            source,
+        },
+    };
+    let mut text = String::new();
+    let taken = std::fs::File::open(path)
+        .map_err(read_error)?
+        .take(MAX_POLICY_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(read_error)?;
+    if taken > MAX_POLICY_BYTES {
+        return Err(PolicyLoadError::TooLarge {
+            origin: PolicyOrigin::File(path.into()),
+            max: MAX_POLICY_BYTES,
+        });
+    }
+    Ok(text)
+}
+
+/// Compiles `text` from `origin`.
+fn compile_from(origin: &PolicyOrigin, text: &str) -> Result<CompiledPolicy, PolicyLoadError> {
+    compile_policy(text).map_err(|e| match e {
+        ControlError::Policy(source) => PolicyLoadError::Invalid {
+            origin: origin.clone(),
+            source,
+        },
+        _ => PolicyLoadError::TooLarge {
+            origin: origin.clone(),
+            max: MAX_POLICY_BYTES,
+        },
+    })
+}
+
+/// A policy text and its compiled form.
+pub type LoadedPolicy = (Arc<str>, Arc<CompiledPolicy>);
+
+/// The policy to start with: the file (file mode with a path), the stored one (database mode),
+/// or none. A policy that does not compile refuses the start, naming file, line and column.
+pub fn initial_policy(
+    config: &Config,
+    store: &dyn Store,
+) -> Result<Option<LoadedPolicy>, PolicyLoadError> {
+    let (origin, text) = match config.policy.mode {
+        PolicyMode::File => match config.policy.file() {
+            None => return Ok(None),
+            Some(path) => (PolicyOrigin::File(path.into()), read_policy_file(path)?),
+        },
+        PolicyMode::Database => match store.policy().map_err(ControlError::from)? {
+            None => return Ok(None),
+            Some(stored) => (PolicyOrigin::Database, stored.text),
+        },
+    };
+    let compiled = compile_from(&origin, &text)?;
+    Ok(Some((text.into(), Arc::new(compiled))))
+}
+
+/// What a policy reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    /// A new policy is in force; this many map updates went to nodes.
+    Applied {
+        /// Deltas sent.
+        updates: usize,
+    },
+    /// The source holds the policy already in force.
+    Unchanged,
+    /// File mode without `policy.path`: there is nothing to reload.
+    NoSource,
+}
+
+/// Reads the policy's source again (the file, or the database) and applies it when it changed.
+/// Atomic: a policy that does not compile, whose tests fail, or that is gone leaves the one in
+/// force, and the error says why.
+pub async fn reload_policy(shared: &Shared) -> Result<Reloaded, PolicyLoadError> {
+    let source = &shared.policy;
+    match source.mode {
+        PolicyMode::File => {
+            let Some(path) = &source.path else {
+                return Ok(Reloaded::NoSource);
+            };
+            let text = read_policy_file(path)?;
+            let origin = PolicyOrigin::File(path.clone());
+            // Compiling needs no lock. Reloads run one at a time (one task), and in file mode
+            // nothing else changes the policy, so the text compared here stays current.
+            if source.text().as_deref() == Some(text.as_str()) {
+                return Ok(Reloaded::Unchanged);
+            }
+            let compiled = Arc::new(compile_from(&origin, &text)?);
+            let mut core = shared.core.lock().await;
+            let updates = core
+                .set_policy(Some(compiled))
+                .map_err(|source| PolicyLoadError::Invalid { origin, source })?;
+            source.set_text(Some(text.into()));
+            Ok(Reloaded::Applied { updates })
+        }
+        PolicyMode::Database => {
+            // All under the lock: `policy set` stores and applies under it too, so the two
+            // never interleave.
+            let mut core = shared.core.lock().await;
+            let stored = core
+                .stored_policy()?
+                .ok_or(PolicyLoadError::StoredPolicyGone)?;
+            if source.text().as_deref() == Some(stored.text.as_str()) {
+                return Ok(Reloaded::Unchanged);
+            }
+            let origin = PolicyOrigin::Database;
+            let compiled = Arc::new(compile_from(&origin, &stored.text)?);
+            let updates = core
+                .set_policy(Some(compiled))
+                .map_err(|source| PolicyLoadError::Invalid { origin, source })?;
+            source.set_text(Some(stored.text.into()));
+            Ok(Reloaded::Applied { updates })
+        }
+    }
+}
+
+/// Why a reload was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// SIGHUP.
+    Signal,
+    /// The policy file (or its directory entry) changed.
+    FileEvent,
+}
+
+/// How long the file must stay quiet before it is read: editors write, rename and chmod in
+/// bursts.
+const RELOAD_QUIET: Duration = Duration::from_millis(100);
+/// The longest a burst of file events can put a reload off.
+const RELOAD_MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// Whether a file-system event in the policy file's directory may have changed the file:
+/// its own entry, or a Kubernetes-style `..data` symlink swap; opens and reads are not.
+fn touches_policy(event: &notify::Event, file_name: &std::ffi::OsStr) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    let relevant = match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    };
+    relevant
+        && event.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|name| name == file_name || name.as_encoded_bytes().starts_with(b".."))
+        })
+}
+
+/// Watches the policy file's directory (so a file replaced by rename is seen, as editors and
+/// configuration tools do); each relevant event sends a trigger.
+fn watch_policy_file(
+    path: &Path,
+    tx: mpsc::Sender<Trigger>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let file_name = path.file_name().unwrap_or_default().to_owned();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            Ok(event) if touches_policy(&event, &file_name) => {
+                // A full queue already holds a trigger: this event is coalesced into it.
+                let _ = tx.try_send(Trigger::FileEvent);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "policy file watch"),
+        })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
+/// What the policy reloader has done, for tests and diagnostics.
+#[derive(Debug, Default)]
+pub struct PolicyReloadStats {
+    /// Reloads that put a new policy in force.
+    pub applied: AtomicU64,
+    /// Reloads refused (the policy in force stayed).
+    pub refused: AtomicU64,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl PolicyReloadStats {
+    /// Why the last refused reload was refused.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn refused(&self, error: &str) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error.to_owned());
+        self.refused.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Reloads the policy on SIGHUP (both modes) and when the policy file changes (file mode),
+/// one reload at a time. Ends when the server stops.
+pub fn spawn_policy_reloader(
+    shared: Arc<Shared>,
+    stats: Arc<PolicyReloadStats>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let (tx, mut rx) = mpsc::channel::<Trigger>(1);
+    let watcher = match &shared.policy.path {
+        Some(path) if shared.policy.mode == PolicyMode::File => Some(
+            watch_policy_file(path, tx.clone())
+                .with_context(|| format!("watching policy file {}", path.display()))?,
+        ),
+        _ => None,
+    };
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    let mut stopping = shared.stopping.subscribe();
+    Ok(tokio::spawn(async move {
+        // Kept alive as long as the task: dropping it ends the watch.
+        let _watcher = watcher;
+        // The queue stays open (its sender alive) with no watcher too.
+        let _sender = tx;
+        let mut last_error: Option<String> = None;
+        loop {
+            let trigger = tokio::select! {
+                _ = stopping.wait_for(|s| *s) => return,
+                Some(()) = hangup.recv() => Trigger::Signal,
+                Some(t) = rx.recv() => t,
+            };
+            if trigger == Trigger::FileEvent {
+                // Wait until the file has been quiet a moment, so a half-written file is not
+                // read (but no longer than RELOAD_MAX_DELAY).
+                let deadline = tokio::time::Instant::now() + RELOAD_MAX_DELAY;
+                while let Ok(Some(_)) = tokio::time::timeout_at(
+                    deadline.min(tokio::time::Instant::now() + RELOAD_QUIET),
+                    rx.recv(),
+                )
+                .await
+                {}
+            }
+            let reason = match trigger {
+                Trigger::Signal => "SIGHUP",
+                Trigger::FileEvent => "file changed",
+            };
+            match reload_policy(&shared).await {
+                Ok(Reloaded::Applied { updates }) => {
+                    last_error = None;
+                    stats.applied.fetch_add(1, Ordering::SeqCst);
+                    tracing::info!(reason, updates, "policy reloaded and applied");
+                }
+                Ok(Reloaded::Unchanged) => {
+                    if last_error.take().is_some() {
+                        tracing::info!(
+                            reason,
+                            "the policy source matches the policy in force again"
+                        );
+                    } else {
+                        tracing::debug!(reason, "policy unchanged");
+                    }
+                }
+                Ok(Reloaded::NoSource) => {
+                    tracing::info!(reason, "no policy.path is configured: nothing to reload");
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    stats.refused(&text);
+                    // The same broken file seen again (a burst, a SIGHUP aside) is logged once.
+                    if trigger == Trigger::Signal || last_error.as_deref() != Some(text.as_str()) {
+                        tracing::error!(reason, error = %text,
+                            "policy reload refused; the policy in force stays");
+                    }
+                    last_error = Some(text);
+                }
+            }
+        }
+    }))
+}
+
+/// Logs, loudly, the tests of the policy in force that fail against the nodes at start-up.
+/// The server still starts (see the README: refusing would let one node joining stop the whole
+/// mesh); `policy set`, reloads and `policy check` refuse such a policy.
+fn warn_failing_tests(core: &Core, origin: Option<&PolicyOrigin>) {
+    let Some(error) = core.policy_failures() else {
+        return;
+    };
+    let origin = origin.map(|o| o.to_string()).unwrap_or_default();
+    match &error {
+        PolicyError::TestsFailed { failures } => {
+            tracing::error!(policy = %origin, failing = failures.len(),
+                "the policy in force FAILS its own tests against the current nodes; it is enforced \
+                 as written, but fix it: `policy set`, reloads and `policy check` refuse it");
+            for failure in failures {
+                tracing::error!(policy = %origin, test = %failure, "policy test fails");
+            }
+        }
+        other => {
+            tracing::error!(policy = %origin, error = %other, "the policy in force fails its tests")
+        }
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.
