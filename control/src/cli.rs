@@ -1,4 +1,4 @@
-//! The admin CLI: `warren-control users|preauthkeys|nodes|apikeys ...`. It talks to the Admin
+//! The admin CLI: `warren-control users|preauthkeys|nodes|apikeys|policy ...`. It talks to the Admin
 //! API over the server's local unix socket (root on the same host) or over TCP with an API key,
 //! and prints tables for people or JSON for scripts.
 
@@ -88,6 +88,39 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand, alias = "apikey")]
     Apikeys(ApikeysCmd),
+    /// The access policy: show, replace, check, explain.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+/// `policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Print the policy in force.
+    Get,
+    /// Replace the policy (policy.mode = "database"): it is compiled and its tests run
+    /// against the current nodes; a refused policy changes nothing.
+    Set {
+        /// The HuJSON policy file; "-" reads standard input.
+        file: PathBuf,
+    },
+    /// Compile a policy and run its tests against the current nodes, changing nothing.
+    Check {
+        /// The HuJSON policy file; "-" reads standard input.
+        file: PathBuf,
+    },
+    /// Whether SRC may reach DST under the policy in force, the rule that decides, and
+    /// whether DST is in SRC's netmap.
+    Explain {
+        /// A node name, a mesh IP, a user (alice@), a group or a tag.
+        src: String,
+        /// The same, optionally with a port: server:22, tag:web:443, [fd7a:115c:a1e0::1]:22.
+        /// Without a port: any port.
+        dst: String,
+        /// IP protocol, by name or number.
+        #[arg(long, default_value = "tcp")]
+        proto: String,
+    },
 }
 
 /// `users` subcommands.
@@ -166,6 +199,14 @@ pub enum NodesCmd {
         id: u64,
         /// New DNS label.
         name: String,
+    },
+    /// Replace a node's tags; it is then owned by its tags, not by a user.
+    Tag {
+        /// Node id.
+        id: u64,
+        /// Comma-separated tags, each tag:<name> and owned in the policy's tagOwners.
+        #[arg(long, short, value_delimiter = ',', required = true)]
+        tags: Vec<String>,
     },
 }
 
@@ -651,7 +692,31 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                     out!("node {} renamed to {}", n.id, n.given_name);
                 }
             }
+            NodesCmd::Tag { id, tags } => {
+                let req = TagNodeRequest {
+                    id: *id,
+                    tags: tags.clone(),
+                };
+                let n = c
+                    .tag_node(with_key(cli, req)?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .node
+                    .unwrap_or_default();
+                if json {
+                    print_json(&NodeView::from(&n))?;
+                } else {
+                    out!(
+                        "node {} ({}) tagged {}",
+                        n.id,
+                        n.given_name,
+                        n.tags.join(",")
+                    );
+                }
+            }
         },
+        Command::Policy(cmd) => policy(cli, &mut c, cmd).await?,
         Command::Apikeys(cmd) => match cmd {
             ApikeysCmd::Create { expiration } => {
                 let req = CreateApiKeyRequest {
@@ -713,6 +778,260 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads a policy file ("-": standard input), refusing one the server would refuse for size.
+fn read_policy(file: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let limit = crate::grpc::MAX_POLICY_BYTES;
+    let mut text = String::new();
+    let taken = if file == std::path::Path::new("-") {
+        std::io::stdin()
+            .take(limit as u64 + 1)
+            .read_to_string(&mut text)
+            .context("reading the policy from standard input")?
+    } else {
+        std::fs::File::open(file)
+            .with_context(|| format!("opening {}", file.display()))?
+            .take(limit as u64 + 1)
+            .read_to_string(&mut text)
+            .with_context(|| format!("reading {}", file.display()))?
+    };
+    anyhow::ensure!(
+        taken <= limit,
+        "{}: larger than {limit} bytes, the most a policy may have",
+        file.display()
+    );
+    Ok(text)
+}
+
+/// `DST[:PORT]`: a trailing `:digits` (or `:*`) is the port unless the whole text is an IP
+/// address; `[v6]:port` for an IPv6 address with a port.
+pub fn split_port(dst: &str) -> anyhow::Result<(String, Option<u16>)> {
+    if dst.parse::<std::net::IpAddr>().is_ok() {
+        return Ok((dst.to_owned(), None));
+    }
+    if let Some(rest) = dst.strip_prefix('[') {
+        let (ip, port) = rest
+            .split_once("]:")
+            .context("[v6]:port: missing ']:' after the address")?;
+        ip.parse::<std::net::Ipv6Addr>()
+            .with_context(|| format!("{ip:?} is not an IPv6 address"))?;
+        return Ok((ip.to_owned(), parse_port(port)?));
+    }
+    match dst.rsplit_once(':') {
+        Some((what, port))
+            if !what.is_empty() && (port == "*" || port.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            Ok((what.to_owned(), parse_port(port)?))
+        }
+        _ => Ok((dst.to_owned(), None)),
+    }
+}
+
+fn parse_port(port: &str) -> anyhow::Result<Option<u16>> {
+    if port == "*" {
+        return Ok(None);
+    }
+    port.parse::<u16>()
+        .map(Some)
+        .map_err(|_| anyhow::anyhow!("port {port:?}: not a number 0-65535"))
+}
+
+/// The rule that decided, as people read it: `acls[0] (line 5, column 3)`.
+fn rule_text(r: &PolicyRuleRef) -> String {
+    if r.section == "default" {
+        return "the default (no acls or grants: allow all)".into();
+    }
+    format!(
+        "{}[{}] (line {}, column {})",
+        r.section, r.index, r.line, r.column
+    )
+}
+
+#[derive(Serialize)]
+struct RuleView {
+    section: String,
+    index: u32,
+    line: u32,
+    column: u32,
+}
+
+#[derive(Serialize)]
+struct DecisionView {
+    src: String,
+    src_node_id: Option<u64>,
+    src_ip: String,
+    dst: String,
+    dst_node_id: Option<u64>,
+    dst_ip: String,
+    allowed: bool,
+    rule: Option<RuleView>,
+    port: Option<u32>,
+    in_netmap: bool,
+}
+
+#[derive(Serialize)]
+struct ExplainView {
+    policy_configured: bool,
+    proto: u32,
+    /// "any" or the port asked about.
+    port: String,
+    decisions: Vec<DecisionView>,
+    omitted: u64,
+}
+
+/// Whether a protocol has ports (TCP, UDP, SCTP).
+fn has_ports(proto: u32) -> bool {
+    matches!(proto, 6 | 17 | 132)
+}
+
+fn side(name: &str, ip: &str) -> String {
+    if name.is_empty() {
+        ip.to_owned()
+    } else {
+        format!("{name} ({ip})")
+    }
+}
+
+/// `warren-control policy ...`.
+async fn policy(cli: &Cli, c: &mut AdminClient<Channel>, cmd: &PolicyCmd) -> anyhow::Result<()> {
+    let json = cli.output == Output::Json;
+    match cmd {
+        PolicyCmd::Get => {
+            let r = c
+                .get_policy(with_key(cli, GetPolicyRequest {})?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({
+                    "configured": r.configured,
+                    "mode": r.mode,
+                    "path": r.path,
+                    "policy": r.policy,
+                }))?;
+            } else if !r.configured {
+                out!("no policy: every node may reach every other");
+            } else {
+                out!("{}", r.policy.trim_end());
+            }
+        }
+        PolicyCmd::Set { file } => {
+            let text = read_policy(file)?;
+            let r = c
+                .set_policy(with_key(cli, SetPolicyRequest { policy: text })?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({ "updates_sent": r.updates_sent }))?;
+            } else {
+                out!("policy set ({} map updates sent)", r.updates_sent);
+            }
+        }
+        PolicyCmd::Check { file } => {
+            let text = read_policy(file)?;
+            c.check_policy(with_key(cli, CheckPolicyRequest { policy: text })?)
+                .await
+                .map_err(status_error)?;
+            if json {
+                print_json(&serde_json::json!({ "ok": true }))?;
+            } else {
+                out!("policy ok");
+            }
+        }
+        PolicyCmd::Explain { src, dst, proto } => {
+            let (dst, port) = split_port(dst)?;
+            let req = ExplainPolicyRequest {
+                src: src.clone(),
+                dst,
+                port: port.map(u32::from),
+                proto: proto.clone(),
+            };
+            let r = c
+                .explain_policy(with_key(cli, req)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let ports = has_ports(r.proto);
+            if json {
+                let view = ExplainView {
+                    policy_configured: r.configured,
+                    proto: r.proto,
+                    port: match port {
+                        Some(p) => p.to_string(),
+                        None => "any".into(),
+                    },
+                    decisions: r
+                        .decisions
+                        .iter()
+                        .map(|d| DecisionView {
+                            src: d.src_node.clone(),
+                            src_node_id: (d.src_node_id != 0).then_some(d.src_node_id),
+                            src_ip: d.src_ip.clone(),
+                            dst: d.dst_node.clone(),
+                            dst_node_id: (d.dst_node_id != 0).then_some(d.dst_node_id),
+                            dst_ip: d.dst_ip.clone(),
+                            allowed: d.allowed,
+                            rule: d.rule.as_ref().map(|r| RuleView {
+                                section: r.section.clone(),
+                                index: r.index,
+                                line: r.line,
+                                column: r.column,
+                            }),
+                            port: (ports && d.allowed).then_some(d.port),
+                            in_netmap: d.visible,
+                        })
+                        .collect(),
+                    omitted: r.omitted,
+                };
+                print_json(&view)?;
+                return Ok(());
+            }
+            let port_text = match (ports, port) {
+                (false, _) => "no ports".to_owned(),
+                (true, Some(p)) => format!("port {p}"),
+                (true, None) => "any port (an allowed pair names one allowed port)".to_owned(),
+            };
+            if !r.configured {
+                out!("no policy: every node may reach every other");
+            }
+            out!("proto {proto}, {port_text}");
+            for d in &r.decisions {
+                let on = if d.allowed && ports && port.is_none() {
+                    format!(" on port {}", d.port)
+                } else {
+                    String::new()
+                };
+                let netmap = match (d.src_node.is_empty(), d.dst_node.is_empty(), d.visible) {
+                    (false, false, true) => {
+                        format!("; {} is in {}'s netmap", d.dst_node, d.src_node)
+                    }
+                    (false, false, false) => {
+                        format!("; {} is not in {}'s netmap", d.dst_node, d.src_node)
+                    }
+                    _ => String::new(),
+                };
+                let verdict = match &d.rule {
+                    Some(rule) if d.allowed => format!("allowed{on} by {}", rule_text(rule)),
+                    _ => "denied (no rule allows it)".to_owned(),
+                };
+                out!(
+                    "{} -> {}: {verdict}{netmap}",
+                    side(&d.src_node, &d.src_ip),
+                    side(&d.dst_node, &d.dst_ip),
+                );
+            }
+            if r.decisions.is_empty() {
+                out!("no pairs of distinct nodes to explain");
+            }
+            if r.omitted > 0 {
+                out!("... {} more pairs left out", r.omitted);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn unreachable_serve() {
     tracing::error!("serve is handled before connecting");
 }
@@ -726,6 +1045,27 @@ mod tests {
         assert_eq!(fmt_time(0), "-");
         assert_eq!(fmt_time(1_700_000_000_000), "2023-11-14 22:13:20");
         assert_eq!(fmt_time(951_782_400_000), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn destination_ports_are_split_off() {
+        let split = |s: &str| split_port(s).expect(s);
+        let o = |s: &str, p: Option<u16>| (s.to_owned(), p);
+        assert_eq!(split("server:22"), o("server", Some(22)));
+        assert_eq!(split("server"), o("server", None));
+        assert_eq!(split("tag:web"), o("tag:web", None));
+        assert_eq!(split("tag:web:443"), o("tag:web", Some(443)));
+        assert_eq!(split("tag:web:*"), o("tag:web", None));
+        assert_eq!(split("alice@:80"), o("alice@", Some(80)));
+        assert_eq!(split("100.64.0.1:22"), o("100.64.0.1", Some(22)));
+        assert_eq!(split("100.64.0.1"), o("100.64.0.1", None));
+        assert_eq!(split("fd7a:115c:a1e0::1"), o("fd7a:115c:a1e0::1", None));
+        assert_eq!(
+            split("[fd7a:115c:a1e0::1]:22"),
+            o("fd7a:115c:a1e0::1", Some(22))
+        );
+        assert!(split_port("server:70000").is_err());
+        assert!(split_port("[nope]:22").is_err());
     }
 
     #[test]
