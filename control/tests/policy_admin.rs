@@ -324,13 +324,19 @@ async fn editing_the_policy_file_applies_it_and_a_broken_edit_keeps_the_old() {
 
     // A broken edit, written in place: refused with its line:col, the old policy stays.
     std::fs::write(&file, BROKEN).expect("write");
+    // (Waiting for its own error: a reader may also catch the file truncated, mid-write.)
     wait_until("the broken edit is refused", || {
-        stats.refused.load(Ordering::SeqCst) >= 1
+        stats
+            .last_error()
+            .is_some_and(|e| e.contains("3:3: syntax error"))
     })
     .await;
     let error = stats.last_error().expect("an error");
-    assert!(error.contains(&file.display().to_string()), "{error}");
-    assert!(error.contains("3:3: syntax error"), "{error}");
+    assert!(
+        error.starts_with(&format!("policy file {}: 3:3: ", file.display())),
+        "{error}"
+    );
+    assert!(stats.refused.load(Ordering::SeqCst) >= 1);
     assert_eq!(get(&mut admin).await.policy, POLICY_2);
 
     // A policy whose tests fail is refused on reload too.
