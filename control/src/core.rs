@@ -108,17 +108,18 @@ fn check_hostname(hostname: &str) -> Result<(), ControlError> {
     Ok(())
 }
 
+/// Tags as the policy language writes them: `tag:` then an ASCII letter, then letters, digits,
+/// `-` and `_` (one rule for keys, nodes and policy files).
 fn check_tags(tags: &[String]) -> Result<(), ControlError> {
-    let ok = tags.iter().all(|t| {
-        t.strip_prefix("tag:")
-            .is_some_and(|n| !n.is_empty() && n.len() <= 63 && valid_label(n))
-    });
-    if ok {
+    if tags
+        .iter()
+        .all(|t| t.len() <= 67 && crate::policy::valid_tag(t))
+    {
         Ok(())
     } else {
         Err(ControlError::InvalidField {
             field: "tags",
-            reason: "each tag is tag:<lowercase name>",
+            reason: "each tag is tag:<name>: a letter, then letters, digits, - or _",
         })
     }
 }
@@ -204,7 +205,12 @@ impl Core {
             disco_key: n.disco_key.to_vec(),
             hostname: n.hostname.clone(),
             given_name: n.given_name.clone(),
-            user: self.user_name(n.user_id),
+            // A tagged node belongs to its tags, not to the user whose key registered it.
+            user: if n.tags.is_empty() {
+                self.user_name(n.user_id)
+            } else {
+                crate::grpc::TAGGED_DEVICES.to_owned()
+            },
             tags: n.tags.clone(),
             addresses: vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)],
             endpoints: n.endpoints.iter().map(|e| e.to_string()).collect(),

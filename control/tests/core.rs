@@ -212,8 +212,10 @@ fn admin_changes_reach_connected_peers() {
         .register(k2, d2, "b", &bob_text, T0 + 3)
         .expect("re-auth");
     assert_eq!(back.addresses, b.addresses);
-    assert_eq!(back.user, "bob", "the key that revives a node owns it");
+    // The key that revives a node owns it: bob's key is tagged, so the node is now owned by
+    // its tags (shown as Tailscale's "tagged-devices"), no longer by alice.
     assert_eq!(back.tags, vec!["tag:srv".to_string()]);
+    assert_eq!(back.user, "tagged-devices");
     let bob_keys = core.auth_keys(Some("bob")).expect("keys");
     assert!(
         bob_keys.iter().any(|k| k.id == bob_key.id && k.used),

@@ -19,6 +19,7 @@ mod ports;
 mod state;
 mod tests_block;
 
+pub(crate) use alias::valid_tag;
 pub use alias::{AdminRole, Alias, AutoGroup};
 pub use compile::{
     Access, CompiledPolicy, DstSpec, Rule, RuleBody, RuleOrigin, Section, Selector, SshAccess,
