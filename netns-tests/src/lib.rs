@@ -9,8 +9,9 @@
 //! addresses inside `10.77.0.0/16` and TEST-NET-3 `203.0.113.0/24` ([`lab::LAB_RANGES`]).
 //! Tests synchronise with [`wait_until`], never fixed sleeps.
 //!
-//! [`nat`] builds an "internet" with NAT routers of every RFC 4787 kind in front of LANs, and
-//! [`udp`] drives the labtool's UDP commands (echo, probe, listen, send) to observe them.
+//! [`nat`] builds an "internet" with NAT routers of every RFC 4787 kind in front of LANs;
+//! [`udp`] drives the labtool's UDP commands (echo, probe, listen, send) to observe them, and
+//! [`tcp`] its TCP server and connect probe (is a port open through the packet filter?).
 //! [`mesh`] drives the real `warren-control` and `warren` binaries on top of a lab; [`traffic`]
 //! holds the deterministic byte stream and the report format of the `warren-labtool` binary.
 
@@ -20,6 +21,7 @@ pub mod mesh;
 pub mod nat;
 pub mod natmesh;
 pub mod process;
+pub mod tcp;
 pub mod traffic;
 pub mod udp;
 pub mod wait;
@@ -27,10 +29,11 @@ pub mod wait;
 pub use binaries::{Binaries, binaries, binaries_with_labtool, require_root};
 pub use lab::{Lab, Lan, serial};
 pub use mesh::{
-    Control, ControlConfig, Mesh, Node, NodeInfo, NodeOptions, NodeStatus, PeerStatus, PreAuthKey,
+    Control, ControlConfig, Mesh, Node, NodeInfo, NodeOptions, NodeStatus, PeerStatus, PolicyEdit,
+    PolicySource, PreAuthKey,
 };
 pub use nat::{Host, NatKind, NatLab, Site};
 pub use natmesh::NatMesh;
 pub use process::ProcHandle;
 pub use traffic::TransferReport;
-pub use wait::wait_until;
+pub use wait::{wait_until, wait_until_every};

@@ -36,6 +36,8 @@ pub struct Control {
     pub socket: PathBuf,
     /// Its SQLite database.
     pub db: PathBuf,
+    /// The policy file, in file mode ([`PolicySource::File`] or [`PolicySource::FileAt`]).
+    pub policy_path: Option<PathBuf>,
     bins: Binaries,
     proc: Option<ProcHandle>,
 }
@@ -48,6 +50,8 @@ pub struct ControlConfig {
     pub ephemeral_node_inactivity_timeout: String,
     /// TOML appended to the config as is (further sections, e.g. `[derp]`).
     pub extra_toml: String,
+    /// Where the access policy comes from (a `[policy]` section), if anywhere.
+    pub policy: PolicySource,
 }
 
 impl Default for ControlConfig {
@@ -55,8 +59,36 @@ impl Default for ControlConfig {
         Self {
             ephemeral_node_inactivity_timeout: "30m".to_owned(),
             extra_toml: String::new(),
+            policy: PolicySource::None,
         }
     }
+}
+
+/// The `[policy]` section [`Control::start_with`] writes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PolicySource {
+    /// No `[policy]` section: no policy, everyone may reach everyone.
+    #[default]
+    None,
+    /// `mode = "file"`: the policy file is `<control dir>/policy.hujson` ([`Control::policy_path`]),
+    /// written with this text before the server starts.
+    File(String),
+    /// `mode = "file"` with a policy file the caller has prepared at this path (e.g. behind a
+    /// symlink).
+    FileAt(PathBuf),
+    /// `mode = "database"`: the policy is set with `warren-control policy set`.
+    Database,
+}
+
+/// How [`Control::write_policy`] changes the policy file, as different editors do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyEdit {
+    /// Truncate and rewrite the file itself (same inode), like `echo > file` or vim's
+    /// `backupcopy=yes`.
+    InPlace,
+    /// Write a temporary file next to it and rename it over the policy file (a new inode), like
+    /// most editors and config-management tools.
+    Rename,
 }
 
 /// A pre-auth key as `preauthkeys create` returned it.
@@ -126,6 +158,10 @@ pub struct PeerStatus {
     pub path: Option<String>,
     /// Round trip of the direct path, microseconds.
     pub latency_us: Option<u64>,
+    /// Packets from it that this node's packet filter dropped.
+    pub filter_drops: u64,
+    /// Its node key.
+    pub node_key: String,
 }
 
 impl PeerStatus {
@@ -218,6 +254,8 @@ impl PeerStatus {
             online: v["online"].as_bool().unwrap_or(false),
             path: v["path"].as_str().map(str::to_owned),
             latency_us: v["latency_us"].as_u64(),
+            filter_drops: v["filter_drops"].as_u64().unwrap_or(0),
+            node_key: v["node_key"].as_str().unwrap_or_default().to_owned(),
         })
     }
 }
@@ -328,8 +366,25 @@ impl Control {
             config: dir.join("control.toml"),
             socket: dir.join("control.sock"),
             db: dir.join("db.sqlite"),
+            policy_path: None,
             bins: bins.clone(),
             proc: None,
+        };
+        let policy_toml = match &settings.policy {
+            PolicySource::None => String::new(),
+            PolicySource::Database => "\n[policy]\nmode = \"database\"\n".to_owned(),
+            PolicySource::File(text) => {
+                let path = dir.join("policy.hujson");
+                std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+                let toml = format!("\n[policy]\nmode = \"file\"\npath = {}\n", toml_str(&path));
+                control.policy_path = Some(path);
+                toml
+            }
+            PolicySource::FileAt(path) => {
+                let toml = format!("\n[policy]\nmode = \"file\"\npath = {}\n", toml_str(path));
+                control.policy_path = Some(path.clone());
+                toml
+            }
         };
         let config = format!(
             "server_url = \"{url}\"\n\
@@ -340,7 +395,7 @@ impl Control {
              \n[database]\ntype = \"sqlite\"\n\
              \n[database.sqlite]\npath = {db}\n\
              \n[prefixes]\nv4 = \"100.64.0.0/10\"\nv6 = \"fd7a:115c:a1e0::/48\"\n\
-             \n[dns]\nmagic_dns = true\nbase_domain = \"warren.internal\"\n{extra}",
+             \n[dns]\nmagic_dns = true\nbase_domain = \"warren.internal\"\n{policy_toml}{extra}",
             port = Self::PORT,
             extra = settings.extra_toml,
             ephemeral = settings.ephemeral_node_inactivity_timeout,
@@ -379,16 +434,20 @@ impl Control {
     /// Waits until the admin socket answers `users list` and the gRPC port accepts TCP.
     pub fn wait_ready(&self, lab: &Lab, deadline: Duration) -> Result<Duration> {
         let target = SocketAddr::from((self.addr, Self::PORT)).to_string();
-        wait_until(deadline, "control answers on its socket and port", || {
-            if let Some(p) = &self.proc
-                && let Some(status) = p.try_status()
-            {
-                bail!("warren-control exited ({status}):\n{}", p.stderr());
+        let exited = || self.proc.as_ref().and_then(ProcHandle::try_status);
+        let took = wait_until(deadline, "control answers on its socket and port", || {
+            // A server that exited will not become ready: stop waiting (reported below).
+            if exited().is_some() {
+                return Ok(true);
             }
             self.admin_ok(lab, ["users", "list"])?;
             let probe = lab.run(&self.ns, &self.bins.labtool, ["tcp-probe", "--to", &target])?;
             Ok(probe.status.success())
-        })
+        })?;
+        if let (Some(status), Some(p)) = (exited(), &self.proc) {
+            bail!("warren-control exited ({status}):\n{}", p.stderr());
+        }
+        Ok(took)
     }
 
     /// The server process, once started.
@@ -508,6 +567,111 @@ impl Control {
     pub fn delete_node(&self, lab: &Lab, id: u64) -> Result<()> {
         self.admin_ok(lab, ["nodes", "delete", &id.to_string()])?;
         Ok(())
+    }
+
+    /// `nodes tag ID --tags T1,T2`: replaces the node's tags live.
+    pub fn tag_node(&self, lab: &Lab, id: u64, tags: &[&str]) -> Result<()> {
+        self.admin_ok(
+            lab,
+            ["nodes", "tag", &id.to_string(), "--tags", &tags.join(",")],
+        )?;
+        Ok(())
+    }
+
+    /// Everything the server logged so far (its stderr).
+    pub fn log(&self) -> String {
+        self.proc
+            .as_ref()
+            .map(ProcHandle::stderr)
+            .unwrap_or_default()
+    }
+
+    /// Sends SIGHUP to the server: in file mode it reloads the policy file.
+    pub fn sighup(&self) -> Result<()> {
+        let proc = self.proc.as_ref().context("control was never started")?;
+        ensure!(proc.is_running(), "control is not running");
+        proc.signal("HUP")
+    }
+
+    /// The policy file of a control started in file mode.
+    pub fn policy_file(&self) -> Result<&Path> {
+        self.policy_path
+            .as_deref()
+            .context("control was not started with a policy file (PolicySource::File)")
+    }
+
+    /// Replaces the policy file's contents with `text` the way `how` says. Control is not told
+    /// otherwise: it notices the change itself (inotify).
+    pub fn write_policy(&self, text: &str, how: PolicyEdit) -> Result<()> {
+        let path = self.policy_file()?;
+        match how {
+            PolicyEdit::InPlace => {
+                std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+            }
+            PolicyEdit::Rename => {
+                let dir = path.parent().context("policy file has no directory")?;
+                let mut tmp = tempfile::Builder::new()
+                    .prefix(".policy-edit")
+                    .tempfile_in(dir)
+                    .with_context(|| format!("temporary file in {}", dir.display()))?;
+                std::io::Write::write_all(&mut tmp, text.as_bytes())?;
+                tmp.as_file().sync_all()?;
+                tmp.persist(path)
+                    .with_context(|| format!("rename over {}", path.display()))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `text` to a file of its own in control's directory and runs `warren-control
+    /// policy VERB FILE` (`set` or `check`); the caller checks the exit status.
+    pub fn policy_with_file(&self, lab: &Lab, verb: &str, text: &str) -> Result<Output> {
+        let dir = self
+            .config
+            .parent()
+            .context("control config has no directory")?;
+        let mut file = tempfile::Builder::new()
+            .prefix(&format!("policy-{verb}-"))
+            .suffix(".hujson")
+            .tempfile_in(dir)
+            .with_context(|| format!("temporary file in {}", dir.display()))?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
+        file.as_file().sync_all()?;
+        let path = file.path().as_os_str().to_owned();
+        self.admin(lab, [OsStr::new("policy"), OsStr::new(verb), &path])
+    }
+
+    /// `policy set FILE` with `text`, failing unless it exits 0.
+    pub fn policy_set(&self, lab: &Lab, text: &str) -> Result<String> {
+        let out = self.policy_with_file(lab, "set", text)?;
+        ensure!(
+            out.status.success(),
+            "`warren-control policy set` failed ({}):\n{}{}",
+            out.status,
+            stdout_of(&out),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(stdout_of(&out))
+    }
+
+    /// `policy get`: the policy in force, as the server prints it.
+    pub fn policy_get(&self, lab: &Lab) -> Result<String> {
+        self.admin_ok(lab, ["policy", "get"])
+    }
+
+    /// `policy explain SRC DST [--proto P]`: the decision as printed.
+    pub fn policy_explain(
+        &self,
+        lab: &Lab,
+        src: &str,
+        dst: &str,
+        proto: Option<&str>,
+    ) -> Result<String> {
+        let mut args = vec!["policy", "explain", src, dst];
+        if let Some(p) = proto {
+            args.extend(["--proto", p]);
+        }
+        self.admin_ok(lab, &args)
     }
 }
 

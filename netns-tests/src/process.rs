@@ -133,6 +133,30 @@ impl ProcHandle {
         }
     }
 
+    /// Sends signal `name` (`HUP`, `USR1`, …) without waiting. Fails if it already exited or
+    /// `kill` refuses.
+    pub fn signal(&self, name: &str) -> Result<()> {
+        let mut child = self.child();
+        anyhow::ensure!(
+            matches!(child.try_wait(), Ok(None)),
+            "{} has exited; not sending SIG{name}",
+            self.inner.name
+        );
+        // The child is not reaped yet (we hold its lock), so its pid cannot have been reused.
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.inner.pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("run kill")?;
+        anyhow::ensure!(
+            status.success(),
+            "kill -{name} {} failed ({status})",
+            self.inner.pid
+        );
+        Ok(())
+    }
+
     /// Stops it: SIGTERM, then SIGKILL if it has not exited after [`TERM_GRACE`]. Returns its
     /// exit status.
     pub fn kill(&self) -> Result<ExitStatus> {

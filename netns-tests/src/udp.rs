@@ -47,7 +47,8 @@ pub fn start_echo(
     Ok(proc)
 }
 
-fn wait_ready(proc: &ProcHandle) -> Result<()> {
+/// Waits until a labtool process has printed [`READY_LINE`]; fails if it exits first.
+pub(crate) fn wait_ready(proc: &ProcHandle) -> Result<()> {
     wait_until(READY_DEADLINE, &format!("{} is ready", proc.name()), || {
         if let Some(status) = proc.try_status() {
             bail!("exited ({status}): {}", proc.stderr().trim());

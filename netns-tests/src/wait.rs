@@ -14,6 +14,18 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 pub fn wait_until(
     deadline: Duration,
     what: &str,
+    cond: impl FnMut() -> Result<bool>,
+) -> Result<Duration> {
+    wait_until_every(deadline, POLL_INTERVAL, what, cond)
+}
+
+/// [`wait_until`] re-checking every `interval`, for measurements that want a finer grain than
+/// [`POLL_INTERVAL`] (a condition that itself waits, such as a ping, may use
+/// [`Duration::ZERO`]).
+pub fn wait_until_every(
+    deadline: Duration,
+    interval: Duration,
+    what: &str,
     mut cond: impl FnMut() -> Result<bool>,
 ) -> Result<Duration> {
     let start = Instant::now();
@@ -32,7 +44,7 @@ pub fn wait_until(
                 None => bail!("timed out after {deadline:?} waiting until {what}"),
             }
         }
-        thread::sleep(POLL_INTERVAL);
+        thread::sleep(interval);
     }
 }
 

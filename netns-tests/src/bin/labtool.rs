@@ -4,6 +4,8 @@
 //! warren-labtool tcp-sink  --listen ADDR:PORT [--timeout-secs 60]
 //! warren-labtool tcp-send  --to ADDR:PORT --bytes N [--timeout-secs 30]
 //! warren-labtool tcp-probe --to ADDR:PORT [--timeout-secs 1]
+//! warren-labtool tcp-serve   --listen ADDR:PORT [--listen ADDR:PORT ...]
+//! warren-labtool tcp-connect --to ADDR:PORT [--timeout-ms 2000]
 //! warren-labtool udp-echo        --listen ADDR:PORT [--listen ADDR:PORT ...]
 //! warren-labtool udp-probe       --from-port P --to ADDR:PORT [--to ...] [--timeout-ms 1000]
 //! warren-labtool udp-listen-once --port P [--timeout-ms 1000] [--send-to ADDR:PORT]
@@ -15,6 +17,10 @@
 //! `tcp-send` connects (retrying until the timeout), sends N bytes of the lab's deterministic
 //! stream, shuts down its write half and prints the same report for what it sent.
 //! `tcp-probe` makes one connection attempt and exits 0 if it succeeded.
+//! `tcp-serve` binds every address, prints `ready`, then answers each connection with the line
+//! `hello from PORT` and closes it, forever. `tcp-connect` makes one connection attempt and
+//! prints its outcome, exiting 0 for each: `connected LINE` (the first line the server sent),
+//! `refused`, `unreachable` or `timeout` (`warren_netns_tests::tcp` drives both).
 //! `nat-rules` prints the nft file a NAT router of KIND (cone, restr, portr, sym, noudp) loads
 //! with `nft -f` (scripts/demo uses it; the lab itself calls the same code).
 //! `reap` removes the labs of test processes that died without cleaning up (scripts/test runs
@@ -37,6 +43,8 @@ const USAGE: &str = "usage:
   warren-labtool tcp-sink  --listen ADDR:PORT [--timeout-secs 60]
   warren-labtool tcp-send  --to ADDR:PORT --bytes N [--timeout-secs 30]
   warren-labtool tcp-probe --to ADDR:PORT [--timeout-secs 1]
+  warren-labtool tcp-serve   --listen ADDR:PORT [--listen ADDR:PORT ...]
+  warren-labtool tcp-connect --to ADDR:PORT [--timeout-ms 2000]
   warren-labtool udp-echo        --listen ADDR:PORT [--listen ADDR:PORT ...]
   warren-labtool udp-probe       --from-port P --to ADDR:PORT [--to ...] [--timeout-ms 1000]
   warren-labtool udp-listen-once --port P [--timeout-ms 1000] [--send-to ADDR:PORT]
@@ -179,6 +187,14 @@ fn run(args: Vec<String>) -> Result<()> {
                 .with_context(|| format!("connect to {to}"))?;
             Ok(())
         }
+        "tcp-serve" => {
+            let flags = Flags::parse(rest, &["listen"])?;
+            tcp_serve(&flags.addrs("listen")?)
+        }
+        "tcp-connect" => {
+            let flags = Flags::parse(rest, &["to", "timeout-ms"])?;
+            tcp_connect(flags.addr("to")?, flags.millis(2000)?)
+        }
         "udp-echo" => {
             let flags = Flags::parse(rest, &["listen"])?;
             udp_echo(&flags.addrs("listen")?)
@@ -304,6 +320,84 @@ fn tcp_send(to: SocketAddr, bytes: u64, timeout: Duration) -> Result<()> {
     let mut rest = [0u8; 1];
     while matches!(stream.read(&mut rest), Ok(n) if n > 0) {}
     println!("{}", TransferReport::new(bytes, hasher).to_json());
+    Ok(())
+}
+
+/// Binds every address, prints the ready line, then answers each connection with `hello from
+/// PORT\n` and closes it, forever.
+fn tcp_serve(listen: &[SocketAddr]) -> Result<()> {
+    let listeners = listen
+        .iter()
+        .map(|a| TcpListener::bind(a).with_context(|| format!("bind {a}")))
+        .collect::<Result<Vec<_>>>()?;
+    println!("{READY_LINE}");
+    thread::scope(|scope| {
+        let workers: Vec<_> = listeners
+            .iter()
+            .map(|listener| {
+                scope.spawn(move || -> Result<()> {
+                    let port = listener.local_addr()?.port();
+                    loop {
+                        match listener.accept() {
+                            Ok((mut stream, _)) => {
+                                // The client may have gone already: its problem, not ours.
+                                let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+                                let _ = stream.write_all(format!("hello from {port}\n").as_bytes());
+                                let _ = stream.shutdown(Shutdown::Both);
+                            }
+                            Err(e) if transient(&e) || e.kind() == ErrorKind::ConnectionAborted => {
+                            }
+                            Err(e) => return Err(e).context("accept"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            match w.join() {
+                Ok(r) => r?,
+                Err(_) => bail!("a serve thread panicked"),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// One connection attempt to `to` within `timeout`; prints `connected LINE` with the first line
+/// the server sent, or `refused`, `unreachable` or `timeout`.
+fn tcp_connect(to: SocketAddr, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut stream = match TcpStream::connect_timeout(&to, timeout.max(Duration::from_millis(10))) {
+        Ok(s) => s,
+        Err(e) => {
+            let outcome = match e.kind() {
+                ErrorKind::ConnectionRefused => "refused",
+                ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => "unreachable",
+                ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+                _ => return Err(e).with_context(|| format!("connect to {to}")),
+            };
+            println!("{outcome}");
+            return Ok(());
+        }
+    };
+    let left = timeout
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_millis(500));
+    stream.set_read_timeout(Some(left))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("read the greeting from {to}"));
+            }
+        }
+    }
+    println!("connected {}", String::from_utf8_lossy(&line));
     Ok(())
 }
 
