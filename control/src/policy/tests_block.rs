@@ -138,7 +138,11 @@ fn test_addresses(
         .collect();
     out.sort_unstable();
     out.dedup();
-    (!out.is_empty()).then_some(out)
+    // A tag or group the policy defines but no node carries yet: nothing to check, which is
+    // not an unknown alias. A user is known only through its nodes, so a user with none stays
+    // unknown, as Tailscale rejects a test naming an unknown user.
+    let defined_by_policy = matches!(alias, Alias::Tag(_) | Alias::Group(_));
+    (defined_by_policy || !out.is_empty()).then_some(out)
 }
 
 /// Whether every source address may reach every destination address of its family (and at
@@ -189,6 +193,10 @@ fn run_one(policy: &CompiledPolicy, nodes: &Nodes, t: &PolicyTest) -> Vec<TestPr
             alias: src.to_string(),
         }];
     };
+    // A test about a tag or group no node carries yet holds vacuously: it cannot fail before
+    // the nodes exist (so a new mesh can set its policy, tests included, before registering
+    // them: tagged keys need the tag in tagOwners first), and it is checked again on every
+    // later set, reload and check.
     let mut problems = Vec::new();
     for (dst, want) in t
         .accept
@@ -213,6 +221,9 @@ fn run_one(policy: &CompiledPolicy, nodes: &Nodes, t: &PolicyTest) -> Vec<TestPr
             });
             continue;
         };
+        if srcs.is_empty() || dsts.is_empty() {
+            continue;
+        }
         let allowed = all_allowed(policy, nodes, &srcs, &dsts, port, ip_proto);
         if allowed != want {
             problems.push(if want {
@@ -378,4 +389,67 @@ fn run_ssh_one(policy: &CompiledPolicy, nodes: &Nodes, t: &SshTest) -> Vec<TestP
         }
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::sync::Arc;
+
+    use crate::policy::{CompiledPolicy, PolicyError, PolicyNode, PolicyState, TestProblem};
+
+    const TAGS: &str = r#"{
+      "tagOwners": {"tag:a": ["alice@"], "tag:b": ["alice@"]},
+      "acls": [],
+      "tests": [{"src": "tag:a", "accept": ["tag:b:22"]}]
+    }"#;
+
+    fn tagged(id: u64, tag: &str) -> PolicyNode {
+        let n = u8::try_from(id).expect("small");
+        PolicyNode::tagged(
+            id,
+            &format!("n{id}"),
+            &[tag],
+            Ipv4Addr::new(100, 64, 0, n),
+            Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, u16::from(n)),
+        )
+    }
+
+    #[test]
+    fn a_test_about_tags_no_node_carries_yet_holds_until_they_exist() {
+        let policy = Arc::new(CompiledPolicy::from_text(TAGS).expect("compiles"));
+        // A new mesh: the tags are defined (tagged keys need that) but no node has them.
+        let empty = PolicyState::new(Arc::new(CompiledPolicy::allow_all()));
+        assert_eq!(empty.check(&policy), Ok(()));
+        // Once nodes carry them, the test is checked, and fails: no rule lets a reach b.
+        let mut state = PolicyState::new(Arc::new(CompiledPolicy::allow_all()));
+        state.upsert_node(tagged(1, "tag:a"));
+        state.upsert_node(tagged(2, "tag:b"));
+        match state.check(&policy) {
+            Err(PolicyError::TestsFailed { failures }) => {
+                assert_eq!(failures.len(), 1);
+                assert_eq!(
+                    failures[0].problem,
+                    TestProblem::NotAllowed {
+                        dst: "tag:b:22".into()
+                    }
+                );
+            }
+            other => panic!("expected the test to fail, got {other:?}"),
+        }
+        // An undefined tag is still an unknown alias, nodes or not.
+        let undefined = CompiledPolicy::from_text(
+            r#"{"tagOwners": {"tag:a": ["alice@"]}, "tests": [{"src": "tag:a", "accept": ["tag:zz:22"]}]}"#,
+        );
+        let undefined = undefined.expect("compiles");
+        match empty.check(&undefined) {
+            Err(PolicyError::TestsFailed { failures }) => assert_eq!(
+                failures.iter().map(|f| &f.problem).collect::<Vec<_>>(),
+                [&TestProblem::UnknownAlias {
+                    alias: "tag:zz".into()
+                }]
+            ),
+            other => panic!("expected an unknown alias, got {other:?}"),
+        }
+    }
 }
