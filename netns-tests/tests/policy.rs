@@ -843,8 +843,9 @@ fn autogroup_self_reaches_own_devices_only() {
 
 // ----- 5. The tests block -----
 
-/// `tag:a` may reach all of `tag:b`; no tests yet. (A tests block that names a tag before a
-/// node carries it is refused as an "unknown alias", so the tests come once the nodes exist.)
+/// `tag:a` may reach all of `tag:b`; no tests yet (the tests below come once the nodes exist,
+/// so they are checked against real nodes: before that, a test about a tag no node carries
+/// holds vacuously).
 const TESTS_BASE: &str = r#"{
   "tagOwners": {"tag:a": ["lab@"], "tag:b": ["lab@"]},
   "acls": [
