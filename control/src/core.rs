@@ -737,12 +737,12 @@ impl Core {
     }
 
     /// Runs `policy`'s `tests` against the current nodes, changing nothing (`policy check`).
-    pub fn check_policy(&self, policy: &CompiledPolicy) -> Result<(), PolicyError> {
+    pub fn check_policy(&mut self, policy: &CompiledPolicy) -> Result<(), PolicyError> {
         self.netmap.policy().check(policy)
     }
 
     /// The policy state: who sees whom, filters, `explain`, name lookups.
-    pub fn policy_state(&self) -> &PolicyState {
+    pub fn policy_state(&mut self) -> &PolicyState {
         self.netmap.policy()
     }
 
@@ -753,7 +753,7 @@ impl Core {
 
     /// The policy in force's `tests` run against the current nodes: `Some` with the failures
     /// (for a loud warning at start-up, where the policy is kept: see the README).
-    pub fn policy_failures(&self) -> Option<PolicyError> {
+    pub fn policy_failures(&mut self) -> Option<PolicyError> {
         let state = self.netmap.policy();
         state.check(state.policy()).err()
     }
@@ -800,7 +800,7 @@ impl Core {
     /// policy in force (any tag when no policy is configured).
     pub fn check_node_tags(&self, tags: &[String]) -> Result<(), ControlError> {
         check_tags(tags)?;
-        self.policy_state().policy().check_tags(tags)?;
+        self.netmap.compiled_policy().check_tags(tags)?;
         Ok(())
     }
 

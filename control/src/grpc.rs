@@ -861,7 +861,7 @@ impl Admin for AdminService {
                 })
             })
             .transpose()?;
-        let core = self.shared.core.lock().await;
+        let mut core = self.shared.core.lock().await;
         let answer = explain(core.policy_state(), &r.src, &r.dst, port, proto)?;
         Ok(Response::new(ExplainPolicyResponse {
             configured: core.policy_configured(),

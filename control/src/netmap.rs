@@ -56,16 +56,34 @@ pub struct Netmap {
     dns: DnsConfig,
     derp_map: DerpMap,
     lagged: u64,
-    /// Who sees whom and each node's filter.
+    /// Who sees whom and each node's filter. With no policy configured it is not kept up to
+    /// date on every change (everyone sees everyone, so a join is one shared delta to every
+    /// stream, as cheap as before policy existed): `stale` marks it for a rebuild from
+    /// `identities` when it is next asked for.
     policy: PolicyState,
     /// Whether a policy is configured; without one every node gets an allow-all filter.
     policy_on: bool,
+    /// `policy` lags behind the nodes (only while no policy is configured).
+    stale: bool,
+    /// Every node as the policy sees it.
+    identities: BTreeMap<u64, PolicyNode>,
 }
 
 impl Default for Netmap {
     fn default() -> Self {
         Self::new(DnsConfig::default(), DerpMap::default(), None)
     }
+}
+
+/// What one change sends, shared between the nodes it concerns.
+#[derive(Default)]
+struct Batch {
+    /// Subscribers told about the changed node by a peer-added or peer-removed delta.
+    told: BTreeSet<u64>,
+    /// One PeerAdded per node, shared by every subscriber that now sees it.
+    added: BTreeMap<u64, Delta>,
+    /// One PeerRemoved per node.
+    removed: BTreeMap<u64, Delta>,
 }
 
 /// A node's filter as it goes on the wire.
@@ -124,6 +142,8 @@ impl Netmap {
             lagged: 0,
             policy: PolicyState::new(policy),
             policy_on,
+            stale: false,
+            identities: BTreeMap::new(),
         }
     }
 
@@ -147,9 +167,27 @@ impl Netmap {
         self.nodes.get(&id)
     }
 
-    /// The policy state: who sees whom, filters, `explain`.
-    pub fn policy(&self) -> &PolicyState {
+    /// The policy state: who sees whom, filters, `explain` (brought up to date first).
+    pub fn policy(&mut self) -> &PolicyState {
+        self.refresh();
         &self.policy
+    }
+
+    /// The compiled policy in force (allow-all when none is configured).
+    pub fn compiled_policy(&self) -> &Arc<CompiledPolicy> {
+        self.policy.policy()
+    }
+
+    /// Rebuilds the allow-all state from the nodes after changes it skipped.
+    fn refresh(&mut self) {
+        if self.stale {
+            let mut state = PolicyState::new(Arc::new(CompiledPolicy::allow_all()));
+            for n in self.identities.values() {
+                state.upsert_node(n.clone());
+            }
+            self.policy = state;
+            self.stale = false;
+        }
     }
 
     /// Whether a policy is configured.
@@ -164,6 +202,10 @@ impl Netmap {
         policy: Option<Arc<CompiledPolicy>>,
     ) -> Result<usize, PolicyError> {
         let on = policy.is_some();
+        if !on && !self.policy_on {
+            return Ok(0);
+        }
+        self.refresh();
         let policy = policy.unwrap_or_else(|| Arc::new(CompiledPolicy::allow_all()));
         let deltas = self.policy.set_policy(policy)?;
         let mut sent = 0;
@@ -171,9 +213,9 @@ impl Netmap {
             // Every node's filter changes form (allow-all on the wire or rules).
             self.policy_on = on;
             let ids: Vec<u64> = self.subscribers.keys().copied().collect();
-            let mut told = BTreeSet::new();
+            let mut batch = Batch::default();
             for d in &deltas {
-                sent += self.apply_delta(d, None, &mut told);
+                sent += self.apply_delta(d, None, &mut batch);
             }
             for id in ids {
                 let filter = self.policy.filter_for(NodeId(id));
@@ -184,15 +226,18 @@ impl Netmap {
             }
             return Ok(sent);
         }
-        let mut told = BTreeSet::new();
+        let mut batch = Batch::default();
         for d in &deltas {
-            sent += self.apply_delta(d, None, &mut told);
+            sent += self.apply_delta(d, None, &mut batch);
         }
         Ok(sent)
     }
 
-    /// The nodes that see `id`.
+    /// The nodes that see `id` (every other node when no policy is configured).
     fn viewers(&self, id: u64) -> Vec<u64> {
+        if !self.policy_on {
+            return self.nodes.keys().copied().filter(|n| *n != id).collect();
+        }
         self.policy
             .peers_of(NodeId(id))
             .unwrap_or_default()
@@ -210,7 +255,10 @@ impl Netmap {
             .filter_map(|p| self.nodes.get(&p))
             .map(|n| Node::clone(n))
             .collect();
-        let filter = self.policy.filter_for(NodeId(id));
+        let filter = self
+            .policy_on
+            .then(|| self.policy.filter_for(NodeId(id)))
+            .flatten();
         Some(FullMap {
             self_node: Some(Node::clone(me)),
             peers,
@@ -280,17 +328,25 @@ impl Netmap {
         let id = node.id;
         let node = Arc::new(node);
         let existed = self.nodes.insert(id, Arc::clone(&node)).is_some();
-        let deltas = self.policy.upsert_node(identity);
-        // Subscribers told about this node by a peer-added or peer-removed delta.
-        let mut told = BTreeSet::new();
+        self.identities.insert(id, identity.clone());
+        let mut batch = Batch::default();
         let mut sent = 0;
-        for d in &deltas {
-            sent += self.apply_delta(d, Some(id), &mut told);
+        if self.policy_on {
+            let deltas = self.policy.upsert_node(identity);
+            for d in &deltas {
+                sent += self.apply_delta(d, Some(id), &mut batch);
+            }
+        } else {
+            self.stale = true;
+            if !existed {
+                let delta = Arc::new(Kind::PeerAdded(Node::clone(&node)));
+                return self.fanout(id, &delta);
+            }
         }
         if existed {
             let delta = Arc::new(Kind::PeerChanged(Node::clone(&node)));
             for viewer in self.viewers(id) {
-                if !told.contains(&viewer) && self.send(viewer, Arc::clone(&delta)) {
+                if !batch.told.contains(&viewer) && self.send(viewer, Arc::clone(&delta)) {
                     sent += 1;
                 }
             }
@@ -302,13 +358,9 @@ impl Netmap {
     }
 
     /// Sends one node's policy difference: records of peers it now sees, removals, its new
-    /// filter. `about` is the node whose change caused it; viewers told about it go in `told`.
-    fn apply_delta(
-        &mut self,
-        d: &NodeDelta,
-        about: Option<u64>,
-        told: &mut BTreeSet<u64>,
-    ) -> usize {
+    /// filter. `about` is the node whose change caused it; viewers told about it go in
+    /// `batch.told`. A record or removal goes out as one shared delta however many nodes get it.
+    fn apply_delta(&mut self, d: &NodeDelta, about: Option<u64>, batch: &mut Batch) -> usize {
         let viewer = d.node.0;
         if !self.subscribers.contains_key(&viewer) {
             return 0;
@@ -316,19 +368,33 @@ impl Netmap {
         let mut sent = 0;
         for p in &d.peers_added {
             if Some(p.0) == about {
-                told.insert(viewer);
+                batch.told.insert(viewer);
             }
-            if let Some(n) = self.nodes.get(&p.0).cloned()
-                && self.send(viewer, Arc::new(Kind::PeerAdded(Node::clone(&n))))
+            let delta = match batch.added.get(&p.0) {
+                Some(delta) => Some(Arc::clone(delta)),
+                None => self.nodes.get(&p.0).map(|n| {
+                    let delta = Arc::new(Kind::PeerAdded(Node::clone(n)));
+                    batch.added.insert(p.0, Arc::clone(&delta));
+                    delta
+                }),
+            };
+            if let Some(delta) = delta
+                && self.send(viewer, delta)
             {
                 sent += 1;
             }
         }
         for p in &d.peers_removed {
             if Some(p.0) == about {
-                told.insert(viewer);
+                batch.told.insert(viewer);
             }
-            if self.send(viewer, Arc::new(Kind::PeerRemoved(PeerRemoved { id: p.0 }))) {
+            let delta = Arc::clone(
+                batch
+                    .removed
+                    .entry(p.0)
+                    .or_insert_with(|| Arc::new(Kind::PeerRemoved(PeerRemoved { id: p.0 }))),
+            );
+            if self.send(viewer, delta) {
                 sent += 1;
             }
         }
@@ -347,11 +413,17 @@ impl Netmap {
             return 0;
         }
         self.subscribers.remove(&id);
+        self.identities.remove(&id);
+        if !self.policy_on {
+            self.stale = true;
+            let delta = Arc::new(Kind::PeerRemoved(PeerRemoved { id }));
+            return self.fanout(id, &delta);
+        }
         let deltas = self.policy.remove_node(NodeId(id));
-        let mut told = BTreeSet::new();
+        let mut batch = Batch::default();
         deltas
             .iter()
-            .map(|d| self.apply_delta(d, Some(id), &mut told))
+            .map(|d| self.apply_delta(d, Some(id), &mut batch))
             .sum()
     }
 
@@ -385,11 +457,19 @@ impl Netmap {
     }
 
     fn fanout(&mut self, about: u64, delta: &Delta) -> usize {
-        let targets: Vec<u64> = self
-            .viewers(about)
-            .into_iter()
-            .filter(|viewer| self.subscribers.contains_key(viewer))
-            .collect();
+        let targets: Vec<u64> = if self.policy_on {
+            self.viewers(about)
+                .into_iter()
+                .filter(|viewer| self.subscribers.contains_key(viewer))
+                .collect()
+        } else {
+            // Everyone sees everyone: every stream but the node's own.
+            self.subscribers
+                .keys()
+                .copied()
+                .filter(|viewer| *viewer != about)
+                .collect()
+        };
         targets
             .into_iter()
             .filter(|t| self.send(*t, Arc::clone(delta)))
@@ -674,6 +754,82 @@ mod tests {
                 .iter()
                 .any(|k| matches!(k, Kind::FilterChanged(f) if f.allow_all)),
             "{to_alice:?}"
+        );
+    }
+
+    #[test]
+    fn without_a_policy_joins_are_one_shared_delta_and_a_later_policy_sees_every_node() {
+        let mut m = Netmap::default();
+        for (id, user, name) in [(1, 1, "alice"), (2, 2, "bob")] {
+            m.upsert(node(id), owned_by(id, user, name));
+        }
+        let mut alice = m.subscribe(1).expect("known");
+        let mut bob = m.subscribe(2).expect("known");
+        assert!(alice.full.filter.as_ref().is_some_and(|f| f.allow_all));
+        // carol joins while no policy is configured: both hear the same shared delta.
+        assert_eq!(m.upsert(node(3), owned_by(3, 3, "carol")), 2);
+        let (a, b) = (
+            alice.deltas.try_recv().expect("delta"),
+            bob.deltas.try_recv().expect("delta"),
+        );
+        assert!(Arc::ptr_eq(&a, &b), "one delta, shared");
+        let mut carol = m.subscribe(3).expect("known");
+        assert_eq!(peer_ids(&carol.full), [1, 2]);
+        // The policy state caught up with the joins it skipped.
+        assert_eq!(m.policy().len(), 3);
+
+        // A policy arrives: carol loses both, alice and bob keep each other.
+        let only_ssh = r#"{"acls": [{"action": "accept", "src": ["alice@"], "dst": ["bob@:22"], "proto": "tcp"}]}"#;
+        let compiled = Arc::new(CompiledPolicy::from_text(only_ssh).expect("policy"));
+        m.set_policy(Some(compiled)).expect("applies");
+        let to_carol = drain(&mut carol);
+        let removed: Vec<u64> = to_carol
+            .iter()
+            .filter_map(|k| match k {
+                Kind::PeerRemoved(r) => Some(r.id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(removed, [1, 2], "{to_carol:?}");
+        assert!(
+            to_carol
+                .iter()
+                .any(|k| matches!(k, Kind::FilterChanged(f) if !f.allow_all && f.rules.is_empty())),
+            "{to_carol:?}"
+        );
+        let to_alice = drain(&mut alice);
+        assert!(
+            to_alice
+                .iter()
+                .any(|k| matches!(k, Kind::PeerRemoved(r) if r.id == 3))
+        );
+        assert!(
+            !to_alice
+                .iter()
+                .any(|k| matches!(k, Kind::PeerRemoved(r) if r.id == 2))
+        );
+        drain(&mut bob);
+
+        // And goes away again: everyone sees everyone, every filter is allow-all.
+        m.set_policy(None).expect("applies");
+        let to_carol = drain(&mut carol);
+        let added: Vec<u64> = to_carol
+            .iter()
+            .filter_map(|k| match k {
+                Kind::PeerAdded(n) => Some(n.id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(added, [1, 2], "{to_carol:?}");
+        assert!(
+            to_carol
+                .iter()
+                .any(|k| matches!(k, Kind::FilterChanged(f) if f.allow_all))
+        );
+        assert_eq!(
+            m.set_policy(None),
+            Ok(0),
+            "no policy to no policy changes nothing"
         );
     }
 }

@@ -104,7 +104,7 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
         derp_map: derp_map(config)?,
         policy: policy.as_ref().map(|(_, compiled)| Arc::clone(compiled)),
     };
-    let core = Core::open(Box::new(store), &settings, unix_ms())?;
+    let mut core = Core::open(Box::new(store), &settings, unix_ms())?;
     let origin = match config.policy.mode {
         PolicyMode::File => config.policy.file().map(|p| PolicyOrigin::File(p.into())),
         PolicyMode::Database => Some(PolicyOrigin::Database),
@@ -113,7 +113,7 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
         (Some(_), Some(origin)) => tracing::info!(policy = %origin, "access policy loaded"),
         _ => tracing::info!("no access policy: every node may reach every other"),
     }
-    warn_failing_tests(&core, origin.as_ref());
+    warn_failing_tests(&mut core, origin.as_ref());
     tracing::info!(nodes = core.netmap().len(), "state loaded");
     Ok(Arc::new(Shared {
         core: Mutex::new(core),
@@ -843,7 +843,7 @@ pub fn spawn_policy_reloader(
 /// Logs, loudly, the tests of the policy in force that fail against the nodes at start-up.
 /// The server still starts (see the README: refusing would let one node joining stop the whole
 /// mesh); `policy set`, reloads and `policy check` refuse such a policy.
-fn warn_failing_tests(core: &Core, origin: Option<&PolicyOrigin>) {
+fn warn_failing_tests(core: &mut Core, origin: Option<&PolicyOrigin>) {
     let Some(error) = core.policy_failures() else {
         return;
     };
