@@ -223,7 +223,24 @@ proptest! {
                     (Kind::Tcp { syn, ack, .. }, AcceptReason::TcpNotSyn) => {
                         prop_assert!(!syn || *ack)
                     }
+                    // Raw bytes under protocol 6 that happen to read as a TCP segment
+                    // without SYN (or with ACK): a continuation, as Tailscale judges it.
+                    (Kind::Raw { proto: 6, body }, AcceptReason::TcpNotSyn) => {
+                        let flags = body.get(13).copied().unwrap_or(0);
+                        prop_assert!(body.len() >= 20 && (flags & 0x02 == 0 || flags & 0x10 != 0))
+                    }
                     (Kind::Icmp { .. }, AcceptReason::IcmpResponse) => {}
+                    // Raw bytes under an ICMP protocol that read as a reply or an error.
+                    (Kind::Raw { proto, body }, AcceptReason::IcmpResponse) => {
+                        let (ty, code) = (body.first().copied(), body.get(1).copied());
+                        let v4 = src.is_ipv4();
+                        let response = match (v4, *proto, ty) {
+                            (true, 1, Some(0)) | (false, 58, Some(129)) => code == Some(0),
+                            (true, 1, Some(3 | 11 | 12)) | (false, 58, Some(1..=4)) => true,
+                            _ => false,
+                        };
+                        prop_assert!(response, "{:?} taken for an ICMP response", kind);
+                    }
                     // A raw IPv4 header with a fragment offset, or an IPv6 fragment header.
                     (Kind::Raw { .. }, AcceptReason::Fragment) => {}
                     _ => prop_assert!(false, "{:?} accepted for {:?}", kind, r),
