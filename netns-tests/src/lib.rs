@@ -37,3 +37,24 @@ pub use natmesh::NatMesh;
 pub use process::ProcHandle;
 pub use traffic::TransferReport;
 pub use wait::{wait_until, wait_until_every};
+
+/// Runs one lab test: takes the lab's serial lock, returns early (or fails, see
+/// [`require_root`]) without root, finds the binaries (`labtool` is the caller's
+/// `env!("CARGO_BIN_EXE_warren-labtool")`), creates a fresh [`Lab`] named `name` and runs
+/// `body` in it. An error fails the test while the lab is still alive, so its drop prints
+/// every process's log before it removes everything.
+pub fn lab_test(
+    name: &str,
+    labtool: &str,
+    body: impl FnOnce(&mut Lab, &Binaries) -> anyhow::Result<()>,
+) {
+    let _serial = serial();
+    if !require_root() {
+        return;
+    }
+    let bins = binaries_with_labtool(labtool).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut lab = Lab::new(name).unwrap_or_else(|e| panic!("cannot create the lab: {e:#}"));
+    if let Err(e) = body(&mut lab, &bins) {
+        panic!("{name} failed: {e:?}");
+    }
+}

@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use warren_netns_tests::natmesh::{NatMesh, PingStream, path_to, unix_now, wait_up};
-use warren_netns_tests::{
-    Binaries, Lab, NatKind, Node, TransferReport, binaries_with_labtool, require_root, serial,
-    wait_until,
-};
+use warren_netns_tests::{Binaries, Lab, NatKind, Node, TransferReport, wait_until};
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_warren-labtool");
 
@@ -30,15 +27,7 @@ fn v4(a: Ipv4Addr) -> IpAddr {
 }
 
 fn nat_test(name: &str, body: impl FnOnce(&mut Lab, &Binaries) -> Result<()>) {
-    let _serial = serial();
-    if !require_root() {
-        return;
-    }
-    let bins = binaries_with_labtool(LABTOOL).unwrap_or_else(|e| panic!("{e:#}"));
-    let mut lab = Lab::new(name).unwrap_or_else(|e| panic!("cannot create the lab: {e:#}"));
-    if let Err(e) = body(&mut lab, &bins) {
-        panic!("{name} failed: {e:?}");
-    }
+    warren_netns_tests::lab_test(name, LABTOOL, body);
 }
 
 fn is(path: &Option<String>, kind: &str) -> bool {

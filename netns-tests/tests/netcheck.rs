@@ -8,24 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use warren_netns_tests::mesh::ControlConfig;
 use warren_netns_tests::nat::SERVER_ADDRS;
-use warren_netns_tests::{
-    Binaries, Control, Lab, NatKind, NatLab, Node, binaries_with_labtool, require_root, serial,
-    wait_until,
-};
+use warren_netns_tests::{Binaries, Control, Lab, NatKind, NatLab, Node, wait_until};
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_warren-labtool");
 const SOON: Duration = Duration::from_secs(30);
 
 fn lab_test(name: &str, body: impl FnOnce(&mut Lab, &Binaries) -> Result<()>) {
-    let _serial = serial();
-    if !require_root() {
-        return;
-    }
-    let bins = binaries_with_labtool(LABTOOL).unwrap_or_else(|e| panic!("{e:#}"));
-    let mut lab = Lab::new(name).unwrap_or_else(|e| panic!("cannot create the lab: {e:#}"));
-    if let Err(e) = body(&mut lab, &bins) {
-        panic!("{name} failed: {e:?}");
-    }
+    warren_netns_tests::lab_test(name, LABTOOL, body);
 }
 
 /// `warren netcheck --json` of `node` once it has measured: (udp, mapping_varies).

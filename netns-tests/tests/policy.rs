@@ -17,7 +17,7 @@ use anyhow::{Context, Result, ensure};
 use warren_netns_tests::tcp::{self, TcpOutcome};
 use warren_netns_tests::{
     Binaries, ControlConfig, Lab, Mesh, Node, NodeStatus, PolicyEdit, PolicySource, PreAuthKey,
-    binaries_with_labtool, require_root, serial, udp, wait_until, wait_until_every,
+    udp, wait_until, wait_until_every,
 };
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_warren-labtool");
@@ -32,21 +32,7 @@ const DENIED_WAIT: Duration = Duration::from_secs(2);
 /// Runs `body` in a fresh lab, serially, if root. An error fails the test while the lab is
 /// still alive, so its drop prints every process's log.
 fn lab_test(name: &str, body: impl FnOnce(&mut Lab, &Binaries) -> Result<()>) {
-    let _serial = serial();
-    if !require_root() {
-        return;
-    }
-    let bins = match binaries_with_labtool(LABTOOL) {
-        Ok(b) => b,
-        Err(e) => panic!("{e:#}"),
-    };
-    let mut lab = match Lab::new(name) {
-        Ok(lab) => lab,
-        Err(e) => panic!("cannot create the lab: {e:#}"),
-    };
-    if let Err(e) = body(&mut lab, &bins) {
-        panic!("{name} failed: {e:?}");
-    }
+    warren_netns_tests::lab_test(name, LABTOOL, body);
 }
 
 fn v4(a: Ipv4Addr) -> IpAddr {
