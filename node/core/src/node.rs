@@ -835,8 +835,15 @@ impl Node {
                 peer: Some(key),
                 error,
             })?;
-        if let Some(a) = from {
-            // WireGuard authenticated it: the peer is at `a` (answers go there first).
+        // Only what proves the peer's key moves where answers go: data that decrypted, a
+        // handshake response, or an initiation we answered with a response. A cookie reply
+        // (boringtun under load) answers anyone who knows our public key.
+        let authenticated = match datagram.first() {
+            Some(2 | 4) => true,
+            Some(1) => replies.iter().any(|r| r.first() == Some(&2)),
+            _ => false,
+        };
+        if let Some(a) = from.filter(|_| authenticated) {
             peer.paths.note_wg_from(a, now);
         }
         peer.filter_drops += drops;

@@ -278,10 +278,10 @@ impl Paths {
     /// A WireGuard datagram from the peer came from `from` and was authenticated: until a
     /// path is confirmed, [`Self::route`] sends there first (as WireGuard's own roaming does).
     pub fn note_wg_from(&mut self, from: SocketAddr, now: Instant) {
-        if self.wg_from != Some(from) {
-            self.wg_from = Some(from);
-            self.add(from, Origin::Reflexive, now);
-        }
+        self.wg_from = Some(from);
+        // Also refreshes a known candidate: a learned address the peer keeps sending from
+        // must not expire under it.
+        self.add(from, Origin::Reflexive, now);
     }
 
     /// Records that data was sent to the peer (keeps the session active).
@@ -809,6 +809,20 @@ mod tests {
         let c = addr("198.51.100.7:9");
         p.note_wg_from(c, t0);
         assert_eq!(p.route(t0, false), Route::Spray(vec![c, a, b]), "learned");
+        // The peer keeps sending from `c` for longer than a learned candidate lives: every
+        // packet keeps it, and data keeps going there first.
+        let mut t = t0;
+        for _ in 0..10 {
+            t += Duration::from_secs(10);
+            p.note_wg_from(c, t);
+            let _ = p.discover(t, ids());
+        }
+        assert!(t > t0 + LEARNED_EXPIRY);
+        assert_eq!(
+            p.route(t, false),
+            Route::Spray(vec![c, a, b]),
+            "still heard"
+        );
     }
 
     #[test]
