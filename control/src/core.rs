@@ -20,6 +20,9 @@ use crate::store::{ApiKeyRecord, NodeRecord, PreAuthKeyRecord, Store, UserRecord
 
 /// Default lifetime of a pre-auth key (Headscale's).
 pub const DEFAULT_AUTH_KEY_LIFETIME: Duration = Duration::from_secs(3600);
+/// The user a tagged node is shown under (Tailscale's and Headscale's name): it is owned by
+/// its tags, not by the user whose key registered it.
+pub const TAGGED_DEVICES: &str = "tagged-devices";
 /// Longest hostname accepted.
 pub const MAX_HOSTNAME: usize = 255;
 /// Most endpoints a node may report.
@@ -209,7 +212,7 @@ impl Core {
             user: if n.tags.is_empty() {
                 self.user_name(n.user_id)
             } else {
-                crate::grpc::TAGGED_DEVICES.to_owned()
+                TAGGED_DEVICES.to_owned()
             },
             tags: n.tags.clone(),
             addresses: vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)],
@@ -546,7 +549,8 @@ impl Core {
         now_ms: i64,
     ) -> Result<(PreAuthKeyRecord, String), ControlError> {
         let user_id = self.user_by_name(&new.user)?.id;
-        check_tags(&new.tags)?;
+        // The tags must be owned in the policy in force (Headscale checks only the prefix).
+        self.check_node_tags(&new.tags)?;
         let issued = secret::issue(SecretKind::Auth, random);
         let mut rec = PreAuthKeyRecord {
             id: 0,
@@ -651,7 +655,8 @@ impl Core {
         Ok(())
     }
 
-    /// Nodes, of one user or all.
+    /// Nodes, of one user or all. A tagged node belongs to no user: a user's list leaves it
+    /// out.
     pub fn admin_nodes(&self, user: Option<&str>) -> Result<Vec<Node>, ControlError> {
         let only = user
             .map(|u| self.user_by_name(u).map(|u| u.id))
@@ -659,7 +664,7 @@ impl Core {
         Ok(self
             .nodes
             .values()
-            .filter(|n| only.is_none_or(|u| n.user_id == u))
+            .filter(|n| only.is_none_or(|u| n.user_id == u && n.tags.is_empty()))
             .map(|n| self.view(n))
             .collect())
     }
@@ -800,7 +805,10 @@ impl Core {
     /// policy in force (any tag when no policy is configured).
     pub fn check_node_tags(&self, tags: &[String]) -> Result<(), ControlError> {
         check_tags(tags)?;
-        self.netmap.compiled_policy().check_tags(tags)?;
+        // With no policy configured any well-formed tag goes: nothing owns tags yet.
+        if self.netmap.policy_configured() {
+            self.netmap.compiled_policy().check_tags(tags)?;
+        }
         Ok(())
     }
 

@@ -36,8 +36,7 @@ pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 pub const MAX_ADMIN_REQUEST_BYTES: usize = MAX_POLICY_BYTES + 4096;
 /// Most (source, destination) pairs one `policy explain` answers.
 pub const MAX_EXPLAIN_PAIRS: usize = 1000;
-/// The user a tagged node is shown under (Headscale's name): it is owned by its tags.
-pub const TAGGED_DEVICES: &str = "tagged-devices";
+pub use crate::core::TAGGED_DEVICES;
 
 /// How tonic words the INTERNAL statuses it answers a request it cannot decode with (prost's
 /// `DecodeError`, a bad frame, a missing message). gRPC's status table calls a request that
@@ -480,14 +479,6 @@ impl AdminService {
     }
 }
 
-/// A node as the Admin API shows it: a tagged node is owned by its tags, not by a user.
-fn admin_node(mut n: Node) -> Node {
-    if !n.tags.is_empty() {
-        n.user = TAGGED_DEVICES.into();
-    }
-    n
-}
-
 fn user_msg(u: &crate::store::UserRecord) -> User {
     User {
         id: u.id,
@@ -590,8 +581,6 @@ impl Admin for AdminService {
             tags: r.tags,
         };
         let mut core = self.shared.core.lock().await;
-        // The tags must be owned in the policy in force (Headscale checks only the prefix).
-        core.check_node_tags(&new.tags)?;
         let (k, secret) = core.create_auth_key(&new, random30()?, unix_ms())?;
         let user = core.auth_key_user(&k);
         Ok(Response::new(CreatePreAuthKeyResponse {
@@ -681,17 +670,7 @@ impl Admin for AdminService {
     ) -> Result<Response<AdminListNodesResponse>, Status> {
         self.authorize(&req).await?;
         let user = nonempty(&req.get_ref().user);
-        let nodes = self
-            .shared
-            .core
-            .lock()
-            .await
-            .admin_nodes(user)?
-            .into_iter()
-            // A tagged node belongs to no user: a user's list leaves it out.
-            .filter(|n| user.is_none() || n.tags.is_empty())
-            .map(admin_node)
-            .collect();
+        let nodes = self.shared.core.lock().await.admin_nodes(user)?;
         Ok(Response::new(AdminListNodesResponse { nodes }))
     }
 
@@ -719,9 +698,7 @@ impl Admin for AdminService {
             .lock()
             .await
             .expire_node(req.get_ref().id, unix_ms())?;
-        Ok(Response::new(ExpireNodeResponse {
-            node: Some(admin_node(node)),
-        }))
+        Ok(Response::new(ExpireNodeResponse { node: Some(node) }))
     }
 
     async fn rename_node(
@@ -736,9 +713,7 @@ impl Admin for AdminService {
             .lock()
             .await
             .rename_node(r.id, &r.new_name)?;
-        Ok(Response::new(RenameNodeResponse {
-            node: Some(admin_node(node)),
-        }))
+        Ok(Response::new(RenameNodeResponse { node: Some(node) }))
     }
 
     async fn verify_node(
@@ -770,9 +745,7 @@ impl Admin for AdminService {
         let r = req.into_inner();
         let node = self.shared.core.lock().await.tag_node(r.id, r.tags)?;
         tracing::info!(node = node.id, tags = ?node.tags, "node tagged");
-        Ok(Response::new(TagNodeResponse {
-            node: Some(admin_node(node)),
-        }))
+        Ok(Response::new(TagNodeResponse { node: Some(node) }))
     }
 
     async fn get_policy(

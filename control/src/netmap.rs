@@ -208,15 +208,27 @@ impl Netmap {
         self.refresh();
         let policy = policy.unwrap_or_else(|| Arc::new(CompiledPolicy::allow_all()));
         let deltas = self.policy.set_policy(policy)?;
+        let switched = on != self.policy_on;
+        self.policy_on = on;
         let mut sent = 0;
-        if on != self.policy_on {
-            // Every node's filter changes form (allow-all on the wire or rules).
-            self.policy_on = on;
-            let ids: Vec<u64> = self.subscribers.keys().copied().collect();
-            let mut batch = Batch::default();
-            for d in &deltas {
-                sent += self.apply_delta(d, None, &mut batch);
-            }
+        let mut batch = Batch::default();
+        for d in &deltas {
+            sent += self.apply_delta(d, None, &mut batch);
+        }
+        if switched {
+            // Every node's filter changes form (allow-all on the wire, or rules): those the
+            // deltas did not already give a new filter get one now.
+            let told: BTreeSet<u64> = deltas
+                .iter()
+                .filter(|d| d.filter.is_some())
+                .map(|d| d.node.0)
+                .collect();
+            let ids: Vec<u64> = self
+                .subscribers
+                .keys()
+                .copied()
+                .filter(|id| !told.contains(id))
+                .collect();
             for id in ids {
                 let filter = self.policy.filter_for(NodeId(id));
                 let f = wire_filter(self.policy_on, filter.as_ref());
@@ -224,11 +236,6 @@ impl Netmap {
                     sent += 1;
                 }
             }
-            return Ok(sent);
-        }
-        let mut batch = Batch::default();
-        for d in &deltas {
-            sent += self.apply_delta(d, None, &mut batch);
         }
         Ok(sent)
     }
@@ -791,11 +798,13 @@ mod tests {
             })
             .collect();
         assert_eq!(removed, [1, 2], "{to_carol:?}");
+        let filters: Vec<&Kind> = to_carol
+            .iter()
+            .filter(|k| matches!(k, Kind::FilterChanged(_)))
+            .collect();
         assert!(
-            to_carol
-                .iter()
-                .any(|k| matches!(k, Kind::FilterChanged(f) if !f.allow_all && f.rules.is_empty())),
-            "{to_carol:?}"
+            matches!(filters[..], [Kind::FilterChanged(f)] if !f.allow_all && f.rules.is_empty()),
+            "one new filter, not one per mechanism: {to_carol:?}"
         );
         let to_alice = drain(&mut alice);
         assert!(

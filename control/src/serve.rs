@@ -660,9 +660,14 @@ pub async fn reload_policy(shared: &Shared) -> Result<Reloaded, PolicyLoadError>
             // All under the lock: `policy set` stores and applies under it too, so the two
             // never interleave.
             let mut core = shared.core.lock().await;
-            let stored = core
-                .stored_policy()?
-                .ok_or(PolicyLoadError::StoredPolicyGone)?;
+            let Some(stored) = core.stored_policy()? else {
+                // Nothing stored and nothing in force is no change; losing one that was in
+                // force is an error.
+                return match source.text() {
+                    None => Ok(Reloaded::Unchanged),
+                    Some(_) => Err(PolicyLoadError::StoredPolicyGone),
+                };
+            };
             if source.text().as_deref() == Some(stored.text.as_str()) {
                 return Ok(Reloaded::Unchanged);
             }

@@ -337,3 +337,29 @@ fn api_keys_check_and_expire() {
     ));
     assert!(core.api_keys().expect("list")[0].last_used_ms.is_some());
 }
+
+#[test]
+fn key_tags_must_be_owned_once_any_policy_is_configured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut core = open(&dir.path().join("db"), T0);
+    core.create_user("alice", T0).expect("user");
+    let tagged = NewAuthKey {
+        user: "alice".into(),
+        tags: vec!["tag:web".into()],
+        ..NewAuthKey::default()
+    };
+    // No policy: nothing owns tags yet, any well-formed tag goes.
+    core.create_auth_key(&tagged, [1; 30], T0)
+        .expect("no policy");
+    // A policy with no rules and no tagOwners compiles to allow-all, but it is configured: an
+    // unowned tag is refused.
+    let empty = warren_control::policy::CompiledPolicy::from_text("{}").expect("compiles");
+    core.set_policy(Some(std::sync::Arc::new(empty)))
+        .expect("applies");
+    match core.create_auth_key(&tagged, [2; 30], T0) {
+        Err(ControlError::Policy(warren_control::policy::PolicyError::TagWithoutOwner {
+            ..
+        })) => {}
+        other => panic!("expected TagWithoutOwner, got {other:?}"),
+    }
+}

@@ -485,16 +485,9 @@ impl CompiledPolicy {
     }
 
     /// Check tags a pre-auth key or an admin wants to give a node: each must be in
-    /// `tagOwners` (with no policy configured every tag is accepted, as nothing can be checked).
+    /// `tagOwners`. (With no policy configured there is nothing to check against: the caller
+    /// knows whether one is, see `Core::check_node_tags`.)
     pub fn check_tags<S: AsRef<str>>(&self, tags: &[S]) -> Result<(), PolicyError> {
-        if self
-            .rules
-            .first()
-            .is_some_and(|r| r.origin.section == Section::AllowAll)
-            && self.tag_owners.is_empty()
-        {
-            return Ok(());
-        }
         for t in tags {
             if !self.tag_owners.contains_key(t.as_ref()) {
                 return Err(PolicyError::TagWithoutOwner {
