@@ -10,15 +10,18 @@ use common::{Server, new_auth_key, register_req, server_key, stream_req};
 use warren_proto::NodeSecretKey;
 use warren_proto::control::map_response::Kind;
 
-/// A UDP port free on loopback a moment ago.
-fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr").port()
+/// Two different UDP ports free on loopback a moment ago (both held while the second is
+/// chosen, so they cannot be the same).
+fn two_free_udp_ports() -> (u16, u16) {
+    let bind = || std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let (a, b) = (bind(), bind());
+    let port = |s: &std::net::UdpSocket| s.local_addr().expect("addr").port();
+    (port(&a), port(&b))
 }
 
 #[tokio::test]
 async fn the_map_gives_nodes_a_second_stun_address_that_answers() {
-    let (stun, alt) = (free_udp_port(), free_udp_port());
+    let (stun, alt) = two_free_udp_ports();
     let server = Server::start_with(|c| {
         c.server_url = "http://127.0.0.1:50443".into();
         let d = &mut c.derp.server;

@@ -138,11 +138,24 @@ impl Spawned {
 
     async fn stop(mut self) {
         self.signal(rustix::process::Signal::TERM);
-        let status = tokio::task::spawn_blocking(move || self.child.wait())
-            .await
-            .expect("join")
-            .expect("wait");
+        let status = tokio::task::spawn_blocking(move || {
+            let mut this = self;
+            this.child.wait()
+        })
+        .await
+        .expect("join")
+        .expect("wait");
         assert!(status.success(), "{status}");
+    }
+}
+
+/// A test that fails before `stop` leaves no server running.
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

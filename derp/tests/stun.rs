@@ -363,10 +363,17 @@ async fn stun_client(args: &[String]) -> String {
     std::fs::read_to_string(&out_path).expect("read output")
 }
 
-/// A loopback UDP port free right now, for the client's source port (it binds it and the next).
+/// A UDP port free right now for the client's source port: `stun -p P` binds P and P + 1 on
+/// every address, so both must be free there.
 fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    s.local_addr().expect("addr").port()
+    for _ in 0..100 {
+        let a = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let port = a.local_addr().expect("addr").port();
+        if port < u16::MAX && std::net::UdpSocket::bind(("0.0.0.0", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no two adjacent free UDP ports in 100 tries");
 }
 
 /// Debian's `stun` client (RFC 3489, classic requests with CHANGE-REQUEST) gets its mapped
