@@ -136,7 +136,7 @@ impl Spawned {
         )
     }
 
-    async fn stop(mut self) {
+    async fn stop(self) {
         self.signal(rustix::process::Signal::TERM);
         let status = tokio::task::spawn_blocking(move || {
             let mut this = self;
