@@ -181,22 +181,10 @@ fn configure_tun(
     Ok(())
 }
 
-/// The relay region a path uses, if any.
-fn relay_region(status: &PathStatus) -> Option<u32> {
-    match status {
-        PathStatus::Relay { region }
-        | PathStatus::Trying {
-            relay: Some(region),
-            ..
-        } => Some(*region),
-        _ => None,
-    }
-}
-
 /// A path as `warren status` shows it: the core's wording, and `(DERP down)` after a relay
 /// whose connection is not up, since packets sent that way are lost until it is.
 fn path_text(status: &PathStatus, link_up: impl Fn(u32) -> bool) -> String {
-    match relay_region(status) {
+    match status.relay() {
         Some(region) if !link_up(region) => format!("{status} (DERP down)"),
         _ => status.to_string(),
     }
@@ -539,13 +527,9 @@ impl Daemon {
     }
 
     fn set_filter(&mut self, filter: warren_node_core::filter::Filter) {
-        if *self.node.filter() != filter {
-            tracing::info!(
-                allow_all = filter.is_allow_all(),
-                rules = filter.rules().len(),
-                "packet filter"
-            );
-            self.node.set_filter(filter);
+        let (allow_all, rules) = (filter.is_allow_all(), filter.rules().len());
+        if self.node.set_filter(filter) {
+            tracing::info!(allow_all, rules, "packet filter");
         }
     }
 
@@ -624,7 +608,7 @@ impl Daemon {
                         _ => None,
                     },
                     path: Some(path_text(&p.status, |r| self.derp.is_up(r))),
-                    relay_up: relay_region(&p.status).map(|r| self.derp.is_up(r)),
+                    relay_up: p.status.relay().map(|r| self.derp.is_up(r)),
                     latency_us: p.status.latency().map(|d| d.as_micros() as u64),
                     last_handshake_unix_ms: p
                         .session
@@ -690,6 +674,6 @@ mod tests {
             latency: Duration::from_millis(1),
         };
         assert_eq!(path_text(&direct, down), "direct 192.0.2.1:41641");
-        assert_eq!(relay_region(&direct), None);
+        assert_eq!(direct.relay(), None);
     }
 }

@@ -136,6 +136,18 @@ impl PathStatus {
         }
     }
 
+    /// The DERP region traffic goes through, alone or beside unconfirmed addresses.
+    pub fn relay(&self) -> Option<RegionId> {
+        match self {
+            Self::Relay { region }
+            | Self::Trying {
+                relay: Some(region),
+                ..
+            } => Some(*region),
+            _ => None,
+        }
+    }
+
     /// The relay (and only that) or confirmed direct path in use, as a [`PathKind`]; `None`
     /// while only unconfirmed addresses are tried without a relay, or nothing is.
     pub fn kind(&self) -> Option<PathKind> {
@@ -308,11 +320,6 @@ pub struct PeerStats {
     pub allowed_ips: Vec<IpNet>,
     /// How its traffic travels now (what status should show).
     pub status: PathStatus,
-    /// `status` as a [`PathKind`] ([`PathStatus::kind`]): a confirmed direct path or the
-    /// relay, never an unconfirmed address.
-    pub path: Option<PathKind>,
-    /// The confirmed direct path's round trip ([`PathStatus::latency`]).
-    pub latency: Option<Duration>,
     /// Session counters.
     pub session: SessionStats,
     /// Packets from this peer the packet filter dropped.
@@ -541,17 +548,12 @@ impl Node {
         self.last_report.as_ref()
     }
 
-    /// Replaces the packet filter for traffic from peers. The flows this node started are
-    /// kept, so their replies still pass the new filter.
-    pub fn set_filter(&mut self, filter: Filter) {
-        if filter != self.filter {
-            tracing::debug!(
-                allow_all = filter.is_allow_all(),
-                rules = filter.rules().len(),
-                "packet filter replaced"
-            );
-            self.filter = filter;
-        }
+    /// Replaces the packet filter for traffic from peers; true when it differs from the one in
+    /// force. The flows this node started are kept, so their replies still pass the new filter.
+    pub fn set_filter(&mut self, filter: Filter) -> bool {
+        let changed = filter != self.filter;
+        self.filter = filter;
+        changed
     }
 
     /// The packet filter in force.
@@ -1239,8 +1241,6 @@ impl Node {
                     key: p.config.key,
                     name: p.config.name.clone(),
                     allowed_ips: p.config.allowed_ips.clone(),
-                    path: status.kind(),
-                    latency: status.latency(),
                     status,
                     session: p.session.stats(),
                     filter_drops: p.filter_drops,
@@ -1346,8 +1346,8 @@ mod tests {
                 relay: None
             }
         );
-        assert_eq!(stats[0].path, None);
-        assert_eq!(stats[0].latency, None);
+        assert_eq!(stats[0].status.kind(), None);
+        assert_eq!(stats[0].status.latency(), None);
         assert!(stats[0].session.since_handshake.is_some());
     }
 
@@ -1439,8 +1439,8 @@ mod tests {
         assert_eq!(direct.to_string(), "direct 198.51.100.2:41641");
         let stats = &p.a.peer_stats(t0 + ms(1))[0];
         assert_eq!(stats.status, direct);
-        assert_eq!(stats.path, Some(PathKind::Direct(p.b_addr)));
-        assert_eq!(stats.latency, Some(ms(1)));
+        assert_eq!(stats.status.kind(), Some(PathKind::Direct(p.b_addr)));
+        assert_eq!(stats.status.latency(), Some(ms(1)));
         // No pong for the trust window: still sent there, but no longer confirmed.
         let stale = t0 + ms(1) + crate::path::TRUST;
         let trying = PathStatus::Trying {
@@ -1452,8 +1452,8 @@ mod tests {
         assert_eq!(trying.kind(), Some(PathKind::Relay(900)));
         assert_eq!(trying.latency(), None);
         let stats = &p.a.peer_stats(stale)[0];
-        assert_eq!(stats.path, Some(PathKind::Relay(900)));
-        assert_eq!(stats.latency, None);
+        assert_eq!(stats.status.kind(), Some(PathKind::Relay(900)));
+        assert_eq!(stats.status.latency(), None);
         // Silent for longer: DERP only.
         let dead = t0 + ms(1) + crate::path::DIRECT_GRACE;
         assert_eq!(
@@ -1490,7 +1490,7 @@ mod tests {
         let p = disco_pair(t0, Vec::new(), 0);
         assert_eq!(p.a.path_status(&kb, t0), Some(PathStatus::Unreachable));
         assert_eq!(PathStatus::Unreachable.to_string(), "unreachable");
-        assert_eq!(p.a.peer_stats(t0)[0].path, None);
+        assert_eq!(p.a.peer_stats(t0)[0].status.kind(), None);
     }
 
     #[test]
