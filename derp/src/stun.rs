@@ -81,11 +81,16 @@ impl Port {
             .recv_buffer_size((&self.socket).into())
             .unwrap_or(0);
         let addr = self.local;
-        // Linux reports twice what it grants (bookkeeping included).
-        if granted < RECV_BUFFER_BYTES {
+        // Linux reports twice what it grants for data (the rest is bookkeeping).
+        let usable = if cfg!(target_os = "linux") {
+            granted / 2
+        } else {
+            granted
+        };
+        if usable < RECV_BUFFER_BYTES {
             info!(
                 %addr,
-                granted,
+                granted = usable,
                 wanted = RECV_BUFFER_BYTES,
                 "STUN receive buffer is small: bursts may be lost (raise net.core.rmem_max)"
             );
