@@ -28,6 +28,7 @@ impl Mesh {
             dns: DnsConfig {
                 magic_dns: true,
                 base_domain: "bench.internal".into(),
+                ..DnsConfig::default()
             },
             derp_map: Default::default(),
             policy: None,

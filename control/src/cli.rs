@@ -946,6 +946,7 @@ async fn policy(cli: &Cli, c: &mut AdminClient<Channel>, cmd: &PolicyCmd) -> any
                 dst,
                 port: port.map(u32::from),
                 proto: proto.clone(),
+                exit_node: String::new(),
             };
             let r = c
                 .explain_policy(with_key(cli, req)?)

@@ -223,6 +223,7 @@ impl Core {
             created_unix_ms: n.created_ms,
             ephemeral: n.ephemeral,
             home_region: n.home_region,
+            ..Node::default()
         }
     }
 

@@ -812,6 +812,14 @@ impl Admin for AdminService {
         Ok(Response::new(CheckPolicyResponse {}))
     }
 
+    async fn approve_routes(
+        &self,
+        req: Request<ApproveRoutesRequest>,
+    ) -> Result<Response<ApproveRoutesResponse>, Status> {
+        self.authorize(&req).await?;
+        Err(Status::unimplemented("route approval is not implemented yet"))
+    }
+
     async fn explain_policy(
         &self,
         req: Request<ExplainPolicyRequest>,
@@ -1010,6 +1018,7 @@ fn explain(
                 rule: rule_ref(&e),
                 port: u32::from(port),
                 visible: e.visible.unwrap_or(false),
+                exit_node_offered: false,
             });
         }
     }

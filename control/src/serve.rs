@@ -100,6 +100,7 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
         dns: DnsConfig {
             magic_dns: config.dns.magic_dns,
             base_domain: config.dns.base_domain.clone(),
+            ..DnsConfig::default()
         },
         derp_map: derp_map(config)?,
         policy: policy.as_ref().map(|(_, compiled)| Arc::clone(compiled)),

@@ -21,6 +21,7 @@ fn settings() -> Settings {
         dns: DnsConfig {
             magic_dns: true,
             base_domain: "test.internal".into(),
+            ..DnsConfig::default()
         },
         derp_map: Default::default(),
         policy: None,

@@ -53,6 +53,7 @@ async fn proofs_are_required_and_bad_requests_change_nothing() {
         }),
         hostname: None,
         home_region: None,
+        advertised_routes: None,
     };
     eps.proof = Some(sign(&victim, &sk, "UpdateNode", &eps));
     c.update_node(eps.clone()).await.expect("first use");
@@ -81,6 +82,7 @@ async fn proofs_are_required_and_bad_requests_change_nothing() {
             endpoints: None,
             hostname: None,
             home_region: None,
+            advertised_routes: None,
         })
         .await
         .expect_err("wrong method");
@@ -108,6 +110,7 @@ async fn proofs_are_required_and_bad_requests_change_nothing() {
         }),
         hostname: None,
         home_region: None,
+        advertised_routes: None,
     };
     bad_eps.proof = Some(sign(&victim, &sk, "UpdateNode", &bad_eps));
     assert_eq!(
@@ -244,6 +247,7 @@ async fn map_stream_sends_full_map_then_numbered_deltas() {
         }),
         hostname: None,
         home_region: None,
+        advertised_routes: None,
     };
     update.proof = Some(sign(&b, &sk, "UpdateNode", &update));
     c.update_node(update).await.expect("endpoints");

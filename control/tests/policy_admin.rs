@@ -439,6 +439,7 @@ async fn explain_names_the_deciding_rule_and_the_netmap() {
         dst: dst.into(),
         port,
         proto: String::new(),
+        exit_node: String::new(),
     };
     // alice's laptop to the server on 22: the second acl (index 1, line 8).
     let r = admin

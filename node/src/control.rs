@@ -91,6 +91,9 @@ impl Client {
             }),
             hostname: None,
             home_region: Some(advert.home_region),
+            advertised_routes: Some(RouteList {
+                routes: advert.routes.iter().map(|r| r.to_string()).collect(),
+            }),
         };
         req.proof = Some(self.proof("UpdateNode", &req));
         self.grpc.update_node(req).await.map(|_| ())
@@ -111,6 +114,8 @@ pub struct Advert {
     pub endpoints: Vec<SocketAddr>,
     /// Home DERP region; 0 for none.
     pub home_region: u32,
+    /// Routes this node offers to serve (subnet routes; 0.0.0.0/0 and ::/0 for an exit node).
+    pub routes: Vec<ipnet::IpNet>,
 }
 
 /// What the map follower tells the daemon.

@@ -100,6 +100,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let (advert_tx, advert_rx) = watch::channel(Advert {
         endpoints: lan.clone(),
         home_region: 0,
+        routes: Vec::new(),
     });
     let follower = tokio::spawn(control::follow(
         opts.control.clone(),
