@@ -14,6 +14,6 @@ pub mod sim;
 pub mod wg;
 
 pub use node::{
-    Dest, Event, Node, NodeError, PathKind, PathStatus, PeerConfig, PeerStats, TimeoutReason,
-    Transmit,
+    Dest, Event, LocalNets, Node, NodeError, PathKind, PathStatus, PeerConfig, PeerStats,
+    TimeoutReason, Transmit,
 };

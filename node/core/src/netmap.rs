@@ -13,7 +13,7 @@ use warren_proto::{DiscoPublicKey, KeyParseError, NodePublicKey};
 
 use crate::filter::{DstPorts, Filter, IpProto, PortRange, Rule};
 use crate::netcheck::{RegionId, StunServer};
-use crate::node::PeerConfig;
+use crate::node::{LocalNets, PeerConfig};
 
 /// Why a netmap message could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,6 +75,17 @@ pub fn peer_config(n: &Node) -> Result<PeerConfig, MapError> {
         key,
         name: n.given_name.clone(),
         allowed_ips,
+        routes: n
+            .primary_routes
+            .iter()
+            .map(|r| {
+                r.parse::<IpNet>().map_err(|_| MapError::BadAddress {
+                    id: n.id,
+                    text: r.clone(),
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        exit_node: n.exit_node,
         endpoints: endpoints(n.id, &n.endpoints)?,
         // A node without a disco key (or a malformed one) still works over direct UDP.
         disco: DiscoPublicKey::from_slice(&n.disco_key).ok(),
@@ -172,15 +183,48 @@ pub fn derp_urls(map: &DerpMap) -> BTreeMap<RegionId, Vec<DerpUrl>> {
     out
 }
 
+/// What a node's own record says it takes packets for: its addresses, the subnet routes it
+/// serves (advertised and approved, not /0), and whether it is an approved exit node. `lan`
+/// is the host's LAN, which exit traffic may not reach.
+pub fn local_nets(me: &Node, lan: Vec<IpNet>) -> LocalNets {
+    let parse = |list: &[String]| -> Vec<IpNet> {
+        list.iter()
+            .filter_map(|a| a.parse::<IpNet>().ok())
+            .map(|n| n.trunc())
+            .collect()
+    };
+    let advertised = parse(&me.advertised_routes);
+    let routes = parse(&me.approved_routes)
+        .into_iter()
+        .filter(|n| n.prefix_len() > 0 && advertised.contains(n))
+        .collect();
+    LocalNets {
+        addresses: parse(&me.addresses),
+        routes,
+        exit: me.exit_node,
+        lan,
+    }
+}
+
 /// The node's packet filter from control's `filter` (absent or `allow_all`: no policy, accept
-/// everything) and its own record (its addresses are the filter's local destinations). A rule
-/// with a malformed prefix or port range is left out, which can only take access away.
+/// everything) and its own record (its addresses, served routes and, as an exit node, every
+/// address are the filter's local destinations; [`LocalNets`] keeps its LAN out). A rule with
+/// a malformed prefix or port range is left out, which can only take access away.
 pub fn packet_filter(filter: Option<&PacketFilter>, me: Option<&Node>) -> Filter {
     let Some(f) = filter.filter(|f| !f.allow_all) else {
         return Filter::allow_all();
     };
     let local = me
-        .map(|n| n.addresses.iter().filter_map(|a| a.parse().ok()).collect())
+        .map(|n| {
+            let l = local_nets(n, Vec::new());
+            let mut out = l.addresses;
+            out.extend(l.routes);
+            if l.exit {
+                out.push(IpNet::V4(ipnet::Ipv4Net::default()));
+                out.push(IpNet::V6(ipnet::Ipv6Net::default()));
+            }
+            out
+        })
         .unwrap_or_default();
     let rules = f
         .rules
@@ -345,10 +389,15 @@ impl Netmap {
                 MapChange::None
             }
             Kind::SelfChanged(n) => {
-                let addresses_changed = self.me.as_ref().is_none_or(|m| m.addresses != n.addresses);
+                let local_changed = self.me.as_ref().is_none_or(|m| {
+                    m.addresses != n.addresses
+                        || m.advertised_routes != n.advertised_routes
+                        || m.approved_routes != n.approved_routes
+                        || m.exit_node != n.exit_node
+                });
                 self.me = Some(n);
-                // Its addresses are the filter's local destinations.
-                if addresses_changed && self.filter.as_ref().is_some_and(|f| !f.allow_all) {
+                // Its addresses and served routes are the filter's local destinations.
+                if local_changed && self.filter.as_ref().is_some_and(|f| !f.allow_all) {
                     MapChange::Filter(self.filter())
                 } else {
                     MapChange::None

@@ -40,8 +40,14 @@ pub struct PeerConfig {
     pub key: NodePublicKey,
     /// Its MagicDNS name, for status output.
     pub name: String,
-    /// The addresses and routes it may use as source and receives traffic for.
+    /// Its own mesh addresses (a /32 and a /128).
     pub allowed_ips: Vec<IpNet>,
+    /// Subnet routes it is the primary router for (and this node may use): they join its
+    /// allowed IPs when this node accepts routes ([`Node::set_accept_routes`]).
+    pub routes: Vec<IpNet>,
+    /// It is an exit node this node may use: 0.0.0.0/0 and ::/0 join its allowed IPs when
+    /// this node selects it ([`Node::set_exit_node`]).
+    pub exit_node: bool,
     /// Where it can be reached, as it reported.
     pub endpoints: Vec<SocketAddr>,
     /// Its disco key; without one, no path discovery (direct UDP to its endpoints only).
@@ -318,6 +324,10 @@ pub struct PeerStats {
     pub name: String,
     /// The peer's addresses.
     pub allowed_ips: Vec<IpNet>,
+    /// The subnet routes it serves for this node (see [`PeerConfig::routes`]).
+    pub routes: Vec<IpNet>,
+    /// It is an exit node this node may use.
+    pub exit_node: bool,
     /// How its traffic travels now (what status should show).
     pub status: PathStatus,
     /// Session counters.
@@ -461,6 +471,31 @@ fn route_datagram(
     true
 }
 
+/// What this node accepts packets for from its peers: its own addresses, the subnet routes it
+/// serves, and, as an exit node, every address but those of its own LAN (Tailscale: to expose
+/// the LAN through an exit node, advertise it as a route). The kernel forwards what is not the
+/// node's own; this is what keeps a peer from using the node as a router it was not made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalNets {
+    /// The node's mesh addresses.
+    pub addresses: Vec<IpNet>,
+    /// Subnet routes it serves (advertised and approved).
+    pub routes: Vec<IpNet>,
+    /// It is an approved exit node.
+    pub exit: bool,
+    /// Its LAN prefixes, which exit traffic may not reach (unless a served route holds them).
+    pub lan: Vec<IpNet>,
+}
+
+impl LocalNets {
+    /// Whether a packet for `dst` is this node's to take.
+    pub fn contains(&self, dst: IpAddr) -> bool {
+        self.addresses.iter().any(|n| n.contains(&dst))
+            || self.routes.iter().any(|n| n.contains(&dst))
+            || (self.exit && !self.lan.iter().any(|n| n.contains(&dst)))
+    }
+}
+
 /// A node's peers, sessions, paths and routes.
 #[derive(Debug)]
 pub struct Node {
@@ -489,6 +524,10 @@ pub struct Node {
     next_ping_id: u64,
     filter: Filter,
     flows: FlowTable,
+    /// Empty until the shell knows the node's addresses: then everything is accepted.
+    local: LocalNets,
+    accept_routes: bool,
+    exit_node: Option<NodePublicKey>,
 }
 
 impl Node {
@@ -520,6 +559,9 @@ impl Node {
             next_ping_id: 1,
             filter: Filter::allow_all(),
             flows: FlowTable::new(),
+            local: LocalNets::default(),
+            accept_routes: true,
+            exit_node: None,
         }
     }
 
@@ -561,6 +603,81 @@ impl Node {
         &self.filter
     }
 
+    /// What this node accepts packets for ([`LocalNets`]); checked before the filter, also
+    /// when there is no policy.
+    pub fn set_local(&mut self, local: LocalNets) {
+        self.local = local;
+    }
+
+    /// Whether peers' subnet routes join their allowed IPs (Tailscale's `--accept-routes`).
+    pub fn set_accept_routes(&mut self, accept: bool) {
+        if self.accept_routes != accept {
+            self.accept_routes = accept;
+            let keys: Vec<_> = self.peers.keys().copied().collect();
+            for k in keys {
+                self.reroute(&k);
+            }
+        }
+    }
+
+    /// The exit node that gets traffic for addresses no peer claims; `None` for none. A
+    /// selected node that is not (or no longer) an exit node this node may use gets nothing:
+    /// the OS still sends internet traffic into the tunnel ([`Self::os_routes`]), where it is
+    /// dropped rather than leaked around the tunnel.
+    pub fn set_exit_node(&mut self, exit: Option<NodePublicKey>) {
+        let old = std::mem::replace(&mut self.exit_node, exit);
+        if old != exit {
+            for k in [old, exit].into_iter().flatten() {
+                self.reroute(&k);
+            }
+        }
+    }
+
+    /// The exit node selected with [`Self::set_exit_node`].
+    pub fn exit_node(&self) -> Option<NodePublicKey> {
+        self.exit_node
+    }
+
+    /// The prefixes the OS should route into the tunnel besides the mesh's own: peers' subnet
+    /// routes (when accepted), and 0.0.0.0/0 and ::/0 while an exit node is selected. Sorted.
+    pub fn os_routes(&self) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = if self.accept_routes {
+            self.peers
+                .values()
+                .flat_map(|p| p.config.routes.iter().map(IpNet::trunc))
+                .filter(|n| n.prefix_len() > 0)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if self.exit_node.is_some() {
+            out.extend(default_routes());
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The allowed IPs `config`'s peer gets: its addresses, its routes when accepted, and
+    /// the default routes when it is the selected exit node and may be used as one.
+    fn allowed_ips(&self, config: &PeerConfig) -> Vec<IpNet> {
+        let mut out = config.allowed_ips.clone();
+        if self.accept_routes {
+            out.extend(config.routes.iter().filter(|n| n.prefix_len() > 0));
+        }
+        if config.exit_node && self.exit_node == Some(config.key) {
+            out.extend(default_routes());
+        }
+        out
+    }
+
+    fn reroute(&mut self, key: &NodePublicKey) {
+        if let Some(p) = self.peers.get(key) {
+            let allowed = self.allowed_ips(&p.config);
+            self.routes.set(*key, &allowed);
+        }
+    }
+
     /// Replaces the whole peer set with a full netmap's; known peers keep their sessions.
     pub fn set_peers(&mut self, peers: Vec<PeerConfig>) {
         let keep: BTreeSet<_> = peers.iter().map(|p| p.key).collect();
@@ -583,7 +700,8 @@ impl Node {
         if config.key == self.public_key() {
             return;
         }
-        self.routes.set(config.key, &config.allowed_ips);
+        let allowed = self.allowed_ips(&config);
+        self.routes.set(config.key, &allowed);
         let disco = config.disco;
         let key = config.key;
         if let Some(peer) = self.peers.get_mut(&config.key) {
@@ -801,6 +919,7 @@ impl Node {
             routes,
             filter,
             flows,
+            local,
             ..
         } = self;
         let Some(peer) = peers.get_mut(&key) else {
@@ -820,6 +939,13 @@ impl Node {
                     WgOutput::Tunnel(p, src) => {
                         if !routes.allows(&key, src) {
                             refused = Some(src);
+                            return;
+                        }
+                        let not_local = !local.addresses.is_empty()
+                            && ip::addresses(p).is_ok_and(|a| !local.contains(a.dst));
+                        if not_local {
+                            filtered = Some(DropReason::NotLocal);
+                            drops += 1;
                             return;
                         }
                         match filter.check(p, flows, now) {
@@ -1241,6 +1367,8 @@ impl Node {
                     key: p.config.key,
                     name: p.config.name.clone(),
                     allowed_ips: p.config.allowed_ips.clone(),
+                    routes: p.config.routes.clone(),
+                    exit_node: p.config.exit_node,
                     status,
                     session: p.session.stats(),
                     filter_drops: p.filter_drops,
@@ -1248,6 +1376,14 @@ impl Node {
             })
             .collect()
     }
+}
+
+/// 0.0.0.0/0 and ::/0: what an exit node carries.
+fn default_routes() -> [IpNet; 2] {
+    [
+        IpNet::V4(ipnet::Ipv4Net::default()),
+        IpNet::V6(ipnet::Ipv6Net::default()),
+    ]
 }
 
 #[cfg(test)]
@@ -1285,6 +1421,8 @@ mod tests {
             key: pb,
             name: "b".into(),
             allowed_ips: vec!["100.64.0.2/32".parse().expect("net")],
+            routes: Vec::new(),
+            exit_node: false,
             endpoints: vec![b_addr],
             disco: None,
             home_region: 0,
@@ -1293,6 +1431,8 @@ mod tests {
             key: pa,
             name: "a".into(),
             allowed_ips: vec!["100.64.0.1/32".parse().expect("net")],
+            routes: Vec::new(),
+            exit_node: false,
             endpoints: vec![a_addr],
             disco: None,
             home_region: 0,
@@ -1323,6 +1463,93 @@ mod tests {
                 break;
             }
         }
+    }
+
+    /// `pair`, with b offered to a as an exit node and as the router of 10.20.0.0/24.
+    fn router_pair(now: Instant) -> Pair {
+        let mut p = pair(now);
+        let mut cfg = p.a.peers.values().next().expect("b").config.clone();
+        cfg.routes = vec!["10.20.0.0/24".parse().expect("net")];
+        cfg.exit_node = true;
+        p.a.upsert_peer(cfg);
+        p.b.set_local(LocalNets {
+            addresses: vec!["100.64.0.2/32".parse().expect("net")],
+            routes: vec!["10.20.0.0/24".parse().expect("net")],
+            exit: true,
+            lan: vec!["192.168.1.0/24".parse().expect("net")],
+        });
+        p
+    }
+
+    #[test]
+    fn subnet_routes_are_used_only_when_accepted() {
+        let now = Instant::now();
+        let mut p = router_pair(now);
+        let to_lan = ip_packet([100, 64, 0, 1], [10, 20, 0, 10], 60);
+        p.a.handle_tun_packet(&to_lan, now)
+            .expect("routed to the router");
+        exchange(&mut p, now);
+        assert_eq!(p.b.poll_tun(), Some(to_lan.clone()));
+        assert_eq!(
+            p.a.os_routes(),
+            vec!["10.20.0.0/24".parse::<IpNet>().expect("net")]
+        );
+        p.a.set_accept_routes(false);
+        assert_eq!(
+            p.a.handle_tun_packet(&to_lan, now),
+            Err(NodeError::NoRoute {
+                dst: "10.20.0.10".parse().expect("ip")
+            })
+        );
+        assert!(p.a.os_routes().is_empty());
+        // Replies from the LAN pass the router's source check at a.
+        p.a.set_accept_routes(true);
+        let reply = ip_packet([10, 20, 0, 10], [100, 64, 0, 1], 60);
+        p.b.handle_tun_packet(&reply, now).expect("routed");
+        exchange(&mut p, now);
+        assert_eq!(p.a.poll_tun(), Some(reply));
+    }
+
+    #[test]
+    fn exit_node_carries_internet_traffic_only_when_selected_and_not_to_its_lan() {
+        let now = Instant::now();
+        let mut p = router_pair(now);
+        let b = p.b.public_key();
+        let web = ip_packet([100, 64, 0, 1], [198, 51, 100, 80], 60);
+        let no_route = Err(NodeError::NoRoute {
+            dst: "198.51.100.80".parse().expect("ip"),
+        });
+        assert_eq!(p.a.handle_tun_packet(&web, now), no_route);
+        p.a.set_exit_node(Some(b));
+        assert!(p.a.os_routes().contains(&"0.0.0.0/0".parse().expect("net")));
+        assert!(p.a.os_routes().contains(&"::/0".parse().expect("net")));
+        p.a.handle_tun_packet(&web, now).expect("to the exit node");
+        exchange(&mut p, now);
+        assert_eq!(p.b.poll_tun(), Some(web.clone()));
+        // The answer from the internet passes a's source check (b holds 0.0.0.0/0 at a).
+        let answer = ip_packet([198, 51, 100, 80], [100, 64, 0, 1], 60);
+        p.b.handle_tun_packet(&answer, now).expect("routed");
+        exchange(&mut p, now);
+        assert_eq!(p.a.poll_tun(), Some(answer));
+        // The exit node's own LAN is not for its peers.
+        let lan = ip_packet([100, 64, 0, 1], [192, 168, 1, 5], 60);
+        p.a.handle_tun_packet(&lan, now).expect("to the exit node");
+        let before = p.b.peer_stats(now)[0].filter_drops;
+        exchange(&mut p, now);
+        assert_eq!(p.b.poll_tun(), None);
+        assert_eq!(p.b.peer_stats(now)[0].filter_drops, before + 1);
+        // No longer offered: the selection stays (the OS keeps sending into the tunnel) but
+        // nothing goes to b.
+        let mut cfg = p.a.peers.values().next().expect("b").config.clone();
+        cfg.exit_node = false;
+        p.a.upsert_peer(cfg);
+        assert_eq!(p.a.handle_tun_packet(&web, now), no_route);
+        assert!(p.a.os_routes().contains(&"0.0.0.0/0".parse().expect("net")));
+        p.a.set_exit_node(None);
+        assert_eq!(
+            p.a.os_routes(),
+            vec!["10.20.0.0/24".parse::<IpNet>().expect("net")]
+        );
     }
 
     #[test]
@@ -1370,6 +1597,8 @@ mod tests {
             key: pb,
             name: "b".into(),
             allowed_ips: vec!["100.64.0.2/32".parse().expect("net")],
+            routes: Vec::new(),
+            exit_node: false,
             endpoints: b_endpoints,
             disco: Some(dpb),
             home_region: b_region,
@@ -1378,6 +1607,8 @@ mod tests {
             key: pa,
             name: "a".into(),
             allowed_ips: vec!["100.64.0.1/32".parse().expect("net")],
+            routes: Vec::new(),
+            exit_node: false,
             endpoints: vec![a_addr],
             disco: Some(dpa),
             home_region: 900,

@@ -474,6 +474,8 @@ impl World {
             key: h.key,
             name: format!("h{}", h.mesh_ip.octets()[3]),
             allowed_ips: vec![IpNet::from(IpAddr::V4(h.mesh_ip))],
+            routes: Vec::new(),
+            exit_node: false,
             endpoints: h.node.endpoints().to_vec(),
             disco: Some(h.node.disco_public_key()),
             home_region: if h.home_hidden {
