@@ -2,7 +2,7 @@
 //! admin operations, and keeping store, address allocator and live netmap in step. Every method
 //! takes the current time, so tests and benchmarks drive it directly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use crate::error::ControlError;
 use crate::ipam::Ipam;
 use crate::netmap::{Delta, Netmap, Subscription};
 use crate::policy::{CompiledPolicy, NodeOwner, PolicyError, PolicyNode, PolicyState, PolicyUser};
+use crate::routes::{self, Primaries};
 use crate::secret::{self, SecretKind};
 use crate::store::{ApiKeyRecord, NodeRecord, PreAuthKeyRecord, Store, UserRecord};
 
@@ -95,7 +96,7 @@ fn valid_label(name: &str) -> bool {
 }
 
 /// A hostname is shown to other users (status, CLI): no control characters, at most 255 bytes.
-fn check_hostname(hostname: &str) -> Result<(), ControlError> {
+pub fn check_hostname(hostname: &str) -> Result<(), ControlError> {
     if hostname.len() > MAX_HOSTNAME {
         return Err(ControlError::InvalidField {
             field: "hostname",
@@ -136,6 +137,11 @@ pub struct Core {
     names: HashMap<String, u64>,
     ipam: Ipam,
     netmap: Netmap,
+    /// The primary router of each subnet prefix served by an online node.
+    primaries: Primaries,
+    /// Nodes that serve (advertise and have approved) at least one subnet route: the
+    /// candidates of the election.
+    routers: BTreeSet<u64>,
 }
 
 impl std::fmt::Debug for Core {
@@ -166,8 +172,11 @@ impl Core {
                 settings.policy.clone(),
             ),
             store,
+            primaries: Primaries::default(),
+            routers: BTreeSet::new(),
         };
         for n in core.store.nodes()? {
+            core.track_routes(&n);
             core.ipam.reserve(n.ipv4);
             core.by_key.insert(n.node_key, n.id);
             core.names.insert(n.given_name.clone(), n.id);
@@ -178,6 +187,8 @@ impl Core {
             }
             core.nodes.insert(n.id, n);
         }
+        // Routes advertised while the server was down may be approvable under this policy.
+        core.auto_approve_all()?;
         Ok(core)
     }
 
@@ -223,6 +234,21 @@ impl Core {
             created_unix_ms: n.created_ms,
             ephemeral: n.ephemeral,
             home_region: n.home_region,
+            advertised_routes: n
+                .advertised_routes
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            approved_routes: n.approved_routes.iter().map(ToString::to_string).collect(),
+            primary_routes: self
+                .primaries
+                .of(n.id)
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            exit_node: routes::serving(&n.advertised_routes, &n.approved_routes)
+                .iter()
+                .any(routes::is_exit),
             ..Node::default()
         }
     }
@@ -245,7 +271,8 @@ impl Core {
             owner,
             ipv4: Some(n.ipv4),
             ipv6: Some(n.ipv6),
-            approved_routes: Vec::new(),
+            // What the policy matches on: the routes the node actually serves.
+            approved_routes: routes::serving(&n.advertised_routes, &n.approved_routes),
         }
     }
 
@@ -347,6 +374,8 @@ impl Core {
             ephemeral: key.ephemeral,
             auth_key_id: Some(key.id),
             home_region: 0,
+            advertised_routes: Vec::new(),
+            approved_routes: Vec::new(),
         };
         n.id = match self.store.register_node(&n) {
             Ok(id) => id,
@@ -446,9 +475,16 @@ impl Core {
     /// Opens a map stream for `id` and marks it online.
     pub fn subscribe(&mut self, id: u64, now_ms: i64) -> Result<Subscription, ControlError> {
         self.netmap.set_online(id, true, now_ms);
-        self.netmap
+        let sub = self
+            .netmap
             .subscribe(id)
-            .ok_or(ControlError::NodeNotFound { id })
+            .ok_or(ControlError::NodeNotFound { id })?;
+        // A router coming online may be the only one of a prefix: it becomes primary (a
+        // self_changed follows its full map).
+        if self.routers.contains(&id) {
+            self.elect();
+        }
+        Ok(sub)
     }
 
     /// A fresh full map and queue for a lagging stream; see [`Netmap::resync`].
@@ -459,10 +495,15 @@ impl Core {
     /// Closes stream `stream` of `id`. When that leaves the node offline, records when it was
     /// last seen and returns whether it is ephemeral (and so due for reaping).
     pub fn unsubscribe(&mut self, id: u64, stream: u64, now_ms: i64) -> Option<bool> {
-        if !self.netmap.unsubscribe(id, stream) {
+        // Not this stream's end when a newer stream replaced it (and is still open).
+        if !self.netmap.unsubscribe(id, stream) && self.netmap.is_subscribed(id) {
             return None;
         }
         self.netmap.set_online(id, false, now_ms);
+        if self.routers.contains(&id) {
+            // Its prefixes fail over to the lowest-id online router serving them.
+            self.elect();
+        }
         let n = self.nodes.get_mut(&id)?;
         n.last_seen_ms = Some(now_ms);
         let n = n.clone();
@@ -683,7 +724,11 @@ impl Core {
         self.names.remove(&n.given_name);
         self.ipam.release(n.ipv4);
         tracing::info!(node = id, name = %n.given_name, "node deleted");
-        Ok(self.netmap.remove(id))
+        let mut sent = self.netmap.remove(id);
+        if self.routers.remove(&id) {
+            sent += self.elect();
+        }
+        Ok(sent)
     }
 
     /// Expires a node's key now: its peers drop it and it must register again.
@@ -698,6 +743,9 @@ impl Core {
         let view = self.view(&n);
         self.nodes.insert(id, n);
         self.netmap.remove(id);
+        if self.routers.contains(&id) {
+            self.elect();
+        }
         Ok(view)
     }
 
@@ -739,7 +787,14 @@ impl Core {
         &mut self,
         policy: Option<Arc<CompiledPolicy>>,
     ) -> Result<usize, PolicyError> {
-        self.netmap.set_policy(policy)
+        let mut sent = self.netmap.set_policy(policy)?;
+        // autoApprovers run again on every policy change (Headscale's ReloadPolicy). A store
+        // failure here leaves those approvals for the next change; the policy stands.
+        match self.auto_approve_all() {
+            Ok(n) => sent += n,
+            Err(e) => tracing::error!(error = %e, "cannot store auto-approved routes"),
+        }
+        Ok(sent)
     }
 
     /// Runs `policy`'s `tests` against the current nodes, changing nothing (`policy check`).
@@ -837,7 +892,172 @@ impl Core {
         } else {
             self.view(&n)
         };
+        // Its new tags may make it an auto-approver of the routes it advertises.
+        if let Some(approved) = self.auto_approvals(&n) {
+            n.approved_routes = approved;
+            self.nodes.insert(id, n.clone());
+            self.store_routes(n)?;
+            return self.node(id);
+        }
         self.nodes.insert(id, n);
         Ok(view)
+    }
+}
+
+// --- subnet routes and exit nodes ---
+
+impl Core {
+    /// Keeps `routers` (the election's candidates) in step with a node's record.
+    fn track_routes(&mut self, n: &NodeRecord) {
+        let serves_subnet = routes::serving(&n.advertised_routes, &n.approved_routes)
+            .iter()
+            .any(|r| !routes::is_exit(r));
+        if serves_subnet {
+            self.routers.insert(n.id);
+        } else {
+            self.routers.remove(&n.id);
+        }
+    }
+
+    /// Stores a node whose routes changed and tells everyone concerned: its peers (each sees
+    /// only the routes its policy allows), itself, and whoever a new primary concerns.
+    fn store_routes(&mut self, n: NodeRecord) -> Result<usize, ControlError> {
+        self.store.update_node(&n)?;
+        self.track_routes(&n);
+        let id = n.id;
+        let live = self.netmap.node(id).is_some();
+        self.nodes.insert(id, n.clone());
+        // Elect first, so the record published below already says what it is primary for.
+        let changed = self.run_election();
+        let mut sent = if live { self.publish(&n).1 } else { 0 };
+        sent += self.republish(changed.into_iter().filter(|c| *c != id));
+        Ok(sent)
+    }
+
+    /// Re-elects primary routers and republishes every node whose primary prefixes changed;
+    /// returns the deltas sent.
+    fn elect(&mut self) -> usize {
+        let changed = self.run_election();
+        self.republish(changed.into_iter())
+    }
+
+    fn run_election(&mut self) -> BTreeSet<u64> {
+        let mut candidates: BTreeMap<ipnet::IpNet, BTreeSet<u64>> = BTreeMap::new();
+        for &id in &self.routers {
+            if !self.netmap.is_subscribed(id) || self.netmap.node(id).is_none() {
+                continue;
+            }
+            let Some(n) = self.nodes.get(&id) else {
+                continue;
+            };
+            for r in routes::serving(&n.advertised_routes, &n.approved_routes) {
+                if !routes::is_exit(&r) {
+                    candidates.entry(r).or_default().insert(id);
+                }
+            }
+        }
+        let changed = self.primaries.elect(&candidates);
+        if !changed.is_empty() {
+            tracing::info!(nodes = ?changed, "primary routers changed");
+        }
+        changed
+    }
+
+    fn republish(&mut self, ids: impl Iterator<Item = u64>) -> usize {
+        let mut sent = 0;
+        for id in ids {
+            if self.netmap.node(id).is_none() {
+                continue;
+            }
+            if let Some(n) = self.nodes.get(&id).cloned() {
+                sent += self.publish(&n).1;
+            }
+        }
+        sent
+    }
+
+    /// What `autoApprovers` adds to a node's approved routes (nothing without a policy).
+    fn auto_approvals(&self, n: &NodeRecord) -> Option<Vec<ipnet::IpNet>> {
+        if n.advertised_routes.is_empty() || !self.netmap.policy_configured() {
+            return None;
+        }
+        let auto = routes::auto_approved(
+            self.netmap.compiled_policy(),
+            &self.identity(n),
+            &n.advertised_routes,
+        );
+        let mut approved = n.approved_routes.clone();
+        approved.extend(auto);
+        let approved = routes::with_exit_pair(approved);
+        (approved != n.approved_routes).then_some(approved)
+    }
+
+    /// Runs `autoApprovers` over every node (after a policy change, at start); approval only
+    /// adds. Returns the deltas sent.
+    fn auto_approve_all(&mut self) -> Result<usize, ControlError> {
+        let due: Vec<(u64, Vec<ipnet::IpNet>)> = self
+            .nodes
+            .values()
+            .filter_map(|n| self.auto_approvals(n).map(|a| (n.id, a)))
+            .collect();
+        let mut sent = 0;
+        for (id, approved) in due {
+            if let Some(mut n) = self.nodes.get(&id).cloned() {
+                tracing::info!(node = id, routes = ?approved, "routes auto-approved");
+                n.approved_routes = approved;
+                sent += self.store_routes(n)?;
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Replaces the routes a node advertises (its whole list, as `UpdateNode` sends it);
+    /// `autoApprovers` then approves what it may. Returns the deltas sent.
+    pub fn advertise_routes(
+        &mut self,
+        id: u64,
+        advertised: Vec<ipnet::IpNet>,
+    ) -> Result<usize, ControlError> {
+        let mut n = self
+            .nodes
+            .get(&id)
+            .cloned()
+            .ok_or(ControlError::NodeNotFound { id })?;
+        if n.advertised_routes == advertised {
+            return Ok(0);
+        }
+        tracing::info!(node = id, routes = ?advertised, "routes advertised");
+        n.advertised_routes = advertised;
+        if let Some(approved) = self.auto_approvals(&n) {
+            tracing::info!(node = id, routes = ?approved, "routes auto-approved");
+            n.approved_routes = approved;
+        }
+        self.store_routes(n)
+    }
+
+    /// Sets the routes approved for a node (the whole list; empty clears it). Approving
+    /// either exit route approves both. Returns the node as admins see it.
+    pub fn approve_routes(
+        &mut self,
+        id: u64,
+        approved: Vec<ipnet::IpNet>,
+    ) -> Result<Node, ControlError> {
+        let mut n = self
+            .nodes
+            .get(&id)
+            .cloned()
+            .ok_or(ControlError::NodeNotFound { id })?;
+        let approved = routes::with_exit_pair(approved);
+        if n.approved_routes != approved {
+            tracing::info!(node = id, routes = ?approved, "routes approved");
+            n.approved_routes = approved;
+            self.store_routes(n)?;
+        }
+        self.node(id)
+    }
+
+    /// The prefix's primary router, if an online node serves it.
+    pub fn primary_of(&self, prefix: &ipnet::IpNet) -> Option<u64> {
+        self.primaries.get(prefix)
     }
 }

@@ -55,6 +55,26 @@ pub enum ControlError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A route in a request is not a usable prefix (see [`crate::routes::parse_routes`]).
+    #[error("{field}: {route:?} {reason}")]
+    InvalidRoute {
+        /// The field: `advertised_routes` (UpdateNode) or `routes` (ApproveRoutes).
+        field: &'static str,
+        /// The route as sent.
+        route: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// More routes than [`crate::routes::MAX_ROUTES`] in one request.
+    #[error("{field}: {count} routes; at most {max}")]
+    TooManyRoutes {
+        /// The field.
+        field: &'static str,
+        /// How many were sent.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// No such user.
     #[error("user {name:?} not found")]
     UserNotFound {
@@ -145,9 +165,12 @@ impl From<ControlError> for tonic::Status {
             E::AuthKeyNotFound | E::AuthKeyExpired | E::AuthKeyUsed | E::NodeExpired { .. } => {
                 Code::PermissionDenied
             }
-            E::Malformed(_) | E::InvalidField { .. } | E::Policy(_) | E::PolicyTooLarge { .. } => {
-                Code::InvalidArgument
-            }
+            E::Malformed(_)
+            | E::InvalidField { .. }
+            | E::InvalidRoute { .. }
+            | E::TooManyRoutes { .. }
+            | E::Policy(_)
+            | E::PolicyTooLarge { .. } => Code::InvalidArgument,
             E::NoSuchTarget { .. } => Code::NotFound,
             E::PolicyModeIsFile { .. } => Code::FailedPrecondition,
             E::UserExists { .. } | E::NameTaken { .. } => Code::AlreadyExists,

@@ -349,7 +349,18 @@ impl Control for ControlService {
             .endpoints
             .map(|e| parse_endpoints(&e.endpoints))
             .transpose()?;
+        // Everything is checked before anything is applied: a bad route refuses the whole call.
+        let advertised = req
+            .advertised_routes
+            .map(|r| crate::routes::parse_routes("advertised_routes", &r.routes))
+            .transpose()?;
+        if let Some(h) = &req.hostname {
+            crate::core::check_hostname(h)?;
+        }
         core.update_node(id, endpoints, req.hostname, req.home_region)?;
+        if let Some(routes) = advertised {
+            core.advertise_routes(id, routes)?;
+        }
         Ok(Response::new(UpdateNodeResponse {}))
     }
 
@@ -817,7 +828,11 @@ impl Admin for AdminService {
         req: Request<ApproveRoutesRequest>,
     ) -> Result<Response<ApproveRoutesResponse>, Status> {
         self.authorize(&req).await?;
-        Err(Status::unimplemented("route approval is not implemented yet"))
+        let r = req.into_inner();
+        let routes = crate::routes::parse_routes("routes", &r.routes)?;
+        let node = self.shared.core.lock().await.approve_routes(r.id, routes)?;
+        tracing::info!(node = node.id, approved = ?node.approved_routes, "routes approved by an admin");
+        Ok(Response::new(ApproveRoutesResponse { node: Some(node) }))
     }
 
     async fn explain_policy(

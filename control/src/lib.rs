@@ -12,6 +12,7 @@ pub mod ipam;
 pub mod listen;
 pub mod netmap;
 pub mod policy;
+pub mod routes;
 pub mod secret;
 pub mod serve;
 pub mod store;

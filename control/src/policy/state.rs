@@ -1009,6 +1009,66 @@ impl PolicyState {
         Ok(deltas)
     }
 
+    /// Whether `viewer` may use `router`'s subnet route `route` (Headscale's `CanAccessRoute`):
+    /// a network rule lets the viewer reach a destination overlapping the route (`*`, a prefix
+    /// or host; a rule with `via` tags only through a router carrying one), or lets a source
+    /// covering the route (`*`, a prefix) reach the viewer. Naming the router itself (its tag or
+    /// user) gives its own addresses, not the networks behind it.
+    pub fn route_visible(&self, viewer: NodeId, router: NodeId, route: IpNet) -> bool {
+        let (Some(v), Some(r)) = (self.node(viewer), self.node(router)) else {
+            return false;
+        };
+        self.policy.rules().iter().any(|rule| {
+            let b = &rule.body;
+            if b.access != Access::Ip {
+                return false;
+            }
+            let via_ok = b.via.is_empty() || r.tags().iter().any(|t| b.via.contains(t));
+            let forward = via_ok
+                && b.src.iter().any(|s| node_matches(s, Role::Src, v))
+                && b.dst.iter().any(|d| match &d.target {
+                    Target::Sel(Selector::All) => true,
+                    Target::Sel(Selector::Prefix(p)) => overlaps(p, &route),
+                    _ => false,
+                });
+            let backward = b.src.iter().any(|s| match s {
+                Selector::All | Selector::Everything => true,
+                Selector::Prefix(p) => overlaps(p, &route),
+                _ => false,
+            }) && b.dst.iter().any(|d| match &d.target {
+                Target::Sel(s) => node_matches(s, Role::Dst, v),
+                Target::SelfDevices => false,
+            });
+            forward || backward
+        })
+    }
+
+    /// Whether `exit` is an exit node `viewer` may use: it has an approved exit route and a
+    /// network rule lets the viewer reach the internet through it (`autogroup:internet`, `*`,
+    /// or a public prefix; a rule with `via` tags only through an exit node carrying one).
+    /// Reaching the exit node's own address is not enough.
+    pub fn exit_offered(&self, viewer: NodeId, exit: NodeId) -> bool {
+        let (Some(v), Some(e)) = (self.node(viewer), self.node(exit)) else {
+            return false;
+        };
+        if viewer == exit || !e.is_exit_node() {
+            return false;
+        }
+        self.policy.rules().iter().any(|rule| {
+            let b = &rule.body;
+            b.access == Access::Ip
+                && (b.via.is_empty() || e.tags().iter().any(|t| b.via.contains(t)))
+                && b.src.iter().any(|s| node_matches(s, Role::Src, v))
+                && b.dst.iter().any(|d| match &d.target {
+                    Target::Sel(Selector::All | Selector::Internet) => true,
+                    Target::Sel(Selector::Prefix(p)) => {
+                        internet_prefixes().iter().any(|i| overlaps(i, p))
+                    }
+                    _ => false,
+                })
+        })
+    }
+
     /// Whether `src` may send to `dst` on `port` with IP protocol `proto`, and which rule
     /// decides. `visible` says whether the two nodes see each other.
     pub fn explain(&self, src: IpAddr, dst: IpAddr, port: u16, proto: u8) -> Explanation {

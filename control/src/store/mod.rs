@@ -128,6 +128,12 @@ pub struct NodeRecord {
     pub auth_key_id: Option<u64>,
     /// Home DERP region; 0 for none.
     pub home_region: u32,
+    /// The routes the node last advertised (subnet routes; `0.0.0.0/0` and `::/0` for an
+    /// exit node), sorted.
+    pub advertised_routes: Vec<ipnet::IpNet>,
+    /// The routes approved for it (by an admin or autoApprovers), sorted. Only routes also
+    /// advertised are served.
+    pub approved_routes: Vec<ipnet::IpNet>,
 }
 
 /// What a server needs from its database. Calls are short and synchronous; every write that

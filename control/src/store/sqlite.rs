@@ -65,6 +65,11 @@ CREATE TABLE policy (
     updated_ms INTEGER NOT NULL
 );
 "#,
+    // Routes a node advertises and the ones approved for it (JSON lists of prefixes).
+    r#"
+ALTER TABLE nodes ADD COLUMN advertised_routes TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE nodes ADD COLUMN approved_routes TEXT NOT NULL DEFAULT '[]';
+"#,
 ];
 
 /// A SQLite database file.
@@ -256,7 +261,8 @@ fn api(row: ApiRow) -> Result<ApiKeyRecord, StoreError> {
 }
 
 const NODE_COLUMNS: &str = "id, node_key, disco_key, hostname, given_name, user_id, tags, ipv4, ipv6, \
-     endpoints, last_seen_ms, expiry_ms, created_ms, ephemeral, auth_key_id, home_region";
+     endpoints, last_seen_ms, expiry_ms, created_ms, ephemeral, auth_key_id, home_region, \
+     advertised_routes, approved_routes";
 
 struct NodeRow {
     id: i64,
@@ -275,6 +281,8 @@ struct NodeRow {
     ephemeral: bool,
     auth_key_id: Option<i64>,
     home_region: i64,
+    advertised_routes: String,
+    approved_routes: String,
 }
 
 fn node_row(r: &Row<'_>) -> rusqlite::Result<NodeRow> {
@@ -295,6 +303,8 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<NodeRow> {
         ephemeral: r.get(13)?,
         auth_key_id: r.get(14)?,
         home_region: r.get(15)?,
+        advertised_routes: r.get(16)?,
+        approved_routes: r.get(17)?,
     })
 }
 
@@ -316,6 +326,8 @@ fn node(r: NodeRow) -> Result<NodeRecord, StoreError> {
         ephemeral: r.ephemeral,
         auth_key_id: r.auth_key_id.map(id),
         home_region: u32::try_from(r.home_region).unwrap_or(0),
+        advertised_routes: json_list("nodes.advertised_routes", r.advertised_routes)?,
+        approved_routes: json_list("nodes.approved_routes", r.approved_routes)?,
     })
 }
 
@@ -453,8 +465,8 @@ impl Store for SqliteStore {
         tx.execute(
             "INSERT INTO nodes (node_key, disco_key, hostname, given_name, user_id, tags, ipv4, ipv6,
                                 endpoints, last_seen_ms, expiry_ms, created_ms, ephemeral, auth_key_id,
-                                home_region)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                                home_region, advertised_routes, approved_routes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             params![
                 n.node_key.to_string(),
                 n.disco_key.to_string(),
@@ -471,6 +483,8 @@ impl Store for SqliteStore {
                 n.ephemeral,
                 n.auth_key_id.map(sql_id),
                 n.home_region,
+                to_json(&n.advertised_routes),
+                to_json(&n.approved_routes),
             ],
         )
         .map_err(|e| conflict(e, "node"))?;
@@ -490,7 +504,8 @@ impl Store for SqliteStore {
         tx.execute(
             "UPDATE nodes SET disco_key = ?2, hostname = ?3, given_name = ?4, tags = ?5,
                     endpoints = ?6, last_seen_ms = ?7, expiry_ms = ?8, auth_key_id = ?9,
-                    user_id = ?10, ephemeral = ?11, home_region = ?12
+                    user_id = ?10, ephemeral = ?11, home_region = ?12,
+                    advertised_routes = ?13, approved_routes = ?14
              WHERE id = ?1",
             params![
                 sql_id(n.id),
@@ -505,6 +520,8 @@ impl Store for SqliteStore {
                 sql_id(n.user_id),
                 n.ephemeral,
                 n.home_region,
+                to_json(&n.advertised_routes),
+                to_json(&n.approved_routes),
             ],
         )
         .map_err(|e| conflict(e, "node name"))?;
@@ -577,6 +594,8 @@ mod tests {
             ephemeral: false,
             auth_key_id,
             home_region: 0,
+            advertised_routes: vec!["10.20.0.0/24".parse().expect("prefix")],
+            approved_routes: Vec::new(),
         }
     }
 
@@ -636,6 +655,43 @@ mod tests {
     }
 
     #[test]
+    fn a_version_3_node_gains_empty_routes_and_routes_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db.sqlite");
+        {
+            let mut conn = Connection::open(&path).expect("open");
+            for (i, sql) in MIGRATIONS[..3].iter().enumerate() {
+                let tx = conn.transaction().expect("tx");
+                tx.execute_batch(sql).expect("migrate");
+                tx.pragma_update(None, "user_version", (i + 1) as i64)
+                    .expect("version");
+                tx.commit().expect("commit");
+            }
+            conn.execute_batch(
+                "INSERT INTO users (name, created_ms) VALUES ('alice', 1);
+                 INSERT INTO nodes (node_key, disco_key, hostname, given_name, user_id, ipv4,
+                                    ipv6, created_ms, ephemeral)
+                 VALUES ('nodekey:0000000000000000000000000000000000000000000000000000000000000001',
+                         'discokey:0000000000000000000000000000000000000000000000000000000000000001',
+                         'r', 'r', 1, '100.64.0.1', 'fd7a:115c:a1e0::1', 1, 0);",
+            )
+            .expect("node");
+        }
+        let mut s = SqliteStore::open(&path, true).expect("migrates");
+        let mut n = s.nodes().expect("nodes").remove(0);
+        assert!(n.advertised_routes.is_empty() && n.approved_routes.is_empty());
+        n.advertised_routes = vec![
+            "10.20.0.0/24".parse().expect("p"),
+            "0.0.0.0/0".parse().expect("p"),
+        ];
+        n.approved_routes = vec!["10.20.0.0/24".parse().expect("p")];
+        s.update_node(&n).expect("update");
+        drop(s);
+        let s = SqliteStore::open(&path, true).expect("reopen");
+        assert_eq!(s.nodes().expect("nodes"), vec![n]);
+    }
+
+    #[test]
     fn a_version_2_database_gains_the_policy_table() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db.sqlite");
@@ -656,7 +712,10 @@ mod tests {
             .expect("user");
         }
         let mut s = SqliteStore::open(&path, true).expect("migrates");
-        assert_eq!(s.schema_version().expect("version"), 3);
+        assert_eq!(
+            s.schema_version().expect("version"),
+            MIGRATIONS.len() as i64
+        );
         assert_eq!(s.users().expect("users").len(), 1, "data kept");
         assert_eq!(s.policy().expect("read"), None);
         s.set_policy(Some("{}"), 5).expect("store");
