@@ -3,6 +3,7 @@
 //! clock, feeds inputs in with `handle_*` and drains outputs with `poll_*`, so everything here
 //! is tested without sockets or sleeps.
 
+pub mod dns;
 pub mod filter;
 pub mod ip;
 pub mod netcheck;
