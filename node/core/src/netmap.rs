@@ -681,4 +681,47 @@ mod tests {
         };
         assert_eq!(f.local(), ["100.64.0.9/32".parse::<IpNet>().expect("net")]);
     }
+
+    #[test]
+    fn a_router_takes_packets_for_approved_advertised_routes_and_an_exit_node_for_all_but_its_lan()
+    {
+        let net = |s: &str| s.parse::<IpNet>().expect("net");
+        let mut me = node(1);
+        me.addresses = vec!["100.64.0.1/32".into(), "fd7a:115c:a1e0::1/128".into()];
+        me.advertised_routes = vec!["10.20.0.0/24".into(), "10.30.0.0/24".into()];
+        // Approved but no longer advertised: not served. Malformed: ignored.
+        me.approved_routes = vec!["10.20.0.0/24".into(), "10.40.0.0/24".into(), "bad".into()];
+        let l = local_nets(&me, vec![net("192.168.1.0/24")]);
+        assert_eq!(l.routes, vec![net("10.20.0.0/24")]);
+        assert!(!l.exit);
+        assert!(l.contains("10.20.0.9".parse().expect("ip")));
+        assert!(!l.contains("10.30.0.9".parse().expect("ip")));
+        assert!(!l.contains("198.51.100.80".parse().expect("ip")));
+        me.exit_node = true;
+        me.advertised_routes.push("0.0.0.0/0".into());
+        me.approved_routes.push("0.0.0.0/0".into());
+        let l = local_nets(&me, vec![net("192.168.1.0/24")]);
+        assert_eq!(
+            l.routes,
+            vec![net("10.20.0.0/24")],
+            "/0 is not a subnet route"
+        );
+        assert!(l.contains("198.51.100.80".parse().expect("ip")));
+        assert!(!l.contains("192.168.1.7".parse().expect("ip")));
+        let rules = PacketFilter {
+            allow_all: false,
+            rules: Vec::new(),
+        };
+        let f = packet_filter(Some(&rules), Some(&me));
+        assert_eq!(
+            f.local(),
+            [
+                net("100.64.0.1/32"),
+                net("fd7a:115c:a1e0::1/128"),
+                net("10.20.0.0/24"),
+                net("0.0.0.0/0"),
+                net("::/0")
+            ]
+        );
+    }
 }
