@@ -17,6 +17,8 @@ use warren_proto::control::{
     DerpMap, DnsConfig, FullMap, Node, PeerEndpoints, PeerOnline, PeerRemoved, map_response::Kind,
 };
 
+use ipnet::IpNet;
+
 use crate::policy::{
     CompiledPolicy, DstNet, NodeDelta, NodeId, PacketFilter, PolicyError, PolicyNode, PolicyState,
 };
@@ -67,6 +69,24 @@ pub struct Netmap {
     stale: bool,
     /// Every node as the policy sees it.
     identities: BTreeMap<u64, PolicyNode>,
+    /// Nodes whose peer record depends on the viewer: primary for a subnet route, or an
+    /// exit node. Every other record is built once and shared.
+    routers: BTreeSet<u64>,
+    /// The subnet prefixes each router is primary for.
+    primary: BTreeMap<u64, Vec<IpNet>>,
+}
+
+/// A router's routes as one viewer sees them: its primary routes the viewer may use, and
+/// whether it is an exit node the viewer may use.
+type RouteView = (Vec<String>, bool);
+
+/// A node's record as its peers see it: without the advertised and approved lists, which are
+/// for the node itself and admins.
+fn public(n: &Node) -> Node {
+    let mut p = Node::clone(n);
+    p.advertised_routes.clear();
+    p.approved_routes.clear();
+    p
 }
 
 impl Default for Netmap {
@@ -144,7 +164,109 @@ impl Netmap {
             policy_on,
             stale: false,
             identities: BTreeMap::new(),
+            routers: BTreeSet::new(),
+            primary: BTreeMap::new(),
         }
+    }
+
+    /// Whether a node's peer record differs between viewers.
+    fn per_viewer(&self, id: u64) -> bool {
+        self.policy_on && self.routers.contains(&id)
+    }
+
+    /// What `viewer` sees of `id`'s routes (Headscale's `RoutesForPeer`): the primary routes
+    /// it may reach or be reached from, and the exit node flag if it may use the exit node.
+    fn route_view(&self, viewer: u64, id: u64) -> RouteView {
+        let Some(n) = self.nodes.get(&id) else {
+            return RouteView::default();
+        };
+        if !self.policy_on {
+            return (n.primary_routes.clone(), n.exit_node);
+        }
+        let routes = self
+            .primary
+            .get(&id)
+            .map(|v| {
+                v.iter()
+                    .filter(|r| self.policy.route_visible(NodeId(viewer), NodeId(id), **r))
+                    .map(ToString::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let exit = n.exit_node && self.policy.exit_offered(NodeId(viewer), NodeId(id));
+        (routes, exit)
+    }
+
+    /// `n` as `viewer` sees it among its peers.
+    fn peer_record(&self, viewer: u64, n: &Node) -> Node {
+        let mut p = public(n);
+        if self.per_viewer(n.id) {
+            (p.primary_routes, p.exit_node) = self.route_view(viewer, n.id);
+        }
+        p
+    }
+
+    /// A delta carrying `id`'s record for `viewer`: one shared delta (kept in `cache`) unless
+    /// the record is filtered per viewer.
+    fn peer_delta(
+        &self,
+        viewer: u64,
+        id: u64,
+        make: fn(Node) -> Kind,
+        cache: &mut Option<Delta>,
+    ) -> Option<Delta> {
+        let n = self.nodes.get(&id)?;
+        if self.per_viewer(id) {
+            return Some(Arc::new(make(self.peer_record(viewer, n))));
+        }
+        Some(Arc::clone(
+            cache.get_or_insert_with(|| Arc::new(make(public(n)))),
+        ))
+    }
+
+    /// Route views of every router for each of `viewers` (subscribed ones only).
+    fn route_views(&self, viewers: &[u64]) -> BTreeMap<(u64, u64), RouteView> {
+        let mut out = BTreeMap::new();
+        for &v in viewers {
+            if !self.subscribers.contains_key(&v) {
+                continue;
+            }
+            for &r in &self.routers {
+                if r != v {
+                    out.insert((v, r), self.route_view(v, r));
+                }
+            }
+        }
+        out
+    }
+
+    /// Sends `PeerChanged` for every (viewer, router) whose route view moved from `before` and
+    /// that still see each other, unless the viewer was just sent the router's whole record
+    /// (`told`).
+    fn send_route_changes(
+        &mut self,
+        before: &BTreeMap<(u64, u64), RouteView>,
+        viewers: &[u64],
+        told: &BTreeSet<(u64, u64)>,
+    ) -> usize {
+        let after = self.route_views(viewers);
+        let mut sent = 0;
+        for (&(v, r), view) in &after {
+            if before.get(&(v, r)).is_some_and(|b| b == view) || told.contains(&(v, r)) {
+                continue;
+            }
+            let visible = !self.policy_on || self.policy.are_peers(NodeId(v), NodeId(r));
+            if !visible {
+                continue;
+            }
+            if let Some(n) = self.nodes.get(&r) {
+                let rec = self.peer_record(v, n);
+                if self.send(v, Arc::new(Kind::PeerChanged(rec))) {
+                    sent += 1;
+                }
+            }
+        }
+        sent
     }
 
     /// Number of nodes in the map.
@@ -207,14 +329,20 @@ impl Netmap {
         }
         self.refresh();
         let policy = policy.unwrap_or_else(|| Arc::new(CompiledPolicy::allow_all()));
+        let viewers: Vec<u64> = self.subscribers.keys().copied().collect();
+        let before = self.route_views(&viewers);
         let deltas = self.policy.set_policy(policy)?;
         let switched = on != self.policy_on;
         self.policy_on = on;
         let mut sent = 0;
         let mut batch = Batch::default();
+        let mut told = BTreeSet::new();
         for d in &deltas {
+            told.extend(d.peers_added.iter().map(|p| (d.node.0, p.0)));
             sent += self.apply_delta(d, None, &mut batch);
         }
+        // Peers kept whose usable routes or exit node changed with the policy.
+        sent += self.send_route_changes(&before, &viewers, &told);
         if switched {
             // Every node's filter changes form (allow-all on the wire, or rules): those the
             // deltas did not already give a new filter get one now.
@@ -260,7 +388,7 @@ impl Netmap {
             .viewers(id)
             .into_iter()
             .filter_map(|p| self.nodes.get(&p))
-            .map(|n| Node::clone(n))
+            .map(|n| self.peer_record(id, n))
             .collect();
         let filter = self
             .policy_on
@@ -333,27 +461,51 @@ impl Netmap {
     /// gained or lost, filters). Returns deltas sent.
     pub fn upsert(&mut self, node: Node, identity: PolicyNode) -> usize {
         let id = node.id;
+        let primary: Vec<IpNet> = node
+            .primary_routes
+            .iter()
+            .filter_map(|r| r.parse().ok())
+            .collect();
+        if primary.is_empty() && !node.exit_node {
+            self.routers.remove(&id);
+            self.primary.remove(&id);
+        } else {
+            self.routers.insert(id);
+            self.primary.insert(id, primary);
+        }
         let node = Arc::new(node);
         let existed = self.nodes.insert(id, Arc::clone(&node)).is_some();
         self.identities.insert(id, identity.clone());
         let mut batch = Batch::default();
         let mut sent = 0;
         if self.policy_on {
+            // The node as a viewer: what it may use of each router can change with it.
+            let before = self.route_views(&[id]);
             let deltas = self.policy.upsert_node(identity);
+            let mut told = BTreeSet::new();
             for d in &deltas {
+                if d.node.0 == id {
+                    told.extend(d.peers_added.iter().map(|p| (id, p.0)));
+                }
                 sent += self.apply_delta(d, Some(id), &mut batch);
             }
+            sent += self.send_route_changes(&before, &[id], &told);
         } else {
             self.stale = true;
             if !existed {
-                let delta = Arc::new(Kind::PeerAdded(Node::clone(&node)));
+                let delta = Arc::new(Kind::PeerAdded(public(&node)));
                 return self.fanout(id, &delta);
             }
         }
         if existed {
-            let delta = Arc::new(Kind::PeerChanged(Node::clone(&node)));
+            let mut cache = None;
             for viewer in self.viewers(id) {
-                if !batch.told.contains(&viewer) && self.send(viewer, Arc::clone(&delta)) {
+                if batch.told.contains(&viewer) || !self.subscribers.contains_key(&viewer) {
+                    continue;
+                }
+                if let Some(delta) = self.peer_delta(viewer, id, Kind::PeerChanged, &mut cache)
+                    && self.send(viewer, delta)
+                {
                     sent += 1;
                 }
             }
@@ -377,14 +529,11 @@ impl Netmap {
             if Some(p.0) == about {
                 batch.told.insert(viewer);
             }
-            let delta = match batch.added.get(&p.0) {
-                Some(delta) => Some(Arc::clone(delta)),
-                None => self.nodes.get(&p.0).map(|n| {
-                    let delta = Arc::new(Kind::PeerAdded(Node::clone(n)));
-                    batch.added.insert(p.0, Arc::clone(&delta));
-                    delta
-                }),
-            };
+            let mut cache = batch.added.remove(&p.0);
+            let delta = self.peer_delta(viewer, p.0, Kind::PeerAdded, &mut cache);
+            if let Some(c) = cache {
+                batch.added.insert(p.0, c);
+            }
             if let Some(delta) = delta
                 && self.send(viewer, delta)
             {
@@ -421,6 +570,8 @@ impl Netmap {
         }
         self.subscribers.remove(&id);
         self.identities.remove(&id);
+        self.routers.remove(&id);
+        self.primary.remove(&id);
         if !self.policy_on {
             self.stale = true;
             let delta = Arc::new(Kind::PeerRemoved(PeerRemoved { id }));
