@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use warren_proto::disco::{self, DiscoError, Message};
 use warren_proto::{DiscoPublicKey, DiscoSecretKey, NodePublicKey, NodeSecretKey, stun};
 
+use crate::dns::{self, DnsForward, DnsSettings, DnsStats, Resolver};
 use crate::filter::{DropReason, Filter, FlowTable, Verdict};
 use crate::ip::{self, IpError};
 use crate::netcheck::{self, Netcheck, RegionId, Report, StunServer};
@@ -230,6 +231,8 @@ pub enum TimeoutReason {
     Disco,
     /// Netcheck retransmits or the next check.
     Netcheck,
+    /// A forwarded DNS query's retry or deadline.
+    Dns,
 }
 
 /// Why an input was dropped. Only that input is affected.
@@ -528,6 +531,7 @@ pub struct Node {
     local: LocalNets,
     accept_routes: bool,
     exit_node: Option<NodePublicKey>,
+    dns: Resolver,
 }
 
 impl Node {
@@ -562,6 +566,7 @@ impl Node {
             local: LocalNets::default(),
             accept_routes: true,
             exit_node: None,
+            dns: Resolver::with_seed(seed.rotate_left(32) ^ 0x444e_535f_7365_6564),
         }
     }
 
@@ -601,6 +606,39 @@ impl Node {
     /// The packet filter in force.
     pub fn filter(&self) -> &Filter {
         &self.filter
+    }
+
+    /// The names and upstreams the resolver at 100.100.100.100 answers from.
+    pub fn set_dns(&mut self, settings: DnsSettings) {
+        if *self.dns.settings() != settings {
+            self.dns.set_settings(settings);
+        }
+    }
+
+    /// What the resolver has done so far.
+    pub fn dns_stats(&self) -> DnsStats {
+        self.dns.stats()
+    }
+
+    /// The next DNS query to send to an upstream resolver (from a socket that bypasses the
+    /// tunnel's routes); its answer goes to [`Self::handle_dns_upstream`].
+    pub fn poll_dns_forward(&mut self) -> Option<DnsForward> {
+        self.dns.poll_forward()
+    }
+
+    /// A datagram from an upstream resolver.
+    pub fn handle_dns_upstream(&mut self, from: SocketAddr, payload: &[u8], now: Instant) {
+        self.now = now;
+        self.dns.handle_upstream(from, payload, now);
+        self.drain_dns();
+    }
+
+    /// Answers for apps go out of the TUN device as UDP from the magic address.
+    fn drain_dns(&mut self) {
+        while let Some(a) = self.dns.poll_answer() {
+            self.to_tun
+                .push_back(dns::udp_packet(a.server, a.client, &a.payload));
+        }
     }
 
     /// What this node accepts packets for ([`LocalNets`]); checked before the filter, also
@@ -805,6 +843,12 @@ impl Node {
     /// An IP packet read from the TUN device: encrypt it for the peer that owns its destination.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) -> Result<(), NodeError> {
         self.now = now;
+        // MagicDNS: queries to 100.100.100.100:53 are answered here, never sent to a peer.
+        if let Some((client, server, query)) = dns::parse_dns_packet(packet) {
+            self.dns.handle_query(client, server, query, now);
+            self.drain_dns();
+            return Ok(());
+        }
         let dst = ip::addresses(packet)?.dst;
         let key = self.routes.lookup(dst).ok_or(NodeError::NoRoute { dst })?;
         let Self {
@@ -1175,6 +1219,8 @@ impl Node {
         }
         self.run_disco_timers(now);
         self.run_netcheck(now);
+        self.dns.handle_timeout(now);
+        self.drain_dns();
         let mut expired = BTreeSet::new();
         self.user_pings.retain(|_, p| {
             let live = now < p.sent + USER_PING_TIMEOUT;
@@ -1318,7 +1364,8 @@ impl Node {
             .map(|p| p.sent + USER_PING_TIMEOUT)
             .min()
             .map(|t| (t, TimeoutReason::Disco));
-        [wg, disco, netcheck, pings]
+        let dns = self.dns.poll_timeout().map(|t| (t, TimeoutReason::Dns));
+        [wg, disco, netcheck, pings, dns]
             .into_iter()
             .flatten()
             .min_by_key(|(t, _)| *t)
@@ -1550,6 +1597,107 @@ mod tests {
             p.a.os_routes(),
             vec!["10.20.0.0/24".parse::<IpNet>().expect("net")]
         );
+    }
+
+    /// A DNS query for `name` from 100.64.0.1:5353 to the magic address, as an IP packet.
+    fn dns_query(name: &str, id: u16) -> Vec<u8> {
+        use hickory_proto::op::{Message, MessageType, OpCode, Query};
+        use hickory_proto::rr::{Name, RecordType};
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(
+            Name::from_ascii(name).expect("name"),
+            RecordType::A,
+        ));
+        dns::udp_packet(
+            "100.64.0.1:5353".parse().expect("addr"),
+            SocketAddr::new(dns::MAGIC_DNS_V4.into(), 53),
+            &m.to_vec().expect("encode"),
+        )
+    }
+
+    /// The rcode and A records of a DNS answer packet for 100.64.0.1:5353.
+    fn dns_answer(packet: &[u8]) -> (u16, Vec<IpAddr>) {
+        use hickory_proto::op::Message;
+        use hickory_proto::rr::RData;
+        let sliced = etherparse::SlicedPacket::from_ip(packet).expect("ip");
+        let Some(etherparse::TransportSlice::Udp(udp)) = sliced.transport else {
+            panic!("not udp")
+        };
+        assert_eq!(udp.source_port(), 53);
+        assert_eq!(udp.destination_port(), 5353);
+        let m = Message::from_vec(udp.payload()).expect("dns");
+        let ips = m
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                _ => None,
+            })
+            .collect();
+        (u16::from(m.metadata.response_code), ips)
+    }
+
+    #[test]
+    fn magic_dns_is_answered_inside_the_node_and_the_rest_forwarded() {
+        let now = Instant::now();
+        let mut p = pair(now);
+        let upstream: SocketAddr = "10.53.0.53:53".parse().expect("addr");
+        let mut hosts = BTreeMap::new();
+        hosts.insert(
+            "b.mesh.test".to_string(),
+            vec!["100.64.0.2".parse().expect("ip")],
+        );
+        p.a.set_dns(DnsSettings {
+            base_domain: "mesh.test".into(),
+            hosts,
+            upstreams: vec![upstream],
+            ..DnsSettings::default()
+        });
+        p.a.handle_tun_packet(&dns_query("b.mesh.test.", 7), now)
+            .expect("answered");
+        let answer = p.a.poll_tun().expect("an answer on the TUN device");
+        assert_eq!(
+            dns_answer(&answer),
+            (0, vec!["100.64.0.2".parse().expect("ip")])
+        );
+        assert_eq!(p.a.poll_transmit(), None, "nothing went to a peer");
+        // An outside name goes to the upstream, and its answer back to the app.
+        p.a.handle_tun_packet(&dns_query("example.org.", 8), now)
+            .expect("forwarded");
+        let f = p.a.poll_dns_forward().expect("a forward");
+        assert_eq!(f.upstream, upstream);
+        let mut reply = hickory_proto::op::Message::from_vec(&f.payload).expect("dns");
+        reply.metadata.message_type = hickory_proto::op::MessageType::Response;
+        let web = hickory_proto::rr::Record::from_rdata(
+            hickory_proto::rr::Name::from_ascii("example.org.").expect("name"),
+            60,
+            hickory_proto::rr::RData::A("203.0.113.9".parse().expect("ip")),
+        );
+        reply.answers.push(web);
+        p.a.handle_dns_upstream(upstream, &reply.to_vec().expect("encode"), now);
+        let answer = p.a.poll_tun().expect("the forwarded answer");
+        assert_eq!(
+            dns_answer(&answer),
+            (0, vec!["203.0.113.9".parse().expect("ip")])
+        );
+        // An upstream that never answers: SERVFAIL (2) within the resolver's bound.
+        p.a.handle_tun_packet(&dns_query("slow.example.", 9), now)
+            .expect("forwarded");
+        assert!(p.a.poll_dns_forward().is_some());
+        let (deadline, _) = p.a.poll_timeout().expect("a deadline");
+        assert!(deadline <= now + dns::FORWARD_TIMEOUT);
+        let mut t = now;
+        while p.a.poll_tun().is_none() && t < now + dns::FORWARD_TIMEOUT * 2 {
+            t = p.a.poll_timeout().map(|(d, _)| d).expect("deadline").max(t);
+            p.a.handle_timeout(t);
+            let _ = p.a.poll_dns_forward();
+            if let Some(a) = p.a.poll_tun() {
+                assert_eq!(dns_answer(&a).0, 2);
+                assert!(t <= now + dns::FORWARD_TIMEOUT);
+                return;
+            }
+        }
+        panic!("no SERVFAIL by the deadline");
     }
 
     #[test]
