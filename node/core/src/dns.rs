@@ -981,3 +981,870 @@ pub fn udp_packet(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
         }
     }
 }
+
+#[cfg(test)]
+// Tests start from the real clock once; every later instant is derived from it.
+#[allow(clippy::disallowed_methods)]
+mod tests {
+    use super::*;
+    use warren_proto::control::{DnsRecord, SplitDns};
+
+    const CLIENT: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1)), 40000);
+    const SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(MAGIC_DNS_V4), DNS_PORT);
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("socket address")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn node(name: &str, addrs: &[&str]) -> Node {
+        Node {
+            given_name: name.to_owned(),
+            addresses: addrs.iter().map(|a| (*a).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn config() -> DnsConfig {
+        DnsConfig {
+            magic_dns: true,
+            base_domain: "Mesh.Example.".to_owned(),
+            nameservers: vec![
+                "9.9.9.9".to_owned(),
+                "1.1.1.1:5353".to_owned(),
+                "bogus".to_owned(),
+                "https://dns.example/dns-query".to_owned(),
+            ],
+            split: vec![
+                SplitDns {
+                    domain: "internal.example".to_owned(),
+                    nameservers: vec!["10.0.0.53".to_owned()],
+                },
+                SplitDns {
+                    domain: "a.internal.example".to_owned(),
+                    nameservers: vec!["10.0.0.54:5300".to_owned()],
+                },
+                SplitDns {
+                    domain: "dead.example".to_owned(),
+                    nameservers: vec!["nonsense".to_owned()],
+                },
+            ],
+            search_domains: vec!["corp.example".to_owned(), "mesh.example".to_owned()],
+            extra_records: vec![
+                DnsRecord {
+                    name: "grafana.mesh.example".to_owned(),
+                    r#type: "A".to_owned(),
+                    value: "100.64.0.9".to_owned(),
+                },
+                DnsRecord {
+                    name: "db.corp.example.".to_owned(),
+                    r#type: "a".to_owned(),
+                    value: "10.1.2.3".to_owned(),
+                },
+                DnsRecord {
+                    name: "db.corp.example".to_owned(),
+                    r#type: "AAAA".to_owned(),
+                    value: "2001:db8::3".to_owned(),
+                },
+                DnsRecord {
+                    name: "bad.mesh.example".to_owned(),
+                    r#type: "A".to_owned(),
+                    value: "2001:db8::1".to_owned(),
+                },
+                DnsRecord {
+                    name: "txt.mesh.example".to_owned(),
+                    r#type: "TXT".to_owned(),
+                    value: "hello".to_owned(),
+                },
+            ],
+        }
+    }
+
+    fn settings() -> DnsSettings {
+        let me = node("me", &["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]);
+        let peers = [
+            node("peer", &["100.64.0.2/32", "fd7a:115c:a1e0::2/128"]),
+            node("V4Only", &["100.64.0.3/32", "garbage"]),
+        ];
+        DnsSettings::from_netmap(&config(), Some(&me), peers.iter())
+    }
+
+    fn resolver() -> Resolver {
+        let mut r = Resolver::with_seed(7);
+        r.set_settings(settings());
+        r
+    }
+
+    fn query_msg(id: u16, name: &str, qtype: RecordType) -> Message {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+        m
+    }
+
+    fn query(id: u16, name: &str, qtype: RecordType) -> Vec<u8> {
+        query_msg(id, name, qtype).to_vec().expect("encode")
+    }
+
+    /// Sends one query and returns the single answer it produced.
+    fn ask_at(r: &mut Resolver, name: &str, qtype: RecordType, now: Instant) -> Message {
+        r.handle_query(CLIENT, SERVER, &query(0x4242, name, qtype), now);
+        let a = r.poll_answer().expect("an answer");
+        assert_eq!(r.poll_answer(), None);
+        assert_eq!((a.client, a.server), (CLIENT, SERVER));
+        Message::from_vec(&a.payload).expect("answer parses")
+    }
+
+    fn ask(r: &mut Resolver, name: &str, qtype: RecordType) -> Message {
+        ask_at(r, name, qtype, Instant::now())
+    }
+
+    fn rdata(m: &Message) -> Vec<RData> {
+        m.answers.iter().map(|r| r.data.clone()).collect()
+    }
+
+    fn a(s: &str) -> RData {
+        RData::A(A(s.parse().expect("v4")))
+    }
+
+    fn aaaa(s: &str) -> RData {
+        RData::AAAA(AAAA(s.parse().expect("v6")))
+    }
+
+    /// The SOA owner and minimum in the authority section of a negative answer.
+    fn soa_of(m: &Message) -> Option<(String, u32, u32)> {
+        match m.authorities.as_slice() {
+            [r] => match &r.data {
+                RData::SOA(soa) => Some((r.name.to_ascii(), r.ttl, soa.minimum)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn settings_from_netmap() {
+        let s = settings();
+        assert_eq!(s.base_domain, "mesh.example");
+        assert_eq!(s.search_domains, vec!["corp.example".to_owned()]);
+        let hosts: Vec<(&str, Vec<IpAddr>)> = s
+            .hosts
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        assert_eq!(
+            hosts,
+            vec![
+                ("db.corp.example", vec![ip("10.1.2.3"), ip("2001:db8::3")]),
+                ("grafana.mesh.example", vec![ip("100.64.0.9")]),
+                (
+                    "me.mesh.example",
+                    vec![ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")]
+                ),
+                (
+                    "peer.mesh.example",
+                    vec![ip("100.64.0.2"), ip("fd7a:115c:a1e0::2")]
+                ),
+                ("v4only.mesh.example", vec![ip("100.64.0.3")]),
+            ]
+        );
+        assert_eq!(s.upstreams, vec![sa("9.9.9.9:53"), sa("1.1.1.1:5353")]);
+        assert_eq!(
+            s.split,
+            vec![
+                ("internal.example".to_owned(), vec![sa("10.0.0.53:53")]),
+                ("a.internal.example".to_owned(), vec![sa("10.0.0.54:5300")]),
+                ("dead.example".to_owned(), vec![]),
+            ]
+        );
+    }
+
+    #[test]
+    fn settings_without_magic_dns_have_no_names() {
+        let mut c = config();
+        c.magic_dns = false;
+        let s = DnsSettings::from_netmap(&c, Some(&node("me", &["100.64.0.1/32"])), []);
+        assert!(s.hosts.is_empty());
+        assert_eq!(s.base_domain, "");
+        assert_eq!(s.upstreams, vec![sa("9.9.9.9:53"), sa("1.1.1.1:5353")]);
+    }
+
+    #[test]
+    fn a_and_aaaa_for_peers_and_self() {
+        let mut r = resolver();
+        let m = ask(&mut r, "peer.mesh.example.", RecordType::A);
+        assert_eq!(m.metadata.id, 0x4242);
+        assert_eq!(m.metadata.message_type, MessageType::Response);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative);
+        assert!(m.metadata.recursion_desired);
+        assert!(m.metadata.recursion_available);
+        assert_eq!(m.queries.len(), 1);
+        assert_eq!(m.queries[0].name().to_ascii(), "peer.mesh.example.");
+        assert_eq!(rdata(&m), vec![a("100.64.0.2")]);
+        assert_eq!(m.answers[0].ttl, TTL);
+        assert_eq!(m.answers[0].name.to_ascii(), "peer.mesh.example.");
+        assert!(m.authorities.is_empty());
+
+        let m = ask(&mut r, "peer.mesh.example.", RecordType::AAAA);
+        assert_eq!(rdata(&m), vec![aaaa("fd7a:115c:a1e0::2")]);
+        let m = ask(&mut r, "me.mesh.example.", RecordType::A);
+        assert_eq!(rdata(&m), vec![a("100.64.0.1")]);
+        let m = ask(&mut r, "grafana.mesh.example.", RecordType::A);
+        assert_eq!(rdata(&m), vec![a("100.64.0.9")]);
+        // An extra record outside base_domain is answered too.
+        let m = ask(&mut r, "db.corp.example.", RecordType::AAAA);
+        assert_eq!(rdata(&m), vec![aaaa("2001:db8::3")]);
+        assert!(!m.metadata.authoritative);
+        let m = ask(&mut r, "peer.mesh.example.", RecordType::ANY);
+        assert_eq!(rdata(&m), vec![a("100.64.0.2"), aaaa("fd7a:115c:a1e0::2")]);
+        assert_eq!(r.stats().answered_locally, 6);
+        assert_eq!(r.stats().forwarded, 0);
+        assert_eq!(r.poll_forward(), None);
+    }
+
+    #[test]
+    fn names_are_case_insensitive_and_answered_as_asked() {
+        let mut r = resolver();
+        let m = ask(&mut r, "PEER.Mesh.EXAMPLE.", RecordType::A);
+        assert_eq!(rdata(&m), vec![a("100.64.0.2")]);
+        assert_eq!(m.answers[0].name.to_ascii(), "PEER.Mesh.EXAMPLE.");
+    }
+
+    #[test]
+    fn single_label_names_use_base_domain_then_search_domains() {
+        let mut r = resolver();
+        let m = ask(&mut r, "peer.", RecordType::A);
+        assert_eq!(rdata(&m), vec![a("100.64.0.2")]);
+        assert_eq!(m.answers[0].name.to_ascii(), "peer.");
+        let m = ask(&mut r, "db.", RecordType::A);
+        assert_eq!(rdata(&m), vec![a("10.1.2.3")]);
+        // An unknown single label is not ours: it goes to the global upstream.
+        r.handle_query(
+            CLIENT,
+            SERVER,
+            &query(1, "nosuch.", RecordType::A),
+            Instant::now(),
+        );
+        assert_eq!(r.poll_answer(), None);
+        assert_eq!(r.poll_forward().map(|f| f.upstream), Some(sa("9.9.9.9:53")));
+    }
+
+    #[test]
+    fn known_name_without_that_type_is_nodata() {
+        let mut r = resolver();
+        let m = ask(&mut r, "v4only.mesh.example.", RecordType::AAAA);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        assert!(m.metadata.authoritative);
+        assert_eq!(
+            soa_of(&m),
+            Some(("mesh.example.".to_owned(), NEGATIVE_TTL, NEGATIVE_TTL))
+        );
+        let m = ask(&mut r, "peer.mesh.example.", RecordType::TXT);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        // The apex exists: NODATA, never NXDOMAIN (RFC 8020).
+        let m = ask(&mut r, "mesh.example.", RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn unknown_name_in_base_domain_is_nxdomain() {
+        let mut r = resolver();
+        let m = ask(&mut r, "nosuch.mesh.example.", RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert!(m.metadata.authoritative);
+        assert!(m.answers.is_empty());
+        assert_eq!(
+            soa_of(&m),
+            Some(("mesh.example.".to_owned(), NEGATIVE_TTL, NEGATIVE_TTL))
+        );
+        let m = ask(&mut r, "a.b.peer.mesh.example.", RecordType::AAAA);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        // A malformed extra record was skipped rather than half-added.
+        let m = ask(&mut r, "bad.mesh.example.", RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        let m = ask(&mut r, "txt.mesh.example.", RecordType::TXT);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(r.poll_forward(), None);
+    }
+
+    #[test]
+    fn only_peers_in_the_netmap_resolve() {
+        // The netmap holds only the peers this node may see; a node missing from it is
+        // NXDOMAIN, not forwarded, so the name leaks nowhere.
+        let mut r = resolver();
+        let m = ask(&mut r, "hidden.mesh.example.", RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        let mut s = settings();
+        s.hosts.remove("peer.mesh.example");
+        r.set_settings(s);
+        let m = ask(&mut r, "peer.mesh.example.", RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        let m = ask(&mut r, "2.0.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(r.stats().forwarded, 0);
+    }
+
+    #[test]
+    fn ns_soa_axfr_hinfo_in_our_zones_are_notimp() {
+        let mut r = resolver();
+        for (name, t) in [
+            ("mesh.example.", RecordType::NS),
+            ("mesh.example.", RecordType::SOA),
+            ("peer.mesh.example.", RecordType::SOA),
+            ("peer.mesh.example.", RecordType::AXFR),
+            ("peer.mesh.example.", RecordType::HINFO),
+            ("nosuch.mesh.example.", RecordType::NS),
+            ("2.0.64.100.in-addr.arpa.", RecordType::NS),
+        ] {
+            let m = ask(&mut r, name, t);
+            assert_eq!(m.metadata.response_code, ResponseCode::NotImp, "{name} {t}");
+            assert!(m.answers.is_empty());
+        }
+        // Elsewhere they are forwarded.
+        r.handle_query(
+            CLIENT,
+            SERVER,
+            &query(1, "example.com.", RecordType::NS),
+            Instant::now(),
+        );
+        assert_eq!(r.poll_answer(), None);
+        assert!(r.poll_forward().is_some());
+    }
+
+    #[test]
+    fn ptr_for_tailnet_addresses() {
+        let mut r = resolver();
+        let m = ask(&mut r, "2.0.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative);
+        assert_eq!(
+            rdata(&m),
+            vec![RData::PTR(PTR(
+                Name::from_ascii("peer.mesh.example.").expect("name")
+            ))]
+        );
+        assert_eq!(m.answers[0].ttl, TTL);
+        let v6 = Name::from(ip("fd7a:115c:a1e0::2"));
+        assert_eq!(
+            v6.to_ascii(),
+            format!("2.{}{REVERSE_V6_ZONE}.", "0.".repeat(19))
+        );
+        let m = ask(&mut r, &v6.to_ascii(), RecordType::PTR);
+        assert_eq!(
+            rdata(&m),
+            vec![RData::PTR(PTR(
+                Name::from_ascii("peer.mesh.example.").expect("name")
+            ))]
+        );
+        // Extra records in the range get PTRs too.
+        let m = ask(&mut r, "9.0.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(
+            rdata(&m),
+            vec![RData::PTR(PTR(
+                Name::from_ascii("grafana.mesh.example.").expect("name")
+            ))]
+        );
+        // Unknown address in the range: NXDOMAIN with the /16 zone's SOA.
+        let m = ask(&mut r, "77.0.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(
+            soa_of(&m),
+            Some((
+                "64.100.in-addr.arpa.".to_owned(),
+                NEGATIVE_TTL,
+                NEGATIVE_TTL
+            ))
+        );
+        let m = ask(
+            &mut r,
+            &Name::from(ip("fd7a:115c:a1e0::99")).to_ascii(),
+            RecordType::PTR,
+        );
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(soa_of(&m).map(|s| s.0), Some(format!("{REVERSE_V6_ZONE}.")));
+        // A known address asked for another type: NODATA.
+        let m = ask(&mut r, "2.0.64.100.in-addr.arpa.", RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+        assert_eq!(r.stats().forwarded, 0);
+        // Outside 100.64.0.0/10 (here 100.128.0.0) and for other addresses: forwarded.
+        for name in ["2.0.128.100.in-addr.arpa.", "3.2.1.10.in-addr.arpa."] {
+            r.handle_query(
+                CLIENT,
+                SERVER,
+                &query(1, name, RecordType::PTR),
+                Instant::now(),
+            );
+            assert_eq!(r.poll_answer(), None, "{name}");
+            assert!(r.poll_forward().is_some(), "{name}");
+        }
+    }
+
+    #[test]
+    fn ptr_prefers_node_names_over_deeper_extra_records() {
+        let mut s = settings();
+        s.hosts
+            .insert("a.b.mesh.example".to_owned(), vec![ip("100.64.0.2")]);
+        let mut r = Resolver::new();
+        r.set_settings(s);
+        let m = ask(&mut r, "2.0.64.100.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(
+            rdata(&m),
+            vec![RData::PTR(PTR(
+                Name::from_ascii("peer.mesh.example.").expect("name")
+            ))]
+        );
+        // "b.mesh.example" has a name under it: it exists, without records.
+        let m = ask(&mut r, "b.mesh.example.", RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn forward_rewrites_the_id_and_restores_it() {
+        let mut r = resolver();
+        let now = Instant::now();
+        let mut q = query_msg(0x1234, "www.example.com.", RecordType::A);
+        q.set_edns(Edns::new());
+        let bytes = q.to_vec().expect("encode");
+        r.handle_query(CLIENT, SERVER, &bytes, now);
+        assert_eq!(r.poll_answer(), None);
+        let f = r.poll_forward().expect("forwarded");
+        assert_eq!(r.poll_forward(), None);
+        assert_eq!(f.upstream, sa("9.9.9.9:53"));
+        let sent = Message::from_vec(&f.payload).expect("forward parses");
+        assert_ne!(sent.metadata.id, 0x1234);
+        // Everything after the ID is the app's query, byte for byte.
+        assert_eq!(f.payload[2..], bytes[2..]);
+        assert_eq!(r.stats().forwarded, 1);
+        assert_eq!(r.pending(), 1);
+
+        let mut reply = Message::new(sent.metadata.id, MessageType::Response, OpCode::Query);
+        reply.metadata.recursion_available = true;
+        reply.add_query(sent.queries[0].clone());
+        reply.add_answer(Record::from_rdata(
+            Name::from_ascii("www.example.com.").expect("name"),
+            300,
+            a("93.184.216.34"),
+        ));
+        let reply_bytes = reply.to_vec().expect("encode");
+        r.handle_upstream(sa("9.9.9.9:53"), &reply_bytes, now);
+        let ans = r.poll_answer().expect("relayed");
+        assert_eq!((ans.client, ans.server), (CLIENT, SERVER));
+        let got = Message::from_vec(&ans.payload).expect("parses");
+        assert_eq!(got.metadata.id, 0x1234);
+        assert_eq!(rdata(&got), vec![a("93.184.216.34")]);
+        assert_eq!(got.answers[0].ttl, 300);
+        assert_eq!(ans.payload[2..], reply_bytes[2..]);
+        assert_eq!(r.pending(), 0);
+        assert_eq!(r.poll_timeout(), None);
+        assert_eq!(r.stats().upstream_answers, 1);
+        // The same reply again is no longer expected.
+        r.handle_upstream(sa("9.9.9.9:53"), &reply_bytes, now);
+        assert_eq!(r.poll_answer(), None);
+        assert_eq!(r.stats().ignored_replies, 1);
+    }
+
+    /// An upstream's reply to forward `f` with one A record.
+    fn reply_to(f: &DnsForward) -> Vec<u8> {
+        let sent = Message::from_vec(&f.payload).expect("forward parses");
+        let mut reply = Message::new(sent.metadata.id, MessageType::Response, OpCode::Query);
+        reply.add_query(sent.queries[0].clone());
+        reply.add_answer(Record::from_rdata(
+            sent.queries[0].name().clone(),
+            60,
+            a("192.0.2.1"),
+        ));
+        reply.to_vec().expect("encode")
+    }
+
+    #[test]
+    fn unexpected_replies_are_ignored() {
+        let mut r = resolver();
+        let now = Instant::now();
+        r.handle_query(
+            CLIENT,
+            SERVER,
+            &query(9, "www.example.com.", RecordType::A),
+            now,
+        );
+        let f = r.poll_forward().expect("forwarded");
+        let good = reply_to(&f);
+        // Wrong source address, wrong port.
+        r.handle_upstream(sa("8.8.8.8:53"), &good, now);
+        r.handle_upstream(sa("9.9.9.9:5353"), &good, now);
+        // Wrong ID.
+        let mut bad_id = Message::from_vec(&good).expect("parses");
+        bad_id.metadata.id = bad_id.metadata.id.wrapping_add(1);
+        r.handle_upstream(f.upstream, &bad_id.to_vec().expect("encode"), now);
+        // Another question under the right ID.
+        let mut other = Message::from_vec(&good).expect("parses");
+        other.queries[0].set_name(Name::from_ascii("evil.example.").expect("name"));
+        r.handle_upstream(f.upstream, &other.to_vec().expect("encode"), now);
+        // A query, not a response, under the right ID.
+        let mut not_resp = Message::from_vec(&good).expect("parses");
+        not_resp.metadata.message_type = MessageType::Query;
+        r.handle_upstream(f.upstream, &not_resp.to_vec().expect("encode"), now);
+        // Garbage.
+        r.handle_upstream(f.upstream, &[1, 2, 3], now);
+        assert_eq!(r.poll_answer(), None);
+        assert_eq!(r.stats().ignored_replies, 6);
+        assert_eq!(r.pending(), 1);
+        // The real one, from an IPv4-mapped address (a dual-stack socket), still answers.
+        r.handle_upstream(sa("[::ffff:9.9.9.9]:53"), &good, now);
+        let got = Message::from_vec(&r.poll_answer().expect("answer").payload).expect("parses");
+        assert_eq!(got.metadata.id, 9);
+        assert_eq!(rdata(&got), vec![a("192.0.2.1")]);
+    }
+
+    #[test]
+    fn split_dns_picks_the_longest_matching_domain() {
+        let mut r = resolver();
+        let now = Instant::now();
+        for (name, upstream) in [
+            ("x.a.internal.example.", Some(sa("10.0.0.54:5300"))),
+            ("a.internal.example.", Some(sa("10.0.0.54:5300"))),
+            ("y.internal.example.", Some(sa("10.0.0.53:53"))),
+            ("INTERNAL.example.", Some(sa("10.0.0.53:53"))),
+            ("notinternal.example.", Some(sa("9.9.9.9:53"))),
+            ("db2.corp.example.", Some(sa("9.9.9.9:53"))),
+        ] {
+            r.handle_query(CLIENT, SERVER, &query(1, name, RecordType::A), now);
+            assert_eq!(r.poll_forward().map(|f| f.upstream), upstream, "{name}");
+        }
+        // A split domain whose upstreams are all malformed: SERVFAIL, never the global ones.
+        let m = ask_at(&mut r, "x.dead.example.", RecordType::A, now);
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(r.poll_forward(), None);
+        assert_eq!(r.stats().no_upstream, 1);
+    }
+
+    #[test]
+    fn timeout_tries_the_next_upstream_then_servfails_at_the_deadline() {
+        let mut r = resolver();
+        let t0 = Instant::now();
+        r.handle_query(
+            CLIENT,
+            SERVER,
+            &query(77, "slow.example.", RecordType::AAAA),
+            t0,
+        );
+        let first = r.poll_forward().expect("first");
+        assert_eq!(first.upstream, sa("9.9.9.9:53"));
+        assert_eq!(r.poll_timeout(), Some(t0 + RETRY_AFTER));
+        r.handle_timeout(t0 + RETRY_AFTER - Duration::from_nanos(1));
+        assert_eq!(r.poll_forward(), None);
+        r.handle_timeout(t0 + RETRY_AFTER);
+        let second = r.poll_forward().expect("second");
+        assert_eq!(second.upstream, sa("1.1.1.1:5353"));
+        assert_eq!(second.payload[2..], first.payload[2..]);
+        assert_eq!(r.stats().retried, 1);
+        assert_eq!(r.poll_timeout(), Some(t0 + FORWARD_TIMEOUT));
+        r.handle_timeout(t0 + FORWARD_TIMEOUT - Duration::from_nanos(1));
+        assert_eq!(r.poll_answer(), None);
+        r.handle_timeout(t0 + FORWARD_TIMEOUT);
+        let ans = r.poll_answer().expect("servfail");
+        let m = Message::from_vec(&ans.payload).expect("parses");
+        assert_eq!(m.metadata.id, 77);
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        assert_eq!(m.queries[0].name().to_ascii(), "slow.example.");
+        assert_eq!(m.queries[0].query_type(), RecordType::AAAA);
+        assert_eq!(r.stats().servfail, 1);
+        assert_eq!(r.pending(), 0);
+        assert_eq!(r.poll_timeout(), None);
+        // A reply after the SERVFAIL is dropped.
+        r.handle_upstream(first.upstream, &reply_to(&first), t0 + FORWARD_TIMEOUT);
+        assert_eq!(r.poll_answer(), None);
+    }
+
+    #[test]
+    fn late_reply_from_the_first_upstream_still_answers() {
+        let mut r = resolver();
+        let t0 = Instant::now();
+        r.handle_query(
+            CLIENT,
+            SERVER,
+            &query(5, "slow.example.", RecordType::A),
+            t0,
+        );
+        let first = r.poll_forward().expect("first");
+        r.handle_timeout(t0 + RETRY_AFTER);
+        let second = r.poll_forward().expect("second");
+        r.handle_upstream(
+            first.upstream,
+            &reply_to(&first),
+            t0 + Duration::from_millis(1500),
+        );
+        let m = Message::from_vec(&r.poll_answer().expect("answer").payload).expect("parses");
+        assert_eq!(m.metadata.id, 5);
+        assert_eq!(rdata(&m), vec![a("192.0.2.1")]);
+        assert_eq!(r.poll_timeout(), None);
+        // The second upstream's answer is now unexpected.
+        r.handle_upstream(
+            second.upstream,
+            &reply_to(&second),
+            t0 + Duration::from_millis(1600),
+        );
+        assert_eq!(r.poll_answer(), None);
+    }
+
+    #[test]
+    fn a_single_upstream_gets_the_whole_timeout() {
+        let mut r = resolver();
+        let t0 = Instant::now();
+        r.handle_query(
+            CLIENT,
+            SERVER,
+            &query(5, "y.internal.example.", RecordType::A),
+            t0,
+        );
+        assert!(r.poll_forward().is_some());
+        assert_eq!(r.poll_timeout(), Some(t0 + FORWARD_TIMEOUT));
+        r.handle_timeout(t0 + FORWARD_TIMEOUT);
+        assert_eq!(r.poll_forward(), None);
+        let m = Message::from_vec(&r.poll_answer().expect("answer").payload).expect("parses");
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    }
+
+    #[test]
+    fn without_settings_everything_servfails() {
+        let mut r = Resolver::new();
+        for name in ["example.com.", "peer.mesh.example."] {
+            let m = ask(&mut r, name, RecordType::A);
+            assert_eq!(m.metadata.response_code, ResponseCode::ServFail, "{name}");
+            assert_eq!(m.metadata.id, 0x4242);
+        }
+        assert_eq!(r.poll_forward(), None);
+        assert_eq!(r.stats().no_upstream, 2);
+        assert_eq!(r.poll_timeout(), None);
+    }
+
+    #[test]
+    fn malformed_queries() {
+        let mut r = resolver();
+        let now = Instant::now();
+        // No header: dropped.
+        r.handle_query(CLIENT, SERVER, &[0x12, 0x34, 0x01], now);
+        assert_eq!(r.poll_answer(), None);
+        assert_eq!(r.stats().malformed, 1);
+        // A response sent to the resolver: dropped.
+        let mut resp = query_msg(3, "peer.mesh.example.", RecordType::A);
+        resp.metadata.message_type = MessageType::Response;
+        r.handle_query(CLIENT, SERVER, &resp.to_vec().expect("encode"), now);
+        assert_eq!(r.poll_answer(), None);
+        assert_eq!(r.stats().malformed, 2);
+
+        let formerr = |r: &mut Resolver, payload: &[u8], id: u16| {
+            r.handle_query(CLIENT, SERVER, payload, now);
+            let m = Message::from_vec(&r.poll_answer().expect("answer").payload).expect("parses");
+            assert_eq!(m.metadata.id, id);
+            assert_eq!(m.metadata.message_type, MessageType::Response);
+            assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+            assert!(m.answers.is_empty());
+        };
+        // A header announcing a question that is not there.
+        let mut truncated = query(0xbeef, "peer.mesh.example.", RecordType::A);
+        truncated.truncate(14);
+        formerr(&mut r, &truncated, 0xbeef);
+        // No question.
+        let none = Message::new(0x0101, MessageType::Query, OpCode::Query);
+        formerr(&mut r, &none.to_vec().expect("encode"), 0x0101);
+        // Two questions.
+        let mut two = query_msg(0x0202, "peer.mesh.example.", RecordType::A);
+        two.add_query(Query::query(
+            Name::from_ascii("me.mesh.example.").expect("name"),
+            RecordType::A,
+        ));
+        formerr(&mut r, &two.to_vec().expect("encode"), 0x0202);
+        // Not a standard query.
+        let mut status = query_msg(0x0303, "peer.mesh.example.", RecordType::A);
+        status.metadata.op_code = OpCode::Status;
+        formerr(&mut r, &status.to_vec().expect("encode"), 0x0303);
+        assert_eq!(r.stats().formerr, 4);
+        assert_eq!(r.stats().answered_locally, 0);
+        assert_eq!(r.poll_forward(), None);
+    }
+
+    #[test]
+    fn pending_forwards_are_capped() {
+        let mut r = resolver();
+        let now = Instant::now();
+        for i in 0..MAX_PENDING + 10 {
+            let id = u16::try_from(i).expect("small");
+            r.handle_query(
+                CLIENT,
+                SERVER,
+                &query(id, "flood.example.", RecordType::A),
+                now,
+            );
+        }
+        assert_eq!(r.pending(), MAX_PENDING);
+        assert_eq!(r.stats().forwarded, MAX_PENDING as u64);
+        assert_eq!(r.stats().dropped, 10);
+        assert_eq!(r.poll_answer(), None);
+        let mut forwards = Vec::new();
+        while let Some(f) = r.poll_forward() {
+            forwards.push(f);
+        }
+        assert_eq!(forwards.len(), MAX_PENDING);
+        // Every query went out under a distinct ID.
+        let ids: BTreeSet<u16> = forwards
+            .iter()
+            .map(|f| Message::from_vec(&f.payload).expect("parses").metadata.id)
+            .collect();
+        assert_eq!(ids.len(), MAX_PENDING);
+        // All time out together and are forgotten; answers are capped as well.
+        r.handle_timeout(now + FORWARD_TIMEOUT);
+        assert_eq!(r.pending(), 0);
+        assert_eq!(r.stats().servfail, MAX_PENDING as u64);
+        let mut answers = 0;
+        while r.poll_answer().is_some() {
+            answers += 1;
+        }
+        assert_eq!(answers, MAX_QUEUED_ANSWERS.min(MAX_PENDING));
+    }
+
+    #[test]
+    fn queued_answers_are_capped() {
+        let mut r = resolver();
+        let now = Instant::now();
+        for _ in 0..MAX_QUEUED_ANSWERS + 5 {
+            r.handle_query(
+                CLIENT,
+                SERVER,
+                &query(1, "peer.mesh.example.", RecordType::A),
+                now,
+            );
+        }
+        assert_eq!(r.stats().dropped, 5);
+        let mut n = 0;
+        while r.poll_answer().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, MAX_QUEUED_ANSWERS);
+    }
+
+    #[test]
+    fn edns_is_echoed_and_big_answers_truncate() {
+        let mut s = settings();
+        let many: Vec<IpAddr> = (0..60u8)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(10, 9, 0, i)))
+            .collect();
+        s.hosts.insert("big.mesh.example".to_owned(), many);
+        let mut r = Resolver::new();
+        r.set_settings(s);
+        // 60 A records take about 960 bytes: too many for 512.
+        let m = ask(&mut r, "big.mesh.example.", RecordType::A);
+        assert!(m.metadata.truncation);
+        assert!(m.answers.is_empty());
+        assert!(m.edns.is_none());
+        let mut q = query_msg(2, "big.mesh.example.", RecordType::A);
+        let mut e = Edns::new();
+        e.set_max_payload(4096);
+        q.set_edns(e);
+        r.handle_query(CLIENT, SERVER, &q.to_vec().expect("encode"), Instant::now());
+        let ans = r.poll_answer().expect("answer");
+        assert!(ans.payload.len() > 512);
+        let m = Message::from_vec(&ans.payload).expect("parses");
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 60);
+        assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), Some(EDNS_PAYLOAD));
+    }
+
+    #[test]
+    fn udp_packet_round_trips_v4_with_valid_checksums() {
+        let src = SocketAddr::new(IpAddr::V4(MAGIC_DNS_V4), DNS_PORT);
+        let dst = sa("100.64.0.1:40000");
+        let payload = query(1, "peer.mesh.example.", RecordType::A);
+        // A query: app -> magic address.
+        let pkt = udp_packet(dst, src, &payload);
+        let (s, d, p) = parse_dns_packet(&pkt).expect("a DNS query");
+        assert_eq!((s, d, p), (dst, src, payload.as_slice()));
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&pkt)
+            .expect("ipv4")
+            .to_header();
+        assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+        let (udp, rest) = etherparse::UdpHeader::from_slice(&pkt[ip.header_len()..]).expect("udp");
+        assert_ne!(udp.checksum, 0);
+        assert_eq!(
+            udp.checksum,
+            udp.calc_checksum_ipv4(&ip, rest).expect("checksum")
+        );
+        assert_eq!(usize::from(udp.length), 8 + payload.len());
+        // A reply (from the magic address) is not a query for us.
+        assert_eq!(parse_dns_packet(&udp_packet(src, dst, &payload)), None);
+        // A corrupted UDP checksum is refused.
+        let mut bad = pkt.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        assert_eq!(parse_dns_packet(&bad), None);
+        // Another port, another address.
+        assert_eq!(
+            parse_dns_packet(&udp_packet(dst, sa("100.100.100.100:54"), &payload)),
+            None
+        );
+        assert_eq!(
+            parse_dns_packet(&udp_packet(dst, sa("100.100.100.101:53"), &payload)),
+            None
+        );
+        // A fragment.
+        let mut h = ip.clone();
+        h.more_fragments = true;
+        h.header_checksum = h.calc_header_checksum();
+        let mut frag = h.to_bytes().to_vec();
+        frag.extend_from_slice(&pkt[ip.header_len()..]);
+        assert_eq!(parse_dns_packet(&frag), None);
+        // Mixed families give nothing to send.
+        assert!(udp_packet(dst, sa("[fd7a:115c:a1e0::53]:53"), &payload).is_empty());
+        // TCP is not ours either.
+        let tcp = etherparse::PacketBuilder::ipv4([100, 64, 0, 1], MAGIC_DNS_V4.octets(), 64)
+            .tcp(40000, 53, 1, 1000);
+        let mut t = Vec::new();
+        tcp.write(&mut t, &payload).expect("tcp");
+        assert_eq!(parse_dns_packet(&t), None);
+    }
+
+    #[test]
+    fn udp_packet_round_trips_v6_with_valid_checksums() {
+        let server = SocketAddr::new(IpAddr::V6(MAGIC_DNS_V6), DNS_PORT);
+        let client = sa("[fd7a:115c:a1e0::1]:40001");
+        assert_eq!(server.to_string(), "[fd7a:115c:a1e0::53]:53");
+        let payload = query(1, "peer.mesh.example.", RecordType::AAAA);
+        let pkt = udp_packet(client, server, &payload);
+        assert_eq!(
+            parse_dns_packet(&pkt),
+            Some((client, server, payload.as_slice()))
+        );
+        let ip = etherparse::Ipv6HeaderSlice::from_slice(&pkt)
+            .expect("ipv6")
+            .to_header();
+        let (udp, rest) = etherparse::UdpHeader::from_slice(&pkt[40..]).expect("udp");
+        assert_eq!(
+            udp.checksum,
+            udp.calc_checksum_ipv6(&ip, rest).expect("checksum")
+        );
+        let mut bad = pkt.clone();
+        bad[60] ^= 0x01; // a payload byte: the checksum no longer holds
+        assert_eq!(parse_dns_packet(&bad), None);
+        // The resolver's answer, wrapped and parsed back as etherparse sees it.
+        let mut r = resolver();
+        let (s, d, p) = parse_dns_packet(&pkt).expect("query");
+        r.handle_query(s, d, p, Instant::now());
+        let ans = r.poll_answer().expect("answer");
+        let back = udp_packet(ans.server, ans.client, &ans.payload);
+        let sliced = etherparse::SlicedPacket::from_ip(&back).expect("parses");
+        let Some(etherparse::TransportSlice::Udp(u)) = sliced.transport else {
+            panic!("not udp");
+        };
+        assert_eq!((u.source_port(), u.destination_port()), (53, 40001));
+        let m = Message::from_vec(u.payload()).expect("dns");
+        assert_eq!(rdata(&m), vec![aaaa("fd7a:115c:a1e0::2")]);
+    }
+}
