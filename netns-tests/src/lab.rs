@@ -168,7 +168,40 @@ impl Lab {
         ip(&["netns", "add", &ns])?;
         self.namespaces.push(ns.clone());
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        // Its own resolver file before anything runs in it: `ip netns exec` bind-mounts
+        // /etc/netns/NS/resolv.conf over /etc/resolv.conf, so a node that takes over "the"
+        // resolver (MagicDNS) rewrites this file, never the host's.
+        let dir = netns_etc_dir(&ns);
+        if dir.exists() {
+            // Left by a lab that died before it could remove it: not ours to keep.
+            std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let conf = dir.join("resolv.conf");
+        std::fs::write(&conf, default_resolv_conf(&ns))
+            .with_context(|| format!("write {}", conf.display()))?;
         Ok(ns)
+    }
+
+    /// The file namespace `ns` sees as `/etc/resolv.conf` (`/etc/netns/NS/resolv.conf`,
+    /// bind-mounted by `ip netns exec`). [`Lab::add_ns`] creates it with
+    /// [`default_resolv_conf`]; the lab removes it, and its directory, when it ends.
+    pub fn resolv_conf_path(&self, ns: &str) -> Result<PathBuf> {
+        self.check_own(ns)?;
+        Ok(netns_etc_dir(ns).join("resolv.conf"))
+    }
+
+    /// The current contents of `ns`'s `/etc/resolv.conf` (see [`Lab::resolv_conf_path`]).
+    pub fn resolv_conf(&self, ns: &str) -> Result<String> {
+        let path = self.resolv_conf_path(ns)?;
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))
+    }
+
+    /// Replaces `ns`'s `/etc/resolv.conf` (see [`Lab::resolv_conf_path`]) with `text`, in
+    /// place. Do it before a node starts in `ns`.
+    pub fn set_resolv_conf(&self, ns: &str, text: &str) -> Result<()> {
+        let path = self.resolv_conf_path(ns)?;
+        std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))
     }
 
     /// Creates a LAN: a namespace `<prefix>-<short>` holding an up bridge `br0`.
@@ -472,6 +505,9 @@ impl Drop for Lab {
                     self.name
                 );
             }
+            if let Err(e) = remove_netns_etc(ns) {
+                eprintln!("lab `{}`: {e:#}", self.name);
+            }
         }
         let _ = std::fs::remove_file(&self.registry);
         if std::env::var_os("WARREN_LAB_KEEP").is_some_and(|v| v != "0")
@@ -555,7 +591,41 @@ pub fn reap_dead_labs() {
                 eprintln!("could not delete leftover namespace {ns}: {e:#}");
             }
         }
+        for ns in &namespaces {
+            if let Err(e) = remove_netns_etc(ns) {
+                eprintln!("{e:#}");
+            }
+        }
         let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// Where `ip netns exec` finds the files it bind-mounts over `/etc` for namespace `ns`.
+pub const NETNS_ETC: &str = "/etc/netns";
+
+/// `/etc/netns/NS`: the per-namespace `/etc` overrides of `ns`.
+pub fn netns_etc_dir(ns: &str) -> PathBuf {
+    Path::new(NETNS_ETC).join(ns)
+}
+
+/// What [`Lab::add_ns`] writes as namespace `ns`'s `/etc/resolv.conf`: the lab's upstream DNS
+/// server (see [`crate::services::DnsServers`]), short timeouts, and a comment naming the
+/// namespace, so a byte-for-byte comparison after a node restored it means something.
+pub fn default_resolv_conf(ns: &str) -> String {
+    format!(
+        "# warren lab: /etc/resolv.conf of network namespace {ns}\n\
+         nameserver 10.53.0.53\n\
+         options timeout:1 attempts:2\n"
+    )
+}
+
+/// Removes `/etc/netns/NS` (the lab-unique name makes it the lab's own). Gone already is fine.
+fn remove_netns_etc(ns: &str) -> Result<()> {
+    let dir = netns_etc_dir(ns);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("could not remove {}", dir.display())),
     }
 }
 
@@ -622,12 +692,18 @@ pub fn list_namespaces() -> Result<Vec<String>> {
         .collect())
 }
 
-/// The only ranges the lab assigns addresses from: `10.77.0.0/16` (LANs) and TEST-NET-3
-/// `203.0.113.0/24` (RFC 5737, documentation only: the lab's "internet", see [`crate::nat`]).
-/// Both exist only inside the lab's namespaces.
-pub const LAB_RANGES: [(Ipv4Addr, u8); 2] = [
+/// The only ranges the lab assigns addresses from: `10.77.0.0/16` (LANs), TEST-NET-3
+/// `203.0.113.0/24` (RFC 5737, documentation only: the lab's "internet", see [`crate::nat`]),
+/// and for [`crate::services`]: `10.20.0.0/16` (LANs behind subnet routers), `10.53.0.0/16`
+/// and `10.54.0.0/16` (DNS servers) and TEST-NET-2 `198.51.100.0/24` (the internet behind
+/// exit nodes). All of them exist only inside the lab's namespaces.
+pub const LAB_RANGES: [(Ipv4Addr, u8); 6] = [
     (Ipv4Addr::new(10, 77, 0, 0), 16),
     (Ipv4Addr::new(203, 0, 113, 0), 24),
+    (Ipv4Addr::new(10, 20, 0, 0), 16),
+    (Ipv4Addr::new(10, 53, 0, 0), 16),
+    (Ipv4Addr::new(10, 54, 0, 0), 16),
+    (Ipv4Addr::new(198, 51, 100, 0), 24),
 ];
 
 fn is_lab_addr(a: Ipv4Addr) -> bool {
@@ -650,7 +726,8 @@ fn parse_lab_cidr(cidr: &str) -> Result<(Ipv4Addr, u8)> {
         .with_context(|| format!("bad prefix length in {cidr:?}"))?;
     ensure!(
         is_lab_addr(addr) && (16..=32).contains(&len),
-        "{cidr} is outside 10.77.0.0/16 and 203.0.113.0/24: the lab only uses addresses there"
+        "{cidr} is outside the lab's ranges (10.77.0.0/16, 203.0.113.0/24, 10.20.0.0/16, \
+         10.53.0.0/16, 10.54.0.0/16, 198.51.100.0/24): the lab only uses addresses there"
     );
     Ok((addr, len))
 }
@@ -668,6 +745,10 @@ mod tests {
         assert!(parse_lab_cidr("10.77.0.11").is_err());
         assert!(parse_lab_cidr("203.0.113.10/24").is_ok());
         assert!(parse_lab_cidr("203.0.114.10/24").is_err());
-        assert!(parse_lab_cidr("198.51.100.1/24").is_err());
+        assert!(parse_lab_cidr("198.51.100.1/24").is_ok());
+        assert!(parse_lab_cidr("198.51.101.1/24").is_err());
+        assert!(parse_lab_cidr("10.53.0.53/32").is_ok());
+        assert!(parse_lab_cidr("10.55.0.53/32").is_err());
+        assert!(parse_lab_cidr("10.20.0.10/24").is_ok());
     }
 }

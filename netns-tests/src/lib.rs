@@ -6,7 +6,11 @@
 //! the drop happens during a panic it first prints the logs of every process it spawned.
 //!
 //! The lab never touches the host namespace's interfaces, routes or firewall, and only assigns
-//! addresses inside `10.77.0.0/16` and TEST-NET-3 `203.0.113.0/24` ([`lab::LAB_RANGES`]).
+//! addresses inside its own ranges ([`lab::LAB_RANGES`]: `10.77.0.0/16`, TEST-NET-3
+//! `203.0.113.0/24`, and for [`services`] `10.20.0.0/16`, `10.53.0.0/16`, `10.54.0.0/16`,
+//! TEST-NET-2 `198.51.100.0/24`). Outside the namespaces it writes only its directory, its
+//! registry file and each namespace's `/etc/netns/NS/resolv.conf` (so no node can rewrite the
+//! host's resolver), all removed when the lab ends.
 //! Tests synchronise with [`wait_until`], never fixed sleeps.
 //!
 //! [`nat`] builds an "internet" with NAT routers of every RFC 4787 kind in front of LANs;
@@ -14,6 +18,8 @@
 //! [`tcp`] its TCP server and connect probe (is a port open through the packet filter?).
 //! [`mesh`] drives the real `warren-control` and `warren` binaries on top of a lab; [`traffic`]
 //! holds the deterministic byte stream and the report format of the `warren-labtool` binary.
+//! [`services`] builds what subnet routers, exit nodes and MagicDNS need around a mesh (a LAN
+//! behind routers, an internet behind exit nodes, DNS servers) and observes them.
 
 pub mod binaries;
 pub mod lab;
@@ -21,6 +27,7 @@ pub mod mesh;
 pub mod nat;
 pub mod natmesh;
 pub mod process;
+pub mod services;
 pub mod tcp;
 pub mod traffic;
 pub mod udp;

@@ -52,6 +52,9 @@ pub struct ControlConfig {
     pub extra_toml: String,
     /// Where the access policy comes from (a `[policy]` section), if anywhere.
     pub policy: PolicySource,
+    /// The body of the `[dns]` section (its lines, and any `[dns.*]` tables after them);
+    /// `None` writes `magic_dns = true` and `base_domain = "warren.internal"`.
+    pub dns_toml: Option<String>,
 }
 
 impl Default for ControlConfig {
@@ -60,6 +63,7 @@ impl Default for ControlConfig {
             ephemeral_node_inactivity_timeout: "30m".to_owned(),
             extra_toml: String::new(),
             policy: PolicySource::None,
+            dns_toml: None,
         }
     }
 }
@@ -134,6 +138,16 @@ pub struct NodeStatus {
     pub endpoints: Vec<String>,
     /// Its home DERP region (0: none yet).
     pub home_region: u32,
+    /// The routes it advertises (`self.advertised_routes`; empty when absent).
+    pub advertised_routes: Vec<String>,
+    /// Those of them control approved (`self.approved_routes`; empty when absent).
+    pub approved_routes: Vec<String>,
+    /// The name of the exit node in use (top-level `exit_node`; `None` when null or absent).
+    pub exit_node: Option<String>,
+    /// Names of the exit nodes offered to it (top-level `exit_nodes`; empty when absent).
+    pub exit_nodes: Vec<String>,
+    /// The whole JSON document, for fields this struct does not name and for messages.
+    pub raw: Value,
 }
 
 /// One peer in [`NodeStatus`].
@@ -162,6 +176,11 @@ pub struct PeerStatus {
     pub filter_drops: u64,
     /// Its node key.
     pub node_key: String,
+    /// The subnet routes it is the primary router for, as this node sees them
+    /// (`primary_routes`; empty when absent).
+    pub primary_routes: Vec<String>,
+    /// Whether it is an exit node this node may use (`exit_node`; false when absent).
+    pub exit_node: bool,
 }
 
 impl PeerStatus {
@@ -228,7 +247,24 @@ impl NodeStatus {
                 .as_u64()
                 .and_then(|r| u32::try_from(r).ok())
                 .unwrap_or(0),
+            advertised_routes: strings_field(me, "advertised_routes")?,
+            approved_routes: strings_field(me, "approved_routes")?,
+            exit_node: match &v["exit_node"] {
+                Value::Null => None,
+                Value::String(s) if s.is_empty() => None,
+                Value::String(s) => Some(s.clone()),
+                other => bail!("`exit_node` is neither a string nor null: {other}"),
+            },
+            exit_nodes: strings_field(&v, "exit_nodes")?,
+            raw: v.clone(),
         })
+    }
+
+    /// The peer named `name` (its status `name`, or that name's first DNS label), if any.
+    pub fn peer_named(&self, name: &str) -> Option<&PeerStatus> {
+        self.peers
+            .iter()
+            .find(|p| p.name == name || p.name.split('.').next() == Some(name))
     }
 
     /// The peer owning mesh address `addr`, if any.
@@ -256,6 +292,8 @@ impl PeerStatus {
             latency_us: v["latency_us"].as_u64(),
             filter_drops: v["filter_drops"].as_u64().unwrap_or(0),
             node_key: v["node_key"].as_str().unwrap_or_default().to_owned(),
+            primary_routes: strings_field(v, "primary_routes")?,
+            exit_node: v["exit_node"].as_bool().unwrap_or(false),
         })
     }
 }
@@ -296,6 +334,22 @@ pub fn parse_addr(s: &str) -> Result<IpAddr> {
     let bare = s.trim().split('/').next().unwrap_or_default();
     bare.parse()
         .with_context(|| format!("{s:?} is not an IP address"))
+}
+
+/// An array of strings, `[]` when absent or null.
+fn strings_field(v: &Value, key: &str) -> Result<Vec<String>> {
+    match &v[key] {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(a) => a
+            .iter()
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_owned)
+                    .with_context(|| format!("`{key}` holds a non-string: {s}"))
+            })
+            .collect(),
+        other => bail!("`{key}` is not an array: {other}"),
+    }
 }
 
 fn addrs_field(v: &Value, key: &str) -> Result<Vec<IpAddr>> {
@@ -395,7 +449,11 @@ impl Control {
              \n[database]\ntype = \"sqlite\"\n\
              \n[database.sqlite]\npath = {db}\n\
              \n[prefixes]\nv4 = \"100.64.0.0/10\"\nv6 = \"fd7a:115c:a1e0::/48\"\n\
-             \n[dns]\nmagic_dns = true\nbase_domain = \"warren.internal\"\n{policy_toml}{extra}",
+             \n[dns]\n{dns}\n{policy_toml}{extra}",
+            dns = settings
+                .dns_toml
+                .as_deref()
+                .unwrap_or("magic_dns = true\nbase_domain = \"warren.internal\""),
             port = Self::PORT,
             extra = settings.extra_toml,
             ephemeral = settings.ephemeral_node_inactivity_timeout,
@@ -569,6 +627,27 @@ impl Control {
         Ok(())
     }
 
+    /// `nodes approve-routes ID --routes R1,R2` (the whole list; `&[]` clears it).
+    pub fn approve_routes(&self, lab: &Lab, id: u64, routes: &[&str]) -> Result<String> {
+        self.admin_ok(
+            lab,
+            [
+                "nodes",
+                "approve-routes",
+                &id.to_string(),
+                "--routes",
+                &routes.join(","),
+            ],
+        )
+    }
+
+    /// `nodes list-routes` (JSON), as printed.
+    pub fn list_routes(&self, lab: &Lab) -> Result<Value> {
+        let out = self.admin_ok(lab, ["nodes", "list-routes"])?;
+        serde_json::from_str(&out)
+            .with_context(|| format!("`nodes list-routes` printed non-JSON: {out:?}"))
+    }
+
     /// `nodes tag ID --tags T1,T2`: replaces the node's tags live.
     pub fn tag_node(&self, lab: &Lab, id: u64, tags: &[&str]) -> Result<()> {
         self.admin_ok(
@@ -682,6 +761,9 @@ pub struct NodeOptions {
     pub tun: String,
     /// Start the daemon with this umask (via `sh`), to show its files do not depend on it.
     pub umask: Option<u32>,
+    /// Further arguments of `warren up`, after the usual ones (e.g. `--advertise-routes`,
+    /// `10.20.0.0/24`).
+    pub extra_args: Vec<String>,
 }
 
 impl Default for NodeOptions {
@@ -689,6 +771,17 @@ impl Default for NodeOptions {
         Self {
             tun: "warren0".to_owned(),
             umask: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+impl NodeOptions {
+    /// The defaults plus `extra_args` for `warren up`.
+    pub fn with_args(extra_args: &[&str]) -> Self {
+        Self {
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+            ..Self::default()
         }
     }
 }
@@ -775,6 +868,7 @@ impl Node {
             ]
             .map(str::to_owned),
         );
+        args.extend(opts.extra_args.iter().cloned());
         let program = if opts.umask.is_some() {
             "sh".to_owned()
         } else {
@@ -796,7 +890,17 @@ impl Node {
         &self.proc
     }
 
-    fn cli(&self, lab: &Lab, args: &[&str]) -> Result<String> {
+    /// Runs `warren ARGS --state-dir S` in the node's namespace; the caller checks the exit
+    /// status (for commands that are expected to fail).
+    pub fn cli_output(&self, lab: &Lab, args: &[&str]) -> Result<Output> {
+        let state = self.state_dir.to_string_lossy();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--state-dir", &state]);
+        lab.run(&self.ns, &self.warren, &all)
+    }
+
+    /// Runs `warren ARGS`, failing unless it exits 0; returns its stdout.
+    pub fn cli(&self, lab: &Lab, args: &[&str]) -> Result<String> {
         let state = self.state_dir.to_string_lossy();
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--state-dir", &state]);
@@ -852,6 +956,50 @@ impl Node {
         Ok(())
     }
 
+    /// `warren down`, then waits until the `warren up` process has exited.
+    pub fn down_and_wait(&self, lab: &Lab, deadline: Duration) -> Result<ExitStatus> {
+        self.down(lab)?;
+        self.proc.wait_exit(deadline).with_context(|| {
+            format!(
+                "`warren up` for {} still runs {deadline:?} after `warren down`",
+                self.hostname
+            )
+        })
+    }
+
+    /// `warren set --exit-node NAME|IP` (`""` clears it), failing unless it exits 0.
+    pub fn set_exit_node(&self, lab: &Lab, exit_node: &str) -> Result<()> {
+        self.cli(lab, &["set", "--exit-node", exit_node])?;
+        Ok(())
+    }
+
+    /// Starts `warren up` again for the same hostname, state directory and namespace (after
+    /// it exited or was killed), with `opts`. The auth key must still be usable (reusable).
+    pub fn respawn(
+        &self,
+        lab: &mut Lab,
+        bins: &Binaries,
+        control_url: &str,
+        auth_key: &str,
+        opts: &NodeOptions,
+    ) -> Result<Self> {
+        ensure!(
+            !self.proc.is_running(),
+            "`warren up` for {} is still running",
+            self.hostname
+        );
+        Self::spawn_with(
+            lab,
+            bins,
+            &self.ns,
+            self.lan_addr,
+            &self.hostname,
+            control_url,
+            auth_key,
+            opts,
+        )
+    }
+
     /// Waits until `warren status` lists exactly `n` peers. Fails early if `warren up` exits.
     pub fn wait_peers(&self, lab: &Lab, n: usize, deadline: Duration) -> Result<Duration> {
         wait_until(
@@ -892,6 +1040,8 @@ pub struct Mesh {
     pub nodes: Vec<Node>,
     bins: Binaries,
     hosts: u8,
+    host_namespaces: Vec<String>,
+    host_routes: Vec<(String, Ipv4Addr)>,
 }
 
 impl Mesh {
@@ -927,6 +1077,8 @@ impl Mesh {
             nodes: Vec::new(),
             bins: bins.clone(),
             hosts: 0,
+            host_namespaces: Vec::new(),
+            host_routes: Vec::new(),
         };
         for _ in 0..nodes {
             mesh.spawn_node(lab)?;
@@ -943,7 +1095,26 @@ impl Mesh {
         let addr = Ipv4Addr::new(10, 77, 0, 10 + self.hosts);
         let ns = lab.add_ns(&format!("h{}", self.hosts))?;
         lab.attach(&self.lan, &ns, "eth0", &format!("{addr}/24"))?;
+        for (dest, via) in &self.host_routes {
+            lab.add_route(&ns, dest, *via)?;
+        }
+        self.host_namespaces.push(ns.clone());
         Ok((ns, addr))
+    }
+
+    /// Adds route `dest via` (a gateway on the LAN) to every host made so far with
+    /// [`Mesh::add_host`] and to every later one, e.g. to reach a DNS server's address.
+    pub fn route_all_hosts(&mut self, lab: &Lab, dest: &str, via: Ipv4Addr) -> Result<()> {
+        for ns in &self.host_namespaces {
+            lab.add_route(ns, dest, via)?;
+        }
+        self.host_routes.push((dest.to_owned(), via));
+        Ok(())
+    }
+
+    /// The binaries the mesh runs.
+    pub fn bins(&self) -> &Binaries {
+        &self.bins
     }
 
     /// Starts a node `node<N>` on a new host with `auth_key`, without waiting; it is not added

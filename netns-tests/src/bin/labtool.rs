@@ -11,6 +11,11 @@
 //! warren-labtool udp-listen-once --port P [--timeout-ms 1000] [--send-to ADDR:PORT]
 //! warren-labtool udp-send        --from ADDR:PORT --to ADDR:PORT [--count 1]
 //! warren-labtool nat-rules       --kind KIND --wan IP --host IP [--host IP ...] [--hairpin yes]
+//! warren-labtool dns-serve  --listen ADDR:PORT --record NAME=IP [--record NAME=IP ...]
+//! warren-labtool dns-query  --server IP[:PORT] --name NAME [--type A|AAAA|PTR|TXT|...] [--timeout-ms 2000]
+//! warren-labtool dns-load   --server IP[:PORT] --name NAME [--rate 1000] [--seconds 5]
+//! warren-labtool http-serve --listen ADDR:PORT --body TEXT
+//! warren-labtool http-get   --url http://IP:PORT/PATH [--timeout-ms 2000]
 //! warren-labtool reap
 //! ```
 //! `tcp-sink` accepts one connection, reads it to EOF and prints `{"bytes":N,"sha256":"hex"}`;
@@ -23,13 +28,25 @@
 //! `refused`, `unreachable` or `timeout` (`warren_netns_tests::tcp` drives both).
 //! `nat-rules` prints the nft file a NAT router of KIND (cone, restr, portr, sym, noudp) loads
 //! with `nft -f` (scripts/demo uses it; the lab itself calls the same code).
+//! `dns-serve` is a tiny authoritative UDP DNS server: A/AAAA for its records (a name with
+//! records of the other family only gets an empty NOERROR), NXDOMAIN for every other name; it
+//! prints `ready` once bound. `dns-query` sends one query (a PTR query may name an IP address)
+//! and prints `{"rcode":"NOERROR","answers":[{"name","type","ttl","data"}],"ms":N}`, with rcode
+//! `timeout` or `unreachable` when no answer came (exit 0 for each).
+//! `dns-load` sends queries at a fixed rate for a while from one socket and prints
+//! `{"sent","answered","lost","errors","p50_ms","p99_ms","max_ms"}` (errors: answers whose
+//! rcode is not NOERROR; lost: no answer within a second of the last query).
+//! `http-serve` answers every HTTP/1.1 request with `200 OK` and the body, forever, after
+//! printing `ready`. `http-get` makes one GET and prints the status code on the first line and
+//! the body after it, or `refused`, `unreachable` or `timeout` (exit 0 for each).
+//! `warren_netns_tests::services` drives all of them.
 //! `reap` removes the labs of test processes that died without cleaning up (scripts/test runs
 //! it after the tests; labs of live test processes are left alone).
 //! The UDP commands observe NATs; `warren_netns_tests::udp` documents their output and drives
 //! them.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -50,6 +67,11 @@ const USAGE: &str = "usage:
   warren-labtool udp-listen-once --port P [--timeout-ms 1000] [--send-to ADDR:PORT]
   warren-labtool udp-send        --from ADDR:PORT --to ADDR:PORT [--count 1]
   warren-labtool nat-rules       --kind KIND --wan IP --host IP [--host IP ...] [--hairpin yes]
+  warren-labtool dns-serve  --listen ADDR:PORT --record NAME=IP [--record NAME=IP ...]
+  warren-labtool dns-query  --server IP[:PORT] --name NAME [--type A|AAAA|PTR] [--timeout-ms 2000]
+  warren-labtool dns-load   --server IP[:PORT] --name NAME [--rate 1000] [--seconds 5]
+  warren-labtool http-serve --listen ADDR:PORT --body TEXT
+  warren-labtool http-get   --url http://IP:PORT/PATH [--timeout-ms 2000]
   warren-labtool reap";
 
 const CHUNK: usize = 64 * 1024;
@@ -222,6 +244,42 @@ fn run(args: Vec<String>) -> Result<()> {
                 flags.addr("to")?,
                 flags.number("count", Some(1))?,
             )
+        }
+        "dns-serve" => {
+            let flags = Flags::parse(rest, &["listen", "record"])?;
+            let records = flags
+                .all("record")
+                .iter()
+                .map(|r| parse_record(r))
+                .collect::<Result<Vec<_>>>()?;
+            dns::serve(flags.addr("listen")?, &records)
+        }
+        "dns-query" => {
+            let flags = Flags::parse(rest, &["server", "name", "type", "timeout-ms"])?;
+            dns::query(
+                dns_server(flags.required("server")?)?,
+                flags.required("name")?,
+                flags.get("type").unwrap_or("A"),
+                flags.millis(2000)?,
+            )
+        }
+        "dns-load" => {
+            let flags = Flags::parse(rest, &["server", "name", "type", "rate", "seconds"])?;
+            dns::load(
+                dns_server(flags.required("server")?)?,
+                flags.required("name")?,
+                flags.get("type").unwrap_or("A"),
+                flags.number("rate", Some(1000))?,
+                flags.number("seconds", Some(5))?,
+            )
+        }
+        "http-serve" => {
+            let flags = Flags::parse(rest, &["listen", "body"])?;
+            http_serve(flags.addr("listen")?, flags.required("body")?)
+        }
+        "http-get" => {
+            let flags = Flags::parse(rest, &["url", "timeout-ms"])?;
+            http_get(flags.required("url")?, flags.millis(2000)?)
         }
         "reap" => {
             Flags::parse(rest, &[])?;
@@ -533,5 +591,456 @@ fn udp_send(from: SocketAddr, to: SocketAddr, count: u32) -> Result<()> {
         sock.send_to(b"warren-labtool send", to)
             .with_context(|| format!("send to {to}"))?;
     }
+    Ok(())
+}
+
+/// `NAME=IP` of `dns-serve --record`.
+fn parse_record(text: &str) -> Result<(String, IpAddr)> {
+    let (name, ip) = text
+        .split_once('=')
+        .with_context(|| format!("--record {text:?} is not NAME=IP"))?;
+    let ip: IpAddr = ip
+        .parse()
+        .with_context(|| format!("--record {text:?}: {ip:?} is not an IP address"))?;
+    Ok((dns::normalize(name), ip))
+}
+
+/// `IP` (port 53) or `IP:PORT`.
+fn dns_server(text: &str) -> Result<SocketAddr> {
+    if let Ok(sa) = text.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    let ip: IpAddr = text
+        .parse()
+        .with_context(|| format!("--server {text:?} is neither IP nor IP:PORT"))?;
+    Ok(SocketAddr::new(ip, 53))
+}
+
+/// The labtool's DNS: an authoritative toy server, a one-shot query and a fixed-rate load,
+/// all with hickory-proto's message types.
+mod dns {
+    use std::collections::BTreeMap;
+    use std::io::ErrorKind;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+    use std::str::FromStr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, Result, bail};
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::rdata::{A, AAAA};
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+    use super::{READY_LINE, transient};
+
+    /// Lower case, no trailing dot.
+    pub(crate) fn normalize(name: &str) -> String {
+        name.trim_end_matches('.').to_ascii_lowercase()
+    }
+
+    /// Answers every query on `listen` from `records`, forever.
+    pub(crate) fn serve(listen: SocketAddr, records: &[(String, IpAddr)]) -> Result<()> {
+        let sock = UdpSocket::bind(listen).with_context(|| format!("bind {listen}"))?;
+        println!("{READY_LINE}");
+        let mut buf = [0u8; 4096];
+        loop {
+            let (n, src) = match sock.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e) if transient(&e) => continue,
+                Err(e) => return Err(e).context("receive"),
+            };
+            let Ok(request) = Message::from_vec(&buf[..n]) else {
+                // Not DNS: answer FORMERR when at least an id is there.
+                if n >= 2 {
+                    let id = u16::from_be_bytes([buf[0], buf[1]]);
+                    let reply = Message::error_msg(id, OpCode::Query, ResponseCode::FormErr);
+                    if let Ok(bytes) = reply.to_vec() {
+                        let _ = sock.send_to(&bytes, src);
+                    }
+                }
+                continue;
+            };
+            let reply = answer(&request, records);
+            match reply.to_vec() {
+                Ok(bytes) => {
+                    // A failed reply (no route back) is the client's problem.
+                    let _ = sock.send_to(&bytes, src);
+                }
+                Err(e) => eprintln!("cannot encode the reply to {src}: {e}"),
+            }
+        }
+    }
+
+    fn answer(request: &Message, records: &[(String, IpAddr)]) -> Message {
+        let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
+        reply.metadata.authoritative = true;
+        reply.metadata.recursion_desired = request.metadata.recursion_desired;
+        reply.metadata.recursion_available = true;
+        let Some(query) = request.queries.first() else {
+            reply.metadata.response_code = ResponseCode::FormErr;
+            return reply;
+        };
+        reply.add_query(query.clone());
+        let wanted = normalize(&query.name().to_ascii());
+        let mine: Vec<IpAddr> = records
+            .iter()
+            .filter(|(name, _)| *name == wanted)
+            .map(|&(_, ip)| ip)
+            .collect();
+        if mine.is_empty() {
+            reply.metadata.response_code = ResponseCode::NXDomain;
+            return reply;
+        }
+        for ip in mine {
+            let data = match (query.query_type(), ip) {
+                (RecordType::A, IpAddr::V4(v4)) => RData::A(A(v4)),
+                (RecordType::AAAA, IpAddr::V6(v6)) => RData::AAAA(AAAA(v6)),
+                _ => continue,
+            };
+            reply.add_answer(Record::from_rdata(query.name().clone(), 30, data));
+        }
+        reply
+    }
+
+    fn rcode_text(code: ResponseCode) -> String {
+        match code {
+            ResponseCode::NoError => "NOERROR".to_owned(),
+            ResponseCode::FormErr => "FORMERR".to_owned(),
+            ResponseCode::ServFail => "SERVFAIL".to_owned(),
+            ResponseCode::NXDomain => "NXDOMAIN".to_owned(),
+            ResponseCode::NotImp => "NOTIMP".to_owned(),
+            ResponseCode::Refused => "REFUSED".to_owned(),
+            other => format!("RCODE{}", u16::from(other)),
+        }
+    }
+
+    /// The query message for `name` of `qtype` (a PTR query may name an IP address).
+    fn build_query(id: u16, name: &str, qtype: &str) -> Result<Message> {
+        let rtype = RecordType::from_str(&qtype.to_ascii_uppercase())
+            .map_err(|e| anyhow::anyhow!("--type {qtype:?}: {e}"))?;
+        let qname = match (rtype, name.parse::<IpAddr>()) {
+            (RecordType::PTR, Ok(ip)) => Name::from(ip),
+            _ => {
+                let mut n =
+                    Name::from_ascii(name).map_err(|e| anyhow::anyhow!("--name {name:?}: {e}"))?;
+                n.set_fqdn(true);
+                n
+            }
+        };
+        let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+        msg.metadata.recursion_desired = true;
+        msg.add_query(Query::query(qname, rtype));
+        Ok(msg)
+    }
+
+    fn socket_for(server: SocketAddr) -> Result<UdpSocket> {
+        let bind: SocketAddr = match server {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        UdpSocket::bind(bind).with_context(|| format!("bind {bind}"))
+    }
+
+    /// One query; prints the JSON outcome.
+    pub(crate) fn query(
+        server: SocketAddr,
+        name: &str,
+        qtype: &str,
+        timeout: Duration,
+    ) -> Result<()> {
+        let id = u16::try_from(std::process::id() & 0xffff).unwrap_or(1);
+        let msg = build_query(id, name, qtype)?;
+        let bytes = msg.to_vec().context("encode the query")?;
+        let sock = socket_for(server)?;
+        let start = Instant::now();
+        let outcome = |rcode: &str| {
+            println!(
+                "{}",
+                serde_json::json!({"rcode": rcode, "answers": [], "ms": start.elapsed().as_millis() as u64})
+            );
+        };
+        if let Err(e) = sock.send_to(&bytes, server) {
+            if matches!(
+                e.kind(),
+                ErrorKind::NetworkUnreachable | ErrorKind::HostUnreachable
+            ) {
+                outcome("unreachable");
+                return Ok(());
+            }
+            return Err(e).with_context(|| format!("send to {server}"));
+        }
+        let mut buf = [0u8; 65535];
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                outcome("timeout");
+                return Ok(());
+            }
+            sock.set_read_timeout(Some(left))?;
+            let (n, src) = match sock.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::NetworkUnreachable | ErrorKind::HostUnreachable
+                    ) =>
+                {
+                    outcome("unreachable");
+                    return Ok(());
+                }
+                Err(e) if transient(&e) => continue,
+                Err(e) => return Err(e).context("receive"),
+            };
+            if src != server || n < 2 || u16::from_be_bytes([buf[0], buf[1]]) != id {
+                continue;
+            }
+            let reply = Message::from_vec(&buf[..n])
+                .map_err(|e| anyhow::anyhow!("undecodable answer from {server}: {e}"))?;
+            let answers: Vec<serde_json::Value> = reply
+                .answers
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "name": r.name.to_ascii(),
+                        "type": r.record_type().to_string(),
+                        "ttl": r.ttl,
+                        "data": r.data.to_string(),
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "rcode": rcode_text(reply.metadata.response_code),
+                    "answers": answers,
+                    "ms": start.elapsed().as_millis() as u64,
+                })
+            );
+            return Ok(());
+        }
+    }
+
+    /// `rate` queries a second for `seconds` from one socket; prints the latency summary.
+    pub(crate) fn load(
+        server: SocketAddr,
+        name: &str,
+        qtype: &str,
+        rate: u64,
+        seconds: u64,
+    ) -> Result<()> {
+        let total = rate.saturating_mul(seconds);
+        if rate == 0 || total == 0 || total > 65_536 {
+            bail!("--rate x --seconds must be 1..=65536 (one query per DNS id), not {total}");
+        }
+        let total = usize::try_from(total)?;
+        let template = build_query(0, name, qtype)?
+            .to_vec()
+            .context("encode the query")?;
+        let sock = Arc::new(socket_for(server)?);
+        sock.connect(server)
+            .with_context(|| format!("connect to {server}"))?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        // Per id: when it was sent and how long its answer took, in ns (+1, so 0 = none).
+        let sent_at: Arc<Vec<AtomicU64>> =
+            Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+        let took: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+        let errors = Arc::new(AtomicU64::new(0));
+        let done_sending = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let receiver = {
+            let (sock, sent_at, took, errors, done) = (
+                Arc::clone(&sock),
+                Arc::clone(&sent_at),
+                Arc::clone(&took),
+                Arc::clone(&errors),
+                Arc::clone(&done_sending),
+            );
+            thread::spawn(move || -> Result<()> {
+                let mut buf = [0u8; 4096];
+                let mut done_at: Option<Instant> = None;
+                loop {
+                    if done.load(Ordering::Acquire) {
+                        let at = *done_at.get_or_insert_with(Instant::now);
+                        let all = took.iter().all(|t| t.load(Ordering::Relaxed) != 0);
+                        if all || at.elapsed() >= Duration::from_secs(1) {
+                            return Ok(());
+                        }
+                    }
+                    match sock.recv(&mut buf) {
+                        Ok(n) if n >= 4 => {
+                            let now = start.elapsed().as_nanos() as u64 + 1;
+                            let id = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+                            let Some(sent) = sent_at.get(id).map(|s| s.load(Ordering::Acquire))
+                            else {
+                                continue;
+                            };
+                            if sent == 0 || took[id].load(Ordering::Relaxed) != 0 {
+                                continue;
+                            }
+                            took[id].store(now.saturating_sub(sent).max(1), Ordering::Relaxed);
+                            if buf[3] & 0x0f != 0 {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) if transient(&e) => {}
+                        Err(e) => return Err(e).context("receive"),
+                    }
+                }
+            })
+        };
+        let interval = Duration::from_secs(1).as_nanos() as u64 / rate;
+        let mut packet = template.clone();
+        let mut send_errors = 0u64;
+        for i in 0..total {
+            let due = Duration::from_nanos(interval * i as u64);
+            let now = start.elapsed();
+            if due > now {
+                thread::sleep(due - now);
+            }
+            let id = u16::try_from(i).unwrap_or(u16::MAX);
+            packet[..2].copy_from_slice(&id.to_be_bytes());
+            sent_at[i].store(start.elapsed().as_nanos() as u64 + 1, Ordering::Release);
+            if sock.send(&packet).is_err() {
+                send_errors += 1;
+            }
+        }
+        done_sending.store(true, Ordering::Release);
+        match receiver.join() {
+            Ok(r) => r?,
+            Err(_) => bail!("the receive thread panicked"),
+        }
+        let mut lat: Vec<u64> = took
+            .iter()
+            .map(|t| t.load(Ordering::Relaxed))
+            .filter(|&t| t != 0)
+            .collect();
+        lat.sort_unstable();
+        let pct = |p: f64| -> Option<f64> {
+            if lat.is_empty() {
+                return None;
+            }
+            let idx = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+            Some(lat[idx] as f64 / 1e6)
+        };
+        let answered = lat.len();
+        let mut summary = BTreeMap::new();
+        summary.insert("sent", serde_json::json!(total));
+        summary.insert("send_errors", serde_json::json!(send_errors));
+        summary.insert("answered", serde_json::json!(answered));
+        summary.insert("lost", serde_json::json!(total - answered));
+        summary.insert("errors", serde_json::json!(errors.load(Ordering::Relaxed)));
+        summary.insert("rate", serde_json::json!(rate));
+        summary.insert("seconds", serde_json::json!(seconds));
+        summary.insert("p50_ms", serde_json::json!(pct(0.50)));
+        summary.insert("p99_ms", serde_json::json!(pct(0.99)));
+        summary.insert("max_ms", serde_json::json!(pct(1.0)));
+        println!("{}", serde_json::to_string(&summary)?);
+        Ok(())
+    }
+}
+
+/// Answers every HTTP request on `listen` with `200 OK` and `body`, forever.
+fn http_serve(listen: SocketAddr, body: &str) -> Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    println!("{READY_LINE}");
+    let body = body.to_owned();
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if transient(&e) || e.kind() == ErrorKind::ConnectionAborted => continue,
+            Err(e) => return Err(e).context("accept"),
+        };
+        let body = body.clone();
+        thread::spawn(move || {
+            let mut stream = stream;
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes());
+            let _ = stream.shutdown(Shutdown::Both);
+        });
+    }
+}
+
+/// One GET of `url` (`http://IP:PORT/PATH`); prints the status code and the body, or
+/// `refused`, `unreachable` or `timeout`.
+fn http_get(url: &str, timeout: Duration) -> Result<()> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("--url {url:?} is not http://IP:PORT/PATH"))?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let to: SocketAddr = hostport
+        .parse()
+        .or_else(|_| hostport.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 80)))
+        .with_context(|| format!("--url {url:?}: {hostport:?} is not IP[:PORT]"))?;
+    let start = Instant::now();
+    let mut stream = match TcpStream::connect_timeout(&to, timeout.max(Duration::from_millis(10))) {
+        Ok(s) => s,
+        Err(e) => {
+            let outcome = match e.kind() {
+                ErrorKind::ConnectionRefused => "refused",
+                ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => "unreachable",
+                ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout",
+                _ => return Err(e).with_context(|| format!("connect to {to}")),
+            };
+            println!("{outcome}");
+            return Ok(());
+        }
+    };
+    let left = timeout
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_millis(500));
+    stream.set_read_timeout(Some(left))?;
+    stream.set_write_timeout(Some(left))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .with_context(|| format!("send the request to {to}"))?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                println!("timeout");
+                return Ok(());
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionReset && reply.is_empty() => {
+                println!("refused");
+                return Ok(());
+            }
+            Err(e) => return Err(e).with_context(|| format!("read the reply from {to}")),
+        }
+    }
+    let text = String::from_utf8_lossy(&reply);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{to} sent no complete HTTP head: {text:?}"))?;
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .with_context(|| format!("{to} sent no status line: {head:?}"))?;
+    println!("{status}\n{body}");
     Ok(())
 }
