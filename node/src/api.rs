@@ -23,6 +23,22 @@ pub enum ApiRequest {
     },
     /// Run a netcheck now and report it.
     Netcheck,
+    /// Change preferences of the running node (`warren set`); absent fields stay as they are.
+    Set(Prefs),
+}
+
+/// Preferences `warren set` changes while the node runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prefs {
+    /// The exit node, by name or mesh address; `""` stops using one.
+    #[serde(default)]
+    pub exit_node: Option<String>,
+    /// Whether the host's LAN stays reachable directly while an exit node is in use.
+    #[serde(default)]
+    pub exit_node_allow_lan_access: Option<bool>,
+    /// Whether peers' subnet routes are used.
+    #[serde(default)]
+    pub accept_routes: Option<bool>,
 }
 
 /// This node in a status answer.
@@ -38,6 +54,15 @@ pub struct SelfStatus {
     pub endpoints: Vec<String>,
     /// Home DERP region; 0 for none yet.
     pub home_region: u32,
+    /// Routes this node offers (subnet routes; 0.0.0.0/0 and ::/0 for an exit node).
+    #[serde(default)]
+    pub advertised_routes: Vec<String>,
+    /// Those control approved.
+    #[serde(default)]
+    pub approved_routes: Vec<String>,
+    /// Control made this node an exit node (it forwards peers' internet traffic).
+    #[serde(default)]
+    pub exit_node: bool,
 }
 
 /// A peer in a status answer.
@@ -71,6 +96,12 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Whether control sees the peer connected.
     pub online: bool,
+    /// Subnet routes the peer serves for this node.
+    #[serde(default)]
+    pub primary_routes: Vec<String>,
+    /// The peer is an exit node this node may use.
+    #[serde(default)]
+    pub exit_node: bool,
 }
 
 /// The answer to [`ApiRequest::Status`].
@@ -85,6 +116,22 @@ pub struct Status {
     pub control_error: Option<String>,
     /// The peers, by name.
     pub peers: Vec<PeerStatus>,
+    /// The exit node in use (its name), if any. Set but not offered (policy, or it went
+    /// away): internet traffic is dropped until it is offered again.
+    #[serde(default)]
+    pub exit_node: Option<String>,
+    /// Whether the selected exit node is offered to this node now.
+    #[serde(default)]
+    pub exit_node_offered: bool,
+    /// Names of the exit nodes this node may use.
+    #[serde(default)]
+    pub exit_nodes: Vec<String>,
+    /// Whether peers' subnet routes are used.
+    #[serde(default)]
+    pub accept_routes: bool,
+    /// The MagicDNS resolver is answering (100.100.100.100).
+    #[serde(default)]
+    pub magic_dns: bool,
 }
 
 /// A netcheck report, for `warren netcheck`.
@@ -129,6 +176,8 @@ pub enum ApiResponse {
     Status(Box<Status>),
     /// Answer to down.
     Stopping,
+    /// Answer to set: the preferences now in force.
+    Prefs(Prefs),
     /// Answer to ping.
     Pong {
         /// The path the pong came by.

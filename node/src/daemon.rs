@@ -18,12 +18,16 @@ use warren_proto::NodePublicKey;
 use warren_proto::control::DerpMap;
 use warren_proto::control::map_response::Kind;
 
-use crate::api::{self, ApiRequest, ApiResponse, NetcheckReport, PeerStatus, SelfStatus, Status};
+use crate::api::{
+    self, ApiRequest, ApiResponse, NetcheckReport, PeerStatus, Prefs, SelfStatus, Status,
+};
 use crate::control::{self, Advert, Client, MapEvent};
 use crate::derp::{DerpLinks, DerpReceived};
 use crate::endpoints;
+use crate::os_net::{OsNet, RouterConfig};
 use crate::state::StateDir;
 use crate::udp::{BatchSocket, Batcher};
+use warren_node_core::dns::DnsSettings;
 
 /// Options of `warren up`.
 #[derive(Debug, Clone)]
@@ -40,6 +44,30 @@ pub struct UpOptions {
     pub tun: String,
     /// UDP port; 0 picks one.
     pub port: u16,
+    /// Subnet routes to offer.
+    pub advertise_routes: Vec<ipnet::IpNet>,
+    /// Offer to be an exit node.
+    pub advertise_exit_node: bool,
+    /// Exit node, LAN access and accept-routes at start (`warren set` changes them later).
+    pub prefs: Prefs,
+    /// Masquerade forwarded traffic as a router.
+    pub snat: bool,
+}
+
+/// 0.0.0.0/0 and ::/0.
+fn default_routes() -> [ipnet::IpNet; 2] {
+    [
+        ipnet::IpNet::V4(ipnet::Ipv4Net::default()),
+        ipnet::IpNet::V6(ipnet::Ipv6Net::default()),
+    ]
+}
+
+/// What the node has asked of the OS, to change only what differs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct OsWanted {
+    routes: Vec<ipnet::IpNet>,
+    lan_bypass: Vec<ipnet::IpNet>,
+    router: Option<RouterConfig>,
 }
 
 /// The MTU of the TUN device (Tailscale's), leaving room for WireGuard over IPv6 paths.
@@ -68,6 +96,11 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     }
     let keys = opts.state.load_or_create_keys()?;
     tracing::info!(node_key = %keys.node.public_key(), "starting");
+    // Whatever a run that crashed left in the OS (routes, rules, firewall table, forwarding,
+    // resolver) goes first.
+    let os = OsNet::new(&opts.tun, opts.state.root())
+        .await
+        .context("preparing routes and firewall")?;
 
     // Local resources first: a bad TUN name, a taken port or socket fails here, before a
     // single-use key is spent on a node that would never come up.
@@ -97,10 +130,17 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
 
     let (map_tx, map_rx) = mpsc::channel(1024);
     let lan = endpoints::local(port);
+    let mut routes = opts.advertise_routes.clone();
+    if opts.advertise_exit_node {
+        routes.extend(default_routes());
+    }
+    routes.iter_mut().for_each(|r| *r = r.trunc());
+    routes.sort();
+    routes.dedup();
     let (advert_tx, advert_rx) = watch::channel(Advert {
         endpoints: lan.clone(),
         home_region: 0,
-        routes: Vec::new(),
+        routes,
     });
     let follower = tokio::spawn(control::follow(
         opts.control.clone(),
@@ -136,7 +176,14 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         derp_map: None,
         pending_pings: BTreeMap::new(),
         pending_netcheck: Vec::new(),
+        tun_name: opts.tun.clone(),
+        prefs: ResolvedPrefs::default(),
+        snat: opts.snat,
+        os,
+        os_applied: OsWanted::default(),
+        os_dirty: true,
     };
+    daemon.apply_prefs(opts.prefs.clone());
     // `run` owns the TUN device: it is gone when `run` returns.
     let result = daemon
         .run(tun, Arc::new(udp), map_rx, api_rx, derp_rx)
@@ -144,6 +191,9 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     daemon.derp.close();
     follower.abort();
     api_task.abort();
+    if let Err(e) = daemon.os.cleanup().await {
+        tracing::warn!(error = %e, "removing routes and firewall rules");
+    }
     drop(socket_file);
     drop(daemon);
     tracing::info!("stopped");
@@ -268,6 +318,22 @@ struct Daemon {
     /// `warren ping` calls waiting for their pong (or its timeout).
     pending_pings: BTreeMap<PingId, oneshot::Sender<ApiResponse>>,
     pending_netcheck: Vec<oneshot::Sender<ApiResponse>>,
+    tun_name: String,
+    prefs: ResolvedPrefs,
+    snat: bool,
+    os: OsNet,
+    os_applied: OsWanted,
+    /// The netmap or the preferences changed: bring the OS in line before the next wait.
+    os_dirty: bool,
+}
+
+/// The preferences in force.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ResolvedPrefs {
+    /// As the user gave it (name or address); matched against the netmap on every change.
+    exit_node: Option<String>,
+    allow_lan: bool,
+    accept_routes: bool,
 }
 
 async fn terminated() {
@@ -295,6 +361,15 @@ impl Daemon {
         mut derp_rx: mpsc::Receiver<DerpReceived>,
     ) -> anyhow::Result<Option<oneshot::Sender<ApiResponse>>> {
         let mut tun_buf = vec![0u8; 65_535];
+        // MagicDNS forwards to upstream resolvers from this socket; it carries the bypass mark
+        // so an exit node's default route does not pull it into the tunnel.
+        let dns_sock = tokio::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+            .await
+            .context("binding the DNS forwarding socket")?;
+        if let Err(e) = crate::os_net::mark_socket(std::os::fd::AsFd::as_fd(&dns_sock)) {
+            tracing::warn!(error = %e, "cannot mark the DNS forwarding socket");
+        }
+        let mut dns_buf = vec![0u8; 65_535];
         let mut udp_bufs = vec![vec![0u8; crate::udp::RECV_BUF]; crate::udp::RECV_BATCH];
         let mut udp_meta = vec![quinn_udp::RecvMeta::default(); crate::udp::RECV_BATCH];
         let term = terminated();
@@ -307,7 +382,16 @@ impl Daemon {
         let mut lan_check = tokio::time::interval(LAN_RECHECK);
         lan_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if self.os_dirty {
+                self.os_dirty = false;
+                self.sync_os().await;
+            }
             self.flush(&tun, &udp).await;
+            while let Some(f) = self.node.poll_dns_forward() {
+                if let Err(e) = dns_sock.try_send_to(&f.payload, f.upstream) {
+                    tracing::debug!(error = %e, upstream = %f.upstream, "DNS forward");
+                }
+            }
             let deadline = self
                 .node
                 .poll_timeout()
@@ -345,6 +429,10 @@ impl Daemon {
                         }
                     }
                 }
+                r = dns_sock.recv_from(&mut dns_buf) => match r {
+                    Ok((n, from)) => self.node.handle_dns_upstream(from, &dns_buf[..n], Instant::now()),
+                    Err(e) => tracing::debug!(error = %e, "DNS upstream receive"),
+                },
                 _ = &mut sleep => self.node.handle_timeout(Instant::now()),
                 _ = lan_check.tick() => self.node.set_lan_endpoints(endpoints::local(self.port)),
                 Some(ev) = map_rx.recv() => self.on_map_event(ev),
@@ -497,6 +585,11 @@ impl Daemon {
     }
 
     fn on_map_message(&mut self, kind: Kind) {
+        let derived = !matches!(
+            kind,
+            Kind::Keepalive(_) | Kind::PeerOnline(_) | Kind::PeerEndpoints(_)
+        );
+        self.os_dirty |= derived;
         match self.netmap.apply(kind) {
             Ok(MapChange::Reset(peers)) => {
                 tracing::debug!(peers = peers.len(), "full netmap");
@@ -563,6 +656,16 @@ impl Daemon {
                     });
                 }
             },
+            ApiRequest::Set(prefs) => {
+                let answer = match self.check_prefs(&prefs) {
+                    Ok(()) => {
+                        self.apply_prefs(prefs);
+                        ApiResponse::Prefs(self.prefs_view())
+                    }
+                    Err(message) => ApiResponse::Error { message },
+                };
+                let _ = reply.send(answer);
+            }
             ApiRequest::Netcheck => match self.node.start_netcheck(Instant::now()) {
                 Ok(()) => self.pending_netcheck.push(reply),
                 Err(e) => {
@@ -573,6 +676,123 @@ impl Daemon {
             },
         }
         None
+    }
+
+    /// A `warren set` is refused, changing nothing, when it names an exit node this node
+    /// may not use now (unknown, or not offered to it by policy).
+    fn check_prefs(&self, prefs: &Prefs) -> Result<(), String> {
+        match prefs.exit_node.as_deref() {
+            None | Some("") => Ok(()),
+            Some(name) => match self.find_peer(name) {
+                Some(key) if self.offered_exit(&key) => Ok(()),
+                Some(_) => Err(format!(
+                    "{name} is not an exit node this node may use (not approved, or the policy \
+                     gives this node no autogroup:internet through it)"
+                )),
+                None => Err(format!("no peer named {name:?}")),
+            },
+        }
+    }
+
+    fn offered_exit(&self, key: &NodePublicKey) -> bool {
+        self.netmap.peer_by_key(key).is_some_and(|n| n.exit_node)
+    }
+
+    fn apply_prefs(&mut self, prefs: Prefs) {
+        if let Some(e) = prefs.exit_node {
+            self.prefs.exit_node = Some(e).filter(|e| !e.is_empty());
+        }
+        if let Some(a) = prefs.exit_node_allow_lan_access {
+            self.prefs.allow_lan = a;
+        }
+        if let Some(a) = prefs.accept_routes {
+            self.prefs.accept_routes = a;
+        }
+        self.node.set_accept_routes(self.prefs.accept_routes);
+        self.os_dirty = true;
+    }
+
+    fn prefs_view(&self) -> Prefs {
+        Prefs {
+            exit_node: Some(self.prefs.exit_node.clone().unwrap_or_default()),
+            exit_node_allow_lan_access: Some(self.prefs.allow_lan),
+            accept_routes: Some(self.prefs.accept_routes),
+        }
+    }
+
+    /// Brings what the netmap and the preferences imply into the core (exit node, local
+    /// destinations) and the OS (routes, LAN bypass, forwarding and masquerade). Each OS change
+    /// is made only when it differs from the last one; a failure is logged and retried at the
+    /// next change.
+    async fn sync_os(&mut self) {
+        let exit = self
+            .prefs
+            .exit_node
+            .as_deref()
+            .and_then(|name| self.find_peer(name));
+        self.node.set_exit_node(exit);
+        let me = self.netmap.self_node().cloned();
+        let local = me.as_ref().map(|me| {
+            let lan = if me.exit_node {
+                crate::os_net::lan_prefixes(&self.tun_name)
+            } else {
+                Vec::new()
+            };
+            map::local_nets(me, lan)
+        });
+        let peers: Vec<_> = self.netmap.peers().collect();
+        let dns = self.netmap.dns().cloned().unwrap_or_default();
+        self.node
+            .set_dns(DnsSettings::from_netmap(&dns, me.as_ref(), peers));
+        let router = local
+            .as_ref()
+            .filter(|l| l.exit || !l.routes.is_empty())
+            .map(|_| RouterConfig { snat: self.snat });
+        if let Some(local) = local {
+            self.node.set_local(local);
+        }
+        let mut routes = self.node.os_routes();
+        // An exit node asked for but not (yet) in the netmap still takes the default routes,
+        // so internet traffic waits in the tunnel instead of leaking around it.
+        if self.prefs.exit_node.is_some() {
+            routes.extend(default_routes());
+            routes.sort();
+            routes.dedup();
+        }
+        let lan_bypass = if self.prefs.exit_node.is_some() && self.prefs.allow_lan {
+            crate::os_net::lan_prefixes(&self.tun_name)
+        } else {
+            Vec::new()
+        };
+        let wanted = OsWanted {
+            routes,
+            lan_bypass,
+            router,
+        };
+        if wanted.router != self.os_applied.router {
+            match self.os.set_router(wanted.router).await {
+                Ok(()) => {
+                    tracing::info!(router = ?wanted.router, "forwarding for peers");
+                    self.os_applied.router = wanted.router;
+                }
+                Err(e) => tracing::warn!(error = %e, "router setup"),
+            }
+        }
+        if wanted.routes != self.os_applied.routes {
+            match self.os.set_routes(&wanted.routes).await {
+                Ok(()) => {
+                    tracing::info!(routes = ?wanted.routes, "routes into the mesh");
+                    self.os_applied.routes = wanted.routes.clone();
+                }
+                Err(e) => tracing::warn!(error = %e, "installing routes"),
+            }
+        }
+        if wanted.lan_bypass != self.os_applied.lan_bypass {
+            match self.os.set_lan_bypass(&wanted.lan_bypass).await {
+                Ok(()) => self.os_applied.lan_bypass = wanted.lan_bypass,
+                Err(e) => tracing::warn!(error = %e, "LAN bypass routes"),
+            }
+        }
     }
 
     /// A peer by name, mesh address or node key.
@@ -619,6 +839,8 @@ impl Daemon {
                     rx_bytes: p.session.rx_bytes,
                     tx_bytes: p.session.tx_bytes,
                     online,
+                    primary_routes: p.routes.iter().map(|r| r.to_string()).collect(),
+                    exit_node: p.exit_node,
                 }
             })
             .collect();
@@ -641,10 +863,29 @@ impl Daemon {
                     .map(|e| e.to_string())
                     .collect(),
                 home_region: self.node.home_region().unwrap_or(0),
+                advertised_routes: me.map(|n| n.advertised_routes.clone()).unwrap_or_default(),
+                approved_routes: me.map(|n| n.approved_routes.clone()).unwrap_or_default(),
+                exit_node: me.is_some_and(|n| n.exit_node),
             },
             control_connected: self.control_connected,
             control_error: self.control_error.clone(),
             peers,
+            exit_node: self.prefs.exit_node.as_ref().map(|e| {
+                self.node
+                    .exit_node()
+                    .and_then(|k| self.netmap.peer_by_key(&k))
+                    .map(|n| n.given_name.clone())
+                    .unwrap_or_else(|| e.clone())
+            }),
+            exit_node_offered: self.node.exit_node().is_some_and(|k| self.offered_exit(&k)),
+            exit_nodes: self
+                .netmap
+                .peers()
+                .filter(|n| n.exit_node)
+                .map(|n| n.given_name.clone())
+                .collect(),
+            accept_routes: self.prefs.accept_routes,
+            magic_dns: false,
         }
     }
 }

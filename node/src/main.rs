@@ -64,6 +64,38 @@ enum Command {
         /// UDP port for WireGuard; 0 picks a free one.
         #[arg(long, default_value_t = 41641)]
         port: u16,
+        /// Offer to route these prefixes for the mesh (comma-separated, e.g. 10.20.0.0/24);
+        /// control approves them before peers use them.
+        #[arg(long, value_delimiter = ',')]
+        advertise_routes: Vec<ipnet::IpNet>,
+        /// Offer to be an exit node (advertises 0.0.0.0/0 and ::/0).
+        #[arg(long)]
+        advertise_exit_node: bool,
+        /// Send internet traffic through this exit node (a peer's name or mesh address).
+        #[arg(long)]
+        exit_node: Option<String>,
+        /// With --exit-node, keep reaching this host's LAN directly.
+        #[arg(long)]
+        exit_node_allow_lan_access: bool,
+        /// Use the subnet routes peers serve (`--accept-routes=false` to ignore them).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        accept_routes: bool,
+        /// As a subnet router or exit node, masquerade forwarded traffic behind this host's
+        /// address so the LAN needs no route back (`=false`: LAN hosts see mesh addresses).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        snat_subnet_routes: bool,
+    },
+    /// Change preferences of the running node.
+    Set {
+        /// Use this exit node (a name or mesh address); "" stops using one.
+        #[arg(long)]
+        exit_node: Option<String>,
+        /// Keep reaching this host's LAN directly while using an exit node.
+        #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        exit_node_allow_lan_access: Option<bool>,
+        /// Use the subnet routes peers serve.
+        #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        accept_routes: Option<bool>,
     },
     /// Show this node and its peers.
     Status {
@@ -154,6 +186,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             hostname,
             tun,
             port,
+            advertise_routes,
+            advertise_exit_node,
+            exit_node,
+            exit_node_allow_lan_access,
+            accept_routes,
+            snat_subnet_routes,
         } => {
             let opts = daemon::UpOptions {
                 control,
@@ -162,8 +200,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 state,
                 tun,
                 port,
+                advertise_routes,
+                advertise_exit_node,
+                prefs: api::Prefs {
+                    exit_node,
+                    exit_node_allow_lan_access: Some(exit_node_allow_lan_access),
+                    accept_routes: Some(accept_routes),
+                },
+                snat: snat_subnet_routes,
             };
             daemon::up(opts).await
+        }
+        Command::Set {
+            exit_node,
+            exit_node_allow_lan_access,
+            accept_routes,
+        } => {
+            let prefs = api::Prefs {
+                exit_node,
+                exit_node_allow_lan_access,
+                accept_routes,
+            };
+            match api::call(&state.socket(), &ApiRequest::Set(prefs)).await? {
+                ApiResponse::Prefs(p) => {
+                    out!(
+                        "exit node: {}",
+                        p.exit_node
+                            .as_deref()
+                            .filter(|e| !e.is_empty())
+                            .unwrap_or("(none)")
+                    );
+                    Ok(())
+                }
+                ApiResponse::Error { message } => anyhow::bail!("{message}"),
+                other => anyhow::bail!("unexpected answer {other:?}"),
+            }
         }
         Command::Status { json } => {
             let s = status(&state).await?;
@@ -184,6 +255,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.me.name,
                 s.me.addresses.join(" ")
             );
+            if !s.me.advertised_routes.is_empty() {
+                out!(
+                    "routes: advertised {}; approved {}{}",
+                    s.me.advertised_routes.join(","),
+                    if s.me.approved_routes.is_empty() {
+                        "none".to_string()
+                    } else {
+                        s.me.approved_routes.join(",")
+                    },
+                    if s.me.exit_node { "; exit node" } else { "" }
+                );
+            }
+            match (&s.exit_node, s.exit_node_offered) {
+                (Some(e), true) => out!("exit node: {e}"),
+                (Some(e), false) => {
+                    out!("exit node: {e} (not offered: internet traffic is dropped)")
+                }
+                (None, _) => {}
+            }
+            if !s.exit_nodes.is_empty() {
+                out!("offered exit nodes: {}", s.exit_nodes.join(", "));
+            }
             out!(
                 "{:<20} {:<16} {:<8} {:<38} {:>12} {:>12} {:>8}  HANDSHAKE",
                 "PEER",
@@ -217,6 +310,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     p.tx_bytes,
                     p.filter_drops,
                 );
+                if !p.primary_routes.is_empty() {
+                    out!("{:<20} routes {}", "", p.primary_routes.join(","));
+                }
             }
             Ok(())
         }
