@@ -752,6 +752,17 @@ impl Daemon {
             self.node.set_local(local);
         }
         let mut routes = self.node.os_routes();
+        // A prefix this node routes itself stays on its LAN (two routers for one prefix would
+        // otherwise send their own LAN's traffic to each other).
+        if let Some(me) = &me {
+            let own: Vec<ipnet::IpNet> = me
+                .advertised_routes
+                .iter()
+                .filter_map(|r| r.parse::<ipnet::IpNet>().ok())
+                .filter(|n| n.prefix_len() > 0)
+                .collect();
+            routes.retain(|r| !own.contains(r));
+        }
         // An exit node asked for but not (yet) in the netmap still takes the default routes,
         // so internet traffic waits in the tunnel instead of leaking around it.
         if self.prefs.exit_node.is_some() {
