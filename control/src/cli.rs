@@ -120,6 +120,10 @@ pub enum PolicyCmd {
         /// IP protocol, by name or number.
         #[arg(long, default_value = "tcp")]
         proto: String,
+        /// Ask whether SRC may use this exit node (a node name or mesh IP) to reach DST, an
+        /// internet address.
+        #[arg(long)]
+        exit_node: Option<String>,
     },
 }
 
@@ -208,6 +212,71 @@ pub enum NodesCmd {
         #[arg(long, short, value_delimiter = ',', required = true)]
         tags: Vec<String>,
     },
+    /// Set the routes a node is approved to serve (the whole list; "" clears it). Only routes
+    /// the node also advertises are served; 0.0.0.0/0 or ::/0 approves it as an exit node.
+    ApproveRoutes {
+        /// Node id.
+        id: u64,
+        /// Comma-separated prefixes: 10.20.0.0/24,0.0.0.0/0; "" clears every approval.
+        #[arg(long, short, required = true)]
+        routes: String,
+    },
+    /// List the nodes with routes: advertised, approved, and the ones they serve as primary.
+    ListRoutes {
+        /// Only this node.
+        #[arg(long, short)]
+        id: Option<u64>,
+    },
+}
+
+/// A node's routes, as `nodes list-routes` prints them (Headscale's shape).
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct RoutesView {
+    /// Node id.
+    pub id: u64,
+    /// Node name.
+    pub name: String,
+    /// What the node advertises.
+    pub advertised: Vec<String>,
+    /// What is approved for it.
+    pub approved: Vec<String>,
+    /// The subnet routes it is primary for, plus the exit routes when it is an approved
+    /// exit node that advertises them: what it actually serves now.
+    pub serving: Vec<String>,
+}
+
+impl RoutesView {
+    /// The view of `n`; `None` when it neither advertises nor has approved routes.
+    pub fn of(n: &Node) -> Option<Self> {
+        if n.advertised_routes.is_empty() && n.approved_routes.is_empty() {
+            return None;
+        }
+        let mut serving = n.primary_routes.clone();
+        if n.exit_node {
+            serving.extend(
+                n.advertised_routes
+                    .iter()
+                    .filter(|r| r.ends_with("/0") && n.approved_routes.contains(r))
+                    .cloned(),
+            );
+        }
+        Some(Self {
+            id: n.id,
+            name: n.given_name.clone(),
+            advertised: n.advertised_routes.clone(),
+            approved: n.approved_routes.clone(),
+            serving,
+        })
+    }
+}
+
+/// Splits `--routes` text: comma-separated, blanks dropped, so "" is the empty list.
+pub fn route_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// `apikeys` subcommands.
@@ -715,6 +784,70 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
                     );
                 }
             }
+            NodesCmd::ApproveRoutes { id, routes } => {
+                let req = ApproveRoutesRequest {
+                    id: *id,
+                    routes: route_list(routes),
+                };
+                let n = c
+                    .approve_routes(with_key(cli, req)?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .node
+                    .unwrap_or_default();
+                if json {
+                    print_json(&RoutesView::of(&n))?;
+                } else if n.approved_routes.is_empty() {
+                    out!("node {} ({}): no routes approved", n.id, n.given_name);
+                } else {
+                    out!(
+                        "node {} ({}) approved routes: {}",
+                        n.id,
+                        n.given_name,
+                        n.approved_routes.join(", ")
+                    );
+                }
+            }
+            NodesCmd::ListRoutes { id } => {
+                let nodes = c
+                    .list_nodes(with_key(cli, AdminListNodesRequest::default())?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .nodes;
+                let views: Vec<RoutesView> = nodes
+                    .iter()
+                    .filter(|n| id.is_none_or(|id| n.id == id))
+                    .filter_map(RoutesView::of)
+                    .collect();
+                if json {
+                    print_json(&views)?;
+                } else {
+                    let rows = views
+                        .iter()
+                        .map(|v| {
+                            vec![
+                                v.id.to_string(),
+                                v.name.clone(),
+                                v.approved.join(", "),
+                                v.advertised.join(", "),
+                                v.serving.join(", "),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &[
+                            "ID",
+                            "HOSTNAME",
+                            "APPROVED",
+                            "AVAILABLE",
+                            "SERVING (PRIMARY)",
+                        ],
+                        rows,
+                    )?;
+                }
+            }
         },
         Command::Policy(cmd) => policy(cli, &mut c, cmd).await?,
         Command::Apikeys(cmd) => match cmd {
@@ -867,6 +1000,9 @@ struct DecisionView {
     rule: Option<RuleView>,
     port: Option<u32>,
     in_netmap: bool,
+    /// With `--exit-node`: whether the exit node is offered to SRC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit_node_offered: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -939,14 +1075,19 @@ async fn policy(cli: &Cli, c: &mut AdminClient<Channel>, cmd: &PolicyCmd) -> any
                 out!("policy ok");
             }
         }
-        PolicyCmd::Explain { src, dst, proto } => {
+        PolicyCmd::Explain {
+            src,
+            dst,
+            proto,
+            exit_node,
+        } => {
             let (dst, port) = split_port(dst)?;
             let req = ExplainPolicyRequest {
                 src: src.clone(),
                 dst,
                 port: port.map(u32::from),
                 proto: proto.clone(),
-                exit_node: String::new(),
+                exit_node: exit_node.clone().unwrap_or_default(),
             };
             let r = c
                 .explain_policy(with_key(cli, req)?)
@@ -981,6 +1122,7 @@ async fn policy(cli: &Cli, c: &mut AdminClient<Channel>, cmd: &PolicyCmd) -> any
                             }),
                             port: (ports && d.allowed).then_some(d.port),
                             in_netmap: d.visible,
+                            exit_node_offered: exit_node.is_some().then_some(d.exit_node_offered),
                         })
                         .collect(),
                     omitted: r.omitted,
@@ -997,7 +1139,29 @@ async fn policy(cli: &Cli, c: &mut AdminClient<Channel>, cmd: &PolicyCmd) -> any
                 out!("no policy: every node may reach every other");
             }
             out!("proto {proto}, {port_text}");
-            for d in &r.decisions {
+            for d in r.decisions.iter().filter(|_| exit_node.is_some()) {
+                let on = if d.allowed && ports && port.is_none() {
+                    format!(" on port {}", d.port)
+                } else {
+                    String::new()
+                };
+                let verdict = match &d.rule {
+                    _ if !d.exit_node_offered => format!(
+                        "denied ({} is not an approved exit node offered to {})",
+                        d.dst_node,
+                        side(&d.src_node, &d.src_ip)
+                    ),
+                    Some(rule) if d.allowed => format!("allowed{on} by {}", rule_text(rule)),
+                    _ => "denied (no rule allows it)".to_owned(),
+                };
+                out!(
+                    "{} -> {} via exit node {}: {verdict}",
+                    side(&d.src_node, &d.src_ip),
+                    d.dst_ip,
+                    d.dst_node,
+                );
+            }
+            for d in r.decisions.iter().filter(|_| exit_node.is_none()) {
                 let on = if d.allowed && ports && port.is_none() {
                     format!(" on port {}", d.port)
                 } else {

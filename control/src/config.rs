@@ -128,10 +128,14 @@ pub struct Connections {
     /// is always in flight.
     #[serde(with = "duration_text")]
     pub idle_timeout: Duration,
-    /// How often the server pings each HTTP/2 connection ("20s").
+    /// How often the server pings each HTTP/2 connection ("4s"). With the timeout this bounds
+    /// how long a silently dead node (power cut, cable pulled) still counts as online: its
+    /// subnet routes fail over to another router once its map stream's connection is closed,
+    /// at most interval + timeout (8 s by default) after it last spoke. A killed process is
+    /// seen at once (its TCP connection closes).
     #[serde(with = "duration_text")]
     pub http2_ping_interval: Duration,
-    /// How long a ping may go unanswered before the connection is closed ("20s").
+    /// How long a ping may go unanswered before the connection is closed ("4s").
     #[serde(with = "duration_text")]
     pub http2_ping_timeout: Duration,
 }
@@ -143,8 +147,8 @@ impl Default for Connections {
             max_connections: crate::listen::DEFAULT_MAX_CONNECTIONS,
             handshake_timeout: crate::listen::DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: crate::listen::DEFAULT_IDLE_TIMEOUT,
-            http2_ping_interval: Duration::from_secs(20),
-            http2_ping_timeout: Duration::from_secs(20),
+            http2_ping_interval: Duration::from_secs(4),
+            http2_ping_timeout: Duration::from_secs(4),
         }
     }
 }
@@ -313,7 +317,7 @@ pub struct Prefixes {
     pub allocation: String,
 }
 
-/// MagicDNS settings.
+/// MagicDNS settings (Headscale's `dns` section), sent to every node in its full map.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dns {
@@ -321,6 +325,149 @@ pub struct Dns {
     pub magic_dns: bool,
     /// The domain under which nodes' names live.
     pub base_domain: String,
+    /// Upstream resolvers.
+    pub nameservers: Nameservers,
+    /// Search domains after `base_domain`, so short names resolve.
+    pub search_domains: Vec<String>,
+    /// Extra records the nodes' resolvers answer (A and AAAA only; Tailscale's client ignores
+    /// other types, so they are refused here rather than silently dropped).
+    pub extra_records: Vec<ExtraRecord>,
+}
+
+/// `dns.nameservers`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Nameservers {
+    /// Resolvers for every name outside the mesh: `"1.1.1.1"`, `"[2606:4700::1111]:53"`.
+    pub global: Vec<String>,
+    /// Split DNS: a domain and its own resolvers (`"corp.example" = ["10.0.0.53"]`).
+    pub split: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// One `dns.extra_records` entry.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraRecord {
+    /// The name, fully qualified: `"grafana.warren.internal"`.
+    pub name: String,
+    /// `"A"` or `"AAAA"`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The address.
+    pub value: String,
+}
+
+/// A nameserver as configured: an IP, or `ip:port` (`[v6]:port`).
+fn valid_nameserver(ns: &str) -> bool {
+    ns.parse::<std::net::IpAddr>().is_ok() || ns.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0)
+}
+
+/// A DNS name: dot-separated labels of letters, digits, `-` and `_`, at most 253 bytes.
+fn valid_domain(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+impl Dns {
+    /// Checks the section; errors name the key.
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        for ns in &self.nameservers.global {
+            if !valid_nameserver(ns) {
+                return invalid(
+                    "dns.nameservers.global",
+                    format!("{ns:?} is not an IP address or ip:port"),
+                );
+            }
+        }
+        for (domain, list) in &self.nameservers.split {
+            if !valid_domain(domain) {
+                return invalid(
+                    "dns.nameservers.split",
+                    format!("{domain:?} is not a domain name"),
+                );
+            }
+            if list.is_empty() {
+                return invalid(
+                    "dns.nameservers.split",
+                    format!("{domain:?} has no nameservers"),
+                );
+            }
+            if let Some(ns) = list.iter().find(|ns| !valid_nameserver(ns)) {
+                return invalid(
+                    "dns.nameservers.split",
+                    format!("{domain:?}: {ns:?} is not an IP address or ip:port"),
+                );
+            }
+        }
+        if let Some(d) = self.search_domains.iter().find(|d| !valid_domain(d)) {
+            return invalid("dns.search_domains", format!("{d:?} is not a domain name"));
+        }
+        for r in &self.extra_records {
+            if !valid_domain(&r.name) {
+                return invalid(
+                    "dns.extra_records",
+                    format!("{:?} is not a domain name", r.name),
+                );
+            }
+            let ok = match r.kind.as_str() {
+                "A" => r.value.parse::<std::net::Ipv4Addr>().is_ok(),
+                "AAAA" => r.value.parse::<std::net::Ipv6Addr>().is_ok(),
+                other => {
+                    return invalid(
+                        "dns.extra_records",
+                        format!(
+                            "{}: type {other:?} is not supported; only \"A\" and \"AAAA\"",
+                            r.name
+                        ),
+                    );
+                }
+            };
+            if !ok {
+                return invalid(
+                    "dns.extra_records",
+                    format!("{}: {:?} is not an {} address", r.name, r.value, r.kind),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The DNS settings as every full map carries them.
+    pub fn wire(&self) -> warren_proto::control::DnsConfig {
+        use warren_proto::control::{DnsConfig, DnsRecord, SplitDns};
+        DnsConfig {
+            magic_dns: self.magic_dns,
+            base_domain: self.base_domain.clone(),
+            nameservers: self.nameservers.global.clone(),
+            split: self
+                .nameservers
+                .split
+                .iter()
+                .map(|(domain, ns)| SplitDns {
+                    domain: domain.trim_end_matches('.').to_owned(),
+                    nameservers: ns.clone(),
+                })
+                .collect(),
+            search_domains: self.search_domains.clone(),
+            extra_records: self
+                .extra_records
+                .iter()
+                .map(|r| DnsRecord {
+                    name: r.name.trim_end_matches('.').to_owned(),
+                    r#type: r.kind.clone(),
+                    value: r.value.clone(),
+                })
+                .collect(),
+        }
+    }
 }
 
 const STATE_DIR: &str = "/var/lib/warren-control";
@@ -390,6 +537,9 @@ impl Default for Dns {
         Self {
             magic_dns: true,
             base_domain: "warren.internal".into(),
+            nameservers: Nameservers::default(),
+            search_domains: Vec::new(),
+            extra_records: Vec::new(),
         }
     }
 }
@@ -507,6 +657,7 @@ impl Config {
                 });
             }
         }
+        self.dns.check()?;
         if self.keepalive_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 key: "keepalive_interval",
@@ -623,6 +774,59 @@ base_domain = "example.test"
             Duration::from_secs(120)
         );
         assert_eq!(c.database.sqlite.path, Path::new("/tmp/x.sqlite"));
+    }
+
+    #[test]
+    fn dns_nameservers_search_domains_and_extra_records() {
+        let c = Config::parse(
+            r#"
+[dns]
+base_domain = "mesh.example"
+search_domains = ["corp.example"]
+extra_records = [{ name = "grafana.mesh.example", type = "A", value = "100.64.0.9" },
+                 { name = "v6.mesh.example", type = "AAAA", value = "fd7a:115c:a1e0::9" }]
+[dns.nameservers]
+global = ["1.1.1.1", "[2606:4700:4700::1111]:53"]
+split = { "corp.example" = ["10.0.0.53:5353"] }
+"#,
+            Path::new("x.toml"),
+        )
+        .expect("parses");
+        let w = c.dns.wire();
+        assert_eq!(w.nameservers, ["1.1.1.1", "[2606:4700:4700::1111]:53"]);
+        assert_eq!(w.split.len(), 1);
+        assert_eq!(
+            (w.split[0].domain.as_str(), w.split[0].nameservers.clone()),
+            ("corp.example", vec!["10.0.0.53:5353".to_owned()])
+        );
+        assert_eq!(w.search_domains, ["corp.example"]);
+        assert_eq!(w.extra_records[1].r#type, "AAAA");
+
+        let bad = |text: &str| {
+            Config::parse(text, Path::new("x.toml"))
+                .expect_err("refused")
+                .to_string()
+        };
+        assert_eq!(
+            bad(
+                "[dns]\nextra_records = [{ name = \"x.example\", type = \"CNAME\", value = \"y\" }]\n"
+            ),
+            "dns.extra_records: x.example: type \"CNAME\" is not supported; only \"A\" and \"AAAA\""
+        );
+        assert_eq!(
+            bad(
+                "[dns]\nextra_records = [{ name = \"x.example\", type = \"A\", value = \"::1\" }]\n"
+            ),
+            "dns.extra_records: x.example: \"::1\" is not an A address"
+        );
+        assert_eq!(
+            bad("[dns.nameservers]\nglobal = [\"https://dns.example/dns-query\"]\n"),
+            "dns.nameservers.global: \"https://dns.example/dns-query\" is not an IP address or ip:port"
+        );
+        assert_eq!(
+            bad("[dns.nameservers]\nsplit = { \"corp.example\" = [] }\n"),
+            "dns.nameservers.split: \"corp.example\" has no nameservers"
+        );
     }
 
     #[test]

@@ -249,7 +249,6 @@ impl Core {
             exit_node: routes::serving(&n.advertised_routes, &n.approved_routes)
                 .iter()
                 .any(routes::is_exit),
-            ..Node::default()
         }
     }
 

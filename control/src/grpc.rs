@@ -858,7 +858,18 @@ impl Admin for AdminService {
             })
             .transpose()?;
         let mut core = self.shared.core.lock().await;
-        let answer = explain(core.policy_state(), &r.src, &r.dst, port, proto)?;
+        let answer = if r.exit_node.is_empty() {
+            explain(core.policy_state(), &r.src, &r.dst, port, proto)?
+        } else {
+            explain_exit(
+                core.policy_state(),
+                &r.src,
+                &r.dst,
+                &r.exit_node,
+                port,
+                proto,
+            )?
+        };
         Ok(Response::new(ExplainPolicyResponse {
             configured: core.policy_configured(),
             ..answer
@@ -1044,6 +1055,76 @@ fn explain(
         proto: u32::from(proto),
         any_port: port.is_none(),
         omitted,
+        configured: true,
+    })
+}
+
+/// Answers `policy explain SRC DST --exit-node E`: may each source node use exit node E to reach
+/// DST, an internet address? Allowed only when E is an approved exit node offered to the source
+/// ([`PolicyState::exit_offered`]) and a rule lets the source reach DST (and the port).
+fn explain_exit(
+    state: &PolicyState,
+    src: &str,
+    dst: &str,
+    exit: &str,
+    port: Option<u16>,
+    proto: u8,
+) -> Result<ExplainPolicyResponse, ControlError> {
+    let dst_ip: std::net::IpAddr = dst.parse().map_err(|_| ControlError::InvalidField {
+        field: "dst",
+        reason: "with exit_node, DST must be an IP address (the internet host to reach)",
+    })?;
+    let exits = state.find_nodes(exit);
+    let [exit_id] = exits[..] else {
+        return Err(ControlError::NoSuchTarget {
+            role: "exit node",
+            what: exit.into(),
+        });
+    };
+    let exit_name = state
+        .node(exit_id)
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
+    let srcs = resolve(state, "source", src)?;
+    let mut decisions = Vec::new();
+    for s in srcs.iter().take(MAX_EXPLAIN_PAIRS) {
+        let src_ip = match dst_ip {
+            std::net::IpAddr::V4(_) => s.v4,
+            std::net::IpAddr::V6(_) => s.v6,
+        };
+        let Some(src_ip) = src_ip else { continue };
+        let (e, port) = match port {
+            Some(p) => (state.explain(src_ip, dst_ip, p, proto), p),
+            None => explain_any_port(state, src_ip, dst_ip, proto),
+        };
+        let (src_node_id, src_node) = s.node.clone().map(|(id, n)| (id.0, n)).unwrap_or_default();
+        let offered = s
+            .node
+            .as_ref()
+            .is_some_and(|(id, _)| state.exit_offered(*id, exit_id));
+        let visible = s
+            .node
+            .as_ref()
+            .is_some_and(|(id, _)| state.are_peers(*id, exit_id));
+        decisions.push(PolicyDecision {
+            src_node_id,
+            src_node,
+            src_ip: src_ip.to_string(),
+            dst_node_id: exit_id.0,
+            dst_node: exit_name.clone(),
+            dst_ip: dst_ip.to_string(),
+            allowed: offered && e.allowed,
+            rule: rule_ref(&e),
+            port: u32::from(port),
+            visible,
+            exit_node_offered: offered,
+        });
+    }
+    Ok(ExplainPolicyResponse {
+        decisions,
+        proto: u32::from(proto),
+        any_port: port.is_none(),
+        omitted: u64::try_from(srcs.len().saturating_sub(MAX_EXPLAIN_PAIRS)).unwrap_or(u64::MAX),
         configured: true,
     })
 }

@@ -13,7 +13,6 @@ use anyhow::Context;
 use tokio::sync::{Mutex, mpsc};
 use tonic::transport::Server;
 use warren_proto::ControlSecretKey;
-use warren_proto::control::DnsConfig;
 use warren_proto::control::admin_server::AdminServer;
 use warren_proto::control::control_server::ControlServer;
 
@@ -97,11 +96,7 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
     let settings = Settings {
         v4: config.prefixes.v4,
         v6: config.prefixes.v6,
-        dns: DnsConfig {
-            magic_dns: config.dns.magic_dns,
-            base_domain: config.dns.base_domain.clone(),
-            ..DnsConfig::default()
-        },
+        dns: config.dns.wire(),
         derp_map: derp_map(config)?,
         policy: policy.as_ref().map(|(_, compiled)| Arc::clone(compiled)),
     };
