@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
 use warren_proto::backoff::Backoff;
 use warren_proto::control::control_client::ControlClient;
@@ -26,15 +29,63 @@ pub struct Client {
     server: ControlPublicKey,
 }
 
+/// Opens the TCP connection for tonic to `uri`'s host and port (80, or 443 for https, when the URL names
+/// none),
+/// with the node's bypass mark set before connecting (see [`crate::os_net::mark_own_socket`])
+/// and Nagle off, as tonic's own connector has it. Each resolved address is tried in turn;
+/// tonic's connect timeout bounds the whole.
+async fn dial_marked(uri: Uri) -> std::io::Result<TokioIo<TcpStream>> {
+    use std::os::fd::AsFd;
+    let host = uri.host().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("control URL {uri} has no host"),
+        )
+    })?;
+    // An IPv6 literal comes with its brackets.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        crate::os_net::mark_own_socket(socket.as_fd(), "control");
+        match socket.connect(addr).await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(TokioIo::new(stream));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} has no address"),
+        )
+    }))
+}
+
 impl Client {
-    /// Connects to `url` and fetches the server's key.
+    /// Connects to `url` and fetches the server's key. The TCP connection carries the bypass
+    /// mark, so it reaches control by the host's routes even when an exit
+    /// node or a subnet route covers control's address.
     pub async fn connect(url: &str, node: NodeSecretKey) -> anyhow::Result<Self> {
         let channel = Endpoint::from_shared(url.to_string())
             .with_context(|| format!("bad control URL {url:?}"))?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
-            .connect()
+            .connect_with_connector(tower::service_fn(dial_marked))
             .await
             .with_context(|| format!("connecting to control at {url}"))?;
         // Full maps of large meshes exceed tonic's 4 MiB default.
@@ -278,6 +329,31 @@ async fn follow_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn control_is_dialled_by_name_and_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let port = listener.local_addr().expect("addr").port();
+        for url in [
+            format!("http://127.0.0.1:{port}"),
+            format!("http://localhost:{port}/"),
+        ] {
+            let uri: Uri = url.parse().expect("uri");
+            let io = dial_marked(uri).await.expect("dial");
+            let (_, from) = listener.accept().await.expect("accept");
+            assert_eq!(io.inner().local_addr().expect("local"), from, "{url}");
+            if let Some(mark) = crate::os_net::own_socket_mark() {
+                let got = socket2::SockRef::from(io.inner()).mark().expect("mark");
+                assert_eq!(got, mark, "control's socket carries the bypass mark");
+            }
+        }
+        let err = dial_marked("http://127.0.0.1:1".parse().expect("uri"))
+            .await
+            .expect_err("nothing listens on port 1");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
 
     #[tokio::test]
     async fn derp_names_are_resolved_and_literals_left_alone() {

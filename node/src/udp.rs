@@ -6,6 +6,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
@@ -27,9 +28,13 @@ pub struct BatchSocket {
 }
 
 impl BatchSocket {
-    /// Binds `addr` and turns on GSO/GRO where the kernel has them.
+    /// Binds `addr`, marks it with the bypass mark (see [`crate::os_net::mark_own_socket`]:
+    /// without `CAP_NET_ADMIN` it stays unmarked) and turns on GSO/GRO where the kernel has
+    /// them.
     pub fn bind(addr: SocketAddr) -> io::Result<Self> {
         let std = std::net::UdpSocket::bind(addr)?;
+        // WireGuard and STUN must leave by the host's routes, never by the tunnel's table 52.
+        crate::os_net::mark_own_socket(std.as_fd(), "wireguard-udp");
         std.set_nonblocking(true)?;
         let state = UdpSocketState::new((&std).into())?;
         // Larger buffers absorb bursts; the kernel caps them at its limits.
@@ -170,6 +175,10 @@ mod tests {
         let a = BatchSocket::bind(addr("127.0.0.1:0")).expect("bind a");
         let b = BatchSocket::bind(addr("127.0.0.1:0")).expect("bind b");
         let dst = b.local_addr().expect("addr");
+        if let Some(mark) = crate::os_net::own_socket_mark() {
+            let got = socket2::SockRef::from(&a.io).mark().expect("mark");
+            assert_eq!(got, mark, "the UDP socket carries the bypass mark");
+        }
         let mut batch = Vec::new();
         for i in 0..5u8 {
             batch.extend_from_slice(&[i; 1200]);
