@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod derp;
 pub mod endpoints;
 pub mod os_net;
+pub mod resolver_os;
 pub mod state;
 pub mod udp;
 
