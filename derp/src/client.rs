@@ -53,6 +53,11 @@ pub struct ConnectOptions {
     /// Connect to this address instead of resolving the URL's host, which still names the
     /// server for TLS and the `Host` header (a DERP map's `IPv4` beside its `HostName`).
     pub dial: Option<std::net::IpAddr>,
+    /// `SO_MARK` for the TCP connection (Linux; needs `CAP_NET_ADMIN`), set before it
+    /// connects. A node passes its bypass mark so that DERP traffic leaves by the host's
+    /// routes, not by its own tunnel routes; the relay's mesh links leave it unset. A mark
+    /// that cannot be set fails the connection ([`ClientError::Mark`]).
+    pub mark: Option<u32>,
 }
 
 impl Default for ConnectOptions {
@@ -65,6 +70,7 @@ impl Default for ConnectOptions {
             timeout: Duration::from_secs(10),
             fast_start: false,
             dial: None,
+            mark: None,
         }
     }
 }
@@ -127,6 +133,14 @@ pub enum ClientError {
     /// The writer's queue is full (the connection is slower than the sender); nothing was sent.
     #[error("send queue full")]
     QueueFull,
+    /// [`ConnectOptions::mark`] could not be set on the socket.
+    #[error("setting socket mark {mark:#x}: {source}")]
+    Mark {
+        /// The mark.
+        mark: u32,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Connecting took longer than [`ConnectOptions::timeout`].
     #[error("connect timed out")]
     Timeout,
@@ -334,6 +348,36 @@ fn parse_url(url: &str) -> Result<Target, ClientError> {
     })
 }
 
+/// Connects to the first of `addrs` that answers, from a socket carrying `mark`.
+async fn dial_marked(addrs: &[std::net::SocketAddr], mark: u32) -> Result<TcpStream, ClientError> {
+    let mut last = None;
+    for addr in addrs {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        set_mark(&socket, mark).map_err(|source| ClientError::Mark { mark, source })?;
+        match socket.connect(*addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(ClientError::Io(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "the host has no address")
+    })))
+}
+
+#[cfg(target_os = "linux")]
+fn set_mark(socket: &tokio::net::TcpSocket, mark: u32) -> std::io::Result<()> {
+    socket2::SockRef::from(socket).set_mark(mark)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_mark(_: &tokio::net::TcpSocket, _: u32) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
 impl Client {
     /// Connects to `url` (`http://host:port/derp` or `https://…`; the path defaults to
     /// `/derp`) as the node `secret`.
@@ -356,9 +400,17 @@ impl Client {
         secret: &NodeSecretKey,
         options: &ConnectOptions,
     ) -> Result<Client, ClientError> {
-        let tcp = match options.dial {
-            Some(ip) => TcpStream::connect((ip, target.port)).await?,
-            None => TcpStream::connect((target.host.as_str(), target.port)).await?,
+        let tcp = match (options.dial, options.mark) {
+            (Some(ip), None) => TcpStream::connect((ip, target.port)).await?,
+            (None, None) => TcpStream::connect((target.host.as_str(), target.port)).await?,
+            (Some(ip), Some(mark)) => dial_marked(&[(ip, target.port).into()], mark).await?,
+            (None, Some(mark)) => {
+                let addrs: Vec<std::net::SocketAddr> =
+                    tokio::net::lookup_host((target.host.as_str(), target.port))
+                        .await?
+                        .collect();
+                dial_marked(&addrs, mark).await?
+            }
         };
         let _ = tcp.set_nodelay(true);
         let mut stream: BoxStream = if target.tls {
@@ -680,6 +732,30 @@ mod insecure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn marked_dial_sets_the_mark_or_says_why_not() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        match dial_marked(&[addr], 0x80000).await {
+            Ok(tcp) => {
+                let mark = socket2::SockRef::from(&tcp).mark().expect("mark");
+                assert_eq!(mark, 0x80000);
+            }
+            // Without CAP_NET_ADMIN.
+            Err(e) => assert_eq!(
+                e.to_string(),
+                "setting socket mark 0x80000: Operation not permitted (os error 1)"
+            ),
+        }
+        let err = dial_marked(&[], 0x80000).await.expect_err("no address");
+        assert_eq!(
+            err.to_string(),
+            "connection failed: the host has no address"
+        );
+    }
 
     #[test]
     fn urls() {

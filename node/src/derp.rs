@@ -206,6 +206,8 @@ async fn run_link(
             let options = ConnectOptions {
                 insecure_skip_verify: u.insecure,
                 dial: u.dial,
+                // DERP must leave by the host's routes, never by the tunnel's table 52.
+                mark: crate::os_net::own_socket_mark(),
                 ..ConnectOptions::default()
             };
             match Client::connect(&u.url, &key, &options).await {
