@@ -589,12 +589,14 @@ pub fn route_dev(line: &str) -> Option<&str> {
 /// or a name that does not resolve is just `false`; the output is returned for messages.
 pub fn ping_host(lab: &Lab, ns: &str, host: &str, wait: Duration) -> Result<(bool, String)> {
     let secs = format!("{:.3}", wait.as_secs_f64());
-    let out = lab.run_timeout(
-        ns,
-        "ping",
-        ["-c", "1", "-W", &secs, host],
-        wait + Duration::from_secs(15),
-    )?;
+    let mut args = vec!["-c", "1", "-W", &secs];
+    // An address is not looked up backwards (no DNS wait); a name is resolved and so is the
+    // reply's address.
+    if host.parse::<IpAddr>().is_ok() {
+        args.push("-n");
+    }
+    args.push(host);
+    let out = lab.run_timeout(ns, "ping", &args, wait + Duration::from_secs(15))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -689,6 +691,109 @@ impl WarrenOsState {
             .iter()
             .any(|l| l.trim() == "table inet warren")
     }
+}
+
+// ----- nodes for these tests -----
+
+/// How long the helpers below wait for something the mesh should do "soon".
+pub const SOON: Duration = Duration::from_secs(20);
+
+/// Starts a node on a new mesh host with `key` and `extra_args` for `warren up`, after
+/// `prepare` ran on the fresh namespace (e.g. [`Subnet::attach_router`]), and waits until it
+/// has its mesh IPv4 address.
+pub fn spawn_node(
+    lab: &mut Lab,
+    mesh: &mut crate::Mesh,
+    key: &str,
+    extra_args: &[&str],
+    prepare: impl FnOnce(&mut Lab, &str) -> Result<()>,
+) -> Result<(crate::Node, Ipv4Addr)> {
+    let (ns, addr) = mesh.add_host(lab)?;
+    prepare(lab, &ns)?;
+    let opts = crate::NodeOptions::with_args(extra_args);
+    let node = mesh.spawn_node_on(lab, &ns, addr, key, &opts)?;
+    let ip = wait_mesh_ip(lab, &node)?;
+    Ok((node, ip))
+}
+
+/// Waits until `node` reports its mesh IPv4 address.
+pub fn wait_mesh_ip(lab: &Lab, node: &crate::Node) -> Result<Ipv4Addr> {
+    let mut addr = None;
+    crate::wait_until(
+        SOON,
+        &format!("{} has a mesh address", node.hostname),
+        || {
+            node.check_running()?;
+            addr = Some(node.ipv4(lab)?);
+            Ok(true)
+        },
+    )?;
+    addr.context("no address")
+}
+
+/// Waits until `pred` holds for `node`'s status; returns that status. The last status seen is
+/// in the error.
+pub fn wait_status(
+    lab: &Lab,
+    node: &crate::Node,
+    what: &str,
+    mut pred: impl FnMut(&crate::NodeStatus) -> bool,
+) -> Result<crate::NodeStatus> {
+    let mut last = None;
+    let mut hit = None;
+    crate::wait_until(SOON, &format!("{}: {what}", node.hostname), || {
+        node.check_running()?;
+        let s = node.status(lab)?;
+        let ok = pred(&s);
+        if ok {
+            hit = Some(s);
+        } else {
+            last = Some(s.raw);
+        }
+        Ok(ok)
+    })
+    .with_context(|| {
+        format!(
+            "{}'s last status: {}",
+            node.hostname,
+            last.map(|v| v.to_string()).unwrap_or_default()
+        )
+    })?;
+    hit.context("no status")
+}
+
+/// The peer of `s` with mesh address `addr`, or an error showing the status.
+pub fn peer_at(s: &crate::NodeStatus, addr: Ipv4Addr) -> Result<&crate::PeerStatus> {
+    s.peer_with_addr(IpAddr::V4(addr))
+        .with_context(|| format!("{} does not list {addr}: {}", s.name, s.raw))
+}
+
+/// The entry of node `id` in `nodes list-routes` JSON (an array of `{id, name, advertised,
+/// approved, serving}`), if listed.
+pub fn routes_entry(list: &Value, id: u64) -> Option<&Value> {
+    list.as_array()?
+        .iter()
+        .find(|e| e["id"].as_u64() == Some(id))
+}
+
+/// The strings of `entry[key]` (also accepting `KEY_routes`, e.g. `advertised_routes`).
+pub fn routes_field(entry: &Value, key: &str) -> Vec<String> {
+    let v = match &entry[key] {
+        Value::Null => &entry[format!("{key}_routes").as_str()],
+        v => v,
+    };
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `ns` gets an ICMP echo reply from `addr` within `wait` (see [`ping_host`]).
+pub fn pings(lab: &Lab, ns: &str, addr: Ipv4Addr, wait: Duration) -> Result<bool> {
+    Ok(ping_host(lab, ns, &addr.to_string(), wait)?.0)
 }
 
 #[cfg(test)]
