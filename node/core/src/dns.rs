@@ -1847,4 +1847,39 @@ mod tests {
         let m = Message::from_vec(u.payload()).expect("dns");
         assert_eq!(rdata(&m), vec![aaaa("fd7a:115c:a1e0::2")]);
     }
+
+    #[test]
+    fn untrusted_bytes_never_panic_and_never_grow_state() {
+        use proptest::prelude::*;
+        let valid = query(7, "peer.mesh.example.", RecordType::A);
+        let strategy = (
+            proptest::collection::vec(any::<u8>(), 0..300),
+            proptest::collection::vec((0..valid.len(), any::<u8>()), 0..8),
+        );
+        let now = Instant::now();
+        proptest!(|((random, flips) in strategy)| {
+            let mut r = resolver();
+            r.handle_query(CLIENT, SERVER, &random, now);
+            r.handle_upstream(sa("9.9.9.9:53"), &random, now);
+            let _ = parse_dns_packet(&random);
+            let mut mutated = valid.clone();
+            for (i, b) in flips {
+                mutated[i] ^= b;
+            }
+            r.handle_query(CLIENT, SERVER, &mutated, now);
+            let _ = parse_dns_packet(&udp_packet(CLIENT, SERVER, &mutated));
+            // At most one answer or one forward per query.
+            let mut out = 0;
+            while r.poll_answer().is_some() {
+                out += 1;
+            }
+            while r.poll_forward().is_some() {
+                out += 1;
+            }
+            prop_assert!(out <= 2);
+            prop_assert!(r.pending() <= 2);
+            r.handle_timeout(now + FORWARD_TIMEOUT);
+            prop_assert_eq!(r.pending(), 0);
+        });
+    }
 }
