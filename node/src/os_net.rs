@@ -688,10 +688,11 @@ impl OsNet {
         let mut current = BTreeMap::new();
         let mut duplicates = Vec::new();
         for (net, slot, msg) in self.table_routes().await? {
-            if current.contains_key(&net) {
-                duplicates.push((net, msg));
-            } else {
-                current.insert(net, slot);
+            match current.entry(net) {
+                std::collections::btree_map::Entry::Occupied(_) => duplicates.push((net, msg)),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(slot);
+                }
             }
         }
         let plan = plan_routes(&current, &wanted);

@@ -23,7 +23,7 @@ use warren_node::os_net::{
 const INSIDE: &str = "WARREN_OSNET_INSIDE";
 /// The namespace (`net:[inode]`) the outer test ran in; the inner copy refuses to run there.
 const PARENT_NS: &str = "WARREN_OSNET_PARENT_NS";
-/// Set for the child that installs everything and then aborts.
+/// Set for the child that installs everything and then is killed.
 const CRASH_CHILD: &str = "WARREN_OSNET_CRASH_CHILD";
 
 const IPV4_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -495,7 +495,7 @@ fn leftovers_of_a_crashed_run_are_removed() {
         }
         lab();
         let state = tempfile::tempdir().expect("state dir");
-        // A real crash: a child in this namespace installs everything, then aborts.
+        // A real crash: a child in this namespace installs everything, then is killed.
         let exe = std::env::current_exe().expect("test binary");
         let status = Command::new(exe)
             .args([
@@ -506,7 +506,7 @@ fn leftovers_of_a_crashed_run_are_removed() {
             .env(CRASH_CHILD, state.path())
             .status()
             .expect("crash child");
-        assert!(!status.success(), "the child aborts");
+        assert!(!status.success(), "the child was killed");
         assert_eq!(table52().len(), 3, "{:?}", table52());
         assert_eq!(our_rules(), expected_rules());
         assert!(nft_table_exists());
@@ -521,7 +521,7 @@ fn leftovers_of_a_crashed_run_are_removed() {
     });
 }
 
-/// Installs routes, LAN bypass and router mode, then aborts without cleaning up.
+/// Installs routes, LAN bypass and router mode, then is killed (SIGKILL) without cleaning up.
 fn crash_child() {
     let state = std::env::var_os(CRASH_CHILD).expect("state dir");
     runtime().block_on(async {
@@ -535,6 +535,9 @@ fn crash_child() {
         os.set_router(Some(RouterConfig::default()))
             .await
             .expect("router");
-        std::process::abort();
+        // As the OOM killer would: no destructor, no core file.
+        let me = rustix::process::getpid();
+        let _ = rustix::process::kill_process(me, rustix::process::Signal::KILL);
+        unreachable!("SIGKILL returned");
     });
 }
