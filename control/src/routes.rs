@@ -246,6 +246,57 @@ mod tests {
     }
 
     #[test]
+    fn auto_approvers_follow_headscale() {
+        use crate::policy::PolicyUser;
+        let policy = CompiledPolicy::from_text(
+            r#"{
+              "groups": {"group:ops": ["alice@"]},
+              "tagOwners": {"tag:r": ["alice@"]},
+              "autoApprovers": {
+                "routes": {"10.0.0.0/8": ["group:ops"], "0.0.0.0/0": ["tag:r"]},
+                "exitNode": ["tag:r"],
+              },
+            }"#,
+        )
+        .expect("policy");
+        let v4 = std::net::Ipv4Addr::new(100, 64, 0, 1);
+        let v6 = std::net::Ipv6Addr::LOCALHOST;
+        let alice = PolicyUser {
+            id: 1,
+            name: "alice".into(),
+            email: None,
+        };
+        let user_node = PolicyNode::user(1, "a", alice, v4, v6);
+        let tagged = PolicyNode::tagged(2, "t", &["tag:r"], v4, v6);
+        let adv = nets(&["10.1.0.0/16", "10.0.0.0/8", "192.168.1.0/24", "0.0.0.0/0"]);
+        // alice's own node: inside (or equal to) the group's prefix; no exit (not in exitNode).
+        assert_eq!(
+            auto_approved(&policy, &user_node, &adv),
+            nets(&["10.0.0.0/8", "10.1.0.0/16"])
+        );
+        // The tagged node: everything under the /0 entry, and both exit routes via exitNode
+        // (never via the /0 routes entry); a group does not match a tagged node.
+        assert_eq!(
+            auto_approved(&policy, &tagged, &adv),
+            nets(&[
+                "0.0.0.0/0",
+                "10.0.0.0/8",
+                "10.1.0.0/16",
+                "192.168.1.0/24",
+                "::/0"
+            ])
+        );
+        let no_exit = CompiledPolicy::from_text(
+            r#"{"tagOwners": {"tag:r": []}, "autoApprovers": {"routes": {"0.0.0.0/0": ["tag:r"]}}}"#,
+        )
+        .expect("policy");
+        assert_eq!(
+            auto_approved(&no_exit, &tagged, &nets(&["0.0.0.0/0", "::/0"])),
+            Vec::<IpNet>::new()
+        );
+    }
+
+    #[test]
     fn election_keeps_the_primary_and_a_recovered_node_does_not_take_over() {
         let p: IpNet = "10.0.0.0/24".parse().expect("prefix");
         let mut prim = Primaries::default();
