@@ -98,9 +98,15 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     tracing::info!(node_key = %keys.node.public_key(), "starting");
     // Whatever a run that crashed left in the OS (routes, rules, firewall table, forwarding,
     // resolver) goes first.
-    let os = OsNet::new(&opts.tun, opts.state.root())
-        .await
-        .context("preparing routes and firewall")?;
+    // Without the rights (not root, no CAP_NET_ADMIN) the mesh still works; only subnet
+    // routes, exit nodes and router mode need this.
+    let os = match OsNet::new(&opts.tun, opts.state.root()).await {
+        Ok(os) => Some(os),
+        Err(e) => {
+            tracing::warn!(error = %e, "no OS routing (subnet routes and exit nodes are off)");
+            None
+        }
+    };
 
     // Local resources first: a bad TUN name, a taken port or socket fails here, before a
     // single-use key is spent on a node that would never come up.
@@ -191,7 +197,9 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     daemon.derp.close();
     follower.abort();
     api_task.abort();
-    if let Err(e) = daemon.os.cleanup().await {
+    if let Some(os) = daemon.os.as_mut()
+        && let Err(e) = os.cleanup().await
+    {
         tracing::warn!(error = %e, "removing routes and firewall rules");
     }
     drop(socket_file);
@@ -321,7 +329,7 @@ struct Daemon {
     tun_name: String,
     prefs: ResolvedPrefs,
     snat: bool,
-    os: OsNet,
+    os: Option<OsNet>,
     os_applied: OsWanted,
     /// The netmap or the preferences changed: bring the OS in line before the next wait.
     os_dirty: bool,
@@ -780,8 +788,11 @@ impl Daemon {
             lan_bypass,
             router,
         };
+        let Some(os) = self.os.as_mut() else {
+            return;
+        };
         if wanted.router != self.os_applied.router {
-            match self.os.set_router(wanted.router).await {
+            match os.set_router(wanted.router).await {
                 Ok(()) => {
                     tracing::info!(router = ?wanted.router, "forwarding for peers");
                     self.os_applied.router = wanted.router;
@@ -790,7 +801,7 @@ impl Daemon {
             }
         }
         if wanted.routes != self.os_applied.routes {
-            match self.os.set_routes(&wanted.routes).await {
+            match os.set_routes(&wanted.routes).await {
                 Ok(()) => {
                     tracing::info!(routes = ?wanted.routes, "routes into the mesh");
                     self.os_applied.routes = wanted.routes.clone();
@@ -799,7 +810,7 @@ impl Daemon {
             }
         }
         if wanted.lan_bypass != self.os_applied.lan_bypass {
-            match self.os.set_lan_bypass(&wanted.lan_bypass).await {
+            match os.set_lan_bypass(&wanted.lan_bypass).await {
                 Ok(()) => self.os_applied.lan_bypass = wanted.lan_bypass,
                 Err(e) => tracing::warn!(error = %e, "LAN bypass routes"),
             }
