@@ -916,6 +916,69 @@ mod tests {
     }
 
     #[test]
+    fn routes_are_shared_without_a_policy_and_filtered_per_viewer_with_one() {
+        let mut m = Netmap::default();
+        let mut router = node(1);
+        router.advertised_routes = vec!["10.0.0.0/24".into(), "0.0.0.0/0".into(), "::/0".into()];
+        router.approved_routes = router.advertised_routes.clone();
+        router.primary_routes = vec!["10.0.0.0/24".into()];
+        router.exit_node = true;
+        let mut router_id = owned_by(1, 1, "ops");
+        router_id.approved_routes = ["10.0.0.0/24", "0.0.0.0/0", "::/0"]
+            .iter()
+            .map(|r| r.parse().expect("prefix"))
+            .collect();
+        m.upsert(router.clone(), router_id.clone());
+        for (id, user, name) in [(2, 2, "alice"), (3, 3, "bob")] {
+            m.upsert(node(id), owned_by(id, user, name));
+        }
+        let mut alice = m.subscribe(2).expect("known");
+        let mut bob = m.subscribe(3).expect("known");
+        let seen = |full: &FullMap| {
+            let r = full.peers.iter().find(|n| n.id == 1).expect("router");
+            assert!(r.advertised_routes.is_empty() && r.approved_routes.is_empty());
+            (r.primary_routes.clone(), r.exit_node)
+        };
+        assert_eq!(seen(&alice.full), (vec!["10.0.0.0/24".to_owned()], true));
+        assert_eq!(seen(&bob.full), (vec!["10.0.0.0/24".to_owned()], true));
+        // No policy: a router's change is one delta shared by every viewer.
+        assert_eq!(m.upsert(router.clone(), router_id.clone()), 2);
+        let (a, b) = (
+            alice.deltas.try_recv().expect("delta"),
+            bob.deltas.try_recv().expect("delta"),
+        );
+        assert!(Arc::ptr_eq(&a, &b), "one delta, shared");
+
+        // alice may reach 10.0.0.0/8 (not the internet); bob nothing.
+        let text =
+            r#"{"acls": [{"action": "accept", "src": ["alice@"], "dst": ["10.0.0.0/8:*"]}]}"#;
+        let compiled = Arc::new(CompiledPolicy::from_text(text).expect("policy"));
+        m.set_policy(Some(compiled)).expect("applies");
+        let to_alice = drain(&mut alice);
+        let changed: Vec<(Vec<String>, bool)> = to_alice
+            .iter()
+            .filter_map(|k| match k {
+                Kind::PeerChanged(n) if n.id == 1 => Some((n.primary_routes.clone(), n.exit_node)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            changed,
+            [(vec!["10.0.0.0/24".to_owned()], false)],
+            "{to_alice:?}"
+        );
+        assert!(
+            drain(&mut bob)
+                .iter()
+                .any(|k| matches!(k, Kind::PeerRemoved(r) if r.id == 1))
+        );
+        // With a policy, each viewer gets its own record.
+        assert_eq!(m.upsert(router, router_id), 1);
+        assert!(matches!(&*alice.deltas.try_recv().expect("delta"),
+            Kind::PeerChanged(n) if n.primary_routes == ["10.0.0.0/24"] && !n.exit_node));
+    }
+
+    #[test]
     fn without_a_policy_joins_are_one_shared_delta_and_a_later_policy_sees_every_node() {
         let mut m = Netmap::default();
         for (id, user, name) in [(1, 1, "alice"), (2, 2, "bob")] {
