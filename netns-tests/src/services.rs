@@ -796,6 +796,37 @@ pub fn pings(lab: &Lab, ns: &str, addr: Ipv4Addr, wait: Duration) -> Result<bool
     Ok(ping_host(lab, ns, &addr.to_string(), wait)?.0)
 }
 
+/// A namespace's routing and firewall state as text, for failure messages: addresses, routes
+/// (main and table 52), rules, forwarding, the nftables ruleset and conntrack entries.
+pub fn diagnose(lab: &Lab, ns: &str) -> String {
+    let mut out = format!("----- state of {ns} -----\n");
+    for cmd in [
+        &["ip", "-br", "addr"][..],
+        &["ip", "route"],
+        &["ip", "route", "show", "table", "52"],
+        &["ip", "-6", "route", "show", "table", "52"],
+        &["ip", "rule"],
+        &[
+            "sysctl",
+            "net.ipv4.ip_forward",
+            "net.ipv6.conf.all.forwarding",
+        ],
+        &["nft", "list", "ruleset"],
+        &["conntrack", "-L"],
+        &["cat", "/etc/resolv.conf"],
+    ] {
+        out.push_str(&format!("$ {}\n", cmd.join(" ")));
+        match lab.run(ns, cmd[0], &cmd[1..]) {
+            Ok(o) => {
+                out.push_str(&String::from_utf8_lossy(&o.stdout));
+                out.push_str(&String::from_utf8_lossy(&o.stderr));
+            }
+            Err(e) => out.push_str(&format!("({e:#})\n")),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

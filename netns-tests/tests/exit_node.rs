@@ -48,8 +48,9 @@ fn fetch(lab: &Lab, node: &Node, timeout: Duration) -> Result<HttpOutcome> {
 }
 
 /// Waits until `node` fetches the web server's page; returns how long it took (GETs back to
-/// back, each waiting up to 1 s).
-fn wait_fetch(lab: &Lab, node: &Node) -> Result<Duration> {
+/// back, each waiting up to 1 s). On failure the message holds the routing and firewall state
+/// of the client and of every namespace in `also` (the exit node).
+fn wait_fetch(lab: &Lab, node: &Node, also: &[&Node]) -> Result<Duration> {
     let mut last = None;
     wait_until_every(
         SOON,
@@ -67,7 +68,14 @@ fn wait_fetch(lab: &Lab, node: &Node) -> Result<Duration> {
             Ok(ok)
         },
     )
-    .with_context(|| format!("last outcome {last:?}"))
+    .with_context(|| {
+        let mut text = format!("last outcome {last:?}\n");
+        for n in std::iter::once(node).chain(also.iter().copied()) {
+            text.push_str(&format!("{} ({}):\n", n.hostname, n.ns));
+            text.push_str(&services::diagnose(lab, &n.ns));
+        }
+        text
+    })
 }
 
 /// Three GETs from `node`, none of which may get a reply.
@@ -244,7 +252,7 @@ fn exit_node_follows_policy_and_own_traffic_stays_direct() {
         wait_status(lab, &alice, "uses the exit node", |s| {
             s.exit_node.as_deref() == Some(exit_name.as_str())
         })?;
-        let took = wait_fetch(lab, &alice)?;
+        let took = wait_fetch(lab, &alice, &[&exit])?;
         eprintln!(
             "`warren set --exit-node` -> first page through it: {} ms (set took {} ms)",
             took.as_millis(),
@@ -307,7 +315,7 @@ fn exit_node_follows_policy_and_own_traffic_stays_direct() {
         if !out.status.success() {
             bob.set_exit_node(lab, &exit_name)?;
         }
-        wait_fetch(lab, &bob)?;
+        wait_fetch(lab, &bob, &[&exit])?;
         eprintln!(
             "policy change -> bob's first page through the exit node: {} ms",
             changed.elapsed().as_millis()
@@ -394,12 +402,12 @@ fn exit_node_approved_by_cli_set_live_and_cleared_without_leaks() {
             s.exit_nodes == [exit_name.as_str()]
                 && s.exit_node.as_deref() == Some(exit_name.as_str())
         })?;
-        wait_fetch(lab, &c)?;
+        wait_fetch(lab, &c, &[&exit])?;
         eprintln!(
             "exit node approval -> first page through it: {} ms",
             approved.elapsed().as_millis()
         );
-        wait_fetch(lab, &lan_c)?;
+        wait_fetch(lab, &lan_c, &[&exit])?;
         ensure_own_traffic_direct(lab, &c)?;
         ensure_own_traffic_direct(lab, &lan_c)?;
 
@@ -434,7 +442,7 @@ fn exit_node_approved_by_cli_set_live_and_cleared_without_leaks() {
         wait_status(lab, &c, "uses the exit node chosen by address", |s| {
             s.exit_node.as_deref() == Some(exit_name.as_str())
         })?;
-        wait_fetch(lab, &c)?;
+        wait_fetch(lab, &c, &[&exit])?;
 
         // The exit node dies: the routes stay (a blackhole, not a leak) and control still
         // reaches the client.
