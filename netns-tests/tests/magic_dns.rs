@@ -155,7 +155,7 @@ fn magic_dns_answers_peers_forwards_splits_and_restores_resolv_conf() {
         let took = Instant::now();
         wait_dig(lab, &c1, &server_fqdn, "A", |a| a.is_a(&[server_ip]))?;
         eprintln!(
-            "first MagicDNS answer after the netmap: {} ms",
+            "first MagicDNS answer for a peer, after resolv.conf changed: {} ms",
             took.elapsed().as_millis()
         );
         let v6 = services::dig(lab, &c1.ns, QUAD100_V6.parse()?, &server_fqdn, "A")?;
