@@ -25,6 +25,7 @@ use crate::control::{self, Advert, Client, MapEvent};
 use crate::derp::{DerpLinks, DerpReceived};
 use crate::endpoints;
 use crate::os_net::{OsNet, RouterConfig};
+use crate::resolver_os::{OsResolver, ResolverPaths, ResolverSettings};
 use crate::state::StateDir;
 use crate::udp::{BatchSocket, Batcher};
 use warren_node_core::dns::DnsSettings;
@@ -60,6 +61,23 @@ fn default_routes() -> [ipnet::IpNet; 2] {
         ipnet::IpNet::V4(ipnet::Ipv4Net::default()),
         ipnet::IpNet::V6(ipnet::Ipv6Net::default()),
     ]
+}
+
+/// Private, shared or link-local address space (RFC 1918, RFC 6598, RFC 4193, link-local):
+/// what `autogroup:internet` leaves out, and what an exit node treats as its LAN.
+fn is_private(n: &ipnet::IpNet) -> bool {
+    match n.addr() {
+        IpAddr::V4(a) => {
+            a.is_private()
+                || a.is_link_local()
+                || ipnet::Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 10)
+                    .is_ok_and(|cgnat| cgnat.contains(&a))
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments()[0];
+            s & 0xfe00 == 0xfc00 || s & 0xffc0 == 0xfe80
+        }
+    }
 }
 
 /// What the node has asked of the OS, to change only what differs.
@@ -98,6 +116,12 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     tracing::info!(node_key = %keys.node.public_key(), "starting");
     // Whatever a run that crashed left in the OS (routes, rules, firewall table, forwarding,
     // resolver) goes first.
+    let resolver_paths = ResolverPaths::new(opts.state.root());
+    match OsResolver::recover(&resolver_paths) {
+        Ok(true) => tracing::info!("restored the resolver configuration a crashed run left"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "restoring the resolver configuration"),
+    }
     // Without the rights (not root, no CAP_NET_ADMIN) the mesh still works; only subnet
     // routes, exit nodes and router mode need this.
     let os = match OsNet::new(&opts.tun, opts.state.root()).await {
@@ -188,6 +212,9 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         os,
         os_applied: OsWanted::default(),
         os_dirty: true,
+        resolver_paths,
+        resolver: None,
+        resolver_applied: None,
     };
     daemon.apply_prefs(opts.prefs.clone());
     // `run` owns the TUN device: it is gone when `run` returns.
@@ -197,6 +224,11 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     daemon.derp.close();
     follower.abort();
     api_task.abort();
+    if let Some(r) = daemon.resolver.take()
+        && let Err(e) = r.restore()
+    {
+        tracing::warn!(error = %e, "restoring the resolver configuration");
+    }
     if let Some(os) = daemon.os.as_mut()
         && let Err(e) = os.cleanup().await
     {
@@ -333,6 +365,11 @@ struct Daemon {
     os_applied: OsWanted,
     /// The netmap or the preferences changed: bring the OS in line before the next wait.
     os_dirty: bool,
+    resolver_paths: ResolverPaths,
+    /// The host resolver pointed at 100.100.100.100 (control's `dns.magic_dns`).
+    resolver: Option<OsResolver>,
+    /// What the host resolver was last told.
+    resolver_applied: Option<ResolverSettings>,
 }
 
 /// The preferences in force.
@@ -741,17 +778,20 @@ impl Daemon {
         self.node.set_exit_node(exit);
         let me = self.netmap.self_node().cloned();
         let local = me.as_ref().map(|me| {
+            // An exit node keeps its private LANs from its peers (advertise them as routes to
+            // share them). A publicly addressed network it sits on is internet like any other,
+            // the same line `autogroup:internet` draws.
             let lan = if me.exit_node {
                 crate::os_net::lan_prefixes(&self.tun_name)
+                    .into_iter()
+                    .filter(is_private)
+                    .collect()
             } else {
                 Vec::new()
             };
             map::local_nets(me, lan)
         });
-        let peers: Vec<_> = self.netmap.peers().collect();
-        let dns = self.netmap.dns().cloned().unwrap_or_default();
-        self.node
-            .set_dns(DnsSettings::from_netmap(&dns, me.as_ref(), peers));
+        self.sync_dns(me.as_ref());
         let router = local
             .as_ref()
             .filter(|l| l.exit || !l.routes.is_empty())
@@ -815,6 +855,54 @@ impl Daemon {
                 Err(e) => tracing::warn!(error = %e, "LAN bypass routes"),
             }
         }
+    }
+
+    /// The resolver's names and upstreams from the netmap, and the host resolver pointed at
+    /// it while control's `dns.magic_dns` is on. Without global nameservers from control,
+    /// other names go to the servers the host used before (Tailscale's OS base config).
+    fn sync_dns(&mut self, me: Option<&warren_proto::control::Node>) {
+        let dns = self.netmap.dns().cloned().unwrap_or_default();
+        let mut settings = DnsSettings::from_netmap(&dns, me, self.netmap.peers());
+        let wanted = ResolverSettings::from_dns(&settings);
+        match (dns.magic_dns, self.resolver.as_mut()) {
+            (true, None) => {
+                match OsResolver::apply(&self.resolver_paths, &self.tun_name, &wanted) {
+                    Ok(r) => {
+                        tracing::info!(mode = ?r.mode(), "host resolver points at 100.100.100.100");
+                        self.resolver = Some(r);
+                        self.resolver_applied = Some(wanted.clone());
+                    }
+                    Err(e) => tracing::warn!(error = %e, "pointing the host resolver at MagicDNS"),
+                }
+            }
+            (true, Some(r)) => {
+                if self.resolver_applied.as_ref() != Some(&wanted) {
+                    match r.update(&wanted) {
+                        Ok(()) => self.resolver_applied = Some(wanted.clone()),
+                        Err(e) => tracing::warn!(error = %e, "updating the host resolver"),
+                    }
+                }
+            }
+            (false, Some(_)) => {
+                if let Some(r) = self.resolver.take()
+                    && let Err(e) = r.restore()
+                {
+                    tracing::warn!(error = %e, "restoring the host resolver");
+                }
+            }
+            (false, None) => {}
+        }
+        if settings.upstreams.is_empty()
+            && let Some(r) = &self.resolver
+        {
+            settings.upstreams = r
+                .base_nameservers()
+                .iter()
+                .filter(|a| a.ip() != IpAddr::from(warren_node_core::dns::MAGIC_DNS_V4))
+                .copied()
+                .collect();
+        }
+        self.node.set_dns(settings);
     }
 
     /// A peer by name, mesh address or node key.
@@ -907,7 +995,7 @@ impl Daemon {
                 .map(|n| n.given_name.clone())
                 .collect(),
             accept_routes: self.prefs.accept_routes,
-            magic_dns: false,
+            magic_dns: self.resolver.is_some(),
         }
     }
 }
@@ -915,6 +1003,25 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exit_node_lan_is_private_address_space_only() {
+        for (net, private) in [
+            ("10.20.0.0/24", true),
+            ("172.16.5.0/24", true),
+            ("192.168.1.0/24", true),
+            ("100.64.0.0/10", true),
+            ("169.254.0.0/16", true),
+            ("fd00:77::/64", true),
+            ("fe80::/64", true),
+            ("198.51.100.0/24", false),
+            ("203.0.113.0/24", false),
+            ("2001:db8::/64", false),
+        ] {
+            let n: ipnet::IpNet = net.parse().expect("net");
+            assert_eq!(is_private(&n), private, "{net}");
+        }
+    }
 
     #[test]
     fn status_says_when_the_relay_is_down() {

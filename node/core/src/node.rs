@@ -636,8 +636,11 @@ impl Node {
     /// Answers for apps go out of the TUN device as UDP from the magic address.
     fn drain_dns(&mut self) {
         while let Some(a) = self.dns.poll_answer() {
-            self.to_tun
-                .push_back(dns::udp_packet(a.server, a.client, &a.payload));
+            let packet = dns::udp_packet(a.server, a.client, &a.payload);
+            // Empty: the addresses' families differ or the answer is too big for one packet.
+            if !packet.is_empty() {
+                self.to_tun.push_back(packet);
+            }
         }
     }
 
