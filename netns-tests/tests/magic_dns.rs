@@ -210,7 +210,7 @@ fn magic_dns_answers_peers_forwards_splits_and_restores_resolv_conf() {
         );
         let nx = services::dig(lab, &c1.ns, QUAD100, "nothing.example.net", "A")?;
         ensure!(nx.rcode == "NXDOMAIN", "the upstream's NXDOMAIN: {nx:?}");
-        let corp = services::dig(lab, &c1.ns, QUAD100, CORP, "A")?;
+        let corp = wait_dig(lab, &c1, CORP, "A", |a| a.rcode == "NOERROR")?;
         ensure!(
             corp.is_a(&[CORP_ADDR]),
             "{CORP} should come from the split server ({CORP_ADDR}), not the upstream \
