@@ -41,6 +41,8 @@ fn v4(a: Ipv4Addr) -> IpAddr {
 /// policy tests).
 const STREAM_UP: &str = "control connected";
 const STREAM_DOWN: &str = "control stream down";
+/// What a node logs when its DERP connection breaks.
+const DERP_LOST: &str = "DERP connection lost";
 
 /// One GET of the web server from `node`.
 fn fetch(lab: &Lab, node: &Node, timeout: Duration) -> Result<HttpOutcome> {
@@ -247,6 +249,7 @@ fn exit_node_follows_policy_and_own_traffic_stays_direct() {
 
         // alice uses it, live, without her control connection going down.
         let connects = alice.proc().stderr().matches(STREAM_UP).count();
+        let derp_losses = alice.proc().stderr().matches(DERP_LOST).count();
         let set_at = Instant::now();
         alice.set_exit_node(lab, &exit_name)?;
         wait_status(lab, &alice, "uses the exit node", |s| {
@@ -282,6 +285,10 @@ fn exit_node_follows_policy_and_own_traffic_stays_direct() {
         ensure!(
             log.matches(STREAM_UP).count() == connects && !log.contains(STREAM_DOWN),
             "alice's control stream went down or reconnected after she chose the exit node"
+        );
+        ensure!(
+            log.matches(DERP_LOST).count() == derp_losses,
+            "alice's DERP connection broke after she chose the exit node"
         );
         let s = alice.status(lab)?;
         ensure!(

@@ -381,11 +381,18 @@ fn router_failover_moves_traffic_and_stays_on_the_new_primary() {
         // Only when the new primary goes does the prefix move back.
         let stopped = Instant::now();
         r2.down_and_wait(lab, SOON)?;
+        wait_status(lab, &c, "r1 is primary again", |s| {
+            s.peer_with_addr(v4(r1a))
+                .is_some_and(|p| p.primary_routes == [PREFIX])
+        })?;
+        let in_status = stopped.elapsed();
         wait_until(SOON, "traffic goes through r1 again", || {
             Ok(seen_router(lab, &subnet, &c)? == Some(r1_lan))
         })?;
         eprintln!(
-            "`warren down` on the new primary -> traffic back through r1: {} ms",
+            "`warren down` on the new primary -> r1 primary in the client's status: {} ms, \
+             traffic back through r1: {} ms (r1 was restarted after its crash)",
+            in_status.as_millis(),
             stopped.elapsed().as_millis()
         );
         Ok(())
