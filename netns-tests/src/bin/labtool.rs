@@ -40,8 +40,9 @@
 //! printing `ready`. `http-get` makes one GET and prints the status code on the first line and
 //! the body after it, or `refused`, `unreachable` or `timeout` (exit 0 for each).
 //! `warren_netns_tests::services` drives all of them.
-//! `reap` removes the labs of test processes that died without cleaning up (scripts/test runs
-//! it after the tests; labs of live test processes are left alone).
+//! `reap` removes the labs of test processes that died without cleaning up: their processes,
+//! namespaces and `/etc/netns/NS` directories (scripts/test runs it after the tests; labs of
+//! live test processes are left alone).
 //! The UDP commands observe NATs; `warren_netns_tests::udp` documents their output and drives
 //! them.
 
