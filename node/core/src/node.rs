@@ -909,10 +909,20 @@ impl Node {
                 Err(NodeError::StrayStun { from })
             };
         }
-        let key = self
-            .wg_receiver(datagram)?
-            .ok_or(NodeError::UnknownPeer { from })?;
-        self.decapsulate(key, Some(from), datagram, now)
+        let Some(key) = self.wg_receiver(datagram)? else {
+            let sender = self
+                .peers
+                .values()
+                .find(|p| p.paths.candidates().any(|a| a == from))
+                .map(|p| p.config.key);
+            if let Some(k) = sender {
+                self.rehandshake_on_stale_data(k, datagram, now);
+            }
+            return Err(NodeError::UnknownPeer { from });
+        };
+        let r = self.decapsulate(key, Some(from), datagram, now);
+        self.mend_lost_session(key, datagram, &r, now);
+        r
     }
 
     /// A packet relayed by DERP region `region` from peer `from`: disco or WireGuard.
@@ -927,16 +937,75 @@ impl Node {
         if disco::looks_like_disco(packet) {
             return self.handle_disco(Source::Derp { region, from }, packet, now);
         }
-        let key = self.wg_receiver(packet)?.ok_or(NodeError::UnknownPeer {
-            from: derp_magic_addr(region),
-        })?;
+        let Some(key) = self.wg_receiver(packet)? else {
+            if self.peers.contains_key(&from) {
+                self.rehandshake_on_stale_data(from, packet, now);
+            }
+            return Err(NodeError::UnknownPeer {
+                from: derp_magic_addr(region),
+            });
+        };
         if key != from {
             return Err(NodeError::DerpSenderMismatch {
                 relayed_by: from,
                 claimed: key,
             });
         }
-        self.decapsulate(key, None, packet, now)
+        let r = self.decapsulate(key, None, packet, now);
+        self.mend_lost_session(key, packet, &r, now);
+        r
+    }
+
+    /// Data for an index this node reuses since a restart, but for which it has no keys.
+    fn mend_lost_session(
+        &mut self,
+        key: NodePublicKey,
+        datagram: &[u8],
+        r: &Result<(), NodeError>,
+        now: Instant,
+    ) {
+        let lost = matches!(
+            r,
+            Err(NodeError::Wg {
+                error: WgError::NoSession | WgError::UnknownIndex | WgError::Expired,
+                ..
+            })
+        );
+        if lost {
+            self.rehandshake_on_stale_data(key, datagram, now);
+        }
+    }
+
+    /// WireGuard data for a session this node does not have, from `key`: this node restarted
+    /// since their last handshake (its sessions died with the old process) and the peer still
+    /// sends on the old one. Its own rekey would take 15 s (keepalive + rekey timeout); a
+    /// handshake from here mends the path in one round trip. At most one initiation per rekey
+    /// timeout goes out, so a flood of such packets costs nothing.
+    fn rehandshake_on_stale_data(&mut self, key: NodePublicKey, datagram: &[u8], now: Instant) {
+        if datagram.first() != Some(&4) {
+            return;
+        }
+        let Self {
+            peers,
+            scratch,
+            transmits,
+            ..
+        } = self;
+        let Some(peer) = peers.get_mut(&key) else {
+            return;
+        };
+        let mut out = Vec::new();
+        let started = peer.session.initiate(scratch, &mut |o| {
+            if let WgOutput::Network(d) = o {
+                out.push(d.to_vec());
+            }
+        });
+        if started.is_ok() && !out.is_empty() {
+            tracing::debug!(peer = %key.short(), "data for a session we lost: new handshake");
+        }
+        for d in &out {
+            route_datagram(peer, d, now, transmits);
+        }
     }
 
     fn wg_receiver(&self, datagram: &[u8]) -> Result<Option<NodePublicKey>, NodeError> {
@@ -1701,6 +1770,51 @@ mod tests {
             }
         }
         panic!("no SERVFAIL by the deadline");
+    }
+
+    #[test]
+    fn a_restarted_peer_mends_the_session_the_other_side_still_uses() {
+        let now = Instant::now();
+        let mut p = pair(now);
+        let packet = ip_packet([100, 64, 0, 1], [100, 64, 0, 2], 100);
+        p.a.handle_tun_packet(&packet, now).expect("routed");
+        exchange(&mut p, now);
+        assert_eq!(p.b.poll_tun(), Some(packet.clone()));
+        // b restarts: same keys, no sessions. a still sends on the old session.
+        let b_key = p.b.secret.clone();
+        let a_cfg = p.b.peers.values().next().expect("a").config.clone();
+        p.b = Node::new(b_key, DiscoSecretKey::generate(), 3, now);
+        p.b.set_peers(vec![a_cfg]);
+        p.a.handle_tun_packet(&packet, now).expect("routed");
+        let stale = p.a.poll_transmit().expect("data on the old session");
+        assert_eq!(stale.payload.first(), Some(&4));
+        // The restarted b may have handed the same index to a's new session (no keys yet) or
+        // to nobody; either way the data cannot be read.
+        let err =
+            p.b.handle_udp(p.a_addr, &stale.payload, now)
+                .expect_err("stale");
+        assert!(
+            matches!(
+                err,
+                NodeError::UnknownPeer { .. }
+                    | NodeError::Wg {
+                        error: WgError::NoSession | WgError::UnknownIndex,
+                        ..
+                    }
+            ),
+            "{err}"
+        );
+        let init = p.b.poll_transmit().expect("b starts a handshake");
+        assert_eq!(init.payload.first(), Some(&1));
+        assert_eq!(init.dst, Dest::Udp(p.a_addr));
+        // A second stale packet does not start another one.
+        assert!(p.b.handle_udp(p.a_addr, &stale.payload, now).is_err());
+        assert_eq!(p.b.poll_transmit(), None);
+        let _ = p.a.handle_udp(p.b_addr, &init.payload, now);
+        exchange(&mut p, now);
+        p.a.handle_tun_packet(&packet, now).expect("routed");
+        exchange(&mut p, now);
+        assert_eq!(p.b.poll_tun(), Some(packet), "traffic flows again at once");
     }
 
     #[test]

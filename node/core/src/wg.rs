@@ -193,6 +193,23 @@ impl Session {
         }
     }
 
+    /// Starts a handshake now unless one is already under way (so at most one initiation per
+    /// rekey timeout leaves, however often this is called).
+    pub fn initiate(
+        &mut self,
+        scratch: &mut [u8],
+        out: &mut dyn FnMut(WgOutput<'_>),
+    ) -> Result<(), WgError> {
+        match self.tunn.format_handshake_initiation(scratch, false) {
+            TunnResult::WriteToNetwork(d) => {
+                out(WgOutput::Network(d));
+                Ok(())
+            }
+            TunnResult::Err(e) => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
     /// Runs the session's timers: retransmits, keepalives, rekeying. Call every 250 ms or so.
     pub fn update_timers(
         &mut self,
