@@ -63,6 +63,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Ask warren-control whether a key may connect.
     pub verify_clients: Option<VerifyClients>,
+    /// Where to serve Prometheus metrics (`/metrics`); off when absent.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// TLS certificate and key files.
@@ -102,6 +104,7 @@ impl Default for Config {
             write_timeout_secs: 2,
             tls: None,
             verify_clients: None,
+            metrics_listen: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`stun`]: the STUN Binding server.
 //! - [`verify`]: optional client verification against warren-control.
 //! - [`log_limit`]: the bound on log lines that peers can cause.
+//! - [`metrics`]: Prometheus metrics and the bounded `/metrics` listener.
 //! - [`client`]: the DERP client nodes and tests use.
 //! - [`config`]: the TOML configuration.
 //!
@@ -17,6 +18,7 @@ pub mod config;
 pub(crate) mod frame;
 pub mod http;
 pub mod log_limit;
+pub mod metrics;
 pub mod server;
 pub mod stun;
 pub mod verify;
@@ -134,6 +136,8 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
 pub struct Running {
     /// The bound HTTP(S) address.
     pub http_addr: SocketAddr,
+    /// The bound metrics address, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     /// The bound STUN address, when STUN runs.
     pub stun_addr: Option<SocketAddr>,
     /// The bound second STUN address, when one is configured.
@@ -222,11 +226,27 @@ pub async fn start_with(config: &Config, relay: Relay) -> Result<Running, Error>
             Some(bind_udp(alt).await?),
         ),
     };
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let stun_addr = udp.as_ref().and_then(|s| s.local_addr().ok());
     let stun_alt_addr = udp_alt.as_ref().and_then(|s| s.local_addr().ok());
     let (stop, stopped) = oneshot::channel::<()>();
     let (stun_stop, stun_stopped) = oneshot::channel::<()>();
+    let (metrics_stop, metrics_stopped) = oneshot::channel::<()>();
     let mut tasks = Vec::new();
+    if let Some(listener) = metrics_listener {
+        let render = metrics::relay_render(relay.clone());
+        tasks.push(tokio::spawn(metrics::serve(listener, render, async move {
+            let _ = metrics_stopped.await;
+        })));
+    }
     info!(
         %http_addr,
         tls = tls.is_some(),
@@ -242,6 +262,7 @@ pub async fn start_with(config: &Config, relay: Relay) -> Result<Running, Error>
         })
         .await;
         let _ = stun_stop.send(());
+        let _ = metrics_stop.send(());
     }));
     if let Some(socket) = udp {
         tasks.push(tokio::spawn(stun::serve(socket, udp_alt, async move {
@@ -256,6 +277,7 @@ pub async fn start_with(config: &Config, relay: Relay) -> Result<Running, Error>
     }
     Ok(Running {
         http_addr,
+        metrics_addr,
         stun_addr,
         stun_alt_addr,
         relay,

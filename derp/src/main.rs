@@ -38,6 +38,9 @@ struct Args {
     /// The server key file, created (mode 0600) when missing.
     #[arg(long)]
     key_path: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless set; e.g. 127.0.0.1:9091).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -72,6 +75,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = Some(TlsConfig { cert, key });
+    }
+    if let Some(addr) = args.metrics_listen {
+        config.metrics_listen = Some(addr);
     }
     if let Some(key_path) = args.key_path {
         config.key_path = key_path;

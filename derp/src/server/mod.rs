@@ -113,6 +113,7 @@ impl std::fmt::Debug for RelayOptions {
 struct Counters {
     accepts: AtomicU64,
     packets_relayed: AtomicU64,
+    bytes_relayed: AtomicU64,
     dropped_queue_full: AtomicU64,
     dropped_unknown_dest: AtomicU64,
     dropped_gone: AtomicU64,
@@ -137,6 +138,9 @@ pub struct Stats {
     pub home_clients: u64,
     /// Packets queued to a destination.
     pub packets_relayed: u64,
+    /// Payload bytes of the packets in [`Self::packets_relayed`] (the WireGuard or disco
+    /// datagram, without DERP framing).
+    pub bytes_relayed: u64,
     /// Packets dropped because the destination's queue was full (the oldest one goes).
     pub dropped_queue_full: u64,
     /// Packets dropped because the destination is not connected.
@@ -174,6 +178,15 @@ pub struct ClientStats {
     pub dropped: u64,
     /// Whether it said this server is its home.
     pub preferred: bool,
+}
+
+/// The packets waiting in the relay's per-client send queues (see [`Relay::queue_depths`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueDepths {
+    /// Packets queued over all clients.
+    pub total: u64,
+    /// Packets queued for the client with the longest queue.
+    pub max: u64,
 }
 
 struct Inner {
@@ -284,6 +297,7 @@ impl Relay {
             clients,
             home_clients: home,
             packets_relayed: l(&c.packets_relayed),
+            bytes_relayed: l(&c.bytes_relayed),
             dropped_queue_full: l(&c.dropped_queue_full),
             dropped_unknown_dest: l(&c.dropped_unknown_dest),
             dropped_gone: l(&c.dropped_gone),
@@ -310,6 +324,19 @@ impl Relay {
             dropped: q.dropped(),
             preferred: r.is_preferred(key),
         })
+    }
+
+    /// The send queues of every connected client: how many packets wait in all of them, and in
+    /// the longest one (data and disco counted together).
+    pub fn queue_depths(&self) -> QueueDepths {
+        let r = self.registry();
+        let mut depths = QueueDepths::default();
+        for q in r.handles() {
+            let (data, disco) = q.lens();
+            depths.total += (data + disco) as u64;
+            depths.max = depths.max.max((data + disco) as u64);
+        }
+        depths
     }
 
     /// Closes every connection and refuses new ones.
@@ -689,15 +716,18 @@ impl Relay {
     fn forward(&self, src: NodePublicKey, dst: NodePublicKey, packet: Vec<u8>, via_mesh: bool) {
         let counters = &self.inner.counters;
         let disco = looks_like_disco(&packet);
+        let len = packet.len() as u64;
         let now = tokio::time::Instant::now().into_std();
         let route = self.registry().route(&src, &dst, disco, via_mesh, now);
         match route {
             Route::Deliver(q) => match q.push_packet(src, packet, disco) {
                 Pushed::Queued => {
                     counters.packets_relayed.fetch_add(1, Ordering::Relaxed);
+                    counters.bytes_relayed.fetch_add(len, Ordering::Relaxed);
                 }
                 Pushed::DroppedOldest => {
                     counters.packets_relayed.fetch_add(1, Ordering::Relaxed);
+                    counters.bytes_relayed.fetch_add(len, Ordering::Relaxed);
                     counters.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
                     trace!(%dst, "queue full; dropped the oldest packet");
                 }

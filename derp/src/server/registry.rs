@@ -314,6 +314,11 @@ impl<H: Clone> Registry<H> {
         self.clients.get(key).map(|e| (e.conn, &e.handle))
     }
 
+    /// Every connected client's handle, in key order (for queue gauges).
+    pub fn handles(&self) -> impl Iterator<Item = &H> {
+        self.clients.values().map(|e| &e.handle)
+    }
+
     /// How many keys are connected.
     pub fn len(&self) -> usize {
         self.clients.len()
