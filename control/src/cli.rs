@@ -1,8 +1,9 @@
-//! The admin CLI: `warren-control users|preauthkeys|nodes|apikeys|policy ...`. It talks to the Admin
-//! API over the server's local unix socket (root on the same host) or over TCP with an API key,
-//! and prints tables for people or JSON for scripts.
+//! The admin CLI: `warren-control users|preauthkeys|nodes|apikeys|policy|health ...`. It talks to
+//! the Admin API over the server's local unix socket (root on the same host) or over TCP with an
+//! API key, and prints tables for people or JSON for scripts. `configtest` checks the
+//! configuration offline, without a server.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -91,6 +92,13 @@ pub enum Command {
     /// The access policy: show, replace, check, explain.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Check the configuration file and what it names (policy file, DERP map files) without
+    /// starting the server: "config ok", or the error naming the key (the policy's file, line
+    /// and column) and a non-zero exit.
+    Configtest,
+    /// Ask the running server whether it is healthy (its database answers, its policy is in
+    /// force); exits non-zero when it is not, or cannot be reached.
+    Health,
 }
 
 /// `policy` subcommands.
@@ -565,12 +573,162 @@ const NODE_HEADERS: &[&str] = &[
     "TAGS",
 ];
 
-/// Runs one admin command against the server.
+/// What `configtest` found in a configuration that loads.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ConfigReport {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// The policy file that compiled (file mode with `policy.path`).
+    pub policy_file: Option<PathBuf>,
+    /// `policy.mode`: "file" or "database".
+    pub policy_mode: &'static str,
+    /// DERP map files that loaded (`derp.paths`).
+    pub derp_maps: Vec<PathBuf>,
+}
+
+/// `configtest`: loads the configuration at `path` and checks the files it names: the policy
+/// file (file mode) must compile, the DERP map files must load. The policy's `tests` are not
+/// run (they depend on the nodes registered; the server runs them at start), nor is a policy
+/// stored in the database read (database mode). The error names the key, or the file, line and
+/// column.
+pub fn configtest(path: Option<&Path>) -> anyhow::Result<ConfigReport> {
+    use crate::serve::{PolicyLoadError, PolicyOrigin, read_policy_file};
+    let path = path.context(
+        "configtest needs a configuration file: --config PATH (or WARREN_CONTROL_CONFIG)",
+    )?;
+    let config = crate::config::Config::load(path)?;
+    let policy_file = config.policy.file().map(Path::to_path_buf);
+    if let Some(file) = &policy_file {
+        // The message alone: its source is part of it already (no "a: b: b" chain).
+        let text = read_policy_file(file).map_err(|e| anyhow::anyhow!("{e}"))?;
+        match crate::grpc::compile_policy(&text) {
+            Ok(_) => {}
+            Err(crate::error::ControlError::Policy(source)) => {
+                let e = PolicyLoadError::Invalid {
+                    origin: PolicyOrigin::File(file.clone()),
+                    source,
+                };
+                anyhow::bail!("{e}");
+            }
+            Err(e) => anyhow::bail!("policy file {}: {e}", file.display()),
+        }
+    }
+    if !config.derp.paths.is_empty() {
+        crate::derpmap::load(&config.derp.paths)?;
+    }
+    Ok(ConfigReport {
+        config: path.to_path_buf(),
+        policy_file,
+        policy_mode: config.policy.mode.as_str(),
+        derp_maps: config.derp.paths.clone(),
+    })
+}
+
+fn print_configtest(cli: &Cli) -> anyhow::Result<()> {
+    let report = configtest(cli.config.as_deref())?;
+    if cli.output == Output::Json {
+        return print_json(&report);
+    }
+    match (&report.policy_file, report.policy_mode) {
+        (Some(file), _) => out!("policy ok: {}", file.display()),
+        (None, "database") => out!(
+            "policy: database mode (the stored policy is checked when the server starts; \
+             `warren-control policy get` shows it)"
+        ),
+        (None, _) => out!("policy: none configured (every node may reach every other)"),
+    }
+    for map in &report.derp_maps {
+        out!("DERP map ok: {}", map.display());
+    }
+    out!("config ok: {}", report.config.display());
+    Ok(())
+}
+
+/// The health of a running server, as `health` prints it.
+#[derive(Debug, Serialize)]
+struct HealthView {
+    healthy: bool,
+    database: String,
+    policy_configured: bool,
+    policy_mode: String,
+    policy_path: String,
+    nodes: u64,
+    nodes_online: u64,
+}
+
+/// The innermost I/O error in `e`'s chain, for a message that says why a connection failed.
+fn io_cause(e: &anyhow::Error) -> Option<&std::io::Error> {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .last()
+}
+
+async fn health(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
+    let target = match &cli.server {
+        Some(url) => url.clone(),
+        None => cli
+            .socket
+            .clone()
+            .unwrap_or_else(|| default_socket.clone())
+            .display()
+            .to_string(),
+    };
+    let mut c = match connect(cli, default_socket).await {
+        Ok(c) => c,
+        Err(e) => match io_cause(&e) {
+            Some(io) => anyhow::bail!("not healthy: cannot reach the server at {target}: {io}"),
+            None => return Err(e.context("not healthy")),
+        },
+    };
+    let h = c
+        .health(with_key(cli, HealthRequest {})?)
+        .await
+        .map_err(|e| status_error(e).context("not healthy"))?
+        .into_inner();
+    let view = HealthView {
+        healthy: h.healthy,
+        database: if h.database_error.is_empty() {
+            "ok".into()
+        } else {
+            h.database_error.clone()
+        },
+        policy_configured: h.policy_configured,
+        policy_mode: h.policy_mode.clone(),
+        policy_path: h.policy_path.clone(),
+        nodes: h.nodes,
+        nodes_online: h.nodes_online,
+    };
+    if cli.output == Output::Json {
+        print_json(&view)?;
+    } else {
+        out!("{}", if h.healthy { "healthy" } else { "not healthy" });
+        out!("database: {}", view.database);
+        let policy = match (h.policy_configured, h.policy_path.is_empty()) {
+            (true, false) => format!("in force, from {}", h.policy_path),
+            (true, true) => "in force, stored in the database".to_string(),
+            (false, false) => format!("none in force, but {} is configured", h.policy_path),
+            (false, true) => "none configured (every node may reach every other)".to_string(),
+        };
+        out!("policy: {policy}");
+        out!("nodes: {} ({} online)", h.nodes, h.nodes_online);
+    }
+    if !h.healthy {
+        anyhow::bail!("not healthy");
+    }
+    Ok(())
+}
+
+/// Runs one admin command against the server (`configtest` needs none).
 pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Configtest => return print_configtest(cli),
+        Command::Health => return health(cli, default_socket).await,
+        _ => {}
+    }
     let mut c = connect(cli, default_socket).await?;
     let json = cli.output == Output::Json;
     match &cli.command {
-        Command::Serve => unreachable_serve(),
+        Command::Serve => handled_before_connecting(),
         Command::Users(cmd) => match cmd {
             UsersCmd::Create { name } => {
                 let r = c
@@ -850,6 +1008,7 @@ pub async fn run(cli: &Cli, default_socket: PathBuf) -> anyhow::Result<()> {
             }
         },
         Command::Policy(cmd) => policy(cli, &mut c, cmd).await?,
+        Command::Configtest | Command::Health => handled_before_connecting(),
         Command::Apikeys(cmd) => match cmd {
             ApikeysCmd::Create { expiration } => {
                 let req = CreateApiKeyRequest {
@@ -1197,8 +1356,8 @@ async fn policy(cli: &Cli, c: &mut AdminClient<Channel>, cmd: &PolicyCmd) -> any
     Ok(())
 }
 
-fn unreachable_serve() {
-    tracing::error!("serve is handled before connecting");
+fn handled_before_connecting() {
+    tracing::error!("serve, configtest and health are handled before connecting");
 }
 
 #[cfg(test)]

@@ -835,6 +835,39 @@ impl Admin for AdminService {
         Ok(Response::new(ApproveRoutesResponse { node: Some(node) }))
     }
 
+    async fn health(
+        &self,
+        req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        self.authorize(&req).await?;
+        let source = &self.shared.policy;
+        let core = self.shared.core.lock().await;
+        // A read that goes to the database (users and nodes are served from memory).
+        let database_error = match core.api_keys() {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let nodes = core.admin_nodes(None)?;
+        let policy_configured = core.policy_configured();
+        // File mode with a path must have a policy in force (start-up refuses one that does not
+        // compile, and a reload keeps the one in force); no policy otherwise is allowed.
+        let policy_ok =
+            policy_configured || source.mode != PolicyMode::File || source.path.is_none();
+        Ok(Response::new(HealthResponse {
+            healthy: database_error.is_empty() && policy_ok,
+            database_error,
+            policy_configured,
+            policy_mode: source.mode.as_str().into(),
+            policy_path: source
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            nodes: nodes.len() as u64,
+            nodes_online: nodes.iter().filter(|n| n.online).count() as u64,
+        }))
+    }
+
     async fn explain_policy(
         &self,
         req: Request<ExplainPolicyRequest>,
