@@ -46,6 +46,10 @@ pub struct Config {
     pub server_url: String,
     /// Where the gRPC API listens.
     pub listen_addr: SocketAddr,
+    /// Where Prometheus metrics are served (`/metrics`), Headscale's key. Off unless set
+    /// (Headscale listens on 127.0.0.1:9090 by default; warren opens no port it was not asked
+    /// for, so two servers on one host never collide).
+    pub metrics_listen_addr: Option<SocketAddr>,
     /// The local admin socket (root on the same host needs no API key).
     pub unix_socket: PathBuf,
     /// Permissions of the admin socket, octal.
@@ -477,6 +481,7 @@ impl Default for Config {
         Self {
             server_url: "http://127.0.0.1:50443".into(),
             listen_addr: SocketAddr::from(([0, 0, 0, 0], 50443)),
+            metrics_listen_addr: None,
             unix_socket: PathBuf::from("/var/run/warren/control.sock"),
             unix_socket_permission: "0770".into(),
             ephemeral_node_inactivity_timeout: Duration::from_secs(30 * 60),

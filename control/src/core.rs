@@ -192,6 +192,21 @@ impl Core {
         Ok(core)
     }
 
+    /// How many nodes are online, offline and expired at `now_ms` (for metrics).
+    pub fn node_states(&self, now_ms: i64) -> crate::metrics::NodeStates {
+        let mut states = crate::metrics::NodeStates::default();
+        for n in self.nodes.values() {
+            if expired(n.expiry_ms, now_ms) {
+                states.expired += 1;
+            } else if self.netmap.is_subscribed(n.id) {
+                states.online += 1;
+            } else {
+                states.offline += 1;
+            }
+        }
+        states
+    }
+
     /// The live netmap, for inspection.
     pub fn netmap(&self) -> &Netmap {
         &self.netmap

@@ -155,6 +155,8 @@ pub struct Shared {
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// Where the access policy comes from, and its text in force.
     pub policy: PolicySource,
+    /// The server's Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Where the access policy comes from (`policy.mode`, `policy.path`) and the text in force, kept
@@ -305,15 +307,25 @@ impl Control for ControlService {
         let mut req = req.into_inner();
         let now = unix_ms();
         let proof = req.proof.take();
-        let key = self.shared.prove(proof, &req, "RegisterNode", now)?;
-        let disco =
-            DiscoPublicKey::from_slice(&req.disco_key).map_err(|_| ControlError::InvalidField {
-                field: "disco_key",
-                reason: "must be 32 bytes",
+        let registered = async {
+            let key = self.shared.prove(proof, &req, "RegisterNode", now)?;
+            let disco = DiscoPublicKey::from_slice(&req.disco_key).map_err(|_| {
+                ControlError::InvalidField {
+                    field: "disco_key",
+                    reason: "must be 32 bytes",
+                }
             })?;
-        let mut core = self.shared.core.lock().await;
-        let node = core.register(key, disco, &req.hostname, &req.auth_key, now)?;
-        Ok(Response::new(RegisterNodeResponse { node: Some(node) }))
+            let mut core = self.shared.core.lock().await;
+            core.register(key, disco, &req.hostname, &req.auth_key, now)
+        }
+        .await;
+        match &registered {
+            Ok(_) => self.shared.metrics.registered(),
+            Err(e) => self.shared.metrics.refused(e),
+        }
+        Ok(Response::new(RegisterNodeResponse {
+            node: Some(registered?),
+        }))
     }
 
     async fn get_node(
@@ -396,7 +408,13 @@ async fn run_stream(
         seq,
         kind: Some(Kind::Full(std::mem::take(&mut sub.full))),
     };
+    let metrics = Arc::clone(&shared.metrics);
+    metrics.stream_open(true);
+    let first_len = prost::Message::encoded_len(&first);
     let mut open = tx.send(Ok(first)).await.is_ok();
+    if open {
+        metrics.sent_label("full", first_len);
+    }
     let mut keepalive = tokio::time::interval_at(
         tokio::time::Instant::now() + shared.keepalive,
         shared.keepalive,
@@ -436,14 +454,18 @@ async fn run_stream(
         };
         keepalive.reset();
         seq += 1;
-        open = tx
-            .send(Ok(MapResponse {
-                seq,
-                kind: Some(kind),
-            }))
-            .await
-            .is_ok();
+        let label = crate::metrics::kind_label(&kind);
+        let response = MapResponse {
+            seq,
+            kind: Some(kind),
+        };
+        let len = prost::Message::encoded_len(&response);
+        open = tx.send(Ok(response)).await.is_ok();
+        if open {
+            metrics.sent_label(label, len);
+        }
     }
+    metrics.stream_open(false);
     // An ephemeral node left offline is deleted by the periodic sweep (see `serve`).
     shared
         .core

@@ -10,6 +10,7 @@ pub mod error;
 pub mod grpc;
 pub mod ipam;
 pub mod listen;
+pub mod metrics;
 pub mod netmap;
 pub mod policy;
 pub mod routes;

@@ -100,6 +100,8 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
         derp_map: derp_map(config)?,
         policy: policy.as_ref().map(|(_, compiled)| Arc::clone(compiled)),
     };
+    let metrics = crate::metrics::Metrics::new();
+    let store = crate::metrics::TimedStore::new(Box::new(store), Arc::clone(&metrics));
     let mut core = Core::open(Box::new(store), &settings, unix_ms())?;
     let origin = match config.policy.mode {
         PolicyMode::File => config.policy.file().map(|p| PolicyOrigin::File(p.into())),
@@ -123,6 +125,7 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
             config.policy.file().map(Path::to_path_buf),
             policy.map(|(text, _)| text),
         ),
+        metrics,
     }))
 }
 
@@ -299,6 +302,19 @@ async fn start_embedded_derp(
     Ok(running)
 }
 
+/// Serves `/metrics` on `listener` (bounded as [`warren_derp::metrics::serve`] is), counting
+/// node states under the core's lock at each scrape.
+async fn serve_metrics(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    let render: warren_derp::metrics::Render = Arc::new(move || {
+        let shared = Arc::clone(&shared);
+        Box::pin(async move {
+            let states = shared.core.lock().await.node_states(unix_ms());
+            shared.metrics.render(states)
+        })
+    });
+    warren_derp::metrics::serve(listener, render, std::future::pending()).await;
+}
+
 /// Deletes inactive ephemeral nodes now and then, also those left over from before a restart.
 async fn sweep_ephemeral(shared: Arc<Shared>) {
     let timeout = shared.ephemeral_timeout;
@@ -342,6 +358,8 @@ pub struct ServeStats {
     pub admin: Arc<AcceptStats>,
     /// Policy reloads.
     pub policy: Arc<PolicyReloadStats>,
+    /// Where metrics are served, once bound (`metrics_listen_addr`).
+    pub metrics_addr: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
 }
 
 /// Serves on an already bound `tcp` listener until `shutdown` completes.
@@ -386,6 +404,19 @@ pub async fn serve_with(
         },
         false => None,
     };
+    let metrics_listener = match config.metrics_listen_addr {
+        Some(addr) => match warren_derp::metrics::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                reloader.abort();
+                if let Some(derp) = embedded {
+                    derp.shutdown().await;
+                }
+                return Err(e).with_context(|| format!("metrics_listen_addr {addr}"));
+            }
+        },
+        None => None,
+    };
     let socket = &config.unix_socket;
     let unix = match bind_socket(&config) {
         Ok(u) => u,
@@ -416,6 +447,16 @@ pub async fn serve_with(
         "warren-control serving"
     );
 
+    let metrics = match metrics_listener {
+        Some(listener) => {
+            if let Ok(addr) = listener.local_addr() {
+                let _ = stats.metrics_addr.set(addr);
+            }
+            Some(tokio::spawn(serve_metrics(listener, Arc::clone(&shared))))
+        }
+        None => None,
+    };
+    let upkeep = tokio::spawn(Arc::clone(&shared.metrics).upkeep());
     let sweeper = tokio::spawn(sweep_ephemeral(Arc::clone(&shared)));
     let streams = Arc::clone(&shared);
     tokio::spawn(async move {
@@ -455,6 +496,10 @@ pub async fn serve_with(
         );
     let result = tokio::try_join!(tcp_server, unix_server);
     sweeper.abort();
+    upkeep.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     reloader.abort();
     if let Some(derp) = embedded {
         derp.shutdown().await;
