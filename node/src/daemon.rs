@@ -53,6 +53,8 @@ pub struct UpOptions {
     pub prefs: Prefs,
     /// Masquerade forwarded traffic as a router.
     pub snat: bool,
+    /// Serve Prometheus metrics here (`--metrics-listen`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// 0.0.0.0/0 and ::/0.
@@ -145,6 +147,14 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let port = udp.local_addr()?.port();
     let socket_path = opts.state.socket();
     let (listener, socket_file) = api::bind(&socket_path)?;
+    let metrics_listener = match opts.metrics_listen {
+        Some(addr) => Some(
+            warren_derp::metrics::bind(addr)
+                .await
+                .with_context(|| format!("metrics listen address {addr}"))?,
+        ),
+        None => None,
+    };
 
     let mut client = Client::connect(&opts.control, keys.node.clone()).await?;
     let me = client
@@ -182,6 +192,19 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     // Every API connection holds a clone of `alive`: the channel closes when all are done.
     let (alive, mut alive_rx) = mpsc::channel::<()>(1);
     let api_task = tokio::spawn(serve_api(listener, api_tx, alive));
+    let (metrics, metrics_task) = match metrics_listener {
+        Some(listener) => {
+            let (sampler, rx) = crate::metrics::Sampler::new();
+            let render = crate::metrics::render_from(rx);
+            let task = tokio::spawn(warren_derp::metrics::serve(
+                listener,
+                render,
+                std::future::pending(),
+            ));
+            (Some(sampler), Some(task))
+        }
+        None => (None, None),
+    };
 
     let mut seed = [0u8; 8];
     getrandom::getrandom(&mut seed)
@@ -215,6 +238,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         resolver_paths,
         resolver: None,
         resolver_applied: None,
+        metrics,
     };
     daemon.apply_prefs(opts.prefs.clone());
     // `run` owns the TUN device: it is gone when `run` returns.
@@ -224,6 +248,9 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     daemon.derp.close();
     follower.abort();
     api_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     if let Some(r) = daemon.resolver.take()
         && let Err(e) = r.restore()
     {
@@ -370,6 +397,8 @@ struct Daemon {
     resolver: Option<OsResolver>,
     /// What the host resolver was last told.
     resolver_applied: Option<ResolverSettings>,
+    /// Samples the core's counters for `/metrics` (with `--metrics-listen`).
+    metrics: Option<crate::metrics::Sampler>,
 }
 
 /// The preferences in force.
@@ -426,6 +455,8 @@ impl Daemon {
         tokio::pin!(sleep);
         let mut lan_check = tokio::time::interval(LAN_RECHECK);
         lan_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut metrics_tick = tokio::time::interval(crate::metrics::SAMPLE_EVERY);
+        metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.os_dirty {
                 self.os_dirty = false;
@@ -480,6 +511,7 @@ impl Daemon {
                 },
                 _ = &mut sleep => self.node.handle_timeout(Instant::now()),
                 _ = lan_check.tick() => self.node.set_lan_endpoints(endpoints::local(self.port)),
+                _ = metrics_tick.tick(), if self.metrics.is_some() => self.sample_metrics(),
                 Some(ev) = map_rx.recv() => self.on_map_event(ev),
                 Some((req, reply)) = api_rx.recv() => {
                     if let Some(down) = self.on_api(req, reply) {
@@ -490,6 +522,20 @@ impl Daemon {
                 _ = &mut interrupt => return Ok(None),
                 _ = &mut term => return Ok(None),
             }
+        }
+    }
+
+    /// Publishes the core's counters for the next scrape.
+    fn sample_metrics(&mut self) {
+        if let Some(sampler) = self.metrics.as_mut() {
+            let now = Instant::now();
+            sampler.sample(
+                self.node.peer_stats(now),
+                self.node.dns_stats(),
+                self.derp.reconnects(),
+                self.derp.links_up(),
+                now,
+            );
         }
     }
 

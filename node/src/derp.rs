@@ -6,6 +6,7 @@
 //! loop. DERP runs over TCP, so it also works where UDP is blocked.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,6 +66,8 @@ pub struct DerpLinks {
     links: BTreeMap<u32, Link>,
     home: Option<u32>,
     received: mpsc::Sender<DerpReceived>,
+    /// Connections made again after a link's first one (for metrics).
+    reconnects: Arc<AtomicU64>,
 }
 
 impl DerpLinks {
@@ -78,6 +81,7 @@ impl DerpLinks {
                 links: BTreeMap::new(),
                 home: None,
                 received,
+                reconnects: Arc::default(),
             },
             rx,
         )
@@ -120,6 +124,19 @@ impl DerpLinks {
         self.links.get(&region).is_some_and(|l| l.live().is_some())
     }
 
+    /// Every link's region and whether it is connected now.
+    pub fn links_up(&self) -> Vec<(u32, bool)> {
+        self.links
+            .iter()
+            .map(|(r, l)| (*r, l.live().is_some()))
+            .collect()
+    }
+
+    /// How many times a link connected again after its first connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
     /// Sends a packet to `peer` through `region`, connecting to it if needed.
     pub fn send(&mut self, region: u32, peer: NodePublicKey, packet: Vec<u8>) {
         let Some(link) = self.link(region) else {
@@ -156,6 +173,7 @@ impl DerpLinks {
                 live.clone(),
                 self.received.clone(),
                 preferred,
+                Arc::clone(&self.reconnects),
             ));
             self.links.insert(region, Link { out, live, task });
         }
@@ -171,6 +189,10 @@ impl DerpLinks {
 }
 
 /// Keeps one region's connection up and moves packets both ways until the link is dropped.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the link task's inputs, each used once; a struct would only rename them"
+)]
 async fn run_link(
     region: u32,
     urls: Vec<DerpUrl>,
@@ -179,10 +201,12 @@ async fn run_link(
     live: Live,
     received: mpsc::Sender<DerpReceived>,
     mut preferred: bool,
+    reconnects: Arc<AtomicU64>,
 ) {
     let set_live = |s: Option<ClientSender>| *live.lock().unwrap_or_else(|e| e.into_inner()) = s;
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut first = true;
+    let mut connected_before = false;
     loop {
         // Every attempt but the first waits, also after a connection that was lost: a server
         // that drops us at once (another holder of this key, say) is not hammered.
@@ -222,6 +246,9 @@ async fn run_link(
             continue;
         };
         tracing::info!(region, preferred, "DERP connected");
+        if std::mem::replace(&mut connected_before, true) {
+            reconnects.fetch_add(1, Ordering::Relaxed);
+        }
         let connected = tokio::time::Instant::now();
         let (tx, mut rx) = client.split();
         if preferred && tx.note_preferred(true).await.is_err() {

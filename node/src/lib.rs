@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod derp;
 pub mod endpoints;
+pub mod metrics;
 pub mod os_net;
 pub mod resolver_os;
 pub mod state;

@@ -84,6 +84,9 @@ enum Command {
         /// address so the LAN needs no route back (`=false`: LAN hosts see mesh addresses).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
         snat_subnet_routes: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (off unless set; e.g. 127.0.0.1:9100).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Change preferences of the running node.
     Set {
@@ -192,6 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             exit_node_allow_lan_access,
             accept_routes,
             snat_subnet_routes,
+            metrics_listen,
         } => {
             let opts = daemon::UpOptions {
                 control,
@@ -208,6 +212,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     accept_routes: Some(accept_routes),
                 },
                 snat: snat_subnet_routes,
+                metrics_listen,
             };
             daemon::up(opts).await
         }
