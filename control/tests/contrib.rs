@@ -71,7 +71,8 @@ fn the_example_config_loads_and_the_dockerfile_and_compose_file_agree_with_it() 
     let grpc = config.listen_addr.port();
     let derp = config.derp.server.listen_addr.port();
     let stun = config.derp.server.stun_listen_addr.port();
-    assert_eq!((grpc, derp, stun), (50443, 3340, 3478));
+    let metrics = config.metrics_listen_addr.map(|a| a.port());
+    assert_eq!((grpc, derp, stun, metrics), (50443, 3340, 3478, Some(9090)));
     assert_eq!(
         config.unix_socket,
         Path::new("/var/run/warren/control.sock")
