@@ -82,6 +82,29 @@ fn is_private(n: &ipnet::IpNet) -> bool {
     }
 }
 
+/// The interfaces whose IPv4 reverse-path filter is strict. The kernel applies the larger of
+/// `all` and the interface's value; strict checks an arriving packet against the unmarked route
+/// back, which with an exit node is the tunnel, so replies to the node's own (marked) traffic on
+/// the real interface would be dropped.
+fn strict_rp_filter(tun: &str) -> Vec<String> {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u8>().ok())
+    };
+    let all = read("all").unwrap_or(0);
+    let mut out: Vec<String> = std::fs::read_dir("/proc/sys/net/ipv4/conf")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !["all", "default", "lo", tun].contains(&n.as_str()))
+        .filter(|n| all.max(read(n).unwrap_or(0)) == 1)
+        .collect();
+    out.sort();
+    out
+}
+
 /// What the node has asked of the OS, to change only what differs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct OsWanted {
@@ -239,6 +262,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         resolver: None,
         resolver_applied: None,
         metrics,
+        rp_filter_checked: false,
     };
     daemon.apply_prefs(opts.prefs.clone());
     // `run` owns the TUN device: it is gone when `run` returns.
@@ -399,6 +423,8 @@ struct Daemon {
     resolver_applied: Option<ResolverSettings>,
     /// Samples the core's counters for `/metrics` (with `--metrics-listen`).
     metrics: Option<crate::metrics::Sampler>,
+    /// rp_filter was looked at (once, when an exit node is first used).
+    rp_filter_checked: bool,
 }
 
 /// The preferences in force.
@@ -863,6 +889,17 @@ impl Daemon {
             routes.extend(default_routes());
             routes.sort();
             routes.dedup();
+        }
+        if self.prefs.exit_node.is_some() && !self.rp_filter_checked {
+            self.rp_filter_checked = true;
+            let strict = strict_rp_filter(&self.tun_name);
+            if !strict.is_empty() {
+                tracing::warn!(
+                    interfaces = ?strict,
+                    "strict reverse-path filtering (rp_filter=1) drops replies to this node's \
+                     own traffic while an exit node is in use; set it to 2 (loose)"
+                );
+            }
         }
         let lan_bypass = if self.prefs.exit_node.is_some() && self.prefs.allow_lan {
             crate::os_net::lan_prefixes(&self.tun_name)
