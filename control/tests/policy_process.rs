@@ -97,7 +97,9 @@ impl Spawned {
             _dir: dir,
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while !this.socket.exists() {
+        // The file appears at bind(), a moment before listen(): wait until a connection is
+        // accepted, not until the file exists.
+        while std::os::unix::net::UnixStream::connect(&this.socket).is_err() {
             if let Ok(Some(status)) = this.child.try_wait() {
                 panic!("warren-control exited ({status}): {:?}", this.log());
             }
