@@ -71,8 +71,12 @@ impl Server {
             stop: Some(stop),
             task,
         };
-        // Wait until the unix socket exists (the server is then listening on both).
-        wait_until("the server starts", || server.socket.exists()).await;
+        // Wait until the unix socket accepts a connection (the server is then listening on
+        // both; the file alone appears at bind, a moment before listen).
+        wait_until("the server starts", || {
+            std::os::unix::net::UnixStream::connect(&server.socket).is_ok()
+        })
+        .await;
         server
     }
 
