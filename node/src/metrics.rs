@@ -37,9 +37,10 @@ pub const PATHS: [&str; 4] = ["direct", "relay", "trying", "unreachable"];
 pub struct PeerSample {
     /// The `peer` label: its name in the netmap (its short key when it has none).
     pub name: String,
-    /// WireGuard bytes received (with overhead) in its current session state.
+    /// Bytes of the IP packets received from it through the tunnel (after decryption, as the
+    /// WireGuard session counts them).
     pub rx_bytes: u64,
-    /// WireGuard bytes sent (with overhead).
+    /// Bytes of the IP packets sent to it through the tunnel (before encryption).
     pub tx_bytes: u64,
     /// One of [`PATHS`].
     pub path: &'static str,
@@ -155,11 +156,11 @@ pub fn render(s: &Snapshot) -> String {
         gauge!("warren_node_peers").set(s.peers.len() as f64);
         describe_counter!(
             "warren_node_peer_rx_bytes_total",
-            "WireGuard bytes received from the peer, with overhead."
+            "Bytes of IP packets received from the peer through the tunnel (decrypted)."
         );
         describe_counter!(
             "warren_node_peer_tx_bytes_total",
-            "WireGuard bytes sent to the peer, with overhead."
+            "Bytes of IP packets sent to the peer through the tunnel (before encryption)."
         );
         describe_gauge!(
             "warren_node_peer_path",

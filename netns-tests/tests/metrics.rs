@@ -1,0 +1,211 @@
+//! `warren up --metrics-listen`: the real binaries in network namespaces, scraped from inside
+//! the node's namespace while traffic flows. Run as root after `cargo build --bins`; without
+//! root the test prints why it is skipped and passes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use warren_netns_tests::services::{HttpOutcome, http_get};
+use warren_netns_tests::{Lab, Mesh, Node, NodeOptions, TransferReport, wait_until};
+
+const LABTOOL: &str = env!("CARGO_BIN_EXE_warren-labtool");
+
+/// Generous deadline for anything the mesh should do "soon".
+const SOON: Duration = Duration::from_secs(20);
+
+/// Where every node serves metrics (inside its own namespace).
+const METRICS_URL: &str = "http://127.0.0.1:9100/metrics";
+
+/// Scrapes `node` from inside its namespace and parses the exposition text into
+/// `series -> value`, labels sorted by name (`name{a="x",b="y"}`).
+fn scrape(lab: &Lab, node: &Node) -> Result<BTreeMap<String, f64>> {
+    let outcome = http_get(
+        lab,
+        Path::new(LABTOOL),
+        &node.ns,
+        METRICS_URL,
+        Duration::from_secs(5),
+    )?;
+    let HttpOutcome::Reply(200, body) = outcome else {
+        bail!("scraping {}: {outcome:?}", node.hostname);
+    };
+    let mut out = BTreeMap::new();
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line
+            .rsplit_once(' ')
+            .with_context(|| format!("bad sample line {line:?}"))?;
+        let series = match series.split_once('{') {
+            Some((name, labels)) => {
+                let mut labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                labels.sort_unstable();
+                format!("{name}{{{}}}", labels.join(","))
+            }
+            None => series.to_owned(),
+        };
+        out.insert(
+            series,
+            value.parse::<f64>().with_context(|| line.to_owned())?,
+        );
+    }
+    Ok(out)
+}
+
+fn get(m: &BTreeMap<String, f64>, series: &str) -> Result<f64> {
+    m.get(series)
+        .copied()
+        .with_context(|| format!("no series {series} in {m:#?}"))
+}
+
+/// Scrapes `node` until `cond` holds on what it serves; returns that scrape.
+fn scrape_until(
+    lab: &Lab,
+    node: &Node,
+    what: &str,
+    cond: impl Fn(&BTreeMap<String, f64>) -> Result<bool>,
+) -> Result<BTreeMap<String, f64>> {
+    let mut last = BTreeMap::new();
+    wait_until(SOON, &format!("{}: {what}", node.hostname), || {
+        node.check_running()?;
+        last = scrape(lab, node)?;
+        cond(&last)
+    })
+    .with_context(|| format!("last scrape of {}: {last:#?}", node.hostname))?;
+    Ok(last)
+}
+
+#[test]
+fn node_metrics_follow_traffic_path_and_handshakes() {
+    warren_netns_tests::lab_test("metrics", LABTOOL, |lab, bins| {
+        let mut mesh = Mesh::start(lab, bins, 0)?;
+        let opts = NodeOptions::with_args(&["--metrics-listen", "127.0.0.1:9100"]);
+        for _ in 0..2 {
+            let (ns, addr) = mesh.add_host(lab)?;
+            let secret = mesh.key.secret.clone();
+            let node = mesh.spawn_node_on(lab, &ns, addr, &secret, &opts)?;
+            mesh.nodes.push(node);
+        }
+        mesh.wait_full_mesh(lab, SOON)?;
+        let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+        let (p1, p2) = (
+            format!("peer=\"{}\"", n1.hostname),
+            format!("peer=\"{}\"", n2.hostname),
+        );
+        let a2 = n2.ipv4(lab)?;
+        wait_until(SOON, "node1 pings node2", || {
+            lab.ping(&n1.ns, IpAddr::V4(a2))
+        })?;
+
+        // One peer each; the ping completed a handshake and moved bytes both ways; on one
+        // LAN the path becomes direct, and exactly one path series is set.
+        let m1 = scrape_until(lab, n1, "direct to node2 after a handshake", |m| {
+            Ok(
+                get(m, &format!("warren_node_peer_path{{path=\"direct\",{p2}}}"))? == 1.0
+                    && get(m, &format!("warren_node_peer_handshakes_total{{{p2}}}"))? >= 1.0,
+            )
+        })?;
+        ensure!(get(&m1, "warren_node_peers")? == 1.0, "{m1:#?}");
+        let paths: f64 = ["direct", "relay", "trying", "unreachable"]
+            .iter()
+            .map(|p| get(&m1, &format!("warren_node_peer_path{{path=\"{p}\",{p2}}}")))
+            .sum::<Result<f64>>()?;
+        ensure!(paths == 1.0, "path series of node2 sum to {paths}: {m1:#?}");
+        ensure!(
+            m1.contains_key(&format!("warren_node_peer_latency_seconds{{{p2}}}")),
+            "no latency for a direct peer: {m1:#?}"
+        );
+        for series in ["rx_bytes", "tx_bytes"] {
+            let v = get(&m1, &format!("warren_node_peer_{series}_total{{{p2}}}"))?;
+            ensure!(v > 0.0, "{series} of node2 is {v} after a ping");
+        }
+        ensure!(
+            get(&m1, &format!("warren_node_peer_filter_drops_total{{{p2}}}"))? == 0.0,
+            "{m1:#?}"
+        );
+        for result in ["answered_locally", "forwarded", "servfail"] {
+            let series = format!("warren_node_dns_queries_total{{result=\"{result}\"}}");
+            ensure!(get(&m1, &series)? == 0.0, "{series}: {m1:#?}");
+        }
+        ensure!(
+            get(&m1, "warren_node_derp_reconnects_total")? == 0.0,
+            "{m1:#?}"
+        );
+
+        // 1 MB over TCP from node1 to node2: node1's tx towards node2 and node2's rx from
+        // node1 count the tunnelled IP packets, so each grows by the payload plus the TCP/IP
+        // headers (a few percent for ~1400-byte segments; a quarter is the bound).
+        let m2 = scrape(lab, n2)?;
+        let tx_before = get(&m1, &format!("warren_node_peer_tx_bytes_total{{{p2}}}"))?;
+        let rx_before = get(&m2, &format!("warren_node_peer_rx_bytes_total{{{p1}}}"))?;
+        let bytes = 1_000_000u64;
+        let (sent, received) = mesh.tcp_transfer(lab, 0, 1, bytes, Duration::from_secs(60))?;
+        ensure!(
+            sent == TransferReport::expected(bytes) && received == sent,
+            "transfer: sent {sent:?}, received {received:?}"
+        );
+        let payload = bytes as f64;
+        let in_range = |d: f64| d >= payload && d <= payload * 1.25;
+        let m1 = scrape_until(lab, n1, "tx grew by the transfer", |m| {
+            let d = get(m, &format!("warren_node_peer_tx_bytes_total{{{p2}}}"))? - tx_before;
+            Ok(in_range(d))
+        })?;
+        let m2 = scrape_until(lab, n2, "rx grew by the transfer", |m| {
+            let d = get(m, &format!("warren_node_peer_rx_bytes_total{{{p1}}}"))? - rx_before;
+            Ok(in_range(d))
+        })?;
+        // Both ends counted the same packets (no loss on the LAN), once the sampler caught up
+        // on both sides.
+        let tx1 = get(&m1, &format!("warren_node_peer_tx_bytes_total{{{p2}}}"))?;
+        let rx2 = get(&m2, &format!("warren_node_peer_rx_bytes_total{{{p1}}}"))?;
+        println!(
+            "1 MB transfer: node1 tx {tx1} B, node2 rx {rx2} B (before: {tx_before}, {rx_before})"
+        );
+        wait_until(
+            SOON,
+            "node1's tx to node2 equals node2's rx from node1",
+            || {
+                let tx = get(
+                    &scrape(lab, n1)?,
+                    &format!("warren_node_peer_tx_bytes_total{{{p2}}}"),
+                )?;
+                let rx = get(
+                    &scrape(lab, n2)?,
+                    &format!("warren_node_peer_rx_bytes_total{{{p1}}}"),
+                )?;
+                Ok(tx == rx)
+            },
+        )?;
+
+        // The listener answers only /metrics.
+        let other = http_get(
+            lab,
+            Path::new(LABTOOL),
+            &n1.ns,
+            "http://127.0.0.1:9100/",
+            Duration::from_secs(5),
+        )?;
+        ensure!(
+            matches!(other, HttpOutcome::Reply(404, _)),
+            "GET / answered {other:?}"
+        );
+        // It listens on loopback only: not reachable from the LAN.
+        let lan = format!("http://{}:9100/metrics", n1.lan_addr);
+        let from_lan = http_get(
+            lab,
+            Path::new(LABTOOL),
+            &n2.ns,
+            &lan,
+            Duration::from_secs(2),
+        )?;
+        ensure!(
+            !matches!(from_lan, HttpOutcome::Reply(..)),
+            "reachable from the LAN: {from_lan:?}"
+        );
+        Ok(())
+    });
+}
