@@ -11,12 +11,13 @@ use warren_proto::control::{DerpMap, DerpNode, DerpRegion};
 #[derive(Debug, thiserror::Error)]
 pub enum DerpMapError {
     /// The file could not be read.
-    #[error("cannot read DERP map {path}: {source}")]
+    // The cause is in the message, not also a `source` (`{:#}` would print it twice).
+    #[error("cannot read DERP map {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is not a DERP map.
     #[error("DERP map {path}: {message}")]
@@ -178,9 +179,9 @@ pub fn to_json(map: &DerpMap) -> String {
 pub fn load(paths: &[PathBuf]) -> Result<DerpMap, DerpMapError> {
     let mut merged: BTreeMap<u32, DerpRegion> = BTreeMap::new();
     for path in paths {
-        let text = std::fs::read_to_string(path).map_err(|source| DerpMapError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| DerpMapError::Read {
             path: path.clone(),
-            source,
+            error,
         })?;
         for r in parse(&text, path)?.regions {
             merged.insert(r.region_id, r);

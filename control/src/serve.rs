@@ -557,12 +557,13 @@ impl std::fmt::Display for PolicyOrigin {
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyLoadError {
     /// The policy file could not be read.
-    #[error("cannot read policy file {path}: {source}")]
+    // The cause is in the message, not also a `source` (`{:#}` would print it twice).
+    #[error("cannot read policy file {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The policy file is gone. At start-up that is an error; on a reload the policy in force
     /// stays (a missing file never means "allow all").
@@ -603,7 +604,7 @@ pub fn read_policy_file(path: &Path) -> Result<String, PolicyLoadError> {
         std::io::ErrorKind::NotFound => PolicyLoadError::Missing { path: path.into() },
         _ => PolicyLoadError::Read {
             path: path.into(),
-            source,
+            error: source,
         },
     };
     let mut text = String::new();
