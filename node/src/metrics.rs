@@ -335,4 +335,41 @@ mod tests {
             assert_eq!(m.get(series), Some(&value), "{series} in {text}");
         }
     }
+
+    #[test]
+    fn every_documented_node_metric_is_rendered_and_no_other() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("README");
+        let documented: std::collections::BTreeSet<(String, String)> = readme
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `warren_node_"))
+            .map(|rest| {
+                let (name, rest) = rest.split_once('`').expect("backtick");
+                let kind = rest.split('|').nth(1).expect("type column").trim();
+                (format!("warren_node_{name}"), kind.to_owned())
+            })
+            .collect();
+        assert!(documented.len() >= 8, "{documented:?}");
+        let key = NodeSecretKey::generate().public_key();
+        let (mut s, rx) = Sampler::new();
+        let mut p = peer(key, Some(Duration::from_secs(1)), 1);
+        p.status = PathStatus::Direct {
+            addr: "192.0.2.1:41641".parse().expect("addr"),
+            latency: Duration::from_millis(2),
+        };
+        s.sample(
+            vec![p],
+            DnsStats::default(),
+            0,
+            vec![(1, true)],
+            Instant::now(),
+        );
+        let rendered: std::collections::BTreeSet<(String, String)> = render(&rx.borrow())
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(n, k)| (n.to_owned(), k.to_owned()))
+            .collect();
+        assert_eq!(rendered, documented);
+    }
 }
