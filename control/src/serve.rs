@@ -303,13 +303,23 @@ async fn start_embedded_derp(
 }
 
 /// Serves `/metrics` on `listener` (bounded as [`warren_derp::metrics::serve`] is), counting
-/// node states under the core's lock at each scrape.
-async fn serve_metrics(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+/// node states under the core's lock at each scrape; the embedded DERP server's metrics
+/// (`warren_derp_*`) follow control's when it runs.
+async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    relay: Option<warren_derp::Relay>,
+) {
     let render: warren_derp::metrics::Render = Arc::new(move || {
         let shared = Arc::clone(&shared);
+        let relay = relay.clone();
         Box::pin(async move {
             let states = shared.core.lock().await.node_states(unix_ms());
-            shared.metrics.render(states)
+            let mut text = shared.metrics.render(states);
+            if let Some(relay) = &relay {
+                text.push_str(&warren_derp::metrics::render_relay(relay));
+            }
+            text
         })
     });
     warren_derp::metrics::serve(listener, render, std::future::pending()).await;
@@ -452,7 +462,12 @@ pub async fn serve_with(
             if let Ok(addr) = listener.local_addr() {
                 let _ = stats.metrics_addr.set(addr);
             }
-            Some(tokio::spawn(serve_metrics(listener, Arc::clone(&shared))))
+            let relay = embedded.as_ref().map(|d| d.relay.clone());
+            Some(tokio::spawn(serve_metrics(
+                listener,
+                Arc::clone(&shared),
+                relay,
+            )))
         }
         None => None,
     };

@@ -212,3 +212,73 @@ async fn scrapes_follow_registrations_streams_and_refusals() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_embedded_relays_traffic_is_in_controls_scrape() {
+    // A TCP port free on loopback a moment ago, for the embedded relay (the DERP map carries
+    // its port, so it cannot be 0).
+    let derp_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let server = Server::start_with(|c| {
+        c.metrics_listen_addr = Some("127.0.0.1:0".parse().expect("addr"));
+        let d = &mut c.derp.server;
+        d.enabled = Some(true);
+        d.listen_addr = SocketAddr::from(([127, 0, 0, 1], derp_port));
+        d.stun_listen_addr = "127.0.0.1:0".parse().expect("addr");
+        d.stun_alt_listen_addr = warren_control::config::AltStun::Off;
+    })
+    .await;
+    wait_until("metrics listening", || {
+        server.stats.metrics_addr.get().is_some()
+    })
+    .await;
+    let metrics = *server.stats.metrics_addr.get().expect("bound");
+    let m = scrape(metrics).await;
+    assert_eq!(value(&m, "warren_derp_clients"), 0.0);
+    assert_eq!(value(&m, "warren_derp_packets_relayed_total"), 0.0);
+
+    // Two registered nodes (the embedded relay admits only those) relay three packets.
+    let mut c = server.control().await;
+    let mut admin = server.local_admin().await;
+    let sk = server_key(&mut c).await;
+    let auth = new_auth_key(&mut admin).await;
+    let (a, b) = (NodeSecretKey::generate(), NodeSecretKey::generate());
+    for (key, name) in [(&a, "a"), (&b, "b")] {
+        c.register_node(register_req(key, &sk, &auth, name))
+            .await
+            .expect("register");
+    }
+    let url = format!("http://127.0.0.1:{derp_port}/derp");
+    let options = warren_derp::client::ConnectOptions::default();
+    let da = warren_derp::Client::connect(&url, &a, &options)
+        .await
+        .expect("a connects");
+    let mut db = warren_derp::Client::connect(&url, &b, &options)
+        .await
+        .expect("b connects");
+    for len in [10usize, 20, 30] {
+        da.send(b.public_key(), &vec![4u8; len])
+            .await
+            .expect("send");
+    }
+    for len in [10usize, 20, 30] {
+        match tokio::time::timeout(STEP, db.recv())
+            .await
+            .expect("packet in time")
+            .expect("event")
+        {
+            warren_derp::ClientEvent::RecvPacket { packet, .. } => assert_eq!(packet.len(), len),
+            other => panic!("expected a packet, got {other:?}"),
+        }
+    }
+    let m = scrape(metrics).await;
+    assert_eq!(value(&m, "warren_derp_clients"), 2.0);
+    assert_eq!(value(&m, "warren_derp_packets_relayed_total"), 3.0);
+    assert_eq!(value(&m, "warren_derp_bytes_relayed_total"), 60.0);
+    assert_eq!(value(&m, "warren_control_registrations_total"), 2.0);
+    drop((da, db));
+    server.stop().await;
+}
