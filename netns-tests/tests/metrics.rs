@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use warren_netns_tests::services::{HttpOutcome, http_get};
+use warren_netns_tests::services::{HttpOutcome, dns_query, http_get};
 use warren_netns_tests::{Lab, Mesh, Node, NodeOptions, TransferReport, wait_until};
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_warren-labtool");
@@ -180,6 +180,62 @@ fn node_metrics_follow_traffic_path_and_handshakes() {
                 Ok(tx == rx)
             },
         )?;
+
+        // MagicDNS: three questions answered from the netmap, and one for a name outside the
+        // mesh that fails: forwarded to the host's resolver and timed out (SERVFAIL), or
+        // refused at once when the node has no upstream; the lab reaches no DNS server.
+        let quad100 = IpAddr::V4(std::net::Ipv4Addr::new(100, 100, 100, 100));
+        let name = format!("{}.warren.internal", n2.hostname);
+        for _ in 0..3 {
+            let a = dns_query(lab, Path::new(LABTOOL), &n1.ns, quad100, &name, "A", SOON)?;
+            ensure!(a.is_a(&[a2]), "{name}: {a:?}");
+        }
+        let www = "www.example.net";
+        let a = dns_query(lab, Path::new(LABTOOL), &n1.ns, quad100, www, "A", SOON)?;
+        ensure!(a.rcode == "SERVFAIL", "{www}: {a:?}");
+        let dns = |result: &str| format!("warren_node_dns_queries_total{{result=\"{result}\"}}");
+        let m1 = scrape_until(lab, n1, "the DNS queries counted", |m| {
+            Ok(get(m, &dns("answered_locally"))? == 3.0
+                && get(m, &dns("servfail"))? + get(m, &dns("no_upstream"))? == 1.0)
+        })?;
+        ensure!(
+            get(&m1, &dns("forwarded"))? == get(&m1, &dns("servfail"))?,
+            "only the failed query may have been forwarded: {m1:#?}"
+        );
+        for result in ["formerr", "dropped"] {
+            ensure!(get(&m1, &dns(result))? == 0.0, "{result}: {m1:#?}");
+        }
+
+        // DERP: the home region's link is up; control (and its embedded relay) restarting
+        // makes each node connect again, once.
+        let links = |m: &BTreeMap<String, f64>| -> Vec<(String, f64)> {
+            m.iter()
+                .filter(|(k, _)| k.starts_with("warren_node_derp_connected{"))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        };
+        let m1 = scrape_until(lab, n1, "a DERP link up", |m| {
+            Ok(links(m).iter().any(|(_, v)| *v == 1.0))
+        })?;
+        let before = links(&m1);
+        mesh.control.shutdown(SOON)?;
+        mesh.control.restart(lab)?;
+        let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+        for node in [n1, n2] {
+            let m = scrape_until(lab, node, "DERP reconnected", |m| {
+                Ok(get(m, "warren_node_derp_reconnects_total")? >= 1.0
+                    && links(m).iter().all(|(_, v)| *v == 1.0))
+            })?;
+            ensure!(
+                get(&m, "warren_node_derp_reconnects_total")? == 1.0,
+                "{}: {m:#?}",
+                node.hostname
+            );
+        }
+        ensure!(
+            links(&scrape(lab, n1)?) == before,
+            "links changed: {before:?}"
+        );
 
         // The listener answers only /metrics.
         let other = http_get(
