@@ -282,3 +282,24 @@ async fn the_embedded_relays_traffic_is_in_controls_scrape() {
     drop((da, db));
     server.stop().await;
 }
+
+#[test]
+fn metrics_listen_addr_is_off_unless_set() {
+    use warren_control::config::Config;
+    assert_eq!(Config::default().metrics_listen_addr, None);
+    let c = Config::parse(
+        "metrics_listen_addr = \"127.0.0.1:9090\"",
+        std::path::Path::new("control.toml"),
+    )
+    .expect("parses");
+    assert_eq!(
+        c.metrics_listen_addr,
+        Some(SocketAddr::from(([127, 0, 0, 1], 9090)))
+    );
+    let err = Config::parse(
+        "metrics_listen_addr = \"9090\"",
+        std::path::Path::new("control.toml"),
+    )
+    .expect_err("not an address");
+    assert!(err.to_string().contains("metrics_listen_addr"), "{err}");
+}

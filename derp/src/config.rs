@@ -197,6 +197,17 @@ mod tests {
     }
 
     #[test]
+    fn metrics_are_off_unless_an_address_is_given() {
+        assert_eq!(Config::default().metrics_listen, None);
+        let c = Config::from_toml("metrics_listen = \"127.0.0.1:9091\"").expect("parses");
+        assert_eq!(
+            c.metrics_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9091)))
+        );
+        Config::from_toml("metrics_listen = \"9091\"").expect_err("not an address");
+    }
+
+    #[test]
     fn second_stun_port_is_optional() {
         assert_eq!(Config::default().stun_alt_listen, None);
         let c = Config::from_toml("stun_alt_listen = \"0.0.0.0:3479\"").expect("parses");
