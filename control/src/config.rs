@@ -74,8 +74,41 @@ pub struct Config {
     pub derp: Derp,
     /// Limits on the connections the gRPC listener takes (warren's own section).
     pub connections: Connections,
+    /// The web admin page (warren's own `web` section).
+    pub web: WebConfig,
     /// The access policy (Headscale's `policy` section).
     pub policy: PolicyConfig,
+}
+
+/// The web admin page (`[web]`): on by default, on loopback only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// Whether `serve` starts it; `false` turns it off.
+    pub enabled: bool,
+    /// Where it listens. Unset: [`WebConfig::DEFAULT_LISTEN_ADDR`], skipped with a warning when
+    /// that port is taken; an address set here that cannot be bound refuses the start.
+    pub listen_addr: Option<SocketAddr>,
+}
+
+impl WebConfig {
+    /// Where the page listens unless `web.listen_addr` says otherwise: loopback only.
+    pub const DEFAULT_LISTEN_ADDR: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8081);
+
+    /// The address to listen on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr.unwrap_or(Self::DEFAULT_LISTEN_ADDR)
+    }
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen_addr: None,
+        }
+    }
 }
 
 /// Where the access policy comes from (Headscale's `policy` section: `mode`, `path`).
@@ -495,6 +528,7 @@ impl Default for Config {
             derp: Derp::default(),
             connections: Connections::default(),
             policy: PolicyConfig::default(),
+            web: WebConfig::default(),
         }
     }
 }

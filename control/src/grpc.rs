@@ -212,6 +212,12 @@ pub fn compile_policy(text: &str) -> Result<CompiledPolicy, ControlError> {
 }
 
 impl Shared {
+    /// Checks an API key, as every Admin call over TCP does and the web admin page's login and
+    /// sessions do (one rule for both), and records its use.
+    pub async fn check_api_key(&self, key: &str) -> Result<(), ControlError> {
+        self.core.lock().await.check_api_key(key, unix_ms())
+    }
+
     /// Checks a node proof for `method` over `rest` (the request with its proof taken out).
     pub fn prove(
         &self,
@@ -503,11 +509,7 @@ impl AdminService {
         let key = header
             .strip_prefix("Bearer ")
             .ok_or(ControlError::ApiKeyMissing)?;
-        self.shared
-            .core
-            .lock()
-            .await
-            .check_api_key(key, unix_ms())?;
+        self.shared.check_api_key(key).await?;
         Ok(())
     }
 }

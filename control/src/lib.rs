@@ -17,3 +17,4 @@ pub mod routes;
 pub mod secret;
 pub mod serve;
 pub mod store;
+pub mod web;

@@ -392,6 +392,8 @@ pub async fn serve_with(
     for warning in startup_warnings(&config) {
         tracing::warn!("{warning}");
     }
+    // Bound first: nothing else has started yet, so a refused address needs no cleanup.
+    let web = crate::web::bind(&config.web).await?;
     let control = ControlServer::new(ControlService::new(Arc::clone(&shared)))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     // Admin requests may carry a policy file.
@@ -471,6 +473,7 @@ pub async fn serve_with(
         }
         None => None,
     };
+    let web = web.map(|listener| tokio::spawn(crate::web::serve(listener, Arc::clone(&shared))));
     let upkeep = tokio::spawn(Arc::clone(&shared.metrics).upkeep());
     let sweeper = tokio::spawn(sweep_ephemeral(Arc::clone(&shared)));
     let streams = Arc::clone(&shared);
@@ -512,6 +515,9 @@ pub async fn serve_with(
     let result = tokio::try_join!(tcp_server, unix_server);
     sweeper.abort();
     upkeep.abort();
+    if let Some(web) = web {
+        web.abort();
+    }
     if let Some(metrics) = metrics {
         metrics.abort();
     }

@@ -1,0 +1,380 @@
+//! The HTML of the web admin page, written with `maud` (escaped by construction, checked at
+//! compile time, nothing to ship beside the binary). Every form carries the session's CSRF
+//! token in a hidden `csrf` field; the only script is the few lines that apply `/events` to
+//! the nodes table.
+
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+use warren_proto::control::{ApiKey, Node, PreAuthKey, User};
+
+/// The pages of the top navigation, in order: path and title.
+const NAV: &[(&str, &str)] = &[
+    ("/nodes", "Nodes"),
+    ("/preauthkeys", "Pre-auth keys"),
+    ("/users", "Users"),
+    ("/apikeys", "API keys"),
+];
+
+const STYLE: &str = "
+body{font-family:system-ui,sans-serif;margin:0;color:#1d232a;background:#f6f7f9}
+header{background:#1f3a4d;color:#fff;padding:.6em 1.2em;display:flex;gap:1.4em;align-items:center}
+header a{color:#cfe3f1;text-decoration:none}header a.here{color:#fff;font-weight:bold}
+header form{margin-left:auto}main{padding:1em 1.2em}
+table{border-collapse:collapse;background:#fff;font-size:.9em}
+th,td{border:1px solid #d5dae0;padding:.3em .5em;text-align:left;vertical-align:top}
+th{background:#e9edf1}.on{color:#106b21;font-weight:bold}.off{color:#8a8f95}
+.error{background:#fde2e1;border:1px solid #e0a1a0;padding:.5em;margin:.5em 0}
+.secret{background:#e3f4e6;border:1px solid #9fcea8;padding:.6em;margin:.5em 0}
+code{font-size:.95em}form.inline{display:inline}fieldset{background:#fff;border:1px solid #d5dae0;margin:.8em 0}
+input[type=text],input[type=password]{padding:.2em}.login{max-width:28em;margin:4em auto}
+";
+
+/// Applies the `nodes` events of `/events` to the nodes table: the whole body when the set of
+/// nodes changed, only the online and last-seen cells otherwise.
+const LIVE_SCRIPT: &str = "
+const es=new EventSource('/events');
+es.addEventListener('nodes',e=>{const d=JSON.parse(e.data);const tb=document.getElementById('nodes');
+if(!tb)return;if(tb.dataset.ids!==d.ids){tb.innerHTML=d.rows;tb.dataset.ids=d.ids;
+document.getElementById('node-count').textContent=d.ids?d.ids.split(',').length:0;return;}
+for(const [id,n] of Object.entries(d.nodes)){const c=document.querySelector('[data-online=\"'+id+'\"]');
+if(c){c.textContent=n.online?'online':'offline';c.className=n.online?'on':'off';}
+const s=document.querySelector('[data-seen=\"'+id+'\"]');if(s)s.textContent=n.seen;}});
+";
+
+/// A whole page: navigation (when logged in, i.e. `csrf` is set), an optional error, `body`.
+pub fn page(
+    title: &str,
+    path: &str,
+    csrf: Option<&str>,
+    error: Option<&str>,
+    nonce: &str,
+    body: Markup,
+) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { (title) " · warren" }
+                style nonce=(nonce) { (PreEscaped(STYLE)) }
+            }
+            body {
+                header {
+                    strong { "warren" }
+                    @if let Some(csrf) = csrf {
+                        @for (href, name) in NAV {
+                            a href=(href) class=[(*href == path).then_some("here")] { (name) }
+                        }
+                        form method="post" action="/logout" {
+                            (csrf_field(csrf))
+                            button type="submit" { "Log out" }
+                        }
+                    }
+                }
+                main {
+                    h1 { (title) }
+                    @if let Some(error) = error {
+                        p.error id="error" { (error) }
+                    }
+                    (body)
+                }
+                @if path == "/nodes" && csrf.is_some() {
+                    script nonce=(nonce) { (PreEscaped(LIVE_SCRIPT)) }
+                }
+            }
+        }
+    }
+}
+
+fn csrf_field(csrf: &str) -> Markup {
+    html! { input type="hidden" name="csrf" value=(csrf); }
+}
+
+/// The login form. Its `csrf` is the pre-session token of the `warren_login` cookie.
+pub fn login(csrf: &str) -> Markup {
+    html! {
+        form.login method="post" action="/login" {
+            (csrf_field(csrf))
+            p { "Log in with an API key (" code { "warren-control apikeys create" } ")." }
+            p {
+                label { "API key " input type="password" name="api_key" id="api_key"
+                    autocomplete="off" size="60" autofocus; }
+            }
+            button type="submit" id="login" { "Log in" }
+        }
+    }
+}
+
+/// Unix milliseconds as `YYYY-MM-DD HH:MM:SS UTC`; 0 as `never`.
+pub fn time(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "never".into();
+    }
+    let secs = unix_ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// A node's last-seen cell: `now` while online.
+pub fn seen(n: &Node) -> String {
+    match n.online {
+        true => "now".into(),
+        false => time(n.last_seen_unix_ms),
+    }
+}
+
+fn list(items: &[String]) -> Markup {
+    html! {
+        @for (i, item) in items.iter().enumerate() {
+            @if i > 0 { br; }
+            code { (item) }
+        }
+    }
+}
+
+/// The body rows of the nodes table (also sent whole by `/events` when the set of nodes
+/// changes).
+pub fn node_rows(nodes: &[Node], csrf: &str) -> Markup {
+    html! {
+        @for n in nodes {
+            tr id={ "node-" (n.id) } {
+                td { (n.id) }
+                td.name { (n.given_name) @if n.hostname != n.given_name { br; small { "host " (n.hostname) } } }
+                td { (n.user) }
+                td { (n.tags.join(", ")) }
+                td { (list(&n.addresses)) }
+                td data-online=(n.id) class=(if n.online { "on" } else { "off" }) {
+                    (if n.online { "online" } else { "offline" })
+                }
+                td data-seen=(n.id) { (seen(n)) }
+                td { (list(&n.endpoints)) }
+                td { @if n.home_region > 0 { (n.home_region) } @else { "-" } }
+                td { (list(&n.advertised_routes)) }
+                td { (list(&n.approved_routes)) }
+                td { (if n.expiry_unix_ms > 0 { time(n.expiry_unix_ms) } else { "never".into() }) }
+                td {
+                    form.inline method="post" action="/nodes/rename" {
+                        (csrf_field(csrf))
+                        input type="hidden" name="id" value=(n.id);
+                        input type="text" name="new_name" size="12" placeholder="new name";
+                        button type="submit" { "Rename" }
+                    }
+                    " "
+                    form.inline method="post" action="/nodes/tag" {
+                        (csrf_field(csrf))
+                        input type="hidden" name="id" value=(n.id);
+                        input type="text" name="tags" size="12" placeholder="tag:a,tag:b";
+                        button type="submit" { "Tag" }
+                    }
+                    " "
+                    form.inline method="post" action="/nodes/expire" {
+                        (csrf_field(csrf))
+                        input type="hidden" name="id" value=(n.id);
+                        button type="submit" { "Expire" }
+                    }
+                    " "
+                    form.inline method="post" action="/nodes/delete" {
+                        (csrf_field(csrf))
+                        input type="hidden" name="id" value=(n.id);
+                        button type="submit" { "Delete" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The ids in the nodes table, as `/events` compares them (`1,2,5`).
+pub fn node_ids(nodes: &[Node]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.id.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The nodes page.
+pub fn nodes(nodes: &[Node], csrf: &str) -> Markup {
+    html! {
+        p { span id="node-count" { (nodes.len()) } " nodes; the table follows the server live." }
+        table {
+            thead { tr {
+                th { "id" } th { "name" } th { "user" } th { "tags" } th { "addresses" }
+                th { "online" } th { "last seen" } th { "endpoints" } th { "DERP" }
+                th { "advertised routes" } th { "approved routes" } th { "key expiry" } th { "actions" }
+            } }
+            tbody id="nodes" data-ids=(node_ids(nodes)) { (node_rows(nodes, csrf)) }
+        }
+    }
+}
+
+/// A secret just created: shown this once.
+pub struct NewSecret<'a> {
+    /// What it is ("pre-auth key", "API key").
+    pub what: &'a str,
+    /// The secret.
+    pub secret: &'a str,
+}
+
+fn new_secret(secret: Option<NewSecret<'_>>) -> Markup {
+    html! {
+        @if let Some(s) = secret {
+            div.secret {
+                "New " (s.what) " (shown only this once): "
+                code id="new-secret" { (s.secret) }
+            }
+        }
+    }
+}
+
+/// The pre-auth keys page.
+pub fn preauthkeys(
+    keys: &[PreAuthKey],
+    users: &[User],
+    csrf: &str,
+    secret: Option<NewSecret<'_>>,
+) -> Markup {
+    html! {
+        (new_secret(secret))
+        fieldset {
+            legend { "Create a pre-auth key" }
+            form method="post" action="/preauthkeys/create" {
+                (csrf_field(csrf))
+                label { "user " select name="user" id="user" {
+                    @for u in users { option value=(u.name) { (u.name) } }
+                } } " "
+                label { input type="checkbox" name="reusable" id="reusable" value="1"; " reusable" } " "
+                label { input type="checkbox" name="ephemeral" id="ephemeral" value="1"; " ephemeral" } " "
+                label { "expires in " input type="text" name="expiration" id="expiration" size="6" value="1h"; } " "
+                label { "tags " input type="text" name="tags" id="tags" size="16" placeholder="tag:a,tag:b"; } " "
+                button type="submit" id="create-preauthkey" { "Create" }
+            }
+        }
+        table {
+            thead { tr {
+                th { "prefix" } th { "user" } th { "reusable" } th { "ephemeral" } th { "used" }
+                th { "tags" } th { "created" } th { "expires" } th { "" }
+            } }
+            tbody {
+                @for k in keys {
+                    tr {
+                        td { code { (k.prefix) } } td { (k.user) }
+                        td { (yes(k.reusable)) } td { (yes(k.ephemeral)) } td { (yes(k.used)) }
+                        td { (k.tags.join(", ")) }
+                        td { (time(k.created_unix_ms)) } td { (time(k.expiration_unix_ms)) }
+                        td { form.inline method="post" action="/preauthkeys/expire" {
+                            (csrf_field(csrf))
+                            input type="hidden" name="prefix" value=(k.prefix);
+                            button type="submit" { "Expire" }
+                        } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// The users page.
+pub fn users(users: &[User], csrf: &str) -> Markup {
+    html! {
+        fieldset {
+            legend { "Create a user" }
+            form method="post" action="/users/create" {
+                (csrf_field(csrf))
+                input type="text" name="name" id="user-name" placeholder="name";
+                " " button type="submit" id="create-user" { "Create" }
+            }
+        }
+        table {
+            thead { tr { th { "id" } th { "name" } th { "created" } th { "" } } }
+            tbody {
+                @for u in users {
+                    tr {
+                        td { (u.id) } td { (u.name) } td { (time(u.created_unix_ms)) }
+                        td { form.inline method="post" action="/users/delete" {
+                            (csrf_field(csrf))
+                            input type="hidden" name="name" value=(u.name);
+                            button type="submit" { "Delete" }
+                        } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The API keys page.
+pub fn apikeys(keys: &[ApiKey], csrf: &str, secret: Option<NewSecret<'_>>) -> Markup {
+    html! {
+        (new_secret(secret))
+        fieldset {
+            legend { "Create an API key" }
+            form method="post" action="/apikeys/create" {
+                (csrf_field(csrf))
+                label { "expires in " input type="text" name="expiration" size="6" value="90d"; }
+                " " button type="submit" { "Create" }
+            }
+        }
+        table {
+            thead { tr { th { "prefix" } th { "created" } th { "expires" } th { "last used" } th { "" } } }
+            tbody {
+                @for k in keys {
+                    tr {
+                        td { code { (k.prefix) } } td { (time(k.created_unix_ms)) }
+                        td { (time(k.expiration_unix_ms)) } td { (time(k.last_used_unix_ms)) }
+                        td { form.inline method="post" action="/apikeys/expire" {
+                            (csrf_field(csrf))
+                            input type="hidden" name="prefix" value=(k.prefix);
+                            button type="submit" { "Expire" }
+                        } }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_utc_dates() {
+        assert_eq!(time(0), "never");
+        assert_eq!(time(1_000), "1970-01-01 00:00:01 UTC");
+        assert_eq!(time(951_782_400_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(time(1_795_797_296_000), "2026-11-27 16:34:56 UTC");
+    }
+
+    #[test]
+    fn node_fields_are_escaped() {
+        let node = Node {
+            id: 7,
+            given_name: "<script>".into(),
+            hostname: "<script>".into(),
+            ..Node::default()
+        };
+        let html = node_rows(&[node], "tok").into_string();
+        assert!(html.contains("&lt;script&gt;"), "{html}");
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(html.contains(r#"name="csrf" value="tok""#), "{html}");
+    }
+}
