@@ -34,8 +34,9 @@ ensure_tools() {
     local missing=() cmd pkg
     # command:package; cc is the linker rustc needs (and the C compiler of ring and SQLite),
     # libc6-dev its C library headers and crt files (only recommended by gcc on Debian);
-    # systemd-analyze checks contrib/systemd (a container has no systemd).
-    for pair in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack kill:procps sysctl:procps setpriv:util-linux stun:stun-client xz:xz-utils dig:bind9-dnsutils cc:gcc cc:libc6-dev systemd-analyze:systemd; do
+    # systemd-analyze checks contrib/systemd (a container has no systemd); chromium and its
+    # WebDriver (spoken with curl) drive the web admin page in a real browser (netns-tests/tests/web.rs).
+    for pair in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack kill:procps sysctl:procps setpriv:util-linux stun:stun-client xz:xz-utils dig:bind9-dnsutils cc:gcc cc:libc6-dev systemd-analyze:systemd chromium:chromium chromedriver:chromium-driver curl:curl; do
         cmd="${pair%%:*}"
         pkg="${pair#*:}"
         # `type -P`: a program file, not a shell builtin (the lab runs /usr/bin/kill).
