@@ -213,6 +213,13 @@ fn screenshot_dir() -> Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let dir = target.join("web-screenshots");
+    // Only this run's pictures.
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("remove {}", dir.display()));
+        }
+        _ => {}
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     Ok(dir)
 }
@@ -376,6 +383,26 @@ fn run(lab: &mut Lab, bins: &warren_netns_tests::Binaries) -> Result<()> {
     );
     browser.screenshot(&shots, "06-nodes-renamed")?;
 
+    // The policy page answers "can A reach B" (the renamed node, an address no node has).
+    browser.go("/policy")?;
+    browser.type_into("#src", "webuser@")?;
+    browser.type_into("#dst", "100.64.0.99")?;
+    browser.type_into("#port", "22")?;
+    browser.click("#ask")?;
+    let unconfigured = browser.text("#unconfigured")?;
+    ensure!(
+        unconfigured == "No policy is configured: every node may reach every other.",
+        "policy answer {unconfigured:?}"
+    );
+    let answer = browser.text("#answer tbody")?;
+    ensure!(
+        answer.starts_with("renamed-on-web 100.64.0.1")
+            && answer.contains("22 allowed default (allow all)"),
+        "policy answer {answer:?}"
+    );
+    browser.screenshot(&shots, "07-policy-explain")?;
+    browser.go("/nodes")?;
+
     // Delete.
     browser.click(&format!("#{row} form[action='/nodes/delete'] button"))?;
     wait_until(SOON, "the row is gone", || {
@@ -386,10 +413,10 @@ fn run(lab: &mut Lab, bins: &warren_netns_tests::Binaries) -> Result<()> {
         mesh.control.nodes(lab)?.is_empty(),
         "control still lists a node"
     );
-    browser.screenshot(&shots, "07-nodes-deleted")?;
+    browser.screenshot(&shots, "08-nodes-deleted")?;
 
     browser.go("/apikeys")?;
-    browser.screenshot(&shots, "08-apikeys")?;
+    browser.screenshot(&shots, "09-apikeys")?;
     browser.go("/preauthkeys")?;
     ensure!(
         !browser
@@ -399,6 +426,6 @@ fn run(lab: &mut Lab, bins: &warren_netns_tests::Binaries) -> Result<()> {
             .contains(&secret),
         "the pre-auth key's secret is shown only once"
     );
-    browser.screenshot(&shots, "09-preauthkeys")?;
+    browser.screenshot(&shots, "10-preauthkeys")?;
     Ok(())
 }

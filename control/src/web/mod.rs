@@ -46,8 +46,8 @@ use warren_proto::control::admin_server::Admin;
 use warren_proto::control::{
     AdminListNodesRequest, CreateApiKeyRequest, CreatePreAuthKeyRequest, CreateUserRequest,
     DeleteNodeRequest, DeleteUserRequest, ExpireApiKeyRequest, ExpireNodeRequest,
-    ExpirePreAuthKeyRequest, ListApiKeysRequest, ListPreAuthKeysRequest, ListUsersRequest, Node,
-    RenameNodeRequest, TagNodeRequest,
+    ExpirePreAuthKeyRequest, ExplainPolicyRequest, GetPolicyRequest, ListApiKeysRequest,
+    ListPreAuthKeysRequest, ListUsersRequest, Node, RenameNodeRequest, TagNodeRequest,
 };
 
 use crate::config::WebConfig;
@@ -65,6 +65,8 @@ pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10 * 60);
 pub const EVENT_STREAM_LIFETIME: Duration = Duration::from_secs(5 * 60);
 /// How often `/events` looks at the nodes.
 pub const EVENT_INTERVAL: Duration = Duration::from_secs(1);
+/// An event stream checks its session's API key again every this many ticks.
+const KEY_RECHECK_TICKS: u32 = 30;
 /// The largest form body accepted.
 pub const MAX_FORM_BYTES: usize = 64 * 1024;
 /// The answer to a wrong, malformed or expired API key at login (nothing says which).
@@ -403,6 +405,7 @@ impl Web {
                 "/preauthkeys" => self.view(View::PreAuthKeys, &session, None, None).await,
                 "/users" => self.view(View::Users, &session, None, None).await,
                 "/apikeys" => self.view(View::ApiKeys, &session, None, None).await,
+                "/policy" => self.policy(&session, req.uri().query()).await,
                 "/events" => self.events(sid),
                 _ => text(StatusCode::NOT_FOUND, "not found"),
             };
@@ -627,6 +630,68 @@ impl Web {
         })
     }
 
+    /// The policy page; with `src` and `dst` in the query, the answer to "can SRC reach DST".
+    async fn policy(&self, session: &Session, query: Option<&str>) -> Response<Body> {
+        let query: Form = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+        let csrf = session.csrf.as_str();
+        let (title, path) = ("Policy", "/policy");
+        let current = match self.admin.get_policy(req(GetPolicyRequest {})).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                let f = Failure::from(s);
+                return page(
+                    f.status,
+                    title,
+                    path,
+                    Some(csrf),
+                    Some(&f.message),
+                    maud::html! {},
+                );
+            }
+        };
+        let question = pages::Question {
+            src: field(&query, "src").trim(),
+            dst: field(&query, "dst").trim(),
+            port: field(&query, "port").trim(),
+            proto: field(&query, "proto").trim(),
+        };
+        let asked = !question.src.is_empty() || !question.dst.is_empty();
+        let answer = match asked {
+            false => Ok(None),
+            true => self.explain(&question).await.map(Some),
+        };
+        match answer {
+            Ok(answer) => {
+                let body = pages::policy(&current, &question, answer.as_ref());
+                page(StatusCode::OK, title, path, Some(csrf), None, body)
+            }
+            Err(f) => {
+                let body = pages::policy(&current, &question, None);
+                page(f.status, title, path, Some(csrf), Some(&f.message), body)
+            }
+        }
+    }
+
+    async fn explain(
+        &self,
+        q: &pages::Question<'_>,
+    ) -> Result<warren_proto::control::ExplainPolicyResponse, Failure> {
+        let port = match q.port {
+            "" | "*" => None,
+            p => Some(p.parse().map_err(|_| Failure::bad("port: not a number"))?),
+        };
+        let request = ExplainPolicyRequest {
+            src: q.src.to_owned(),
+            dst: q.dst.to_owned(),
+            port,
+            proto: q.proto.to_owned(),
+            exit_node: String::new(),
+        };
+        Ok(self.admin.explain_policy(req(request)).await?.into_inner())
+    }
+
     /// Every node, by id.
     async fn nodes(&self) -> Result<Vec<Node>, Failure> {
         let mut nodes = self
@@ -754,6 +819,7 @@ impl Web {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last = String::new();
             let mut quiet = 0u32;
+            let mut checks = 0u32;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
@@ -764,6 +830,14 @@ impl Web {
                 let Some(session) = locked(&self.sessions).get(&sid, Instant::now()) else {
                     return;
                 };
+                // The key is checked again now and then, as each page load checks it.
+                checks += 1;
+                if checks.is_multiple_of(KEY_RECHECK_TICKS)
+                    && self.shared.check_api_key(&session.api_key).await.is_err()
+                {
+                    locked(&self.sessions).remove(&sid);
+                    return;
+                }
                 let Ok(nodes) = self.nodes().await else {
                     continue;
                 };

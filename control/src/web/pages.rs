@@ -4,7 +4,9 @@
 //! the nodes table.
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
-use warren_proto::control::{ApiKey, Node, PreAuthKey, User};
+use warren_proto::control::{
+    ApiKey, ExplainPolicyResponse, GetPolicyResponse, Node, PreAuthKey, User,
+};
 
 /// The pages of the top navigation, in order: path and title.
 const NAV: &[(&str, &str)] = &[
@@ -12,6 +14,7 @@ const NAV: &[(&str, &str)] = &[
     ("/preauthkeys", "Pre-auth keys"),
     ("/users", "Users"),
     ("/apikeys", "API keys"),
+    ("/policy", "Policy"),
 ];
 
 const STYLE: &str = "
@@ -348,6 +351,76 @@ pub fn apikeys(keys: &[ApiKey], csrf: &str, secret: Option<NewSecret<'_>>) -> Ma
                     }
                 }
             }
+        }
+    }
+}
+
+/// What the explain form asked (echoed back into it).
+#[derive(Debug, Default)]
+pub struct Question<'a> {
+    /// Source: a node name, mesh IP, `user@`, group or tag.
+    pub src: &'a str,
+    /// Destination, in the same forms.
+    pub dst: &'a str,
+    /// A port; empty: any.
+    pub port: &'a str,
+    /// A protocol name or number; empty: tcp.
+    pub proto: &'a str,
+}
+
+/// The policy page: the policy in force, read-only, and the "can A reach B on port P" form
+/// (a GET: it changes nothing) with its answer.
+pub fn policy(
+    current: &GetPolicyResponse,
+    question: &Question<'_>,
+    answer: Option<&ExplainPolicyResponse>,
+) -> Markup {
+    html! {
+        fieldset {
+            legend { "Explain: can A reach B?" }
+            form method="get" action="/policy" id="explain" {
+                label { "from " input type="text" name="src" id="src" value=(question.src) placeholder="node, IP, user@, group:, tag:"; } " "
+                label { "to " input type="text" name="dst" id="dst" value=(question.dst); } " "
+                label { "port " input type="text" name="port" id="port" size="6" value=(question.port) placeholder="any"; } " "
+                label { "protocol " input type="text" name="proto" size="5" value=(question.proto) placeholder="tcp"; } " "
+                button type="submit" id="ask" { "Explain" }
+            }
+        }
+        @if let Some(a) = answer {
+            @if !a.configured {
+                p id="unconfigured" { "No policy is configured: every node may reach every other." }
+            }
+            @if a.decisions.is_empty() {
+                p id="answer" { "No node or address matches." }
+            } @else {
+                table id="answer" {
+                    thead { tr { th { "from" } th { "to" } th { "port" } th { "allowed" } th { "rule" } th { "in its netmap" } } }
+                    tbody {
+                        @for d in &a.decisions {
+                            tr {
+                                td { (d.src_node) " " code { (d.src_ip) } }
+                                td { (d.dst_node) " " code { (d.dst_ip) } }
+                                td { (if a.any_port && !d.allowed { "any".to_string() } else { d.port.to_string() }) }
+                                td class=(if d.allowed { "on" } else { "off" }) { (if d.allowed { "allowed" } else { "denied" }) }
+                                td { @if let Some(r) = &d.rule {
+                                    @if r.section == "default" { "default (allow all)" }
+                                    @else { (r.section) "[" (r.index) "] at line " (r.line) ":" (r.column) }
+                                } @else { "-" } }
+                                td { (yes(d.visible)) }
+                            }
+                        }
+                    }
+                }
+                @if a.omitted > 0 { p { (a.omitted) " more pairs left out." } }
+            }
+        }
+        p {
+            "Mode " code { (current.mode) }
+            @if !current.path.is_empty() { ", file " code { (current.path) } }
+            @if current.configured { "; the policy in force:" } @else { "; no policy is configured: every node may reach every other." }
+        }
+        @if current.configured {
+            pre id="policy-text" style="background:#fff;border:1px solid #d5dae0;padding:.6em;overflow:auto" { (current.policy) }
         }
     }
 }

@@ -397,3 +397,51 @@ async fn a_pre_auth_key_is_shown_once_and_events_stream_the_nodes() {
     assert!(seen.contains("content-type: text/event-stream"), "{seen}");
     assert!(seen.contains("retry: 2000"), "{seen}");
 }
+
+#[tokio::test]
+async fn the_policy_page_shows_the_policy_and_explains() {
+    let page = Page::start().await;
+    let key = page.api_key().await;
+    let cookie = page.login(&key).await;
+    let policy = page.request("GET", "/policy", &cookie, &[]).await;
+    assert_eq!(policy.status, 200, "{}", policy.body);
+    assert!(
+        policy
+            .body
+            .contains("no policy is configured: every node may reach every other."),
+        "{}",
+        policy.body
+    );
+    let asked = page
+        .request(
+            "GET",
+            "/policy?src=nobody&dst=100.64.0.9&port=22",
+            &cookie,
+            &[],
+        )
+        .await;
+    // The Admin API's own answer, as `policy explain` prints it.
+    assert_eq!(asked.status, 404);
+    assert!(
+        asked.body.contains(
+            r#"id="error">source &quot;nobody&quot; matches no node name, mesh address, user, group or tag</p>"#
+        ),
+        "{}",
+        asked.body
+    );
+    assert!(
+        asked.body.contains(r#"value="nobody""#),
+        "the question is kept"
+    );
+    let bad_port = page
+        .request("GET", "/policy?src=a&dst=b&port=http", &cookie, &[])
+        .await;
+    assert_eq!(bad_port.status, 400);
+    assert!(
+        bad_port
+            .body
+            .contains(r#"id="error">port: not a number</p>"#),
+        "{}",
+        bad_port.body
+    );
+}
