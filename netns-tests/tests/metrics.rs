@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use warren_netns_tests::services::{HttpOutcome, dns_query, http_get};
-use warren_netns_tests::{Lab, Mesh, Node, NodeOptions, TransferReport, wait_until};
+use warren_netns_tests::tcp::{self, TcpOutcome};
+use warren_netns_tests::{
+    Binaries, ControlConfig, Lab, Mesh, Node, NodeOptions, PolicySource, TransferReport, wait_until,
+};
 
 const LABTOOL: &str = env!("CARGO_BIN_EXE_warren-labtool");
 
@@ -79,18 +82,24 @@ fn scrape_until(
     Ok(last)
 }
 
+/// Control with `settings` and two nodes serving metrics, each listing the other.
+fn two_metrics_nodes(lab: &mut Lab, bins: &Binaries, settings: &ControlConfig) -> Result<Mesh> {
+    let mut mesh = Mesh::start_with(lab, bins, 0, settings)?;
+    let opts = NodeOptions::with_args(&["--metrics-listen", "127.0.0.1:9100"]);
+    for _ in 0..2 {
+        let (ns, addr) = mesh.add_host(lab)?;
+        let secret = mesh.key.secret.clone();
+        let node = mesh.spawn_node_on(lab, &ns, addr, &secret, &opts)?;
+        mesh.nodes.push(node);
+    }
+    mesh.wait_full_mesh(lab, SOON)?;
+    Ok(mesh)
+}
+
 #[test]
 fn node_metrics_follow_traffic_path_and_handshakes() {
     warren_netns_tests::lab_test("metrics", LABTOOL, |lab, bins| {
-        let mut mesh = Mesh::start(lab, bins, 0)?;
-        let opts = NodeOptions::with_args(&["--metrics-listen", "127.0.0.1:9100"]);
-        for _ in 0..2 {
-            let (ns, addr) = mesh.add_host(lab)?;
-            let secret = mesh.key.secret.clone();
-            let node = mesh.spawn_node_on(lab, &ns, addr, &secret, &opts)?;
-            mesh.nodes.push(node);
-        }
-        mesh.wait_full_mesh(lab, SOON)?;
+        let mut mesh = two_metrics_nodes(lab, bins, &ControlConfig::default())?;
         let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
         let (p1, p2) = (
             format!("peer=\"{}\"", n1.hostname),
@@ -139,7 +148,8 @@ fn node_metrics_follow_traffic_path_and_handshakes() {
         // 1 MB over TCP from node1 to node2: node1's tx towards node2 and node2's rx from
         // node1 count the tunnelled IP packets, so each grows by the payload plus the TCP/IP
         // headers (a few percent for ~1400-byte segments; a quarter is the bound).
-        let m2 = scrape(lab, n2)?;
+        let rx_series = format!("warren_node_peer_rx_bytes_total{{{p1}}}");
+        let m2 = scrape_until(lab, n2, "node1 sampled", |m| Ok(m.contains_key(&rx_series)))?;
         let tx_before = get(&m1, &format!("warren_node_peer_tx_bytes_total{{{p2}}}"))?;
         let rx_before = get(&m2, &format!("warren_node_peer_rx_bytes_total{{{p1}}}"))?;
         let bytes = 1_000_000u64;
@@ -262,6 +272,72 @@ fn node_metrics_follow_traffic_path_and_handshakes() {
             !matches!(from_lan, HttpOutcome::Reply(..)),
             "reachable from the LAN: {from_lan:?}"
         );
+        Ok(())
+    });
+}
+
+/// Only node2 (the second node registered: 100.64.0.2) may open TCP port 22 on node1
+/// (100.64.0.1); node1 may send node2 nothing.
+const ONE_WAY: &str = r#"{
+  "acls": [
+    {"action": "accept", "src": ["100.64.0.2"], "proto": "tcp", "dst": ["100.64.0.1:22"]},
+  ],
+}
+"#;
+
+#[test]
+fn filter_drops_count_each_denied_packet_against_its_sender() {
+    warren_netns_tests::lab_test("metrics-filter", LABTOOL, |lab, bins| {
+        let settings = ControlConfig {
+            policy: PolicySource::File(ONE_WAY.to_owned()),
+            ..ControlConfig::default()
+        };
+        let mesh = two_metrics_nodes(lab, bins, &settings)?;
+        let (n1, n2) = (&mesh.nodes[0], &mesh.nodes[1]);
+        let (a1, a2) = (n1.ipv4(lab)?, n2.ipv4(lab)?);
+        ensure!(
+            (a1.octets()[3], a2.octets()[3]) == (1, 2),
+            "the policy expects node1 at .1 and node2 at .2: {a1}, {a2}"
+        );
+        let p1 = format!(
+            "warren_node_peer_filter_drops_total{{peer=\"{}\"}}",
+            n1.hostname
+        );
+        // node2's SYN to node1's port 22 is allowed (nothing listens: a reset comes back); it
+        // also brings up the WireGuard session, so the pings below wait for no handshake.
+        let to22 = std::net::SocketAddr::from((a1, 22));
+        wait_until(SOON, "node2 reaches node1's port 22", || {
+            Ok(tcp::connect(
+                lab,
+                &mesh.bins().labtool,
+                &n2.ns,
+                to22,
+                Duration::from_secs(2),
+            )? == TcpOutcome::Refused)
+        })?;
+        let sampled = scrape_until(lab, n2, "node1 sampled", |m| Ok(m.contains_key(&p1)))?;
+        ensure!(
+            get(&sampled, &p1)? == 0.0,
+            "drops before any denied packet: {sampled:#?}"
+        );
+        // Three echo requests from node1, each dropped by node2's filter.
+        for i in 0..3 {
+            ensure!(
+                !lab.ping(&n1.ns, IpAddr::V4(a2))?,
+                "ping {i} was answered though the policy allows node1 nothing"
+            );
+        }
+        scrape_until(lab, n2, "three drops counted against node1", |m| {
+            Ok(get(m, &p1)? == 3.0)
+        })?;
+        // None against node2 on node1's side: its one SYN was allowed. (node2 took the reset
+        // as a reply, or the count above would be 4.)
+        let p2 = format!(
+            "warren_node_peer_filter_drops_total{{peer=\"{}\"}}",
+            n2.hostname
+        );
+        let m1 = scrape_until(lab, n1, "node2 sampled", |m| Ok(m.contains_key(&p2)))?;
+        ensure!(get(&m1, &p2)? == 0.0, "{m1:#?}");
         Ok(())
     });
 }
