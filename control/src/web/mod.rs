@@ -406,6 +406,7 @@ impl Web {
                 "/users" => self.view(View::Users, &session, None, None).await,
                 "/apikeys" => self.view(View::ApiKeys, &session, None, None).await,
                 "/policy" => self.policy(&session, req.uri().query()).await,
+                "/mesh" => self.mesh(&session).await,
                 "/events" => self.events(sid),
                 _ => text(StatusCode::NOT_FOUND, "not found"),
             };
@@ -690,6 +691,56 @@ impl Web {
             exit_node: String::new(),
         };
         Ok(self.admin.explain_policy(req(request)).await?.into_inner())
+    }
+
+    /// The mesh picture: who may reach whom (each node's netmap, under the core's lock as the
+    /// map streams read it) and who is online.
+    async fn mesh(&self, session: &Session) -> Response<Body> {
+        let csrf = session.csrf.as_str();
+        let (title, path) = ("Mesh", "/mesh");
+        let nodes = match self.nodes().await {
+            Ok(nodes) => nodes,
+            Err(f) => {
+                return page(
+                    f.status,
+                    title,
+                    path,
+                    Some(csrf),
+                    Some(&f.message),
+                    maud::html! {},
+                );
+            }
+        };
+        let mut links = pages::Links::new();
+        if nodes.len() <= pages::MAX_PICTURE_NODES {
+            let index: HashMap<u64, usize> =
+                nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+            let mut sees = std::collections::BTreeSet::new();
+            {
+                let core = self.shared.core.lock().await;
+                for (i, n) in nodes.iter().enumerate() {
+                    for peer in core.peers(n.id) {
+                        if let Some(&j) = index.get(&peer.id) {
+                            sees.insert((i, j));
+                        }
+                    }
+                }
+            }
+            for &(i, j) in &sees {
+                let back = sees.contains(&(j, i));
+                if i < j || !back {
+                    links.push((i.min(j), i.max(j), back));
+                }
+            }
+        }
+        page(
+            StatusCode::OK,
+            title,
+            path,
+            Some(csrf),
+            None,
+            pages::mesh(&nodes, &links),
+        )
     }
 
     /// Every node, by id.

@@ -15,6 +15,7 @@ const NAV: &[(&str, &str)] = &[
     ("/users", "Users"),
     ("/apikeys", "API keys"),
     ("/policy", "Policy"),
+    ("/mesh", "Mesh"),
 ];
 
 const STYLE: &str = "
@@ -29,6 +30,7 @@ th{background:#e9edf1}.on{color:#106b21;font-weight:bold}.off{color:#8a8f95}
 .secret{background:#e3f4e6;border:1px solid #9fcea8;padding:.6em;margin:.5em 0}
 code{font-size:.95em}form.inline{display:inline}fieldset{background:#fff;border:1px solid #d5dae0;margin:.8em 0}
 input[type=text],input[type=password]{padding:.2em}.login{max-width:28em;margin:4em auto}
+svg#mesh,pre#policy-text{background:#fff;border:1px solid #d5dae0}pre#policy-text{padding:.6em;overflow:auto}
 ";
 
 /// Applies the `nodes` events of `/events` to the nodes table: the whole body when the set of
@@ -420,7 +422,61 @@ pub fn policy(
             @if current.configured { "; the policy in force:" } @else { "; no policy is configured: every node may reach every other." }
         }
         @if current.configured {
-            pre id="policy-text" style="background:#fff;border:1px solid #d5dae0;padding:.6em;overflow:auto" { (current.policy) }
+            pre id="policy-text" { (current.policy) }
+        }
+    }
+}
+
+/// The most nodes the mesh picture draws; a larger mesh gets a sentence instead.
+pub const MAX_PICTURE_NODES: usize = 100;
+
+/// Who may reach whom: `(a, b, both_ways)` for each pair of node indexes (`a < b`) where at
+/// least one has the other in its netmap.
+pub type Links = Vec<(usize, usize, bool)>;
+
+/// The mesh as an SVG picture: nodes on a circle (green while online), a line between two
+/// nodes when the policy lets one see the other (dashed when only one way), green when both
+/// ends are online.
+pub fn mesh(nodes: &[Node], links: &Links) -> Markup {
+    if nodes.len() > MAX_PICTURE_NODES {
+        return html! { p { (nodes.len()) " nodes: too many to draw (at most " (MAX_PICTURE_NODES) ")." } };
+    }
+    let n = nodes.len().max(1) as f64;
+    let radius = 140.0 + 12.0 * n;
+    let size = 2.0 * radius + 240.0;
+    let centre = size / 2.0;
+    let at = |i: usize| {
+        let angle = std::f64::consts::TAU * i as f64 / n - std::f64::consts::FRAC_PI_2;
+        (centre + radius * angle.cos(), centre + radius * angle.sin())
+    };
+    html! {
+        p {
+            (nodes.len()) " nodes, " (links.len()) " links. A line: the policy lets one node see the other "
+            "(dashed: only one way); green: both ends online."
+        }
+        svg id="mesh" xmlns="http://www.w3.org/2000/svg" width=(size) height=(size)
+            viewBox={ "0 0 " (size) " " (size) } {
+            @for (a, b, both) in links {
+                @let ((x1, y1), (x2, y2)) = (at(*a), at(*b));
+                @let online = nodes[*a].online && nodes[*b].online;
+                line class=(if online { "link online-pair" } else { "link" })
+                    x1=(format!("{x1:.1}")) y1=(format!("{y1:.1}")) x2=(format!("{x2:.1}")) y2=(format!("{y2:.1}"))
+                    stroke=(if online { "#2e9b46" } else { "#a9b0b8" }) stroke-width="2"
+                    stroke-dasharray=[(!both).then_some("6 4")] {
+                    title { (nodes[*a].given_name) " – " (nodes[*b].given_name) }
+                }
+            }
+            @for (i, node) in nodes.iter().enumerate() {
+                @let (x, y) = at(i);
+                g class="node" {
+                    circle cx=(format!("{x:.1}")) cy=(format!("{y:.1}")) r="14"
+                        fill=(if node.online { "#2e9b46" } else { "#c4c9cf" }) stroke="#1f3a4d" stroke-width="1.5" {
+                        title { (node.given_name) " " (node.addresses.join(" ")) }
+                    }
+                    text x=(format!("{x:.1}")) y=(format!("{:.1}", y + 32.0)) text-anchor="middle"
+                        font-size="13" font-family="sans-serif" { (node.given_name) }
+                }
+            }
         }
     }
 }
@@ -435,6 +491,51 @@ mod tests {
         assert_eq!(time(1_000), "1970-01-01 00:00:01 UTC");
         assert_eq!(time(951_782_400_000), "2000-02-29 00:00:00 UTC");
         assert_eq!(time(1_795_797_296_000), "2026-11-27 16:34:56 UTC");
+    }
+
+    #[test]
+    fn the_mesh_picture_draws_each_link_once() {
+        let node = |id, online| Node {
+            id,
+            given_name: format!("n{id}"),
+            online,
+            ..Node::default()
+        };
+        let nodes = [node(1, true), node(2, true), node(3, false)];
+        let svg = mesh(&nodes, &vec![(0, 1, true), (1, 2, false)]).into_string();
+        assert_eq!(svg.matches("<line").count(), 2, "{svg}");
+        assert_eq!(svg.matches("online-pair").count(), 1, "{svg}");
+        assert_eq!(svg.matches("stroke-dasharray").count(), 1, "{svg}");
+        assert_eq!(svg.matches("<circle").count(), 3, "{svg}");
+    }
+
+    #[test]
+    fn no_page_has_an_inline_style_the_policy_would_block() {
+        let node = Node {
+            id: 1,
+            online: true,
+            ..Node::default()
+        };
+        let question = Question::default();
+        let bodies = [
+            nodes(std::slice::from_ref(&node), "c"),
+            mesh(std::slice::from_ref(&node), &Vec::new()),
+            policy(
+                &GetPolicyResponse {
+                    configured: true,
+                    ..Default::default()
+                },
+                &question,
+                None,
+            ),
+            users(&[], "c"),
+            apikeys(&[], "c", None),
+            preauthkeys(&[], &[], "c", None),
+        ];
+        for body in bodies {
+            let html = page("t", "/nodes", Some("c"), None, "n", body).into_string();
+            assert!(!html.contains(" style=\""), "{html}");
+        }
     }
 
     #[test]
