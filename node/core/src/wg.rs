@@ -115,9 +115,10 @@ pub fn receiver(local: &NodeSecretKey, datagram: &[u8]) -> Result<Receiver, WgEr
 pub struct SessionStats {
     /// Time since the last completed handshake, if any.
     pub since_handshake: Option<Duration>,
-    /// Bytes sent, including WireGuard overhead.
+    /// Bytes of IP packets sent through the session (what boringtun counts: the plaintext,
+    /// without WireGuard's own overhead).
     pub tx_bytes: u64,
-    /// Bytes received, including WireGuard overhead.
+    /// Bytes of IP packets received through the session (the plaintext, as for `tx_bytes`).
     pub rx_bytes: u64,
 }
 
