@@ -44,10 +44,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use warren_proto::control::admin_server::Admin;
 use warren_proto::control::{
-    AdminListNodesRequest, CreateApiKeyRequest, CreatePreAuthKeyRequest, CreateUserRequest,
-    DeleteNodeRequest, DeleteUserRequest, ExpireApiKeyRequest, ExpireNodeRequest,
-    ExpirePreAuthKeyRequest, ExplainPolicyRequest, GetPolicyRequest, ListApiKeysRequest,
-    ListPreAuthKeysRequest, ListUsersRequest, Node, RenameNodeRequest, TagNodeRequest,
+    AdminListNodesRequest, CheckPolicyRequest, CreateApiKeyRequest, CreatePreAuthKeyRequest,
+    CreateUserRequest, DeleteNodeRequest, DeleteUserRequest, ExpireApiKeyRequest,
+    ExpireNodeRequest, ExpirePreAuthKeyRequest, ExplainPolicyRequest, GetPolicyRequest,
+    ListApiKeysRequest, ListPreAuthKeysRequest, ListUsersRequest, Node, RenameNodeRequest,
+    SetPolicyRequest, TagNodeRequest,
 };
 
 use crate::config::WebConfig;
@@ -195,12 +196,9 @@ fn cookie(req: &Request<Incoming>, name: &str) -> Option<String> {
 /// A parsed form body (the last value of a repeated field wins).
 type Form = HashMap<String, String>;
 
-/// Reads a form body of at most [`MAX_FORM_BYTES`].
-async fn read_form(req: Request<Incoming>) -> Result<Form, Box<Response<Body>>> {
-    match Limited::new(req.into_body(), MAX_FORM_BYTES)
-        .collect()
-        .await
-    {
+/// Reads a form body of at most `limit` bytes.
+async fn read_form(req: Request<Incoming>, limit: usize) -> Result<Form, Box<Response<Body>>> {
+    match Limited::new(req.into_body(), limit).collect().await {
         Ok(body) => Ok(form_urlencoded::parse(&body.to_bytes())
             .into_owned()
             .collect()),
@@ -414,7 +412,12 @@ impl Web {
         if method != Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
         }
-        let form = match read_form(req).await {
+        // A policy may be large (URL-encoding can triple it); every other form is small.
+        let limit = match path.as_str() {
+            "/policy/set" => 3 * crate::grpc::MAX_POLICY_BYTES + 4096,
+            _ => MAX_FORM_BYTES,
+        };
+        let form = match read_form(req, limit).await {
             Ok(f) => f,
             Err(resp) => return *resp,
         };
@@ -432,6 +435,9 @@ impl Web {
                 ),
             );
             return resp;
+        }
+        if path == "/policy/set" {
+            return self.policy_edit(&session, &form).await;
         }
         let (view, result) = match path.as_str() {
             "/nodes/rename" => (View::Nodes, self.rename(&form).await),
@@ -490,7 +496,7 @@ impl Web {
 
     async fn login(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
         let login = cookie(&req, LOGIN_COOKIE);
-        let form = match read_form(req).await {
+        let form = match read_form(req, MAX_FORM_BYTES).await {
             Ok(f) => f,
             Err(resp) => return *resp,
         };
@@ -636,22 +642,6 @@ impl Web {
         let query: Form = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .into_owned()
             .collect();
-        let csrf = session.csrf.as_str();
-        let (title, path) = ("Policy", "/policy");
-        let current = match self.admin.get_policy(req(GetPolicyRequest {})).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => {
-                let f = Failure::from(s);
-                return page(
-                    f.status,
-                    title,
-                    path,
-                    Some(csrf),
-                    Some(&f.message),
-                    maud::html! {},
-                );
-            }
-        };
         let question = pages::Question {
             src: field(&query, "src").trim(),
             dst: field(&query, "dst").trim(),
@@ -663,14 +653,95 @@ impl Web {
             false => Ok(None),
             true => self.explain(&question).await.map(Some),
         };
+        let edit = pages::PolicyEdit {
+            csrf: &session.csrf,
+            ..Default::default()
+        };
         match answer {
             Ok(answer) => {
-                let body = pages::policy(&current, &question, answer.as_ref());
-                page(StatusCode::OK, title, path, Some(csrf), None, body)
+                self.policy_page(&question, answer.as_ref(), &edit, None, StatusCode::OK)
+                    .await
             }
             Err(f) => {
-                let body = pages::policy(&current, &question, None);
-                page(f.status, title, path, Some(csrf), Some(&f.message), body)
+                self.policy_page(&question, None, &edit, Some(&f.message), f.status)
+                    .await
+            }
+        }
+    }
+
+    /// POST `/policy/set` (database mode): `action=check` runs `policy check` on the text,
+    /// `action=set` runs `policy set`; the text typed stays in the form unless it was saved.
+    async fn policy_edit(&self, session: &Session, form: &Form) -> Response<Body> {
+        let policy_text = field(form, "policy").to_owned();
+        let question = pages::Question::default();
+        let mut edit = pages::PolicyEdit {
+            csrf: &session.csrf,
+            draft: Some(&policy_text),
+            notice: None,
+        };
+        let notice = match field(form, "action") {
+            "check" => self
+                .admin
+                .check_policy(req(CheckPolicyRequest {
+                    policy: policy_text.clone(),
+                }))
+                .await
+                .map(|_| {
+                    "The policy compiles and its tests pass against the current nodes.".to_owned()
+                }),
+            "set" => self
+                .admin
+                .set_policy(req(SetPolicyRequest {
+                    policy: policy_text.clone(),
+                }))
+                .await
+                .map(|r| {
+                    let updates = r.get_ref().updates_sent;
+                    tracing::info!(updates, "web: policy set");
+                    edit.draft = None;
+                    format!("Saved and applied: {updates} map updates sent.")
+                }),
+            _ => return text(StatusCode::BAD_REQUEST, "unknown action"),
+        };
+        match notice {
+            Ok(notice) => {
+                edit.notice = Some(&notice);
+                self.policy_page(&question, None, &edit, None, StatusCode::OK)
+                    .await
+            }
+            Err(s) => {
+                let f = Failure::from(s);
+                self.policy_page(&question, None, &edit, Some(&f.message), f.status)
+                    .await
+            }
+        }
+    }
+
+    async fn policy_page(
+        &self,
+        question: &pages::Question<'_>,
+        answer: Option<&warren_proto::control::ExplainPolicyResponse>,
+        edit: &pages::PolicyEdit<'_>,
+        error: Option<&str>,
+        status: StatusCode,
+    ) -> Response<Body> {
+        let (title, path) = ("Policy", "/policy");
+        let csrf = Some(edit.csrf);
+        match self.admin.get_policy(req(GetPolicyRequest {})).await {
+            Ok(r) => {
+                let body = pages::policy(&r.into_inner(), question, answer, edit);
+                page(status, title, path, csrf, error, body)
+            }
+            Err(s) => {
+                let f = Failure::from(s);
+                page(
+                    f.status,
+                    title,
+                    path,
+                    csrf,
+                    Some(&f.message),
+                    maud::html! {},
+                )
             }
         }
     }

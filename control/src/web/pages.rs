@@ -30,7 +30,7 @@ th{background:#e9edf1}.on{color:#106b21;font-weight:bold}.off{color:#8a8f95}
 .secret{background:#e3f4e6;border:1px solid #9fcea8;padding:.6em;margin:.5em 0}
 code{font-size:.95em}form.inline{display:inline}fieldset{background:#fff;border:1px solid #d5dae0;margin:.8em 0}
 input[type=text],input[type=password]{padding:.2em}.login{max-width:28em;margin:4em auto}
-svg#mesh,pre#policy-text{background:#fff;border:1px solid #d5dae0}pre#policy-text{padding:.6em;overflow:auto}
+svg#mesh,#policy-text{background:#fff;border:1px solid #d5dae0}#policy-text{padding:.6em;overflow:auto;font-family:monospace}
 ";
 
 /// Applies the `nodes` events of `/events` to the nodes table: the whole body when the set of
@@ -370,12 +370,24 @@ pub struct Question<'a> {
     pub proto: &'a str,
 }
 
-/// The policy page: the policy in force, read-only, and the "can A reach B on port P" form
-/// (a GET: it changes nothing) with its answer.
+/// The editing side of the policy page (database mode).
+#[derive(Debug, Default)]
+pub struct PolicyEdit<'a> {
+    /// The session's CSRF token.
+    pub csrf: &'a str,
+    /// Text typed but not saved (shown instead of the policy in force).
+    pub draft: Option<&'a str>,
+    /// What the last check or save said.
+    pub notice: Option<&'a str>,
+}
+
+/// The policy page: the policy in force (editable in database mode, with check and save) and
+/// the "can A reach B on port P" form (a GET: it changes nothing) with its answer.
 pub fn policy(
     current: &GetPolicyResponse,
     question: &Question<'_>,
     answer: Option<&ExplainPolicyResponse>,
+    edit: &PolicyEdit<'_>,
 ) -> Markup {
     html! {
         fieldset {
@@ -421,8 +433,24 @@ pub fn policy(
             @if !current.path.is_empty() { ", file " code { (current.path) } }
             @if current.configured { "; the policy in force:" } @else { "; no policy is configured: every node may reach every other." }
         }
-        @if current.configured {
-            pre id="policy-text" { (current.policy) }
+        @if let Some(notice) = edit.notice {
+            p.secret id="notice" { (notice) }
+        }
+        @if current.mode == "database" {
+            form method="post" action="/policy/set" {
+                (csrf_field(edit.csrf))
+                textarea name="policy" id="policy-text" rows="24" cols="100" spellcheck="false" {
+                    (edit.draft.unwrap_or(&current.policy))
+                }
+                br;
+                button type="submit" name="action" value="check" id="check" { "Check" } " "
+                button type="submit" name="action" value="set" id="save" { "Save and apply" }
+            }
+        } @else {
+            @if current.configured {
+                pre id="policy-text" { (current.policy) }
+            }
+            p { "File mode: edit the file; the server applies it when it changes." }
         }
     }
 }
@@ -527,6 +555,7 @@ mod tests {
                 },
                 &question,
                 None,
+                &PolicyEdit::default(),
             ),
             users(&[], "c"),
             apikeys(&[], "c", None),

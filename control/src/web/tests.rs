@@ -50,10 +50,15 @@ struct Page {
 
 impl Page {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::default();
         config.noise.private_key_path = dir.path().join("control.key");
         config.database.sqlite.path = dir.path().join("db.sqlite");
+        configure(&mut config);
         let shared = crate::serve::open(&config).expect("open");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -443,5 +448,98 @@ async fn the_policy_page_shows_the_policy_and_explains() {
             .contains(r#"id="error">port: not a number</p>"#),
         "{}",
         bad_port.body
+    );
+}
+
+#[tokio::test]
+async fn in_database_mode_the_policy_is_checked_and_saved_on_the_page() {
+    let page = Page::start_with(|c| c.policy.mode = crate::config::PolicyMode::Database).await;
+    let key = page.api_key().await;
+    let cookie = page.login(&key).await;
+    let form = page.request("GET", "/policy", &cookie, &[]).await;
+    assert!(
+        form.body.contains(r#"<textarea name="policy""#),
+        "{}",
+        form.body
+    );
+    let csrf = form.csrf();
+    let edit = |action: &'static str, text: &'static str| {
+        let (page, cookie, csrf) = (&page, &cookie, &csrf);
+        async move {
+            page.request(
+                "POST",
+                "/policy/set",
+                cookie,
+                &[("csrf", csrf), ("action", action), ("policy", text)],
+            )
+            .await
+        }
+    };
+    let broken = edit("check", "{ \"acls\": [ }").await;
+    assert_eq!(broken.status, 400, "{}", broken.body);
+    assert!(broken.body.contains(r#"id="error">"#), "{}", broken.body);
+    assert!(
+        broken.body.contains("{ &quot;acls&quot;: [ }"),
+        "the draft stays"
+    );
+
+    const GOOD: &str = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#;
+    let checked = edit("check", GOOD).await;
+    assert_eq!(checked.status, 200, "{}", checked.body);
+    assert!(checked.body.contains(
+        r#"id="notice">The policy compiles and its tests pass against the current nodes.</p>"#
+    ));
+    assert!(
+        page.shared.policy.text().is_none(),
+        "a check stores nothing"
+    );
+
+    let saved = edit("set", GOOD).await;
+    assert_eq!(saved.status, 200, "{}", saved.body);
+    assert!(
+        saved
+            .body
+            .contains(r#"id="notice">Saved and applied: 0 map updates sent.</p>"#),
+        "{}",
+        saved.body
+    );
+    assert_eq!(page.shared.policy.text().as_deref(), Some(GOOD));
+
+    let forged = page
+        .request(
+            "POST",
+            "/policy/set",
+            &cookie,
+            &[("action", "set"), ("policy", "{}")],
+        )
+        .await;
+    assert_eq!((forged.status, forged.body.as_str()), (403, INVALID_CSRF));
+    assert_eq!(page.shared.policy.text().as_deref(), Some(GOOD));
+}
+
+#[tokio::test]
+async fn in_file_mode_the_policy_page_refuses_to_save() {
+    let page = Page::start().await;
+    let key = page.api_key().await;
+    let cookie = page.login(&key).await;
+    let form = page.request("GET", "/policy", &cookie, &[]).await;
+    assert!(!form.body.contains("<textarea"), "{}", form.body);
+    let refused = page
+        .request(
+            "POST",
+            "/policy/set",
+            &cookie,
+            &[("csrf", &form.csrf()), ("action", "set"), ("policy", "{}")],
+        )
+        .await;
+    // The Admin API's own refusal, as `policy set` prints it.
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(
+        refused.body.contains(
+            "id=\"error\">policy.mode is &quot;file&quot;: the policy is not configured \
+             (policy.path is empty); edit that file"
+        ),
+        "{}",
+        refused.body
     );
 }
