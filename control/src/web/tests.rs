@@ -543,3 +543,58 @@ async fn in_file_mode_the_policy_page_refuses_to_save() {
         refused.body
     );
 }
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_at_once() {
+    let page = Page::start().await;
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        held.push(
+            tokio::net::TcpStream::connect(page.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Served in accept order: this one finds every slot taken and is closed unanswered.
+    let mut extra = tokio::net::TcpStream::connect(page.addr)
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(20), extra.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a reply");
+    // The held ones are served: a request on one of them is answered.
+    let mut first = held.remove(0);
+    first
+        .write_all(b"GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), first.read_to_end(&mut reply))
+        .await
+        .expect("reply in time")
+        .expect("read");
+    assert!(reply.starts_with(b"HTTP/1.1 200 OK"), "{reply:?}");
+    // Slots come back as connections close (a refused attempt reads nothing).
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut s = tokio::net::TcpStream::connect(page.addr)
+            .await
+            .expect("connect");
+        let mut reply = Vec::new();
+        if s.write_all(b"GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .is_ok()
+        {
+            let _ = s.read_to_end(&mut reply).await;
+        }
+        if reply.starts_with(b"HTTP/1.1 200 OK") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no slot came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
