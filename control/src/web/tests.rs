@@ -598,3 +598,42 @@ async fn connections_past_the_cap_are_closed_at_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn node_actions_answer_with_the_admin_api_errors() {
+    let page = Page::start().await;
+    let key = page.api_key().await;
+    let cookie = page.login(&key).await;
+    let nodes = page.request("GET", "/nodes", &cookie, &[]).await;
+    let csrf = nodes.csrf();
+    let bad_id = page
+        .request(
+            "POST",
+            "/nodes/rename",
+            &cookie,
+            &[("csrf", &csrf), ("id", "x"), ("new_name", "a")],
+        )
+        .await;
+    assert_eq!(bad_id.status, 400);
+    assert!(
+        bad_id.body.contains(r#"id="error">invalid node id</p>"#),
+        "{}",
+        bad_id.body
+    );
+    for action in ["/nodes/rename", "/nodes/delete", "/nodes/expire"] {
+        let missing = page
+            .request(
+                "POST",
+                action,
+                &cookie,
+                &[("csrf", &csrf), ("id", "99"), ("new_name", "a")],
+            )
+            .await;
+        assert_eq!(missing.status, 404, "{action}: {}", missing.body);
+        assert!(
+            missing.body.contains(r#"id="error">node 99 not found</p>"#),
+            "{}",
+            missing.body
+        );
+    }
+}
