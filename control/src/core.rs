@@ -792,6 +792,20 @@ impl Core {
         Ok(view)
     }
 
+    // --- settings ---
+
+    /// The DNS settings and DERP map nodes get.
+    pub fn settings(&self) -> (&DnsConfig, &DerpMap) {
+        self.netmap.settings()
+    }
+
+    /// Replaces the DNS settings and DERP map (a live config reload): every open map stream
+    /// gets the new values as one delta, without ending. Returns the deltas sent (none when
+    /// nothing changed).
+    pub fn set_settings(&mut self, dns: DnsConfig, derp_map: DerpMap) -> usize {
+        self.netmap.set_settings(dns, derp_map)
+    }
+
     // --- policy ---
 
     /// Replaces the access policy (`None`: none, every node may reach every other). Atomic: a

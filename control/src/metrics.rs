@@ -35,7 +35,7 @@ pub const REGISTRATION_REFUSALS: &str = "warren_control_registration_refusals_to
 pub const STORE_SECONDS: &str = "warren_control_store_seconds";
 
 /// Every `kind` label of the map counters, in the order of the proto's `oneof`.
-pub const MAP_KINDS: [&str; 9] = [
+pub const MAP_KINDS: [&str; 10] = [
     "full",
     "peer_added",
     "peer_changed",
@@ -45,6 +45,7 @@ pub const MAP_KINDS: [&str; 9] = [
     "keepalive",
     "self_changed",
     "filter_changed",
+    "settings_changed",
 ];
 
 /// How often histogram samples are folded into their buckets when nobody scrapes, so memory
@@ -188,6 +189,7 @@ pub fn kind_label(kind: &Kind) -> &'static str {
         Kind::Keepalive(_) => "keepalive",
         Kind::SelfChanged(_) => "self_changed",
         Kind::FilterChanged(_) => "filter_changed",
+        Kind::SettingsChanged(_) => "settings_changed",
     }
 }
 

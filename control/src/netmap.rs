@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::mpsc;
 use warren_proto::control::{
-    DerpMap, DnsConfig, FullMap, Node, PeerEndpoints, PeerOnline, PeerRemoved, map_response::Kind,
+    DerpMap, DnsConfig, FullMap, Node, PeerEndpoints, PeerOnline, PeerRemoved, SettingsChanged,
+    map_response::Kind,
 };
 
 use ipnet::IpNet;
@@ -366,6 +367,30 @@ impl Netmap {
             }
         }
         Ok(sent)
+    }
+
+    /// The DNS settings and DERP map every full map carries.
+    pub fn settings(&self) -> (&DnsConfig, &DerpMap) {
+        (&self.dns, &self.derp_map)
+    }
+
+    /// Replaces the DNS settings and the DERP map (a live config reload). When either differs,
+    /// every open stream gets one shared `SettingsChanged` delta with both, and keeps going;
+    /// full maps carry the new values from now on. Returns the deltas sent.
+    pub fn set_settings(&mut self, dns: DnsConfig, derp_map: DerpMap) -> usize {
+        if dns == self.dns && derp_map == self.derp_map {
+            return 0;
+        }
+        self.dns = dns;
+        self.derp_map = derp_map;
+        let delta = Arc::new(Kind::SettingsChanged(SettingsChanged {
+            dns: Some(self.dns.clone()),
+            derp_map: Some(self.derp_map.clone()),
+        }));
+        let ids: Vec<u64> = self.subscribers.keys().copied().collect();
+        ids.into_iter()
+            .filter(|id| self.send(*id, Arc::clone(&delta)))
+            .count()
     }
 
     /// The nodes that see `id` (every other node when no policy is configured).
@@ -1054,5 +1079,35 @@ mod tests {
             Ok(0),
             "no policy to no policy changes nothing"
         );
+    }
+
+    #[test]
+    fn new_settings_are_one_shared_delta_to_every_stream_and_in_later_full_maps() {
+        let mut m = Netmap::default();
+        put(&mut m, 1);
+        put(&mut m, 2);
+        let mut a = m.subscribe(1).expect("known");
+        let mut b = m.subscribe(2).expect("known");
+        let dns = DnsConfig {
+            nameservers: vec!["9.9.9.9".into()],
+            ..DnsConfig::default()
+        };
+        assert_eq!(m.set_settings(dns.clone(), DerpMap::default()), 2);
+        let (da, db) = (
+            a.deltas.try_recv().expect("delta"),
+            b.deltas.try_recv().expect("delta"),
+        );
+        assert!(Arc::ptr_eq(&da, &db), "one delta, shared");
+        assert!(
+            matches!(&*da, Kind::SettingsChanged(s) if s.dns.as_ref() == Some(&dns)
+                && s.derp_map == Some(DerpMap::default()))
+        );
+        assert_eq!(
+            m.set_settings(dns.clone(), DerpMap::default()),
+            0,
+            "no change, no delta"
+        );
+        assert!(a.deltas.try_recv().is_err());
+        assert_eq!(m.full_map(1).and_then(|f| f.dns), Some(dns));
     }
 }

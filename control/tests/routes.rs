@@ -126,6 +126,7 @@ impl TestNode {
             }
             Kind::SelfChanged(n) => self.me = n.clone(),
             Kind::FilterChanged(f) => self.filter = f.clone(),
+            Kind::SettingsChanged(s) => self.dns = s.dns.clone().unwrap_or_default(),
             Kind::PeerOnline(o) => {
                 if let Some(p) = self.peers.get_mut(&o.id) {
                     p.online = o.online;

@@ -304,9 +304,12 @@ async fn follow_once(
                 Some(m) => {
                     if let Some(mut kind) = m.kind {
                         tracing::trace!(seq = m.seq, "map message");
-                        if let Kind::Full(full) = &mut kind
-                            && let Some(derp_map) = full.derp_map.as_mut()
-                        {
+                        let derp_map = match &mut kind {
+                            Kind::Full(full) => full.derp_map.as_mut(),
+                            Kind::SettingsChanged(s) => s.derp_map.as_mut(),
+                            _ => None,
+                        };
+                        if let Some(derp_map) = derp_map {
                             resolve_derp_names(derp_map).await;
                         }
                         events.send(MapEvent::Message(Box::new(kind))).await.map_err(|_| Failure::Stopped)?;

@@ -712,15 +712,12 @@ impl Daemon {
                 tracing::debug!(peers = peers.len(), "full netmap");
                 self.node.set_peers(peers);
                 self.set_filter(self.netmap.filter());
-                let derp_map = self.netmap.derp_map().cloned();
-                if derp_map != self.derp_map {
-                    if let Some(m) = &derp_map {
-                        self.derp.set_urls(map::derp_urls(m));
-                        self.node
-                            .set_stun_servers(map::stun_servers(m), Instant::now());
-                    }
-                    self.derp_map = derp_map;
-                }
+                self.sync_derp_map();
+            }
+            // DNS follows in sync_os (os_dirty is set above); the peers and sessions stay.
+            Ok(MapChange::Settings) => {
+                tracing::info!("control's DNS settings or DERP map changed");
+                self.sync_derp_map();
             }
             Ok(MapChange::Upsert(p)) => {
                 tracing::info!(peer = %p.name, "peer added or changed");
@@ -734,6 +731,19 @@ impl Daemon {
             Ok(MapChange::Filter(f)) => self.set_filter(f),
             Ok(MapChange::None) => {}
             Err(e) => tracing::warn!(error = %e, "ignoring netmap message"),
+        }
+    }
+
+    /// Points the DERP links and netcheck at the netmap's DERP map when it changed.
+    fn sync_derp_map(&mut self) {
+        let derp_map = self.netmap.derp_map().cloned();
+        if derp_map != self.derp_map {
+            if let Some(m) = &derp_map {
+                self.derp.set_urls(map::derp_urls(m));
+                self.node
+                    .set_stun_servers(map::stun_servers(m), Instant::now());
+            }
+            self.derp_map = derp_map;
         }
     }
 

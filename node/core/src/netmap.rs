@@ -53,6 +53,9 @@ pub enum MapChange {
     /// This node's packet filter changed (a new filter from control, or new own addresses).
     /// A full map ([`MapChange::Reset`]) carries one too: read it with [`Netmap::filter`].
     Filter(Filter),
+    /// Control's DNS settings or DERP map changed (a live config reload on control): read
+    /// them with [`Netmap::dns`] and [`Netmap::derp_map`]; the peers and sessions stay.
+    Settings,
     /// Nothing for the data plane (keepalive, online state, this node's own record).
     None,
 }
@@ -407,6 +410,11 @@ impl Netmap {
                 self.filter = Some(f);
                 MapChange::Filter(self.filter())
             }
+            Kind::SettingsChanged(s) => {
+                self.dns = s.dns;
+                self.derp_map = s.derp_map;
+                MapChange::Settings
+            }
             Kind::Keepalive(_) => MapChange::None,
         })
     }
@@ -723,5 +731,74 @@ mod tests {
                 net("::/0")
             ]
         );
+    }
+
+    #[test]
+    fn settings_changed_replaces_dns_and_derp_map_and_keeps_the_peers() {
+        use warren_proto::control::{DerpNode, DerpRegion, DnsRecord, SettingsChanged};
+        let mut m = Netmap::default();
+        let settings = SettingsChanged {
+            dns: Some(DnsConfig::default()),
+            derp_map: Some(DerpMap::default()),
+        };
+        assert_eq!(
+            m.apply(Kind::SettingsChanged(settings.clone())),
+            Err(MapError::NoFullMap)
+        );
+        let full = FullMap {
+            self_node: Some(node(1)),
+            peers: vec![node(2), node(3)],
+            dns: Some(DnsConfig {
+                nameservers: vec!["1.1.1.1".into()],
+                ..DnsConfig::default()
+            }),
+            derp_map: None,
+            filter: None,
+        };
+        m.apply(Kind::Full(full)).expect("full");
+        let dns = DnsConfig {
+            magic_dns: true,
+            base_domain: "mesh.example".into(),
+            nameservers: vec!["9.9.9.9".into(), "[2620:fe::fe]:53".into()],
+            extra_records: vec![DnsRecord {
+                name: "grafana.mesh.example".into(),
+                r#type: "A".into(),
+                value: "100.64.0.9".into(),
+            }],
+            ..DnsConfig::default()
+        };
+        let derp_map = DerpMap {
+            regions: vec![DerpRegion {
+                region_id: 900,
+                region_code: "r900".into(),
+                region_name: "r900".into(),
+                nodes: vec![DerpNode {
+                    name: "900a".into(),
+                    region_id: 900,
+                    host_name: "192.0.2.9".into(),
+                    ipv4: "192.0.2.9".into(),
+                    stun_port: 3478,
+                    derp_port: 3340,
+                    ..DerpNode::default()
+                }],
+            }],
+        };
+        let change = m.apply(Kind::SettingsChanged(SettingsChanged {
+            dns: Some(dns.clone()),
+            derp_map: Some(derp_map.clone()),
+        }));
+        assert_eq!(change, Ok(MapChange::Settings));
+        assert_eq!(m.dns(), Some(&dns));
+        assert_eq!(m.derp_map(), Some(&derp_map));
+        assert_eq!(
+            stun_servers(&derp_map)
+                .iter()
+                .map(|s| s.addr)
+                .collect::<Vec<_>>(),
+            ["192.0.2.9:3478".parse::<SocketAddr>().expect("addr")]
+        );
+        // The peers are untouched: no reset, no session lost.
+        assert_eq!(m.peers().map(|p| p.id).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(m.self_node().map(|n| n.id), Some(1));
     }
 }
