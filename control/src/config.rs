@@ -41,7 +41,7 @@ pub enum ConfigError {
 }
 
 /// The server's whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The URL nodes use to reach this server.
@@ -78,10 +78,34 @@ pub struct Config {
     pub web: WebConfig,
     /// The access policy (Headscale's `policy` section).
     pub policy: PolicyConfig,
+    /// Logging (Headscale's `log` section).
+    pub log: LogConfig,
+    /// The file this configuration was read from ([`Config::load`]); `None` when built in
+    /// code. `serve` watches it and reads it again on SIGHUP.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// Logging (Headscale's `log` section).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// The level: `"info"` (the default), `"debug"`, `"warn"`..., or a `tracing` filter such as
+    /// `"info,warren_control=debug"`. `RUST_LOG`, when set, takes precedence. Changes apply on
+    /// a reload.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
 }
 
 /// The web admin page (`[web]`): on by default, on loopback only.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebConfig {
     /// Whether `serve` starts it; `false` turns it off.
@@ -112,7 +136,7 @@ impl Default for WebConfig {
 }
 
 /// Where the access policy comes from (Headscale's `policy` section: `mode`, `path`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// `"file"` (the default): the HuJSON file at `path`, watched and reloaded when it
@@ -153,7 +177,7 @@ impl PolicyConfig {
 }
 
 /// Limits on accepted connections (warren's own `connections` section; Headscale has none).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Connections {
     /// The TCP listen backlog (the kernel caps it at `net.core.somaxconn`).
@@ -204,7 +228,7 @@ impl Connections {
 }
 
 /// DERP settings (Headscale's `derp` section).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Derp {
     /// DERP map files in Tailscale's JSON shape, merged in order.
@@ -214,7 +238,7 @@ pub struct Derp {
 }
 
 /// The embedded DERP + STUN server (Headscale's `derp.server`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DerpServer {
     /// Run it; by default it runs when no `derp.paths` are configured, so a small mesh is one
@@ -316,7 +340,7 @@ impl DerpServer {
 }
 
 /// The server's private key file (Headscale's `noise.private_key_path`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Noise {
     /// Created with mode 0600 on first start.
@@ -324,7 +348,7 @@ pub struct Noise {
 }
 
 /// The database section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Database {
     /// Only "sqlite" for now.
@@ -335,7 +359,7 @@ pub struct Database {
 }
 
 /// SQLite settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Sqlite {
     /// The database file.
@@ -345,7 +369,7 @@ pub struct Sqlite {
 }
 
 /// Address ranges.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Prefixes {
     /// IPv4 range, within 100.64.0.0/10.
@@ -357,7 +381,7 @@ pub struct Prefixes {
 }
 
 /// MagicDNS settings (Headscale's `dns` section), sent to every node in its full map.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Dns {
     /// Whether nodes resolve each other's names.
@@ -374,7 +398,7 @@ pub struct Dns {
 }
 
 /// `dns.nameservers`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Nameservers {
     /// Resolvers for every name outside the mesh: `"1.1.1.1"`, `"[2606:4700::1111]:53"`.
@@ -529,6 +553,8 @@ impl Default for Config {
             connections: Connections::default(),
             policy: PolicyConfig::default(),
             web: WebConfig::default(),
+            log: LogConfig::default(),
+            source: None,
         }
     }
 }
@@ -586,13 +612,15 @@ impl Default for Dns {
 }
 
 impl Config {
-    /// Reads and checks a configuration file.
+    /// Reads and checks a configuration file, remembering it as [`Config::source`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.into(),
             error,
         })?;
-        Self::parse(&text, path)
+        let mut config = Self::parse(&text, path)?;
+        config.source = Some(path.into());
+        Ok(config)
     }
 
     /// Parses and checks configuration text; `path` is only for messages.
@@ -699,6 +727,16 @@ impl Config {
             }
         }
         self.dns.check()?;
+        if !valid_log_level(&self.log.level) {
+            return Err(ConfigError::Invalid {
+                key: "log.level",
+                reason: format!(
+                    "{:?} is not a level (trace, debug, info, warn, error, off) nor a list of \
+                     them with targets (\"info,warren_control=debug\")",
+                    self.log.level
+                ),
+            });
+        }
         if self.keepalive_interval.is_zero() {
             return Err(ConfigError::Invalid {
                 key: "keepalive_interval",
@@ -716,6 +754,127 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// The keys whose values differ between `self` (the configuration the server started with)
+    /// and `new` that a running server cannot take up: listeners, database, key files, address
+    /// ranges, limits, the policy source. What does apply live (`dns.*`, `log.level`, the DERP
+    /// map's content: `derp.paths`, `server_url` and the embedded region's name, id and
+    /// address) is not listed. `derp.server.enabled` is listed when whether the embedded
+    /// server runs would change (it also follows `derp.paths` when unset).
+    pub fn restart_keys(&self, new: &Config) -> Vec<&'static str> {
+        let (a, b) = (self, new);
+        let (sa, sb) = (&a.derp.server, &b.derp.server);
+        let (ca, cb) = (&a.connections, &b.connections);
+        [
+            ("listen_addr", a.listen_addr != b.listen_addr),
+            (
+                "metrics_listen_addr",
+                a.metrics_listen_addr != b.metrics_listen_addr,
+            ),
+            ("unix_socket", a.unix_socket != b.unix_socket),
+            (
+                "unix_socket_permission",
+                a.unix_socket_permission != b.unix_socket_permission,
+            ),
+            (
+                "ephemeral_node_inactivity_timeout",
+                a.ephemeral_node_inactivity_timeout != b.ephemeral_node_inactivity_timeout,
+            ),
+            (
+                "keepalive_interval",
+                a.keepalive_interval != b.keepalive_interval,
+            ),
+            (
+                "noise.private_key_path",
+                a.noise.private_key_path != b.noise.private_key_path,
+            ),
+            ("database.type", a.database.kind != b.database.kind),
+            (
+                "database.sqlite.path",
+                a.database.sqlite.path != b.database.sqlite.path,
+            ),
+            (
+                "database.sqlite.write_ahead_log",
+                a.database.sqlite.write_ahead_log != b.database.sqlite.write_ahead_log,
+            ),
+            ("prefixes.v4", a.prefixes.v4 != b.prefixes.v4),
+            ("prefixes.v6", a.prefixes.v6 != b.prefixes.v6),
+            (
+                "prefixes.allocation",
+                a.prefixes.allocation != b.prefixes.allocation,
+            ),
+            (
+                "derp.server.enabled",
+                a.derp.embedded() != b.derp.embedded(),
+            ),
+            ("derp.server.listen_addr", sa.listen_addr != sb.listen_addr),
+            (
+                "derp.server.stun_listen_addr",
+                sa.stun_listen_addr != sb.stun_listen_addr,
+            ),
+            (
+                "derp.server.stun_alt_listen_addr",
+                sa.stun_alt_listen_addr != sb.stun_alt_listen_addr,
+            ),
+            (
+                "derp.server.private_key_path",
+                sa.private_key_path != sb.private_key_path,
+            ),
+            (
+                "derp.server.verify_clients",
+                sa.verify_clients != sb.verify_clients,
+            ),
+            (
+                "connections.listen_backlog",
+                ca.listen_backlog != cb.listen_backlog,
+            ),
+            (
+                "connections.max_connections",
+                ca.max_connections != cb.max_connections,
+            ),
+            (
+                "connections.handshake_timeout",
+                ca.handshake_timeout != cb.handshake_timeout,
+            ),
+            (
+                "connections.idle_timeout",
+                ca.idle_timeout != cb.idle_timeout,
+            ),
+            (
+                "connections.http2_ping_interval",
+                ca.http2_ping_interval != cb.http2_ping_interval,
+            ),
+            (
+                "connections.http2_ping_timeout",
+                ca.http2_ping_timeout != cb.http2_ping_timeout,
+            ),
+            ("web.enabled", a.web.enabled != b.web.enabled),
+            ("web.listen_addr", a.web.listen_addr != b.web.listen_addr),
+            ("policy.mode", a.policy.mode != b.policy.mode),
+            ("policy.path", a.policy.path != b.policy.path),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
+}
+
+/// A level, or comma-separated `level` and `target=level` directives that `tracing` accepts.
+/// A bare word that is not a level is refused (`tracing` would read it as a target).
+fn valid_log_level(text: &str) -> bool {
+    let level = |l: &str| {
+        ["trace", "debug", "info", "warn", "error", "off"]
+            .iter()
+            .any(|n| l.trim().eq_ignore_ascii_case(n))
+    };
+    !text.trim().is_empty()
+        && text.split(',').all(|d| match d.rsplit_once('=') {
+            Some((target, l)) => !target.trim().is_empty() && level(l),
+            None => level(d),
+        })
+        && tracing_subscriber::EnvFilter::builder().parse(text).is_ok()
 }
 
 /// Parses Go-style durations as Headscale writes them: "90s", "30m", "1h30m", "2d".
@@ -1024,6 +1183,54 @@ split = { "corp.example" = ["10.0.0.53:5353"] }
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn log_level_defaults_to_info_and_a_bad_one_is_named() {
+        let c = Config::parse("", Path::new("c.toml")).expect("defaults");
+        assert_eq!(c.log.level, "info");
+        let c = Config::parse("[log]\nlevel = \"debug\"\n", Path::new("c.toml")).expect("debug");
+        assert_eq!(c.log.level, "debug");
+        for bad in ["verbose", "loud=", "", "info,x=loud"] {
+            let err = Config::parse(&format!("[log]\nlevel = {bad:?}\n"), Path::new("c.toml"))
+                .expect_err(bad);
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        key: "log.level",
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
+        }
+        let c = Config::parse(
+            "[log]\nlevel = \"WARN,warren_control=debug\"\n",
+            Path::new("c.toml"),
+        )
+        .expect("directives");
+        assert_eq!(c.log.level, "WARN,warren_control=debug");
+    }
+
+    #[test]
+    fn restart_keys_name_what_cannot_change_live() {
+        let parse = |text: &str| Config::parse(text, Path::new("c.toml")).expect("parses");
+        let old = parse("");
+        let new = parse(
+            "listen_addr = \"127.0.0.1:1\"\nserver_url = \"http://192.0.2.1:50443\"\n\
+             [dns]\nbase_domain = \"x.example\"\n[log]\nlevel = \"debug\"\n\
+             [database.sqlite]\npath = \"/tmp/other.sqlite\"\n\
+             [web]\nlisten_addr = \"127.0.0.1:9\"\n",
+        );
+        assert_eq!(
+            old.restart_keys(&new),
+            ["listen_addr", "database.sqlite.path", "web.listen_addr"]
+        );
+        assert_eq!(old.restart_keys(&old), Vec::<&str>::new());
+        // Unset `enabled` follows derp.paths: a map file turns the embedded server off.
+        let with_paths = parse("[derp]\npaths = [\"/etc/warren/derp.json\"]\n");
+        assert_eq!(old.restart_keys(&with_paths), ["derp.server.enabled"]);
     }
 
     #[test]

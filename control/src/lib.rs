@@ -13,6 +13,7 @@ pub mod listen;
 pub mod metrics;
 pub mod netmap;
 pub mod policy;
+pub mod reload;
 pub mod routes;
 pub mod secret;
 pub mod serve;

@@ -1,6 +1,7 @@
 //! `warren-control serve`: loads the key, the database and the access policy, then serves
 //! `Control` and `Admin` on TCP and `Admin` on the local unix socket until SIGINT or SIGTERM,
-//! reloading the policy when its file changes or on SIGHUP.
+//! reloading the policy when its file changes, the config file (its live parts, see
+//! [`crate::reload`]) when it changes, and both on SIGHUP.
 
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
@@ -16,7 +17,7 @@ use warren_proto::ControlSecretKey;
 use warren_proto::control::admin_server::AdminServer;
 use warren_proto::control::control_server::ControlServer;
 
-use crate::config::{Config, PolicyMode};
+use crate::config::{Config, ConfigError, PolicyMode};
 use crate::core::{Core, Settings};
 use crate::error::ControlError;
 use crate::grpc::{
@@ -130,7 +131,9 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
 }
 
 /// The DERP map: the configured files, plus the embedded server's region when it runs.
-fn derp_map(config: &Config) -> anyhow::Result<warren_proto::control::DerpMap> {
+pub(crate) fn derp_map(
+    config: &Config,
+) -> Result<warren_proto::control::DerpMap, crate::reload::SettingsError> {
     let mut map = crate::derpmap::load(&config.derp.paths)?;
     let server = &config.derp.server;
     if config.derp.embedded() && server.automatically_add_embedded_derp_region {
@@ -186,7 +189,7 @@ fn derp_map(config: &Config) -> anyhow::Result<warren_proto::control::DerpMap> {
 }
 
 /// The host nodes are told to reach the embedded DERP server at, and the key it came from.
-fn embedded_derp_host(config: &Config) -> anyhow::Result<(String, &'static str)> {
+fn embedded_derp_host(config: &Config) -> Result<(String, &'static str), ConfigError> {
     let ipv4 = &config.derp.server.ipv4;
     Ok(match ipv4.is_empty() {
         true => (url_host(&config.server_url)?, "server_url"),
@@ -236,13 +239,13 @@ fn is_loopback_host(host: &str) -> bool {
 }
 
 /// The host of a URL like `http://host:port/path` (an IPv6 literal without its brackets).
-fn url_host(url: &str) -> anyhow::Result<String> {
-    let uri: tonic::codegen::http::Uri = url
-        .parse()
-        .with_context(|| format!("server_url {url:?} is not a URL"))?;
-    let host = uri
-        .host()
-        .with_context(|| format!("server_url {url:?} has no host"))?;
+fn url_host(url: &str) -> Result<String, ConfigError> {
+    let invalid = |reason: &str| ConfigError::Invalid {
+        key: "server_url",
+        reason: format!("{url:?} {reason}"),
+    };
+    let uri: tonic::codegen::http::Uri = url.parse().map_err(|_| invalid("is not a URL"))?;
+    let host = uri.host().ok_or_else(|| invalid("has no host"))?;
     Ok(host
         .trim_start_matches('[')
         .trim_end_matches(']')
@@ -367,7 +370,9 @@ pub struct ServeStats {
     /// The local admin socket.
     pub admin: Arc<AcceptStats>,
     /// Policy reloads.
-    pub policy: Arc<PolicyReloadStats>,
+    pub policy: Arc<ReloadStats>,
+    /// Config file reloads.
+    pub config: Arc<ReloadStats>,
     /// Where metrics are served, once bound (`metrics_listen_addr`).
     pub metrics_addr: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
 }
@@ -388,6 +393,13 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
     stats: ServeStats,
 ) -> anyhow::Result<()> {
+    match crate::reload::apply_log_level(&config.log.level) {
+        crate::reload::LogLevelApplied::RustLogSet => {
+            tracing::info!(log.level = %config.log.level, "RUST_LOG is set: log.level is not used")
+        }
+        crate::reload::LogLevelApplied::Applied | crate::reload::LogLevelApplied::NotReloadable => {
+        }
+    }
     let shared = open(&config)?;
     for warning in startup_warnings(&config) {
         tracing::warn!("{warning}");
@@ -405,7 +417,14 @@ pub async fn serve_with(
     // What can fail comes first, before the servers and the sweeper: the policy file's
     // watch, the embedded relay's ports, then the admin socket. The watch is in place before
     // the socket exists, so no edit made after the server answers is missed.
-    let reloader = spawn_policy_reloader(Arc::clone(&shared), Arc::clone(&stats.policy))?;
+    let reloader = spawn_reloader(
+        Arc::clone(&shared),
+        crate::reload::LiveConfig::new(config.clone()),
+        ReloaderStats {
+            policy: Arc::clone(&stats.policy),
+            config: Arc::clone(&stats.config),
+        },
+    )?;
     let embedded = match config.derp.embedded() {
         true => match start_embedded_derp(&config, &shared).await {
             Ok(derp) => Some(derp),
@@ -748,10 +767,12 @@ pub async fn reload_policy(shared: &Shared) -> Result<Reloaded, PolicyLoadError>
 /// Why a reload was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trigger {
-    /// SIGHUP.
+    /// SIGHUP: the config file and the policy are read again.
     Signal,
     /// The policy file (or its directory entry) changed.
-    FileEvent,
+    PolicyFile,
+    /// The config file (or its directory entry) changed.
+    ConfigFile,
 }
 
 /// How long the file must stay quiet before it is read: editors write, rename and chmod in
@@ -760,9 +781,9 @@ const RELOAD_QUIET: Duration = Duration::from_millis(100);
 /// The longest a burst of file events can put a reload off.
 const RELOAD_MAX_DELAY: Duration = Duration::from_secs(1);
 
-/// Whether a file-system event in the policy file's directory may have changed the file:
+/// Whether a file-system event in a watched file's directory may have changed the file:
 /// its own entry, or a Kubernetes-style `..data` symlink swap; opens and reads are not.
-fn touches_policy(event: &notify::Event, file_name: &std::ffi::OsStr) -> bool {
+fn touches_file(event: &notify::Event, file_name: &std::ffi::OsStr) -> bool {
     use notify::EventKind;
     use notify::event::{AccessKind, AccessMode};
     let relevant = match event.kind {
@@ -777,42 +798,43 @@ fn touches_policy(event: &notify::Event, file_name: &std::ffi::OsStr) -> bool {
         })
 }
 
-/// Watches the policy file's directory (so a file replaced by rename is seen, as editors and
-/// configuration tools do); each relevant event sends a trigger.
-fn watch_policy_file(
-    path: &Path,
-    tx: mpsc::Sender<Trigger>,
-) -> notify::Result<notify::RecommendedWatcher> {
+/// Watches a file's directory (so a file replaced by rename is seen, as editors and
+/// configuration tools do); each relevant event sends a wake-up on `tx`.
+fn watch_file(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
     use notify::Watcher;
     let file_name = path.file_name().unwrap_or_default().to_owned();
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
+    let shown = path.display().to_string();
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(event) if touches_policy(&event, &file_name) => {
-                // A full queue already holds a trigger: this event is coalesced into it.
-                let _ = tx.try_send(Trigger::FileEvent);
+            Ok(event) if touches_file(&event, &file_name) => {
+                // A full queue already holds a wake-up: this event is coalesced into it.
+                let _ = tx.try_send(());
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "policy file watch"),
+            Err(e) => tracing::warn!(file = %shown, error = %e, "file watch"),
         })?;
     watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
     Ok(watcher)
 }
 
-/// What the policy reloader has done, for tests and diagnostics.
+/// What a reloader (policy or config) has done, for tests and diagnostics.
 #[derive(Debug, Default)]
-pub struct PolicyReloadStats {
-    /// Reloads that put a new policy in force.
+pub struct ReloadStats {
+    /// Reloads that put something new in force.
     pub applied: AtomicU64,
-    /// Reloads refused (the policy in force stayed).
+    /// Reloads refused (what was in force stayed).
     pub refused: AtomicU64,
     last_error: std::sync::Mutex<Option<String>>,
 }
 
-impl PolicyReloadStats {
+/// The policy reloader's [`ReloadStats`].
+pub type PolicyReloadStats = ReloadStats;
+
+impl ReloadStats {
     /// Why the last refused reload was refused.
     pub fn last_error(&self) -> Option<String> {
         self.last_error
@@ -830,82 +852,202 @@ impl PolicyReloadStats {
     }
 }
 
-/// Reloads the policy on SIGHUP (both modes) and when the policy file changes (file mode),
+/// Where the reloader reports.
+#[derive(Debug, Clone, Default)]
+pub struct ReloaderStats {
+    /// Policy reloads.
+    pub policy: Arc<ReloadStats>,
+    /// Config file reloads.
+    pub config: Arc<ReloadStats>,
+}
+
+/// Reloads on SIGHUP (the config file, then the policy in both modes), when the policy file
+/// changes (file mode) and when the config file changes (when the server started from one),
 /// one reload at a time. Ends when the server stops.
-pub fn spawn_policy_reloader(
+pub fn spawn_reloader(
     shared: Arc<Shared>,
-    stats: Arc<PolicyReloadStats>,
+    mut live: crate::reload::LiveConfig,
+    stats: ReloaderStats,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let (tx, mut rx) = mpsc::channel::<Trigger>(1);
-    let watcher = match &shared.policy.path {
+    let (policy_tx, mut policy_rx) = mpsc::channel::<()>(1);
+    let (config_tx, mut config_rx) = mpsc::channel::<()>(1);
+    let policy_watch = match &shared.policy.path {
         Some(path) if shared.policy.mode == PolicyMode::File => Some(
-            watch_policy_file(path, tx.clone())
+            watch_file(path, policy_tx.clone())
                 .with_context(|| format!("watching policy file {}", path.display()))?,
         ),
         _ => None,
+    };
+    let config_watch = match live.path() {
+        Some(path) => Some(
+            watch_file(path, config_tx.clone())
+                .with_context(|| format!("watching config file {}", path.display()))?,
+        ),
+        None => None,
     };
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("listening for SIGHUP")?;
     let mut stopping = shared.stopping.subscribe();
     Ok(tokio::spawn(async move {
-        // Kept alive as long as the task: dropping it ends the watch.
-        let _watcher = watcher;
-        // The queue stays open (its sender alive) with no watcher too.
-        let _sender = tx;
-        let mut last_error: Option<String> = None;
+        // Kept alive as long as the task: dropping them ends the watches.
+        let _watches = (policy_watch, config_watch);
+        // The queues stay open (their senders alive) with no watcher too.
+        let _senders = (policy_tx, config_tx);
+        let mut policy_error: Option<String> = None;
+        let mut config_error: Option<String> = None;
         loop {
             let trigger = tokio::select! {
                 _ = stopping.wait_for(|s| *s) => return,
                 Some(()) = hangup.recv() => Trigger::Signal,
-                Some(t) = rx.recv() => t,
+                Some(()) = policy_rx.recv() => Trigger::PolicyFile,
+                Some(()) = config_rx.recv() => Trigger::ConfigFile,
             };
-            if trigger == Trigger::FileEvent {
-                // Wait until the file has been quiet a moment, so a half-written file is not
+            let (mut policy, mut config) = match trigger {
+                Trigger::Signal => (true, true),
+                Trigger::PolicyFile => (true, false),
+                Trigger::ConfigFile => (false, true),
+            };
+            if trigger != Trigger::Signal {
+                // Wait until the files have been quiet a moment, so a half-written file is not
                 // read (but no longer than RELOAD_MAX_DELAY).
                 let deadline = tokio::time::Instant::now() + RELOAD_MAX_DELAY;
-                while let Ok(Some(_)) = tokio::time::timeout_at(
-                    deadline.min(tokio::time::Instant::now() + RELOAD_QUIET),
-                    rx.recv(),
-                )
-                .await
-                {}
+                loop {
+                    let quiet = deadline.min(tokio::time::Instant::now() + RELOAD_QUIET);
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(quiet) => break,
+                        Some(()) = policy_rx.recv() => policy = true,
+                        Some(()) = config_rx.recv() => config = true,
+                    }
+                }
             }
-            let reason = match trigger {
-                Trigger::Signal => "SIGHUP",
-                Trigger::FileEvent => "file changed",
-            };
-            match reload_policy(&shared).await {
-                Ok(Reloaded::Applied { updates }) => {
-                    last_error = None;
-                    stats.applied.fetch_add(1, Ordering::SeqCst);
-                    tracing::info!(reason, updates, "policy reloaded and applied");
-                }
-                Ok(Reloaded::Unchanged) => {
-                    if last_error.take().is_some() {
-                        tracing::info!(
-                            reason,
-                            "the policy source matches the policy in force again"
-                        );
-                    } else {
-                        tracing::debug!(reason, "policy unchanged");
-                    }
-                }
-                Ok(Reloaded::NoSource) => {
-                    tracing::info!(reason, "no policy.path is configured: nothing to reload");
-                }
-                Err(e) => {
-                    let text = e.to_string();
-                    stats.refused(&text);
-                    // The same broken file seen again (a burst, a SIGHUP aside) is logged once.
-                    if trigger == Trigger::Signal || last_error.as_deref() != Some(text.as_str()) {
-                        tracing::error!(reason, error = %text,
-                            "policy reload refused; the policy in force stays");
-                    }
-                    last_error = Some(text);
-                }
+            if config {
+                let reason = match trigger {
+                    Trigger::Signal => "SIGHUP",
+                    _ => "config file changed",
+                };
+                reload_config(
+                    &shared,
+                    &mut live,
+                    trigger == Trigger::Signal,
+                    reason,
+                    &stats.config,
+                    &mut config_error,
+                )
+                .await;
+            }
+            if policy {
+                let reason = match trigger {
+                    Trigger::Signal => "SIGHUP",
+                    _ => "file changed",
+                };
+                reload_policy_logged(
+                    &shared,
+                    trigger == Trigger::Signal,
+                    reason,
+                    &stats.policy,
+                    &mut policy_error,
+                )
+                .await;
             }
         }
     }))
+}
+
+/// Reloads the policy and logs what became of it.
+async fn reload_policy_logged(
+    shared: &Shared,
+    signal: bool,
+    reason: &str,
+    stats: &ReloadStats,
+    last_error: &mut Option<String>,
+) {
+    match reload_policy(shared).await {
+        Ok(Reloaded::Applied { updates }) => {
+            *last_error = None;
+            stats.applied.fetch_add(1, Ordering::SeqCst);
+            tracing::info!(reason, updates, "policy reloaded and applied");
+        }
+        Ok(Reloaded::Unchanged) => {
+            if last_error.take().is_some() {
+                tracing::info!(
+                    reason,
+                    "the policy source matches the policy in force again"
+                );
+            } else {
+                tracing::debug!(reason, "policy unchanged");
+            }
+        }
+        Ok(Reloaded::NoSource) => {
+            tracing::info!(reason, "no policy.path is configured: nothing to reload");
+        }
+        Err(e) => {
+            let text = e.to_string();
+            stats.refused(&text);
+            // The same broken file seen again (a burst, a SIGHUP aside) is logged once.
+            if signal || last_error.as_deref() != Some(text.as_str()) {
+                tracing::error!(reason, error = %text,
+                    "policy reload refused; the policy in force stays");
+            }
+            *last_error = Some(text);
+        }
+    }
+}
+
+/// Reads the config file again, applies what can change live and logs what it did: one WARN
+/// line naming the keys that need a restart, one INFO line with what was applied.
+async fn reload_config(
+    shared: &Shared,
+    live: &mut crate::reload::LiveConfig,
+    signal: bool,
+    reason: &str,
+    stats: &ReloadStats,
+    last_error: &mut Option<String>,
+) {
+    use crate::reload::LogLevelApplied;
+    match live.reload(shared, signal).await {
+        Ok(None) => {
+            if live.path().is_none() {
+                tracing::debug!(reason, "no config file: nothing to reload");
+            } else if last_error.take().is_some() {
+                tracing::info!(reason, "the config file matches the config in force again");
+            } else {
+                tracing::debug!(reason, "config unchanged");
+            }
+        }
+        Ok(Some(done)) => {
+            *last_error = None;
+            stats.applied.fetch_add(1, Ordering::SeqCst);
+            if !done.restart.is_empty() {
+                let keys = done.restart.join(", ");
+                tracing::warn!(reason, keys = %keys,
+                    "config changed, not applied, needs a restart: {keys}");
+            }
+            let applied = match done.applied.is_empty() {
+                true => "nothing".to_owned(),
+                false => done.applied.join(", "),
+            };
+            tracing::info!(reason, applied = %applied, updates = done.updates, "config reloaded");
+            if let Some(level) = &done.log_level {
+                match crate::reload::apply_log_level(level) {
+                    LogLevelApplied::Applied => tracing::info!(level = %level, "log level set"),
+                    LogLevelApplied::RustLogSet => tracing::warn!(level = %level,
+                        "log.level not applied: RUST_LOG is set and takes precedence"),
+                    LogLevelApplied::NotReloadable => {
+                        tracing::debug!(level = %level, "log.level: no reloadable log filter")
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            let text = e.to_string();
+            stats.refused(&text);
+            if signal || last_error.as_deref() != Some(text.as_str()) {
+                tracing::error!(reason, error = %text,
+                    "config reload refused; the config in force stays");
+            }
+            *last_error = Some(text);
+        }
+    }
 }
 
 /// Logs, loudly, the tests of the policy in force that fail against the nodes at start-up.
