@@ -26,13 +26,26 @@ fn config_text(dir: &Path, listen: &str, level: &str, dns: &str) -> String {
     format!(
         "server_url = \"http://127.0.0.1:1\"\nlisten_addr = \"{listen}\"\n\
          unix_socket = {:?}\n[noise]\nprivate_key_path = {:?}\n\
-         [database.sqlite]\npath = {:?}\n[derp.server]\nenabled = false\n\
+         [database.sqlite]\npath = {:?}\n[derp]\npaths = [{:?}]\n[derp.server]\nenabled = false\n\
          [policy]\npath = {:?}\n[log]\nlevel = \"{level}\"\n[dns]\n{dns}\n",
         dir.join("control.sock"),
         dir.join("control.key"),
         dir.join("db.sqlite"),
+        dir.join("derp.json"),
         dir.join("policy.hujson"),
     )
+}
+
+/// A DERP map file with one region, `id`.
+fn derp_json(id: u32) -> String {
+    format!(
+        r#"{{"Regions": {{"{id}": {{"RegionID": {id}, "RegionCode": "r{id}", "Nodes": [
+            {{"Name": "{id}a", "RegionID": {id}, "HostName": "192.0.2.9", "DERPPort": 3340}}]}}}}}}"#
+    )
+}
+
+fn region_ids(map: &DerpMap) -> Vec<u32> {
+    map.regions.iter().map(|r| r.region_id).collect()
 }
 
 /// `warren-control serve` as a child process (without `RUST_LOG`, so `log.level` rules), its
@@ -176,6 +189,7 @@ async fn sighup_and_file_edits_reach_open_streams_and_restart_keys_are_named() {
         r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}"#,
     )
     .expect("policy");
+    std::fs::write(dir.join("derp.json"), derp_json(900)).expect("derp map");
     let target: PathBuf = real.join("control.toml");
     let write_target = |text: String| std::fs::write(&target, text).expect("write config");
     write_target(config_text(
@@ -215,8 +229,10 @@ async fn sighup_and_file_edits_reach_open_streams_and_restart_keys_are_named() {
     assert_eq!(dns.nameservers, ["1.1.1.1"]);
     assert_eq!(dns.extra_records, []);
     let derp_map = full.derp_map.expect("derp map");
+    assert_eq!(region_ids(&derp_map), [900]);
 
-    // 1. SIGHUP: new nameservers and extra records, log level debug, a new listen address.
+    // 1. SIGHUP: new nameservers and extra records, log level debug, a new listen address, and
+    // a new region in the DERP map file (not watched: SIGHUP reads it).
     child.hangup();
     child
         .wait_for_log(
@@ -236,6 +252,7 @@ async fn sighup_and_file_edits_reach_open_streams_and_restart_keys_are_named() {
         "extra_records = [{ name = \"grafana.warren.internal\", type = \"A\", value = \"100.64.0.9\" }]\n\
          [dns.nameservers]\nglobal = [\"9.9.9.9\", \"[2620:fe::fe]:53\"]",
     ));
+    std::fs::write(dir.join("derp.json"), derp_json(901)).expect("derp map");
     let seen = child.log().len();
     child.hangup();
     let Kind::SettingsChanged(settings) = next(&mut stream).await else {
@@ -250,7 +267,9 @@ async fn sighup_and_file_edits_reach_open_streams_and_restart_keys_are_named() {
         extra_records: vec![record("grafana.warren.internal", "A", "100.64.0.9")],
     };
     assert_eq!(settings.dns.as_ref(), Some(&want));
-    assert_eq!(settings.derp_map.as_ref(), Some(&derp_map));
+    let derp_map = settings.derp_map.expect("derp map");
+    assert_eq!(region_ids(&derp_map), [901]);
+    assert_eq!(derp_map.regions[0].nodes[0].host_name, "192.0.2.9");
     let warn = child
         .wait_for_log(seen, &["needs a restart", "reason=\"SIGHUP\""])
         .await;
@@ -260,7 +279,10 @@ async fn sighup_and_file_edits_reach_open_streams_and_restart_keys_are_named() {
     let applied = child
         .wait_for_log(seen, &["config reloaded", "reason=\"SIGHUP\""])
         .await;
-    assert!(applied.contains("applied=dns, log.level"), "{applied}");
+    assert!(
+        applied.contains("applied=dns, derp map, log.level "),
+        "{applied}"
+    );
     assert!(applied.contains("updates=1"), "{applied}");
     // The debug level is in force: the policy reload that follows says it found no change.
     let debug = child
@@ -290,6 +312,10 @@ async fn sighup_and_file_edits_reach_open_streams_and_restart_keys_are_named() {
     // A node that connects now gets the settings still in force.
     let (_other, other_full) = node(&mut control, &auth, "phone").await;
     assert_eq!(other_full.dns.as_ref(), Some(&want));
+    assert_eq!(
+        other_full.derp_map.as_ref().map(region_ids),
+        Some(vec![901])
+    );
 
     // 3. The file replaced (no SIGHUP): the watch applies it on the same open stream.
     let fresh = dir.join(".control.toml.new");
@@ -314,6 +340,7 @@ async fn sighup_and_file_edits_reach_open_streams_and_restart_keys_are_named() {
         ..want
     };
     assert_eq!(settings.dns.as_ref(), Some(&want));
+    assert_eq!(settings.derp_map.as_ref().map(region_ids), Some(vec![901]));
     let applied = child
         .wait_for_log(seen, &["config reloaded", "reason=\"config file changed\""])
         .await;
