@@ -1,5 +1,8 @@
 //! Fixtures shared by warren's benchmarks: a control core populated with many registered,
-//! connected nodes, so a benchmark measures one change against a realistic mesh.
+//! connected nodes, so a benchmark measures one change against a realistic mesh; and the load
+//! generator ([`loadgen`]) behind `warren-loadgen`, which measures a real control process.
+
+pub mod loadgen;
 
 use warren_control::core::{Core, NewAuthKey, Settings};
 use warren_control::netmap::Subscription;

@@ -1,0 +1,887 @@
+//! A load generator for the control server: it starts a real `warren-control serve` process
+//! and plays N nodes against it over real gRPC, each exactly as a node behaves (one HTTP/2
+//! connection per node; GetServerKey, RegisterNode with a proof sealed by the node's own key,
+//! then StreamMapResponse read continuously by its own task and UpdateNode with endpoints),
+//! while sampling the server's memory and CPU time from `/proc` every 100 ms.
+//!
+//! The phases: registration (every node registers, `concurrency` at a time), then streams
+//! (every node opens its map stream and reports endpoints, `concurrency` at a time); the run
+//! ends when every stream has its full map, sees every peer online and knows every peer's
+//! endpoints, or when the timeout passes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+use warren_proto::control::control_client::ControlClient;
+use warren_proto::control::map_response::Kind;
+use warren_proto::control::*;
+use warren_proto::proof::{make_proof, request_digest, unix_ms};
+use warren_proto::{ControlPublicKey, DiscoSecretKey, NodeSecretKey};
+
+/// Largest map message a simulated node accepts (the real node's limit).
+const MAX_MAP_BYTES: usize = 64 << 20;
+
+/// Clock ticks per second in `/proc/PID/stat` (USER_HZ, 100 on every Linux architecture
+/// warren runs on).
+const CLOCK_TICKS: f64 = 100.0;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Simulated nodes.
+    pub nodes: usize,
+    /// The `warren-control` binary.
+    pub control_bin: PathBuf,
+    /// Registrations (and stream openings) in flight at once.
+    pub concurrency: usize,
+    /// Run control's embedded DERP server (on free loopback ports), as its default config does.
+    pub embedded_derp: bool,
+    /// Run control's web admin page (on a free loopback port), as its default config does.
+    pub web: bool,
+    /// How long each phase may take before the run fails.
+    pub timeout: Duration,
+    /// Print progress to standard error.
+    pub verbose: bool,
+}
+
+impl Options {
+    /// `nodes` nodes against `control_bin` with the defaults: 64 in flight, embedded DERP and
+    /// web page on, 300 s per phase, quiet.
+    pub fn new(nodes: usize, control_bin: PathBuf) -> Self {
+        Self {
+            nodes,
+            control_bin,
+            concurrency: 64,
+            embedded_derp: true,
+            web: true,
+            timeout: Duration::from_secs(300),
+            verbose: false,
+        }
+    }
+}
+
+/// Control's memory and CPU time at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// Peak resident set (VmHWM), KiB.
+    pub peak_rss_kib: u64,
+    /// Resident set (VmRSS), KiB.
+    pub rss_kib: u64,
+    /// User + system CPU time, seconds.
+    pub cpu_secs: f64,
+}
+
+/// What one simulated node saw.
+#[derive(Debug, Clone, Default)]
+pub struct NodeResult {
+    /// Its node id.
+    pub id: u64,
+    /// Its hostname.
+    pub hostname: String,
+    /// Full maps received (one is right: the stream never reconnects).
+    pub full_maps: u32,
+    /// Peers in the first full map.
+    pub full_map_peers: usize,
+    /// The first full map named itself as self and exactly every other simulated node as
+    /// peers.
+    pub full_map_exact: bool,
+    /// Protobuf bytes of the first full map.
+    pub full_map_bytes: u64,
+    /// Messages received on the stream, the full map included.
+    pub messages: u64,
+    /// Protobuf bytes received on the stream, the full map included (gRPC's 5-byte frame
+    /// headers and HTTP/2 framing not counted).
+    pub bytes: u64,
+    /// Messages by kind ("full", "peer_online", ...).
+    pub kinds: BTreeMap<&'static str, u64>,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Simulated nodes.
+    pub nodes: usize,
+    /// Registrations in flight.
+    pub concurrency: usize,
+    /// Wall time of the registration phase.
+    pub register_time: Duration,
+    /// Registrations per second over that phase.
+    pub register_rate: f64,
+    /// Registration latency (connect + GetServerKey + RegisterNode), median.
+    pub register_p50: Duration,
+    /// Registration latency, 99th percentile.
+    pub register_p99: Duration,
+    /// From the first stream opened until every stream had its full map.
+    pub all_full_maps: Option<Duration>,
+    /// From the first stream opened until every stream saw every peer online.
+    pub all_online: Option<Duration>,
+    /// From the first stream opened until every stream knew every peer's endpoints.
+    pub all_endpoints: Option<Duration>,
+    /// Protobuf bytes of all first full maps.
+    pub full_map_bytes_total: u64,
+    /// Messages on all streams after their full maps.
+    pub delta_messages: u64,
+    /// Protobuf bytes of those.
+    pub delta_bytes: u64,
+    /// Control just after it started (no node yet).
+    pub usage_idle: Usage,
+    /// Control after registration, before any stream.
+    pub usage_registered: Usage,
+    /// Control when every stream was consistent (or the run gave up).
+    pub usage_end: Usage,
+    /// Largest VmRSS sampled, KiB.
+    pub max_sampled_rss_kib: u64,
+    /// What each node saw, in registration order.
+    pub per_node: Vec<NodeResult>,
+}
+
+impl Report {
+    /// Every node got exactly one full map, listing exactly the other nodes.
+    pub fn full_maps_exact(&self) -> bool {
+        self.per_node
+            .iter()
+            .all(|n| n.full_maps == 1 && n.full_map_exact)
+    }
+
+    /// The report as one JSON object (without the per-node list unless `per_node`).
+    pub fn to_json(&self, per_node: bool) -> serde_json::Value {
+        let usage = |u: &Usage| {
+            serde_json::json!({
+                "peak_rss_kib": u.peak_rss_kib,
+                "rss_kib": u.rss_kib,
+                "cpu_secs": u.cpu_secs,
+            })
+        };
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+        let mut v = serde_json::json!({
+            "nodes": self.nodes,
+            "concurrency": self.concurrency,
+            "register_secs": self.register_time.as_secs_f64(),
+            "register_rate_per_sec": self.register_rate,
+            "register_p50_ms": self.register_p50.as_secs_f64() * 1e3,
+            "register_p99_ms": self.register_p99.as_secs_f64() * 1e3,
+            "all_full_maps_secs": secs(self.all_full_maps),
+            "all_online_secs": secs(self.all_online),
+            "all_endpoints_secs": secs(self.all_endpoints),
+            "full_map_bytes_total": self.full_map_bytes_total,
+            "full_map_bytes_per_node": self.full_map_bytes_total / self.nodes.max(1) as u64,
+            "full_maps_exact": self.full_maps_exact(),
+            "delta_messages": self.delta_messages,
+            "delta_bytes": self.delta_bytes,
+            "control_idle": usage(&self.usage_idle),
+            "control_registered": usage(&self.usage_registered),
+            "control_end": usage(&self.usage_end),
+            "control_max_sampled_rss_kib": self.max_sampled_rss_kib,
+        });
+        if per_node {
+            v["per_node"] = self
+                .per_node
+                .iter()
+                .map(|n| {
+                    serde_json::json!({
+                        "id": n.id,
+                        "hostname": n.hostname,
+                        "full_maps": n.full_maps,
+                        "full_map_peers": n.full_map_peers,
+                        "full_map_exact": n.full_map_exact,
+                        "full_map_bytes": n.full_map_bytes,
+                        "messages": n.messages,
+                        "bytes": n.bytes,
+                        "kinds": n.kinds,
+                    })
+                })
+                .collect();
+        }
+        v
+    }
+
+    /// The report for people, one figure a line.
+    pub fn to_text(&self) -> String {
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let secs = |d: Option<Duration>| match d {
+            Some(d) => format!("{:.2} s", d.as_secs_f64()),
+            None => "not reached".into(),
+        };
+        let usage = |u: &Usage| {
+            format!(
+                "peak RSS {:.1} MiB, RSS {:.1} MiB, CPU {:.2} s",
+                mib(u.peak_rss_kib),
+                mib(u.rss_kib),
+                u.cpu_secs
+            )
+        };
+        let n = self.nodes.max(1) as u64;
+        [
+            format!(
+                "nodes                 {} ({} in flight)",
+                self.nodes, self.concurrency
+            ),
+            format!(
+                "registration          {:.2} s, {:.0}/s, p50 {:.1} ms, p99 {:.1} ms",
+                self.register_time.as_secs_f64(),
+                self.register_rate,
+                self.register_p50.as_secs_f64() * 1e3,
+                self.register_p99.as_secs_f64() * 1e3
+            ),
+            format!("all full maps         {}", secs(self.all_full_maps)),
+            format!("all peers online      {}", secs(self.all_online)),
+            format!("all peers' endpoints  {}", secs(self.all_endpoints)),
+            format!(
+                "full maps             {} bytes, {} per node, exact: {}",
+                self.full_map_bytes_total,
+                self.full_map_bytes_total / n,
+                self.full_maps_exact()
+            ),
+            format!(
+                "deltas                {} messages, {} bytes",
+                self.delta_messages, self.delta_bytes
+            ),
+            format!("control idle          {}", usage(&self.usage_idle)),
+            format!("control registered    {}", usage(&self.usage_registered)),
+            format!("control at end        {}", usage(&self.usage_end)),
+            format!(
+                "control max RSS seen  {:.1} MiB",
+                mib(self.max_sampled_rss_kib)
+            ),
+        ]
+        .join("\n")
+    }
+}
+
+/// Reads control's memory and CPU time from `/proc`.
+pub fn read_usage(pid: u32) -> anyhow::Result<Usage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces and parentheses): state is
+    // field 3, utime 14 and stime 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("malformed /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> u64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    Ok(Usage {
+        peak_rss_kib: field("VmHWM:"),
+        rss_kib: field("VmRSS:"),
+        cpu_secs: (tick(11) + tick(12)) as f64 / CLOCK_TICKS,
+    })
+}
+
+/// A free loopback TCP port (free when asked; the server binds it a moment later).
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A free loopback UDP port.
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A running `warren-control serve` in its own temporary directory; killed when dropped.
+struct ControlProcess {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    bin: PathBuf,
+    child: Child,
+    url: String,
+    addr: std::net::SocketAddr,
+    socket: PathBuf,
+}
+
+impl ControlProcess {
+    fn start(opts: &Options) -> anyhow::Result<Self> {
+        if !opts.control_bin.is_file() {
+            bail!("no control binary at {}", opts.control_bin.display());
+        }
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        let port = free_tcp_port()?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let url = format!("http://{addr}");
+        let socket = d.join("control.sock");
+        let q = |p: &Path| format!("{:?}", p.display().to_string());
+        let mut config = format!(
+            "server_url = \"{url}\"\nlisten_addr = \"{addr}\"\nunix_socket = {}\n\
+             [noise]\nprivate_key_path = {}\n\
+             [database]\ntype = \"sqlite\"\n[database.sqlite]\npath = {}\n",
+            q(&socket),
+            q(&d.join("control.key")),
+            q(&d.join("db.sqlite")),
+        );
+        if opts.web {
+            config += &format!(
+                "[web]\nenabled = true\nlisten_addr = \"127.0.0.1:{}\"\n",
+                free_tcp_port()?
+            );
+        } else {
+            config += "[web]\nenabled = false\n";
+        }
+        if opts.embedded_derp {
+            config += &format!(
+                "[derp.server]\nenabled = true\nlisten_addr = \"127.0.0.1:{}\"\n\
+                 stun_listen_addr = \"127.0.0.1:{}\"\nstun_alt_listen_addr = \"127.0.0.1:{}\"\n",
+                free_tcp_port()?,
+                free_udp_port()?,
+                free_udp_port()?,
+            );
+        } else {
+            config += "[derp.server]\nenabled = false\n";
+        }
+        let config_path = d.join("control.toml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(d.join("control.log"))?;
+        let child = Command::new(&opts.control_bin)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", opts.control_bin.display()))?;
+        Ok(Self {
+            dir,
+            config: config_path,
+            bin: opts.control_bin.clone(),
+            child,
+            url,
+            addr,
+            socket,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The end of control's log, for error messages.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("control.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Waits until the gRPC port and the admin socket accept connections.
+    async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("control exited at start ({status}):\n{}", self.log_tail());
+            }
+            if tokio::net::TcpStream::connect(self.addr).await.is_ok()
+                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("control did not start listening:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Runs the admin CLI with JSON output and returns what it printed.
+    fn cli(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["-o", "json"])
+            .args(args)
+            .output()
+            .with_context(|| format!("running warren-control {args:?}"))?;
+        if !out.status.success() {
+            bail!(
+                "warren-control {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("warren-control {args:?} printed no JSON"))
+    }
+
+    /// Sends SIGTERM: control closes every stream and exits.
+    fn terminate(&self) -> anyhow::Result<()> {
+        let pid = i32::try_from(self.pid())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .context("pid")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
+        Ok(())
+    }
+
+    /// Waits up to 10 s for control to exit after [`Self::terminate`] (then SIGKILL).
+    async fn wait_exit(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::ensure!(
+                    status.success(),
+                    "control exited with {status} after SIGTERM:\n{}",
+                    self.log_tail()
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        bail!("control did not stop within 10 s of SIGTERM")
+    }
+}
+
+impl Drop for ControlProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A fresh nonce for every proof: each run talks to a fresh server, so a counter is unique.
+fn nonce() -> [u8; 24] {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut b = [0u8; 24];
+    b[..8].copy_from_slice(&n.to_be_bytes());
+    b
+}
+
+/// One simulated node with its own connection.
+struct SimNode {
+    key: NodeSecretKey,
+    server: ControlPublicKey,
+    grpc: ControlClient<Channel>,
+    id: u64,
+    hostname: String,
+}
+
+impl SimNode {
+    fn proof(&self, method: &str, req: &impl Message) -> NodeProof {
+        make_proof(
+            &self.key,
+            &self.server,
+            method,
+            unix_ms(),
+            nonce(),
+            &request_digest(req),
+        )
+    }
+
+    /// Connects (its own HTTP/2 connection), fetches the server key and registers.
+    async fn register(url: String, auth_key: String, hostname: String) -> anyhow::Result<Self> {
+        let channel = Endpoint::from_shared(url)?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .context("connecting")?;
+        let mut grpc = ControlClient::new(channel).max_decoding_message_size(MAX_MAP_BYTES);
+        let key = grpc
+            .get_server_key(GetServerKeyRequest {})
+            .await?
+            .into_inner();
+        let server = ControlPublicKey::from_slice(&key.server_key).context("server key")?;
+        let mut node = Self {
+            key: NodeSecretKey::generate(),
+            server,
+            grpc,
+            id: 0,
+            hostname,
+        };
+        let mut req = RegisterNodeRequest {
+            proof: None,
+            auth_key,
+            disco_key: DiscoSecretKey::generate().public_key().to_vec(),
+            hostname: node.hostname.clone(),
+        };
+        req.proof = Some(node.proof("RegisterNode", &req));
+        let registered = node.grpc.register_node(req).await?.into_inner();
+        node.id = registered.node.context("no node in the answer")?.id;
+        Ok(node)
+    }
+
+    async fn open_stream(&mut self) -> anyhow::Result<tonic::Streaming<MapResponse>> {
+        let mut req = StreamMapRequest { proof: None };
+        req.proof = Some(self.proof("StreamMapResponse", &req));
+        Ok(self.grpc.stream_map_response(req).await?.into_inner())
+    }
+
+    /// Reports endpoints as the node does after opening its stream.
+    async fn report(&mut self, index: usize) -> anyhow::Result<()> {
+        let lan = format!(
+            "10.{}.{}.{}:41641",
+            (index >> 16) & 0xff,
+            (index >> 8) & 0xff,
+            index & 0xff
+        );
+        let wan = format!("198.51.100.{}:{}", index % 250 + 1, 20000 + index % 40000);
+        let mut req = UpdateNodeRequest {
+            proof: None,
+            endpoints: Some(EndpointList {
+                endpoints: vec![lan, wan],
+            }),
+            hostname: None,
+            home_region: Some(0),
+            advertised_routes: Some(RouteList { routes: vec![] }),
+        };
+        req.proof = Some(self.proof("UpdateNode", &req));
+        self.grpc.update_node(req).await?;
+        Ok(())
+    }
+}
+
+/// Progress shared by the stream tasks.
+#[derive(Default)]
+struct Progress {
+    full: AtomicUsize,
+    online: AtomicUsize,
+    endpoints: AtomicUsize,
+}
+
+/// A set of node positions.
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: usize) -> Self {
+        Self(vec![0; n.div_ceil(64)])
+    }
+    /// Sets or clears bit `i`; returns whether it changed.
+    fn set(&mut self, i: usize, on: bool) -> bool {
+        let (w, b) = (i / 64, 1u64 << (i % 64));
+        let was = self.0[w] & b != 0;
+        if on {
+            self.0[w] |= b;
+        } else {
+            self.0[w] &= !b;
+        }
+        was != on
+    }
+}
+
+fn kind_name(k: &Kind) -> &'static str {
+    match k {
+        Kind::Full(_) => "full",
+        Kind::PeerAdded(_) => "peer_added",
+        Kind::PeerChanged(_) => "peer_changed",
+        Kind::PeerRemoved(_) => "peer_removed",
+        Kind::PeerEndpoints(_) => "peer_endpoints",
+        Kind::PeerOnline(_) => "peer_online",
+        Kind::Keepalive(_) => "keepalive",
+        Kind::SelfChanged(_) => "self_changed",
+        // The filter, settings, and whatever the protocol adds next.
+        _ => "other",
+    }
+}
+
+/// Reads one node's stream until it ends, keeping count of what the node would know: which
+/// peers are online and which have endpoints.
+async fn drain(
+    mut stream: tonic::Streaming<MapResponse>,
+    mut result: NodeResult,
+    ids: Arc<Vec<u64>>,
+    progress: Arc<Progress>,
+) -> NodeResult {
+    let peers = ids.len() - 1;
+    let mut online = Bits::new(ids.len());
+    let mut with_endpoints = Bits::new(ids.len());
+    let (mut n_online, mut n_endpoints) = (0usize, 0usize);
+    let (mut all_online, mut all_endpoints) = (false, false);
+    let pos = |id: u64| ids.binary_search(&id).ok();
+    while let Ok(Some(m)) = stream.message().await {
+        result.messages += 1;
+        let len = m.encoded_len() as u64;
+        result.bytes += len;
+        let Some(kind) = m.kind else { continue };
+        *result.kinds.entry(kind_name(&kind)).or_default() += 1;
+        let mut note = |i: Option<usize>, on: Option<bool>, eps: Option<bool>| {
+            let Some(i) = i else { return };
+            if let Some(on) = on
+                && online.set(i, on)
+            {
+                if on { n_online += 1 } else { n_online -= 1 }
+            }
+            if let Some(eps) = eps
+                && with_endpoints.set(i, eps)
+            {
+                if eps {
+                    n_endpoints += 1
+                } else {
+                    n_endpoints -= 1
+                }
+            }
+        };
+        match kind {
+            Kind::Full(full) => {
+                result.full_maps += 1;
+                if result.full_maps == 1 {
+                    result.full_map_bytes = len;
+                    result.full_map_peers = full.peers.len();
+                    let mut got: Vec<u64> = full.peers.iter().map(|p| p.id).collect();
+                    got.sort_unstable();
+                    let want: Vec<u64> = ids.iter().copied().filter(|&i| i != result.id).collect();
+                    result.full_map_exact =
+                        got == want && full.self_node.as_ref().map(|s| s.id) == Some(result.id);
+                    progress.full.fetch_add(1, Ordering::Relaxed);
+                }
+                for p in &full.peers {
+                    note(pos(p.id), Some(p.online), Some(!p.endpoints.is_empty()));
+                }
+            }
+            Kind::PeerAdded(p) | Kind::PeerChanged(p) => {
+                note(pos(p.id), Some(p.online), Some(!p.endpoints.is_empty()))
+            }
+            Kind::PeerRemoved(r) => note(pos(r.id), Some(false), Some(false)),
+            Kind::PeerEndpoints(e) => note(pos(e.id), None, Some(!e.endpoints.is_empty())),
+            Kind::PeerOnline(o) => note(pos(o.id), Some(o.online), None),
+            _ => {}
+        }
+        if !all_online && n_online == peers {
+            all_online = true;
+            progress.online.fetch_add(1, Ordering::Relaxed);
+        }
+        if !all_endpoints && n_endpoints == peers {
+            all_endpoints = true;
+            progress.endpoints.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    result
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs the whole load: starts control, registers and streams `opts.nodes` nodes, stops
+/// control (SIGTERM) and reports.
+pub async fn run(opts: &Options) -> anyhow::Result<Report> {
+    anyhow::ensure!(opts.nodes >= 2, "at least 2 nodes");
+    let concurrency = opts.concurrency.max(1);
+    // Each node holds a connection: more descriptors than the usual soft limit of 1024.
+    let limit = warren_control::listen::raise_nofile_limit()?;
+    if let Some(limit) = limit
+        && limit < opts.nodes as u64 + 64
+    {
+        bail!(
+            "{} nodes need more open files than the limit of {limit}",
+            opts.nodes
+        );
+    }
+    let log = |msg: String| {
+        if opts.verbose {
+            eprintln!("loadgen: {msg}");
+        }
+    };
+    let mut control = ControlProcess::start(opts)?;
+    control.wait_ready(Duration::from_secs(30)).await?;
+    let pid = control.pid();
+    log(format!("control pid {pid} at {}", control.url));
+
+    // Sample control every 100 ms.
+    let max_rss = Arc::new(Mutex::new(0u64));
+    let sampler = {
+        let max_rss = max_rss.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let Ok(u) = read_usage(pid) else { return };
+                let mut m = max_rss.lock().unwrap_or_else(|e| e.into_inner());
+                *m = (*m).max(u.rss_kib);
+            }
+        })
+    };
+    let usage_idle = read_usage(pid)?;
+
+    control.cli(&["users", "create", "loadgen"])?;
+    let key = control.cli(&[
+        "preauthkeys",
+        "create",
+        "--user",
+        "loadgen",
+        "--reusable",
+        "--expiration",
+        "24h",
+    ])?;
+    let auth_key = key["secret"]
+        .as_str()
+        .context("preauthkeys create printed no secret")?
+        .to_string();
+
+    // Registration.
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..opts.nodes {
+        let (sem, url, auth_key) = (sem.clone(), control.url.clone(), auth_key.clone());
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let t = Instant::now();
+            let node = SimNode::register(url, auth_key, format!("load-{i}"))
+                .await
+                .with_context(|| format!("registering node {i}"));
+            (i, t.elapsed(), node)
+        });
+    }
+    let mut slots: Vec<Option<SimNode>> = (0..opts.nodes).map(|_| None).collect();
+    let mut latencies = Vec::with_capacity(opts.nodes);
+    let deadline = tokio::time::Instant::now() + opts.timeout;
+    while let Some(joined) = tokio::time::timeout_at(deadline, tasks.join_next())
+        .await
+        .map_err(|_| anyhow::anyhow!("registration timed out"))?
+    {
+        let (i, took, node) = joined?;
+        slots[i] = Some(node?);
+        latencies.push(took);
+    }
+    let register_time = started.elapsed();
+    latencies.sort_unstable();
+    let usage_registered = read_usage(pid)?;
+    log(format!(
+        "{} registered in {:.2} s",
+        opts.nodes,
+        register_time.as_secs_f64()
+    ));
+    let nodes: Vec<SimNode> = slots.into_iter().flatten().collect();
+    let mut ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    anyhow::ensure!(ids.len() == opts.nodes, "node ids are not distinct");
+    let ids = Arc::new(ids);
+
+    // Streams: open, then report endpoints, as the node does.
+    let progress = Arc::new(Progress::default());
+    let started = Instant::now();
+    let mut openers = tokio::task::JoinSet::new();
+    for (i, mut node) in nodes.into_iter().enumerate() {
+        let (sem, ids, progress) = (sem.clone(), ids.clone(), progress.clone());
+        openers.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let stream = node
+                .open_stream()
+                .await
+                .with_context(|| format!("opening node {i}'s stream"))?;
+            let result = NodeResult {
+                id: node.id,
+                hostname: node.hostname.clone(),
+                ..NodeResult::default()
+            };
+            let reader = tokio::spawn(drain(stream, result, ids, progress));
+            node.report(i)
+                .await
+                .with_context(|| format!("node {i} reporting endpoints"))?;
+            // The node (and so its connection) lives as long as its stream task.
+            anyhow::Ok((i, node, reader))
+        });
+    }
+    let mut held = Vec::with_capacity(opts.nodes);
+    let mut readers = Vec::with_capacity(opts.nodes);
+    let deadline = tokio::time::Instant::now() + opts.timeout;
+    while let Some(joined) = tokio::time::timeout_at(deadline, openers.join_next())
+        .await
+        .map_err(|_| anyhow::anyhow!("opening streams timed out"))?
+    {
+        let (i, node, reader) = joined??;
+        held.push(node);
+        readers.push((i, reader));
+    }
+    log(format!(
+        "{} streams open in {:.2} s",
+        opts.nodes,
+        started.elapsed().as_secs_f64()
+    ));
+    let wait_for = |counter: &'static str| {
+        let progress = progress.clone();
+        let n = opts.nodes;
+        async move {
+            let count = |p: &Progress| match counter {
+                "full" => p.full.load(Ordering::Relaxed),
+                "online" => p.online.load(Ordering::Relaxed),
+                _ => p.endpoints.load(Ordering::Relaxed),
+            };
+            while count(&progress) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            started.elapsed()
+        }
+    };
+    let all_full_maps = tokio::time::timeout(opts.timeout, wait_for("full"))
+        .await
+        .ok();
+    log(format!("all full maps: {all_full_maps:?}"));
+    let all_online = tokio::time::timeout(opts.timeout, wait_for("online"))
+        .await
+        .ok();
+    log(format!("all online: {all_online:?}"));
+    let all_endpoints = tokio::time::timeout(opts.timeout, wait_for("endpoints"))
+        .await
+        .ok();
+    log(format!("all endpoints: {all_endpoints:?}"));
+    let usage_end = read_usage(pid)?;
+    sampler.abort();
+    let max_sampled_rss_kib =
+        (*max_rss.lock().unwrap_or_else(|e| e.into_inner())).max(usage_end.rss_kib);
+
+    // Stop control: every stream ends, and with it every reader.
+    control.terminate()?;
+    let mut per_node: Vec<(usize, NodeResult)> = Vec::with_capacity(opts.nodes);
+    for (i, reader) in readers {
+        let r = tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .context("a stream outlived control")??;
+        per_node.push((i, r));
+    }
+    drop(held);
+    control.wait_exit().await?;
+    per_node.sort_by_key(|(i, _)| *i);
+    let per_node: Vec<NodeResult> = per_node.into_iter().map(|(_, r)| r).collect();
+    let full_map_bytes_total = per_node.iter().map(|n| n.full_map_bytes).sum();
+    let delta_messages = per_node
+        .iter()
+        .map(|n| n.messages.saturating_sub(u64::from(n.full_maps.min(1))))
+        .sum();
+    let delta_bytes = per_node.iter().map(|n| n.bytes - n.full_map_bytes).sum();
+    Ok(Report {
+        nodes: opts.nodes,
+        concurrency,
+        register_time,
+        register_rate: opts.nodes as f64 / register_time.as_secs_f64().max(1e-9),
+        register_p50: percentile(&latencies, 0.50),
+        register_p99: percentile(&latencies, 0.99),
+        all_full_maps,
+        all_online,
+        all_endpoints,
+        full_map_bytes_total,
+        delta_messages,
+        delta_bytes,
+        usage_idle,
+        usage_registered,
+        usage_end,
+        max_sampled_rss_kib,
+        per_node,
+    })
+}
