@@ -121,7 +121,7 @@ async fn configtest_names_an_unknown_key_and_exits_non_zero() {
         )
     );
     assert!(keys.starts_with("`server_url`, `listen_addr`, "), "{keys}");
-    assert!(keys.ends_with(", `policy`\n\n"), "{keys}");
+    assert!(keys.ends_with(", `policy`, `log`\n\n"), "{keys}");
     assert_eq!(o.status.code(), Some(1));
 
     // A value out of range names its key.
