@@ -138,6 +138,8 @@ pub struct Report {
     pub usage_end: Usage,
     /// Largest VmRSS sampled, KiB.
     pub max_sampled_rss_kib: u64,
+    /// The load generator itself at the end (it shares the machine's cores with control).
+    pub usage_loadgen: Usage,
     /// What each node saw, in registration order.
     pub per_node: Vec<NodeResult>,
 }
@@ -179,6 +181,7 @@ impl Report {
             "control_registered": usage(&self.usage_registered),
             "control_end": usage(&self.usage_end),
             "control_max_sampled_rss_kib": self.max_sampled_rss_kib,
+            "loadgen": usage(&self.usage_loadgen),
         });
         if per_node {
             v["per_node"] = self
@@ -250,6 +253,7 @@ impl Report {
                 "control max RSS seen  {:.1} MiB",
                 mib(self.max_sampled_rss_kib)
             ),
+            format!("loadgen itself        {}", usage(&self.usage_loadgen)),
         ]
         .join("\n")
     }
@@ -842,6 +846,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         .ok();
     log(format!("all endpoints: {all_endpoints:?}"));
     let usage_end = read_usage(pid)?;
+    let usage_loadgen = read_usage(std::process::id())?;
     sampler.abort();
     let max_sampled_rss_kib =
         (*max_rss.lock().unwrap_or_else(|e| e.into_inner())).max(usage_end.rss_kib);
@@ -882,6 +887,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         usage_registered,
         usage_end,
         max_sampled_rss_kib,
+        usage_loadgen,
         per_node,
     })
 }
