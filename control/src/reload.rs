@@ -71,6 +71,9 @@ pub struct ConfigReloaded {
     pub restart: Vec<&'static str>,
     /// Map updates sent to nodes.
     pub updates: usize,
+    /// What the new DERP map would have been warned about at start-up (a loopback host for
+    /// the embedded server), when the map changed.
+    pub warnings: Vec<crate::serve::StartupWarning>,
     /// The new `log.level`, when it changed: the caller applies it ([`apply_log_level`]) after
     /// logging the reload, so the line is written under the level it was asked under.
     pub log_level: Option<String>,
@@ -137,6 +140,10 @@ impl LiveConfig {
             }
             core.set_settings(dns, derp_map)
         };
+        let warnings = match applied.contains(&"derp map") {
+            true => crate::serve::startup_warnings(&effective),
+            false => Vec::new(),
+        };
         let log_level = (new.log.level != self.applied.log.level).then(|| new.log.level.clone());
         if log_level.is_some() {
             applied.push("log.level");
@@ -147,6 +154,7 @@ impl LiveConfig {
             applied,
             restart,
             updates,
+            warnings,
             log_level,
         }))
     }

@@ -1027,6 +1027,9 @@ async fn reload_config(
                 false => done.applied.join(", "),
             };
             tracing::info!(reason, applied = %applied, updates = done.updates, "config reloaded");
+            for warning in &done.warnings {
+                tracing::warn!(reason, "{warning}");
+            }
             if let Some(level) = &done.log_level {
                 match crate::reload::apply_log_level(level) {
                     LogLevelApplied::Applied => tracing::info!(level = %level, "log level set"),
