@@ -891,3 +891,29 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         per_node,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_usage_is_read_from_proc() {
+        let u = read_usage(std::process::id()).expect("/proc");
+        assert!(u.rss_kib > 0, "{u:?}");
+        assert!(u.peak_rss_kib >= u.rss_kib, "{u:?}");
+        assert!(u.cpu_secs >= 0.0, "{u:?}");
+    }
+
+    #[test]
+    fn bits_report_changes_and_percentiles_pick_ranks() {
+        let mut b = Bits::new(130);
+        assert!(b.set(129, true));
+        assert!(!b.set(129, true));
+        assert!(b.set(129, false));
+        assert!(!b.set(0, false));
+        let ms: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&ms, 0.5), Duration::from_millis(51));
+        assert_eq!(percentile(&ms, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&[], 0.99), Duration::ZERO);
+    }
+}
