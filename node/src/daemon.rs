@@ -65,23 +65,6 @@ fn default_routes() -> [ipnet::IpNet; 2] {
     ]
 }
 
-/// Private, shared or link-local address space (RFC 1918, RFC 6598, RFC 4193, link-local):
-/// what `autogroup:internet` leaves out, and what an exit node treats as its LAN.
-fn is_private(n: &ipnet::IpNet) -> bool {
-    match n.addr() {
-        IpAddr::V4(a) => {
-            a.is_private()
-                || a.is_link_local()
-                || ipnet::Ipv4Net::new(Ipv4Addr::new(100, 64, 0, 0), 10)
-                    .is_ok_and(|cgnat| cgnat.contains(&a))
-        }
-        IpAddr::V6(a) => {
-            let s = a.segments()[0];
-            s & 0xfe00 == 0xfc00 || s & 0xffc0 == 0xfe80
-        }
-    }
-}
-
 /// The interfaces whose IPv4 reverse-path filter is strict. The kernel applies the larger of
 /// `all` and the interface's value; strict checks an arriving packet against the unmarked route
 /// back, which with an exit node is the tunnel, so replies to the node's own (marked) traffic on
@@ -860,14 +843,9 @@ impl Daemon {
         self.node.set_exit_node(exit);
         let me = self.netmap.self_node().cloned();
         let local = me.as_ref().map(|me| {
-            // An exit node keeps its private LANs from its peers (advertise them as routes to
-            // share them). A publicly addressed network it sits on is internet like any other,
-            // the same line `autogroup:internet` draws.
+            // Which of them an exit node keeps from its peers is the core's decision.
             let lan = if me.exit_node {
                 crate::os_net::lan_prefixes(&self.tun_name)
-                    .into_iter()
-                    .filter(is_private)
-                    .collect()
             } else {
                 Vec::new()
             };
@@ -1096,25 +1074,6 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_exit_node_lan_is_private_address_space_only() {
-        for (net, private) in [
-            ("10.20.0.0/24", true),
-            ("172.16.5.0/24", true),
-            ("192.168.1.0/24", true),
-            ("100.64.0.0/10", true),
-            ("169.254.0.0/16", true),
-            ("fd00:77::/64", true),
-            ("fe80::/64", true),
-            ("198.51.100.0/24", false),
-            ("203.0.113.0/24", false),
-            ("2001:db8::/64", false),
-        ] {
-            let n: ipnet::IpNet = net.parse().expect("net");
-            assert_eq!(is_private(&n), private, "{net}");
-        }
-    }
 
     #[test]
     fn status_says_when_the_relay_is_down() {

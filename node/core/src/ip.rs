@@ -63,6 +63,21 @@ pub fn addresses(packet: &[u8]) -> Result<Addresses, IpError> {
     }
 }
 
+/// Private, shared or link-local address space (RFC 1918, RFC 6598's 100.64.0.0/10, RFC 4193,
+/// link-local): what `autogroup:internet` leaves out, and what an exit node treats as its LAN.
+pub fn is_private_space(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_private() || a.is_link_local() || (o[0] == 100 && (64..=127).contains(&o[1]))
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments()[0];
+            s & 0xfe00 == 0xfc00 || s & 0xffc0 == 0xfe80
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +109,26 @@ mod tests {
             addresses(&[0x10; 40]),
             Err(IpError::BadVersion { version: 1 })
         );
+    }
+
+    #[test]
+    fn private_space_is_what_autogroup_internet_leaves_out() {
+        for (ip, private) in [
+            ("10.20.0.1", true),
+            ("172.16.5.1", true),
+            ("192.168.1.1", true),
+            ("100.64.0.1", true),
+            ("100.127.255.1", true),
+            ("100.128.0.1", false),
+            ("169.254.1.1", true),
+            ("fd00:77::1", true),
+            ("fe80::1", true),
+            ("198.51.100.1", false),
+            ("203.0.113.1", false),
+            ("2001:db8::1", false),
+        ] {
+            let a: IpAddr = ip.parse().expect("ip");
+            assert_eq!(is_private_space(a), private, "{ip}");
+        }
     }
 }
