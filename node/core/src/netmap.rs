@@ -188,7 +188,9 @@ pub fn derp_urls(map: &DerpMap) -> BTreeMap<RegionId, Vec<DerpUrl>> {
 
 /// What a node's own record says it takes packets for: its addresses, the subnet routes it
 /// serves (advertised and approved, not /0), and whether it is an approved exit node. `lan`
-/// is the host's LAN, which exit traffic may not reach.
+/// is every prefix on the host's interfaces; an exit node keeps the private ones from its
+/// peers (advertise one to share it). A publicly addressed network it sits on is internet
+/// like any other, the line `autogroup:internet` draws.
 pub fn local_nets(me: &Node, lan: Vec<IpNet>) -> LocalNets {
     let parse = |list: &[String]| -> Vec<IpNet> {
         list.iter()
@@ -201,6 +203,13 @@ pub fn local_nets(me: &Node, lan: Vec<IpNet>) -> LocalNets {
         .into_iter()
         .filter(|n| n.prefix_len() > 0 && advertised.contains(n))
         .collect();
+    let lan = if me.exit_node {
+        lan.into_iter()
+            .filter(|n| crate::ip::is_private_space(n.addr()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     LocalNets {
         addresses: parse(&me.addresses),
         routes,
@@ -701,6 +710,7 @@ mod tests {
         me.approved_routes = vec!["10.20.0.0/24".into(), "10.40.0.0/24".into(), "bad".into()];
         let l = local_nets(&me, vec![net("192.168.1.0/24")]);
         assert_eq!(l.routes, vec![net("10.20.0.0/24")]);
+        assert!(l.lan.is_empty(), "only an exit node keeps a LAN out");
         assert!(!l.exit);
         assert!(l.contains("10.20.0.9".parse().expect("ip")));
         assert!(!l.contains("10.30.0.9".parse().expect("ip")));
@@ -708,12 +718,14 @@ mod tests {
         me.exit_node = true;
         me.advertised_routes.push("0.0.0.0/0".into());
         me.approved_routes.push("0.0.0.0/0".into());
-        let l = local_nets(&me, vec![net("192.168.1.0/24")]);
+        let l = local_nets(&me, vec![net("192.168.1.0/24"), net("198.51.100.0/24")]);
         assert_eq!(
             l.routes,
             vec![net("10.20.0.0/24")],
             "/0 is not a subnet route"
         );
+        // A public network the exit node sits on is internet, not its LAN.
+        assert_eq!(l.lan, vec![net("192.168.1.0/24")]);
         assert!(l.contains("198.51.100.80".parse().expect("ip")));
         assert!(!l.contains("192.168.1.7".parse().expect("ip")));
         let rules = PacketFilter {
