@@ -402,9 +402,20 @@ impl Lab {
         program: impl AsRef<OsStr>,
         args: impl IntoIterator<Item = S>,
     ) -> Result<Output> {
+        self.run_ok_timeout(ns, program, args, RUN_TIMEOUT)
+    }
+
+    /// [`Lab::run_ok`] with an explicit time limit (see [`Lab::run_timeout`]).
+    pub fn run_ok_timeout<S: AsRef<OsStr>>(
+        &self,
+        ns: &str,
+        program: impl AsRef<OsStr>,
+        args: impl IntoIterator<Item = S>,
+        timeout: Duration,
+    ) -> Result<Output> {
         let program = program.as_ref().to_owned();
         let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-        let out = self.run(ns, &program, &args)?;
+        let out = self.run_timeout(ns, &program, &args, timeout)?;
         if !out.status.success() {
             bail!(
                 "`{} {}` in {ns} failed ({}):\n{}{}",

@@ -287,7 +287,7 @@ pub fn http_get(
     url: &str,
     timeout: Duration,
 ) -> Result<HttpOutcome> {
-    let out = lab.run_timeout(
+    let out = lab.run_ok_timeout(
         ns,
         labtool,
         [
@@ -300,12 +300,6 @@ pub fn http_get(
         timeout + Duration::from_secs(10),
     )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "http-get {url} in {ns} failed ({}): {stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
     parse_http_get(&stdout)
 }
 
@@ -419,7 +413,7 @@ pub fn dns_query(
     qtype: &str,
     timeout: Duration,
 ) -> Result<DnsAnswer> {
-    let out = lab.run_timeout(
+    let out = lab.run_ok_timeout(
         ns,
         labtool,
         [
@@ -436,12 +430,6 @@ pub fn dns_query(
         timeout + Duration::from_secs(10),
     )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "dns-query {name} @{server} in {ns} failed ({}): {stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
     parse_dns_query(&stdout)
 }
 
@@ -526,7 +514,7 @@ pub fn dns_load(
     rate: u32,
     seconds: u32,
 ) -> Result<Value> {
-    let out = lab.run_timeout(
+    let out = lab.run_ok_timeout(
         ns,
         labtool,
         [
@@ -543,12 +531,6 @@ pub fn dns_load(
         Duration::from_secs(u64::from(seconds) + 20),
     )?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "dns-load in {ns} failed ({}): {stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
     serde_json::from_str(stdout.trim())
         .with_context(|| format!("dns-load printed non-JSON: {stdout:?}"))
 }
