@@ -296,32 +296,73 @@ fn auto_approvers_approve_routes_without_the_cli() {
 
 // ----- 3. Failover -----
 
+/// How a router of `PREFIX` is started.
+const ROUTER_ARGS: [&str; 2] = ["--advertise-routes", PREFIX];
+
+/// Two routers for `PREFIX`, auto-approved by `tag:router`, and a client.
+struct Ha {
+    mesh: Mesh,
+    subnet: Subnet,
+    /// The reusable tagged pre-auth key the routers registered with.
+    router_key: String,
+    /// The primary (it came first) and its mesh address.
+    r1: Node,
+    r1a: Ipv4Addr,
+    /// The standby, approved, and its mesh address.
+    r2: Node,
+    r2a: Ipv4Addr,
+    /// A client that reached the LAN through r1 before r2 joined.
+    c: Node,
+}
+
+/// Starts an [`Ha`] and waits until the client sees r1 as primary and r2 as the standby.
+fn ha_routers(lab: &mut Lab, bins: &Binaries) -> Result<Ha> {
+    let mut mesh = start(lab, bins, PolicySource::File(AUTO_POLICY.to_owned()))?;
+    let subnet = Subnet::build(lab, labtool())?;
+    let router_key = mesh
+        .control
+        .create_preauth_key(lab, &mesh.user, &["--reusable", "--tags", "tag:router"])?
+        .secret;
+    let key = mesh.key.secret.clone();
+    let (r1, r1a) = router(lab, &mut mesh, &subnet, &router_key, 1, &ROUTER_ARGS)?;
+    let (c, _) = client(lab, &mut mesh, &key, &[])?;
+    wait_lan_reply(lab, &c, SOON)?;
+    let (r2, r2a) = router(lab, &mut mesh, &subnet, &router_key, 2, &ROUTER_ARGS)?;
+    wait_status(lab, &r2, "its route is approved", |s| {
+        s.approved_routes == [PREFIX]
+    })?;
+    // r1 came first and stays primary; r2 is the standby.
+    wait_status(lab, &c, "r1 primary, r2 standby", |s| {
+        s.peer_with_addr(v4(r1a))
+            .is_some_and(|p| p.primary_routes == [PREFIX])
+            && s.peer_with_addr(v4(r2a))
+                .is_some_and(|p| p.primary_routes.is_empty())
+    })?;
+    Ok(Ha {
+        mesh,
+        subnet,
+        router_key,
+        r1,
+        r1a,
+        r2,
+        r2a,
+        c,
+    })
+}
+
 #[test]
 fn router_failover_moves_traffic_and_stays_on_the_new_primary() {
     lab_test("routes-failover", |lab, bins| {
-        let mut mesh = start(lab, bins, PolicySource::File(AUTO_POLICY.to_owned()))?;
-        let subnet = Subnet::build(lab, labtool())?;
-        let tagged = mesh.control.create_preauth_key(
-            lab,
-            &mesh.user,
-            &["--reusable", "--tags", "tag:router"],
-        )?;
-        let key = mesh.key.secret.clone();
-        let r_args = ["--advertise-routes", PREFIX];
-        let (r1, r1a) = router(lab, &mut mesh, &subnet, &tagged.secret, 1, &r_args)?;
-        let (c, _) = client(lab, &mut mesh, &key, &[])?;
-        wait_lan_reply(lab, &c, SOON)?;
-        let (r2, r2a) = router(lab, &mut mesh, &subnet, &tagged.secret, 2, &r_args)?;
-        wait_status(lab, &r2, "its route is approved", |s| {
-            s.approved_routes == [PREFIX]
-        })?;
-        // r1 came first and stays primary; r2 is the standby.
-        wait_status(lab, &c, "r1 primary, r2 standby", |s| {
-            s.peer_with_addr(v4(r1a))
-                .is_some_and(|p| p.primary_routes == [PREFIX])
-                && s.peer_with_addr(v4(r2a))
-                    .is_some_and(|p| p.primary_routes.is_empty())
-        })?;
+        let Ha {
+            mesh,
+            subnet,
+            router_key,
+            r1,
+            r1a,
+            r2,
+            r2a,
+            c,
+        } = ha_routers(lab, bins)?;
         let r1_lan = v4(Ipv4Addr::new(10, 20, 0, 1));
         let r2_lan = v4(Ipv4Addr::new(10, 20, 0, 2));
         for _ in 0..3 {
@@ -353,8 +394,8 @@ fn router_failover_moves_traffic_and_stays_on_the_new_primary() {
             lab,
             bins,
             &mesh.control.url,
-            &tagged.secret,
-            &NodeOptions::with_args(&r_args),
+            &router_key,
+            &NodeOptions::with_args(&ROUTER_ARGS),
         )?;
         wait_status(lab, &c, "r1 is back online, r2 still primary", |s| {
             s.peer_with_addr(v4(r1a)).is_some_and(|p| p.online)
@@ -405,25 +446,16 @@ fn router_failover_moves_traffic_and_stays_on_the_new_primary() {
 #[test]
 fn silently_dead_router_fails_over_and_does_not_take_the_prefix_back() {
     lab_test("routes-silent", |lab, bins| {
-        let mut mesh = start(lab, bins, PolicySource::File(AUTO_POLICY.to_owned()))?;
-        let subnet = Subnet::build(lab, labtool())?;
-        let tagged = mesh.control.create_preauth_key(
-            lab,
-            &mesh.user,
-            &["--reusable", "--tags", "tag:router"],
-        )?;
-        let key = mesh.key.secret.clone();
-        let r_args = ["--advertise-routes", PREFIX];
-        let (r1, r1a) = router(lab, &mut mesh, &subnet, &tagged.secret, 1, &r_args)?;
-        let (c, _) = client(lab, &mut mesh, &key, &[])?;
-        wait_lan_reply(lab, &c, SOON)?;
-        let (_r2, r2a) = router(lab, &mut mesh, &subnet, &tagged.secret, 2, &r_args)?;
-        wait_status(lab, &c, "r1 primary, r2 standby", |s| {
-            s.peer_with_addr(v4(r1a))
-                .is_some_and(|p| p.primary_routes == [PREFIX])
-                && s.peer_with_addr(v4(r2a))
-                    .is_some_and(|p| p.primary_routes.is_empty())
-        })?;
+        let Ha {
+            mesh: _mesh,
+            subnet,
+            router_key: _,
+            r1,
+            r1a,
+            r2: _r2,
+            r2a,
+            c,
+        } = ha_routers(lab, bins)?;
         let r2_lan = v4(Ipv4Addr::new(10, 20, 0, 2));
 
         r1.proc().signal("STOP")?;
