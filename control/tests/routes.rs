@@ -268,6 +268,44 @@ fn assert_no_route_lists(node: &TestNode) {
     }
 }
 
+/// A database-mode server with `policy`, and four connected nodes: a gateway named `name`
+/// owned by `tag` (registered by user ops), then alice-laptop, bob-phone and carol-pc.
+async fn gateway_and_three_users(
+    policy: &str,
+    tag: &str,
+    name: &str,
+) -> (Server, AdminClient<Channel>, [TestNode; 4]) {
+    let server = Server::start_with(|c| c.policy.mode = PolicyMode::Database).await;
+    let mut admin = server.local_admin().await;
+    set_policy(&mut admin, policy).await;
+    let gw_key = user_key(&mut admin, "ops", &[tag]).await;
+    let mut nodes = [
+        TestNode::register(&server, &gw_key, name).await,
+        TestNode::register(
+            &server,
+            &user_key(&mut admin, "alice", &[]).await,
+            "alice-laptop",
+        )
+        .await,
+        TestNode::register(
+            &server,
+            &user_key(&mut admin, "bob", &[]).await,
+            "bob-phone",
+        )
+        .await,
+        TestNode::register(
+            &server,
+            &user_key(&mut admin, "carol", &[]).await,
+            "carol-pc",
+        )
+        .await,
+    ];
+    for n in &mut nodes {
+        n.connect().await;
+    }
+    (server, admin, nodes)
+}
+
 /// alice may reach the 10.20.0.0/16 network; bob only the router's own address on 22; carol
 /// nothing.
 const SUBNET_POLICY: &str = r#"{
@@ -280,20 +318,8 @@ const SUBNET_POLICY: &str = r#"{
 
 #[tokio::test]
 async fn a_route_is_served_once_approved_and_only_to_viewers_the_policy_lets_use_it() {
-    let server = Server::start_with(|c| c.policy.mode = PolicyMode::Database).await;
-    let mut admin = server.local_admin().await;
-    set_policy(&mut admin, SUBNET_POLICY).await;
-    let router_key = user_key(&mut admin, "ops", &["tag:router"]).await;
-    let alice_key = user_key(&mut admin, "alice", &[]).await;
-    let bob_key = user_key(&mut admin, "bob", &[]).await;
-    let carol_key = user_key(&mut admin, "carol", &[]).await;
-    let mut router = TestNode::register(&server, &router_key, "router").await;
-    let mut alice = TestNode::register(&server, &alice_key, "alice-laptop").await;
-    let mut bob = TestNode::register(&server, &bob_key, "bob-phone").await;
-    let mut carol = TestNode::register(&server, &carol_key, "carol-pc").await;
-    for n in [&mut router, &mut alice, &mut bob, &mut carol] {
-        n.connect().await;
-    }
+    let (server, mut admin, [mut router, mut alice, mut bob, mut carol]) =
+        gateway_and_three_users(SUBNET_POLICY, "tag:router", "router").await;
     let r = router.id;
 
     // Advertised, not approved: nothing is served; the router's own record says what it offers.
@@ -648,20 +674,8 @@ const EXIT_POLICY: &str = r#"{
 
 #[tokio::test]
 async fn exit_nodes_are_offered_only_to_viewers_with_internet_access_and_a_grant_applies_live() {
-    let server = Server::start_with(|c| c.policy.mode = PolicyMode::Database).await;
-    let mut admin = server.local_admin().await;
-    set_policy(&mut admin, EXIT_POLICY).await;
-    let exit_key = user_key(&mut admin, "ops", &["tag:exit"]).await;
-    let alice_key = user_key(&mut admin, "alice", &[]).await;
-    let bob_key = user_key(&mut admin, "bob", &[]).await;
-    let carol_key = user_key(&mut admin, "carol", &[]).await;
-    let mut exit = TestNode::register(&server, &exit_key, "exit").await;
-    let mut alice = TestNode::register(&server, &alice_key, "alice-laptop").await;
-    let mut bob = TestNode::register(&server, &bob_key, "bob-phone").await;
-    let mut carol = TestNode::register(&server, &carol_key, "carol-pc").await;
-    for n in [&mut exit, &mut alice, &mut bob, &mut carol] {
-        n.connect().await;
-    }
+    let (server, mut admin, [mut exit, mut alice, mut bob, mut carol]) =
+        gateway_and_three_users(EXIT_POLICY, "tag:exit", "exit").await;
     let e = exit.id;
     exit.advertise(&["0.0.0.0/0", "::/0"])
         .await
