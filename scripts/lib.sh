@@ -29,14 +29,13 @@ ensure_root() {
     die "this script needs root (network namespaces, TUN devices) and sudo is not installed; run it as root"
 }
 
-# Installs the packages of missing commands with apt-get (one `apt-get update` at most).
+# Installs the packages of missing commands with apt-get (one `apt-get update` at most): what
+# the node, the demo and the lab need. Usage: ensure_tools [command:package ...] for more.
 ensure_tools() {
     local missing=() cmd pkg
     # command:package; cc is the linker rustc needs (and the C compiler of ring and SQLite),
-    # libc6-dev its C library headers and crt files (only recommended by gcc on Debian);
-    # systemd-analyze checks contrib/systemd (a container has no systemd); chromium and its
-    # WebDriver (spoken with curl) drive the web admin page in a real browser (netns-tests/tests/web.rs).
-    for pair in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack kill:procps sysctl:procps setpriv:util-linux stun:stun-client xz:xz-utils dig:bind9-dnsutils cc:gcc cc:libc6-dev systemd-analyze:systemd chromium:chromium chromedriver:chromium-driver curl:curl; do
+    # libc6-dev its C library headers and crt files (only recommended by gcc on Debian).
+    for pair in ip:iproute2 ping:iputils-ping nft:nftables conntrack:conntrack kill:procps sysctl:procps setpriv:util-linux cc:gcc cc:libc6-dev "$@"; do
         cmd="${pair%%:*}"
         pkg="${pair#*:}"
         # `type -P`: a program file, not a shell builtin (the lab runs /usr/bin/kill).
@@ -55,6 +54,14 @@ ensure_tools() {
     apt-get install -y --no-install-recommends "${missing[@]}" || {
         apt-get update && apt-get install -y --no-install-recommends "${missing[@]}"
     }
+}
+
+# ensure_tools plus what only the tests use: a STUN client and xz (interop and the policy
+# captures), dig (MagicDNS), systemd-analyze (contrib/systemd; a container has no systemd),
+# chromium and its WebDriver, spoken with curl (the web admin page in a real browser).
+ensure_test_tools() {
+    ensure_tools stun:stun-client xz:xz-utils dig:bind9-dnsutils systemd-analyze:systemd \
+        chromium:chromium chromedriver:chromium-driver curl:curl
 }
 
 # Makes sure cargo is on PATH (root's PATH often lacks ~/.cargo/bin, also after sudo).
