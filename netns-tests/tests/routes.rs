@@ -672,10 +672,18 @@ fn fetch(lab: &Lab, c: &Node) -> Result<()> {
 /// node, so table 52 may hold less).
 fn wait_until_ok(lab: &Lab, c: &Node) -> Result<WarrenOsState> {
     let mut state = WarrenOsState::default();
+    // The crashed run left the same rules and resolv.conf behind: only once the new process
+    // answers on its API (its start-up cleanup and first install are done by then) does the
+    // state say anything about the restart.
     wait_until(SOON, "the restarted client installed its rules", || {
         c.check_running()?;
+        if !c.status(lab).is_ok_and(|s| s.control_connected) {
+            return Ok(false);
+        }
         state = WarrenOsState::read(lab, &c.ns)?;
-        Ok(state.rules_v4_at(5270) >= 1
+        Ok(services::RULE_PREFS
+            .iter()
+            .all(|&p| state.rules_v4_at(p) >= 1)
             && lab
                 .resolv_conf(&c.ns)?
                 .contains("nameserver 100.100.100.100"))
