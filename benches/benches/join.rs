@@ -47,6 +47,7 @@ fn join(c: &mut Criterion) {
         if let Ok(node) = joiner {
             let size = MapResponse {
                 seq: 1,
+                version: 1,
                 kind: Some(Kind::PeerAdded(node.clone())),
             }
             .encoded_len();
@@ -70,9 +71,7 @@ fn join(c: &mut Criterion) {
                 );
             }
             for id in 1..=n as u64 {
-                if let Some(mut sub) = netmap.subscribe(id) {
-                    // The stream task sends the full map and drops it.
-                    sub.full = Default::default();
+                if let Some(sub) = netmap.subscribe(id, None) {
                     subs.push(sub);
                 }
             }
@@ -90,7 +89,7 @@ fn join(c: &mut Criterion) {
                     assert_eq!(sent, n);
                     netmap.remove(u64::MAX);
                     for s in &mut subs {
-                        while s.deltas.try_recv().is_ok() {}
+                        while s.outbox.try_recv().is_some() {}
                     }
                 }
                 total

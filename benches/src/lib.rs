@@ -71,10 +71,9 @@ impl Mesh {
             if i % 128 == 0 {
                 mesh.drain();
             }
-            let mut sub = mesh.core.subscribe(*id, now_ms).expect("subscribe");
-            // A stream task sends the full map and drops it; keeping 10,000 of them would hold
-            // 10,000 x 10,000 node records.
-            sub.full = Default::default();
+            // The full map is read page by page from shared records by the stream's task;
+            // nothing of it is held here.
+            let sub = mesh.core.subscribe(*id, now_ms, None).expect("subscribe");
             mesh.streams.push(sub);
         }
         mesh.drain();
@@ -86,7 +85,7 @@ impl Mesh {
     pub fn drain(&mut self) -> usize {
         let mut n = 0;
         for s in &mut self.streams {
-            while s.deltas.try_recv().is_ok() {
+            while s.outbox.try_recv().is_some() {
                 n += 1;
             }
         }

@@ -4,10 +4,20 @@
 //! then StreamMapResponse read continuously by its own task and UpdateNode with endpoints),
 //! while sampling the server's memory and CPU time from `/proc` every 100 ms.
 //!
-//! The phases: registration (every node registers, `concurrency` at a time), then streams
-//! (every node opens its map stream and reports endpoints, `concurrency` at a time); the run
-//! ends when every stream has its full map, sees every peer online and knows every peer's
-//! endpoints, or when the timeout passes.
+//! The phases:
+//! 1. registration: every node registers, `concurrency` at a time;
+//! 2. streams: every node opens its map stream and reports endpoints, `concurrency` at a time,
+//!    until every stream has its full map, sees every peer online and knows every peer's
+//!    endpoints;
+//! 3. fan-out: `probes` more nodes join one after another; for each, how long every open stream
+//!    takes to see it online (join fan-out), then to see the endpoints it reports (endpoint
+//!    fan-out);
+//! 4. restart: control is killed (SIGKILL) and started again on the same database; every node
+//!    reconnects, resuming from the map version it applied, until every stream has its start
+//!    again and sees every peer online (time to consistency, and the bytes it took).
+//!
+//! Streams are read as the node reads them ([`MapReader`]: paged full maps assembled, batches
+//! unpacked, the version kept for resuming).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use prost::Message;
 use tonic::transport::{Channel, Endpoint};
+use warren_node_core::netmap::MapReader;
 use warren_proto::control::control_client::ControlClient;
 use warren_proto::control::map_response::Kind;
 use warren_proto::control::*;
@@ -47,6 +58,10 @@ pub struct Options {
     pub web: bool,
     /// How long each phase may take before the run fails.
     pub timeout: Duration,
+    /// Nodes that join one at a time once the mesh is up, to time fan-out (0: skip).
+    pub probes: usize,
+    /// Kill control with SIGKILL once the mesh is up, start it again and time the way back.
+    pub restart: bool,
     /// Print progress to standard error.
     pub verbose: bool,
 }
@@ -62,6 +77,8 @@ impl Options {
             embedded_derp: true,
             web: true,
             timeout: Duration::from_secs(300),
+            probes: 10,
+            restart: true,
             verbose: false,
         }
     }
@@ -92,8 +109,10 @@ pub struct NodeResult {
     /// The first full map named itself as self and exactly every other simulated node as
     /// peers.
     pub full_map_exact: bool,
-    /// Protobuf bytes of the first full map.
+    /// Protobuf bytes of the first full map (all its pages).
     pub full_map_bytes: u64,
+    /// Messages of the first full map (its pages).
+    pub full_map_messages: u64,
     /// Messages received on the stream, the full map included.
     pub messages: u64,
     /// Protobuf bytes received on the stream, the full map included (gRPC's 5-byte frame
@@ -101,6 +120,60 @@ pub struct NodeResult {
     pub bytes: u64,
     /// Messages by kind ("full", "peer_online", ...).
     pub kinds: BTreeMap<&'static str, u64>,
+    /// After control's restart: the stream resumed (no full map).
+    pub restart_resumed: bool,
+    /// After control's restart: messages and bytes until the run ended.
+    pub restart_messages: u64,
+    /// Protobuf bytes of those.
+    pub restart_bytes: u64,
+}
+
+/// The fan-out latencies of one kind of change: from the change until each open stream had it.
+#[derive(Debug, Clone, Default)]
+pub struct FanOut {
+    /// Changes timed.
+    pub changes: usize,
+    /// Deliveries timed (changes x streams that got them in time).
+    pub samples: usize,
+    /// Median.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Slowest.
+    pub max: Duration,
+}
+
+impl FanOut {
+    fn from(mut samples: Vec<Duration>, changes: usize) -> Self {
+        samples.sort_unstable();
+        Self {
+            changes,
+            samples: samples.len(),
+            p50: percentile(&samples, 0.50),
+            p99: percentile(&samples, 0.99),
+            max: samples.last().copied().unwrap_or_default(),
+        }
+    }
+}
+
+/// How control came back after SIGKILL.
+#[derive(Debug, Clone, Default)]
+pub struct Restart {
+    /// From SIGKILL until control accepted connections again.
+    pub down: Duration,
+    /// From control accepting connections until every stream had its start again and saw
+    /// every peer online; `None` when the run gave up.
+    pub consistent: Option<Duration>,
+    /// Streams that resumed (changes only) and ones that got a full map.
+    pub resumed: usize,
+    /// See `resumed`.
+    pub full: usize,
+    /// Protobuf bytes all streams received from the restart until consistent.
+    pub bytes: u64,
+    /// Messages of those.
+    pub messages: u64,
+    /// Control at the end of the restart phase.
+    pub usage: Usage,
 }
 
 /// The outcome of a run.
@@ -140,6 +213,12 @@ pub struct Report {
     pub max_sampled_rss_kib: u64,
     /// The load generator itself at the end (it shares the machine's cores with control).
     pub usage_loadgen: Usage,
+    /// Join fan-out: from a node opening its stream until every stream saw it online.
+    pub join_fan_out: FanOut,
+    /// Endpoint fan-out: from a node reporting endpoints until every stream had them.
+    pub endpoint_fan_out: FanOut,
+    /// The restart phase, when it ran.
+    pub restart: Option<Restart>,
     /// What each node saw, in registration order.
     pub per_node: Vec<NodeResult>,
 }
@@ -162,6 +241,15 @@ impl Report {
             })
         };
         let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+        let fan_out = |f: &FanOut| {
+            serde_json::json!({
+                "changes": f.changes,
+                "samples": f.samples,
+                "p50_ms": f.p50.as_secs_f64() * 1e3,
+                "p99_ms": f.p99.as_secs_f64() * 1e3,
+                "max_ms": f.max.as_secs_f64() * 1e3,
+            })
+        };
         let mut v = serde_json::json!({
             "nodes": self.nodes,
             "concurrency": self.concurrency,
@@ -182,6 +270,17 @@ impl Report {
             "control_end": usage(&self.usage_end),
             "control_max_sampled_rss_kib": self.max_sampled_rss_kib,
             "loadgen": usage(&self.usage_loadgen),
+            "join_fan_out": fan_out(&self.join_fan_out),
+            "endpoint_fan_out": fan_out(&self.endpoint_fan_out),
+            "restart": self.restart.as_ref().map(|r| serde_json::json!({
+                "down_secs": r.down.as_secs_f64(),
+                "consistent_secs": secs(r.consistent),
+                "resumed": r.resumed,
+                "full": r.full,
+                "bytes": r.bytes,
+                "messages": r.messages,
+                "control": usage(&r.usage),
+            })),
         });
         if per_node {
             v["per_node"] = self
@@ -221,6 +320,16 @@ impl Report {
             )
         };
         let n = self.nodes.max(1) as u64;
+        let fan_out = |f: &FanOut| {
+            format!(
+                "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} changes, {} deliveries)",
+                f.p50.as_secs_f64() * 1e3,
+                f.p99.as_secs_f64() * 1e3,
+                f.max.as_secs_f64() * 1e3,
+                f.changes,
+                f.samples
+            )
+        };
         [
             format!(
                 "nodes                 {} ({} in flight)",
@@ -254,6 +363,22 @@ impl Report {
                 mib(self.max_sampled_rss_kib)
             ),
             format!("loadgen itself        {}", usage(&self.usage_loadgen)),
+            format!("join fan-out          {}", fan_out(&self.join_fan_out)),
+            format!("endpoint fan-out      {}", fan_out(&self.endpoint_fan_out)),
+            match &self.restart {
+                None => "restart               not run".into(),
+                Some(r) => format!(
+                    "restart (SIGKILL)     down {:.2} s, consistent {} later; {} resumed, {} full maps; {} bytes in {} messages ({} per node); {}",
+                    r.down.as_secs_f64(),
+                    secs(r.consistent),
+                    r.resumed,
+                    r.full,
+                    r.bytes,
+                    r.messages,
+                    r.bytes / n,
+                    usage(&r.usage)
+                ),
+            },
         ]
         .join("\n")
     }
@@ -302,6 +427,7 @@ fn free_udp_port() -> anyhow::Result<u16> {
 
 /// A running `warren-control serve` in its own temporary directory; killed when dropped.
 struct ControlProcess {
+    child_args: Vec<std::ffi::OsString>,
     dir: tempfile::TempDir,
     config: PathBuf,
     bin: PathBuf,
@@ -352,17 +478,14 @@ impl ControlProcess {
         }
         let config_path = d.join("control.toml");
         std::fs::write(&config_path, config)?;
-        let log = std::fs::File::create(d.join("control.log"))?;
-        let child = Command::new(&opts.control_bin)
-            .arg("--config")
-            .arg(&config_path)
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", opts.control_bin.display()))?;
+        let child_args = vec![
+            "--config".into(),
+            config_path.clone().into_os_string(),
+            "serve".into(),
+        ];
+        let child = spawn_control(&opts.control_bin, &child_args, d)?;
         Ok(Self {
+            child_args,
             dir,
             config: config_path,
             bin: opts.control_bin.clone(),
@@ -375,6 +498,14 @@ impl ControlProcess {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL, then the same server again on the same database and addresses.
+    fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        self.child = spawn_control(&self.bin, &self.child_args, self.dir.path())?;
+        Ok(())
     }
 
     /// The end of control's log, for error messages.
@@ -452,6 +583,21 @@ impl ControlProcess {
     }
 }
 
+/// Starts `warren-control` with `args`, its output appended to `dir`/control.log.
+fn spawn_control(bin: &Path, args: &[std::ffi::OsString], dir: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("control.log"))?;
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))
+}
+
 impl Drop for ControlProcess {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
@@ -525,8 +671,17 @@ impl SimNode {
         Ok(node)
     }
 
-    async fn open_stream(&mut self) -> anyhow::Result<tonic::Streaming<MapResponse>> {
-        let mut req = StreamMapRequest { proof: None };
+    async fn open_stream(
+        &mut self,
+        resume: Option<(u64, u64)>,
+    ) -> anyhow::Result<tonic::Streaming<MapResponse>> {
+        let (map_id, version) = resume.unwrap_or_default();
+        let mut req = StreamMapRequest {
+            proof: None,
+            map_id,
+            version,
+            pages: true,
+        };
         req.proof = Some(self.proof("StreamMapResponse", &req));
         Ok(self.grpc.stream_map_response(req).await?.into_inner())
     }
@@ -555,12 +710,61 @@ impl SimNode {
     }
 }
 
-/// Progress shared by the stream tasks.
+/// Progress shared by the stream tasks of one phase.
 #[derive(Default)]
 struct Progress {
+    /// Streams that have their start (a whole full map, or the changes they resumed with).
     full: AtomicUsize,
     online: AtomicUsize,
     endpoints: AtomicUsize,
+}
+
+/// Nodes joining after the mesh is up, whose fan-out is timed.
+#[derive(Default)]
+struct Probes {
+    /// Node ids from this one up are probes (ids grow with registration).
+    first_id: AtomicU64,
+    /// When each probe came online, and when it reported endpoints.
+    online_at: Mutex<BTreeMap<u64, Instant>>,
+    endpoints_at: Mutex<BTreeMap<u64, Instant>>,
+    online_lat: Mutex<Vec<Duration>>,
+    endpoints_lat: Mutex<Vec<Duration>>,
+    online_seen: AtomicUsize,
+    endpoints_seen: AtomicUsize,
+}
+
+impl Probes {
+    fn is_probe(&self, id: u64) -> bool {
+        let first = self.first_id.load(Ordering::Relaxed);
+        first != 0 && id >= first
+    }
+
+    /// A stream saw probe `id` online (or with endpoints); records the latency once.
+    fn saw(&self, id: u64, endpoints: bool, seen: &mut std::collections::BTreeSet<(u64, bool)>) {
+        if !seen.insert((id, endpoints)) {
+            return;
+        }
+        let (at, lat, count) = if endpoints {
+            (
+                &self.endpoints_at,
+                &self.endpoints_lat,
+                &self.endpoints_seen,
+            )
+        } else {
+            (&self.online_at, &self.online_lat, &self.online_seen)
+        };
+        let start = at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .copied();
+        if let Some(start) = start {
+            lat.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(start.elapsed());
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A set of node positions.
@@ -586,6 +790,8 @@ impl Bits {
 fn kind_name(k: &Kind) -> &'static str {
     match k {
         Kind::Full(_) => "full",
+        Kind::FullPage(_) => "full_page",
+        Kind::Batch(_) => "batch",
         Kind::PeerAdded(_) => "peer_added",
         Kind::PeerChanged(_) => "peer_changed",
         Kind::PeerRemoved(_) => "peer_removed",
@@ -598,78 +804,164 @@ fn kind_name(k: &Kind) -> &'static str {
     }
 }
 
+/// What a simulated node knows of the map: kept across its streams, as a node keeps its map
+/// when it reconnects.
+struct View {
+    reader: MapReader,
+    online: Bits,
+    endpoints: Bits,
+    n_online: usize,
+    n_endpoints: usize,
+}
+
+impl View {
+    fn new(n: usize) -> Self {
+        Self {
+            reader: MapReader::default(),
+            online: Bits::new(n),
+            endpoints: Bits::new(n),
+            n_online: 0,
+            n_endpoints: 0,
+        }
+    }
+
+    fn note(&mut self, i: Option<usize>, on: Option<bool>, eps: Option<bool>) {
+        let Some(i) = i else { return };
+        if let Some(on) = on
+            && self.online.set(i, on)
+        {
+            if on {
+                self.n_online += 1
+            } else {
+                self.n_online -= 1
+            }
+        }
+        if let Some(eps) = eps
+            && self.endpoints.set(i, eps)
+        {
+            if eps {
+                self.n_endpoints += 1
+            } else {
+                self.n_endpoints -= 1
+            }
+        }
+    }
+
+    /// Forgets which peers are online: after control's restart each must be seen coming
+    /// online again.
+    fn forget_online(&mut self) {
+        self.online.0.iter_mut().for_each(|w| *w = 0);
+        self.n_online = 0;
+    }
+}
+
+/// Which phase a stream belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    First,
+    AfterRestart,
+}
+
 /// Reads one node's stream until it ends, keeping count of what the node would know: which
 /// peers are online and which have endpoints.
 async fn drain(
     mut stream: tonic::Streaming<MapResponse>,
+    mut view: View,
     mut result: NodeResult,
     ids: Arc<Vec<u64>>,
     progress: Arc<Progress>,
-) -> NodeResult {
+    probes: Arc<Probes>,
+    phase: Phase,
+) -> (View, NodeResult) {
     let peers = ids.len() - 1;
-    let mut online = Bits::new(ids.len());
-    let mut with_endpoints = Bits::new(ids.len());
-    let (mut n_online, mut n_endpoints) = (0usize, 0usize);
-    let (mut all_online, mut all_endpoints) = (false, false);
+    let (mut started, mut all_online, mut all_endpoints) = (false, false, false);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut first_message = true;
     let pos = |id: u64| ids.binary_search(&id).ok();
     while let Ok(Some(m)) = stream.message().await {
-        result.messages += 1;
         let len = m.encoded_len() as u64;
-        result.bytes += len;
-        let Some(kind) = m.kind else { continue };
-        *result.kinds.entry(kind_name(&kind)).or_default() += 1;
-        let mut note = |i: Option<usize>, on: Option<bool>, eps: Option<bool>| {
-            let Some(i) = i else { return };
-            if let Some(on) = on
-                && online.set(i, on)
-            {
-                if on { n_online += 1 } else { n_online -= 1 }
+        let top = m.kind.as_ref().map_or("none", kind_name);
+        let in_full = matches!(m.kind, Some(Kind::Full(_) | Kind::FullPage(_)));
+        let versioned = m.version != 0;
+        if phase == Phase::AfterRestart {
+            if first_message {
+                result.restart_resumed = !in_full;
             }
-            if let Some(eps) = eps
-                && with_endpoints.set(i, eps)
-            {
-                if eps {
-                    n_endpoints += 1
-                } else {
-                    n_endpoints -= 1
-                }
+            result.restart_messages += 1;
+            result.restart_bytes += len;
+        } else {
+            result.messages += 1;
+            result.bytes += len;
+            if in_full && result.full_maps == 0 {
+                result.full_map_bytes += len;
+                result.full_map_messages += 1;
             }
-        };
-        match kind {
-            Kind::Full(full) => {
-                result.full_maps += 1;
-                if result.full_maps == 1 {
-                    result.full_map_bytes = len;
-                    result.full_map_peers = full.peers.len();
-                    let mut got: Vec<u64> = full.peers.iter().map(|p| p.id).collect();
-                    got.sort_unstable();
-                    let want: Vec<u64> = ids.iter().copied().filter(|&i| i != result.id).collect();
-                    result.full_map_exact =
-                        got == want && full.self_node.as_ref().map(|s| s.id) == Some(result.id);
-                    progress.full.fetch_add(1, Ordering::Relaxed);
-                }
-                for p in &full.peers {
-                    note(pos(p.id), Some(p.online), Some(!p.endpoints.is_empty()));
-                }
-            }
-            Kind::PeerAdded(p) | Kind::PeerChanged(p) => {
-                note(pos(p.id), Some(p.online), Some(!p.endpoints.is_empty()))
-            }
-            Kind::PeerRemoved(r) => note(pos(r.id), Some(false), Some(false)),
-            Kind::PeerEndpoints(e) => note(pos(e.id), None, Some(!e.endpoints.is_empty())),
-            Kind::PeerOnline(o) => note(pos(o.id), Some(o.online), None),
-            _ => {}
         }
-        if !all_online && n_online == peers {
+        first_message = false;
+        *result.kinds.entry(top).or_default() += 1;
+        let Ok(changes) = view.reader.read(m) else {
+            break;
+        };
+        for kind in changes {
+            match kind {
+                Kind::Full(full) => {
+                    if phase == Phase::First {
+                        result.full_maps += 1;
+                        if result.full_maps == 1 {
+                            result.full_map_peers = full.peers.len();
+                            let mut got: Vec<u64> = full.peers.iter().map(|p| p.id).collect();
+                            got.sort_unstable();
+                            let want: Vec<u64> =
+                                ids.iter().copied().filter(|&i| i != result.id).collect();
+                            result.full_map_exact = got == want
+                                && full.self_node.as_ref().map(|s| s.id) == Some(result.id);
+                        }
+                    }
+                    for p in &full.peers {
+                        view.note(pos(p.id), Some(p.online), Some(!p.endpoints.is_empty()));
+                    }
+                }
+                Kind::PeerAdded(p) | Kind::PeerChanged(p) => {
+                    if probes.is_probe(p.id) {
+                        if p.online {
+                            probes.saw(p.id, false, &mut seen);
+                        }
+                        if !p.endpoints.is_empty() {
+                            probes.saw(p.id, true, &mut seen);
+                        }
+                    }
+                    view.note(pos(p.id), Some(p.online), Some(!p.endpoints.is_empty()))
+                }
+                Kind::PeerRemoved(r) => view.note(pos(r.id), Some(false), Some(false)),
+                Kind::PeerEndpoints(e) => {
+                    if probes.is_probe(e.id) && !e.endpoints.is_empty() {
+                        probes.saw(e.id, true, &mut seen);
+                    }
+                    view.note(pos(e.id), None, Some(!e.endpoints.is_empty()))
+                }
+                Kind::PeerOnline(o) => {
+                    if probes.is_probe(o.id) && o.online {
+                        probes.saw(o.id, false, &mut seen);
+                    }
+                    view.note(pos(o.id), Some(o.online), None)
+                }
+                _ => {}
+            }
+        }
+        if !started && versioned {
+            started = true;
+            progress.full.fetch_add(1, Ordering::Relaxed);
+        }
+        if started && !all_online && view.n_online == peers {
             all_online = true;
             progress.online.fetch_add(1, Ordering::Relaxed);
         }
-        if !all_endpoints && n_endpoints == peers {
+        if started && !all_endpoints && view.n_endpoints == peers {
             all_endpoints = true;
             progress.endpoints.fetch_add(1, Ordering::Relaxed);
         }
     }
-    result
+    (view, result)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -680,8 +972,156 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Runs the whole load: starts control, registers and streams `opts.nodes` nodes, stops
-/// control (SIGTERM) and reports.
+/// Waits until `count()` reaches `n`; returns the time since `since`, or `None` past `timeout`.
+async fn wait_count(
+    count: impl Fn() -> usize,
+    n: usize,
+    since: Instant,
+    timeout: Duration,
+) -> Option<Duration> {
+    tokio::time::timeout(timeout, async {
+        while count() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        since.elapsed()
+    })
+    .await
+    .ok()
+}
+
+type Reader = tokio::task::JoinHandle<(View, NodeResult)>;
+
+/// Opens every node's stream (resuming where its view says) and starts reading it; each node
+/// reports its endpoints after opening, as the node does on every connect.
+async fn open_streams(
+    nodes: Vec<(SimNode, View, NodeResult)>,
+    sem: &Arc<tokio::sync::Semaphore>,
+    ids: &Arc<Vec<u64>>,
+    progress: &Arc<Progress>,
+    probes: &Arc<Probes>,
+    phase: Phase,
+    timeout: Duration,
+) -> anyhow::Result<(Vec<SimNode>, Vec<(usize, Reader)>)> {
+    let mut openers = tokio::task::JoinSet::new();
+    for (i, (mut node, view, result)) in nodes.into_iter().enumerate() {
+        let (sem, ids, progress, probes) =
+            (sem.clone(), ids.clone(), progress.clone(), probes.clone());
+        openers.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            let resume = view.reader.resume_point();
+            let stream = node
+                .open_stream(resume)
+                .await
+                .with_context(|| format!("opening node {i}'s stream"))?;
+            let reader = tokio::spawn(drain(stream, view, result, ids, progress, probes, phase));
+            node.report(i)
+                .await
+                .with_context(|| format!("node {i} reporting endpoints"))?;
+            // The node (and so its connection) lives as long as its stream task.
+            anyhow::Ok((i, node, reader))
+        });
+    }
+    let mut held = Vec::with_capacity(openers.len());
+    let mut readers = Vec::with_capacity(openers.len());
+    let deadline = tokio::time::Instant::now() + timeout;
+    while let Some(joined) = tokio::time::timeout_at(deadline, openers.join_next())
+        .await
+        .map_err(|_| anyhow::anyhow!("opening streams timed out"))?
+    {
+        let (i, node, reader) = joined??;
+        held.push((i, node));
+        readers.push((i, reader));
+    }
+    held.sort_by_key(|(i, _)| *i);
+    readers.sort_by_key(|(i, _)| *i);
+    Ok((held.into_iter().map(|(_, n)| n).collect(), readers))
+}
+
+/// Waits for every reader to end (their streams ended with control) and returns what each
+/// saw, in node order.
+async fn collect(readers: Vec<(usize, Reader)>) -> anyhow::Result<Vec<(View, NodeResult)>> {
+    let mut out = Vec::with_capacity(readers.len());
+    for (_, reader) in readers {
+        let r = tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .context("a stream outlived control")??;
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Joins `n` probe nodes one after another and times their fan-out: online to every stream,
+/// then their endpoints to every stream. Returns (join, endpoint) fan-out.
+async fn run_probes(
+    n: usize,
+    control: &ControlProcess,
+    auth_key: &str,
+    streams: usize,
+    probes: &Arc<Probes>,
+    log: &impl Fn(String),
+) -> anyhow::Result<(FanOut, FanOut)> {
+    let mut held = Vec::new();
+    for p in 0..n {
+        let mut node =
+            SimNode::register(control.url.clone(), auth_key.into(), format!("probe-{p}")).await?;
+        if p == 0 {
+            probes.first_id.store(node.id, Ordering::Relaxed);
+        }
+        let before = (
+            probes.online_seen.load(Ordering::Relaxed),
+            probes.endpoints_seen.load(Ordering::Relaxed),
+        );
+        probes
+            .online_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.id, Instant::now());
+        let mut stream = node.open_stream(None).await?;
+        let drainer =
+            tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
+        let t = Instant::now();
+        let seen = || probes.online_seen.load(Ordering::Relaxed) - before.0;
+        if wait_count(seen, streams, t, Duration::from_secs(30))
+            .await
+            .is_none()
+        {
+            log(format!(
+                "probe {p}: only {} of {streams} streams saw it online",
+                seen()
+            ));
+        }
+        probes
+            .endpoints_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.id, Instant::now());
+        node.report(1_000_000 + p).await?;
+        let seen = || probes.endpoints_seen.load(Ordering::Relaxed) - before.1;
+        if wait_count(seen, streams, t, Duration::from_secs(30))
+            .await
+            .is_none()
+        {
+            log(format!(
+                "probe {p}: only {} of {streams} streams saw its endpoints",
+                seen()
+            ));
+        }
+        held.push((node, drainer));
+    }
+    for (_, drainer) in held {
+        drainer.abort();
+    }
+    let take = |m: &Mutex<Vec<Duration>>| {
+        std::mem::take(&mut *m.lock().unwrap_or_else(|e| e.into_inner()))
+    };
+    Ok((
+        FanOut::from(take(&probes.online_lat), n),
+        FanOut::from(take(&probes.endpoints_lat), n),
+    ))
+}
+
+/// Runs the whole load: starts control, registers and streams `opts.nodes` nodes, times
+/// fan-out, kills and restarts control, stops it (SIGTERM) and reports.
 pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     anyhow::ensure!(opts.nodes >= 2, "at least 2 nodes");
     let concurrency = opts.concurrency.max(1);
@@ -705,15 +1145,17 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let pid = control.pid();
     log(format!("control pid {pid} at {}", control.url));
 
-    // Sample control every 100 ms.
+    // Sample control every 100 ms (whichever process it is now).
     let max_rss = Arc::new(Mutex::new(0u64));
+    let current_pid = Arc::new(AtomicU64::new(u64::from(pid)));
     let sampler = {
-        let max_rss = max_rss.clone();
+        let (max_rss, current_pid) = (max_rss.clone(), current_pid.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tick.tick().await;
-                let Ok(u) = read_usage(pid) else { return };
+                let pid = u32::try_from(current_pid.load(Ordering::Relaxed)).unwrap_or(0);
+                let Ok(u) = read_usage(pid) else { continue };
                 let mut m = max_rss.lock().unwrap_or_else(|e| e.into_inner());
                 *m = (*m).max(u.rss_kib);
             }
@@ -779,95 +1221,144 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
 
     // Streams: open, then report endpoints, as the node does.
     let progress = Arc::new(Progress::default());
+    let probes = Arc::new(Probes::default());
     let started = Instant::now();
-    let mut openers = tokio::task::JoinSet::new();
-    for (i, mut node) in nodes.into_iter().enumerate() {
-        let (sem, ids, progress) = (sem.clone(), ids.clone(), progress.clone());
-        openers.spawn(async move {
-            let _permit = sem.acquire_owned().await;
-            let stream = node
-                .open_stream()
-                .await
-                .with_context(|| format!("opening node {i}'s stream"))?;
+    let first: Vec<(SimNode, View, NodeResult)> = nodes
+        .into_iter()
+        .map(|node| {
             let result = NodeResult {
                 id: node.id,
                 hostname: node.hostname.clone(),
                 ..NodeResult::default()
             };
-            let reader = tokio::spawn(drain(stream, result, ids, progress));
-            node.report(i)
-                .await
-                .with_context(|| format!("node {i} reporting endpoints"))?;
-            // The node (and so its connection) lives as long as its stream task.
-            anyhow::Ok((i, node, reader))
-        });
-    }
-    let mut held = Vec::with_capacity(opts.nodes);
-    let mut readers = Vec::with_capacity(opts.nodes);
-    let deadline = tokio::time::Instant::now() + opts.timeout;
-    while let Some(joined) = tokio::time::timeout_at(deadline, openers.join_next())
-        .await
-        .map_err(|_| anyhow::anyhow!("opening streams timed out"))?
-    {
-        let (i, node, reader) = joined??;
-        held.push(node);
-        readers.push((i, reader));
-    }
+            (node, View::new(opts.nodes), result)
+        })
+        .collect();
+    let (held, readers) = open_streams(
+        first,
+        &sem,
+        &ids,
+        &progress,
+        &probes,
+        Phase::First,
+        opts.timeout,
+    )
+    .await?;
     log(format!(
         "{} streams open in {:.2} s",
         opts.nodes,
         started.elapsed().as_secs_f64()
     ));
-    let wait_for = |counter: &'static str| {
-        let progress = progress.clone();
-        let n = opts.nodes;
-        async move {
-            let count = |p: &Progress| match counter {
-                "full" => p.full.load(Ordering::Relaxed),
-                "online" => p.online.load(Ordering::Relaxed),
-                _ => p.endpoints.load(Ordering::Relaxed),
-            };
-            while count(&progress) < n {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            started.elapsed()
-        }
-    };
-    let all_full_maps = tokio::time::timeout(opts.timeout, wait_for("full"))
-        .await
-        .ok();
+    let n = opts.nodes;
+    let all_full_maps = wait_count(
+        || progress.full.load(Ordering::Relaxed),
+        n,
+        started,
+        opts.timeout,
+    )
+    .await;
     log(format!("all full maps: {all_full_maps:?}"));
-    let all_online = tokio::time::timeout(opts.timeout, wait_for("online"))
-        .await
-        .ok();
+    let all_online = wait_count(
+        || progress.online.load(Ordering::Relaxed),
+        n,
+        started,
+        opts.timeout,
+    )
+    .await;
     log(format!("all online: {all_online:?}"));
-    let all_endpoints = tokio::time::timeout(opts.timeout, wait_for("endpoints"))
-        .await
-        .ok();
+    let all_endpoints = wait_count(
+        || progress.endpoints.load(Ordering::Relaxed),
+        n,
+        started,
+        opts.timeout,
+    )
+    .await;
     log(format!("all endpoints: {all_endpoints:?}"));
     let usage_end = read_usage(pid)?;
+
+    let (join_fan_out, endpoint_fan_out) = if opts.probes > 0 {
+        let f = run_probes(opts.probes, &control, &auth_key, n, &probes, &log).await?;
+        log(format!(
+            "fan-out p99: join {:?}, endpoints {:?}",
+            f.0.p99, f.1.p99
+        ));
+        f
+    } else {
+        (FanOut::default(), FanOut::default())
+    };
+
+    let (per_node, restart) = if opts.restart {
+        let killed = Instant::now();
+        control.kill_and_restart()?;
+        current_pid.store(u64::from(control.pid()), Ordering::Relaxed);
+        let seen = collect(readers).await?;
+        control.wait_ready(Duration::from_secs(60)).await?;
+        let down = killed.elapsed();
+        log(format!("control back after {:.2} s", down.as_secs_f64()));
+        let mut results = Vec::with_capacity(n);
+        let again: Vec<(SimNode, View, NodeResult)> = held
+            .into_iter()
+            .zip(seen)
+            .map(|(node, (mut view, result))| {
+                view.forget_online();
+                (node, view, result)
+            })
+            .collect();
+        let progress = Arc::new(Progress::default());
+        let back = Instant::now();
+        let (held, readers) = open_streams(
+            again,
+            &sem,
+            &ids,
+            &progress,
+            &probes,
+            Phase::AfterRestart,
+            opts.timeout,
+        )
+        .await?;
+        let consistent = wait_count(
+            || progress.online.load(Ordering::Relaxed),
+            n,
+            back,
+            opts.timeout,
+        )
+        .await;
+        log(format!("consistent again: {consistent:?}"));
+        let usage = read_usage(control.pid())?;
+        control.terminate()?;
+        for (_, r) in collect(readers).await? {
+            results.push(r);
+        }
+        drop(held);
+        let restart = Restart {
+            down,
+            consistent,
+            resumed: results.iter().filter(|r| r.restart_resumed).count(),
+            full: results.iter().filter(|r| !r.restart_resumed).count(),
+            bytes: results.iter().map(|r| r.restart_bytes).sum(),
+            messages: results.iter().map(|r| r.restart_messages).sum(),
+            usage,
+        };
+        (results, Some(restart))
+    } else {
+        control.terminate()?;
+        let results = collect(readers)
+            .await?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        drop(held);
+        (results, None)
+    };
+    control.wait_exit().await?;
     let usage_loadgen = read_usage(std::process::id())?;
     sampler.abort();
     let max_sampled_rss_kib =
         (*max_rss.lock().unwrap_or_else(|e| e.into_inner())).max(usage_end.rss_kib);
-
-    // Stop control: every stream ends, and with it every reader.
-    control.terminate()?;
-    let mut per_node: Vec<(usize, NodeResult)> = Vec::with_capacity(opts.nodes);
-    for (i, reader) in readers {
-        let r = tokio::time::timeout(Duration::from_secs(30), reader)
-            .await
-            .context("a stream outlived control")??;
-        per_node.push((i, r));
-    }
-    drop(held);
-    control.wait_exit().await?;
-    per_node.sort_by_key(|(i, _)| *i);
-    let per_node: Vec<NodeResult> = per_node.into_iter().map(|(_, r)| r).collect();
     let full_map_bytes_total = per_node.iter().map(|n| n.full_map_bytes).sum();
     let delta_messages = per_node
         .iter()
-        .map(|n| n.messages.saturating_sub(u64::from(n.full_maps.min(1))))
+        .map(|n| n.messages.saturating_sub(n.full_map_messages))
         .sum();
     let delta_bytes = per_node.iter().map(|n| n.bytes - n.full_map_bytes).sum();
     Ok(Report {
@@ -888,6 +1379,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         usage_end,
         max_sampled_rss_kib,
         usage_loadgen,
+        join_fan_out,
+        endpoint_fan_out,
+        restart,
         per_node,
     })
 }

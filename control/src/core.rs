@@ -7,17 +7,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use warren_proto::control::{DerpMap, DnsConfig, FullMap, Node};
+use warren_proto::control::{DerpMap, DnsConfig, Node};
 use warren_proto::{DiscoPublicKey, NodePublicKey};
 
 use crate::error::ControlError;
 use crate::ipam::Ipam;
-use crate::netmap::{Delta, Netmap, Subscription};
+use crate::netmap::{FullMapSource, MAX_REMOVED, Netmap, Restored, Subscription};
 use crate::policy::{CompiledPolicy, NodeOwner, PolicyError, PolicyNode, PolicyState, PolicyUser};
 use crate::routes::{self, Primaries};
 use crate::secret::{self, SecretKind};
-use crate::store::{ApiKeyRecord, NodeRecord, PreAuthKeyRecord, Store, UserRecord};
+use crate::store::{ApiKeyRecord, MapKey, NodeRecord, PreAuthKeyRecord, Store, UserRecord};
 
 /// Default lifetime of a pre-auth key (Headscale's).
 pub const DEFAULT_AUTH_KEY_LIFETIME: Duration = Duration::from_secs(3600);
@@ -28,6 +27,21 @@ pub const TAGGED_DEVICES: &str = "tagged-devices";
 pub const MAX_HOSTNAME: usize = 255;
 /// Most endpoints a node may report.
 pub const MAX_ENDPOINTS: usize = 64;
+/// Map versions a process leases from the database at a time: versions it hands out stay
+/// below the lease, so a restarted server never reuses one.
+const LEASE_SPAN: u64 = 1 << 24;
+
+/// A fingerprint of the policy in force (0: none configured): when it differs from the one
+/// the stored versions were counted under, resuming nodes need full maps.
+fn policy_fingerprint(policy: Option<&CompiledPolicy>) -> u64 {
+    use sha2::Digest;
+    let Some(p) = policy else { return 0 };
+    // The compiled form: reformatting the file or editing comments changes nothing.
+    let digest = sha2::Sha256::digest(format!("{p:?}").as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(b).max(1)
+}
 
 /// What the core needs from the configuration.
 #[derive(Debug, Clone)]
@@ -142,6 +156,8 @@ pub struct Core {
     /// Nodes that serve (advertise and have approved) at least one subnet route: the
     /// candidates of the election.
     routers: BTreeSet<u64>,
+    /// Map versions are handed out below this (leased in the database).
+    lease: u64,
 }
 
 impl std::fmt::Debug for Core {
@@ -174,7 +190,29 @@ impl Core {
             store,
             primaries: Primaries::default(),
             routers: BTreeSet::new(),
+            lease: 0,
         };
+        // Versions go on from the lease of the last run, which no version reached.
+        let state = core.store.map_state()?;
+        let boot = state.lease;
+        core.lease = boot.saturating_add(LEASE_SPAN);
+        core.store.set_map_value(MapKey::Lease, core.lease)?;
+        let fingerprint = policy_fingerprint(settings.policy.as_deref());
+        let mut policy_version = state.policy_version;
+        if fingerprint != state.policy_fingerprint {
+            // Another policy than the versions were counted under: nobody resumes across it.
+            policy_version = boot;
+            core.store
+                .set_map_value(MapKey::PolicyFingerprint, fingerprint)?;
+            core.store.set_map_value(MapKey::PolicyVersion, boot)?;
+        }
+        core.netmap.restore(&Restored {
+            map_id: state.map_id,
+            boot,
+            floor: state.floor,
+            policy_version,
+            removed: state.removed,
+        });
         for n in core.store.nodes()? {
             core.track_routes(&n);
             core.ipam.reserve(n.ipv4);
@@ -183,7 +221,10 @@ impl Core {
             if !expired(n.expiry_ms, now_ms) {
                 let view = core.view(&n);
                 let identity = core.identity(&n);
-                core.netmap.upsert(view, identity);
+                // Which routers are primary is not stored: their records count as changed.
+                let serves = !n.approved_routes.is_empty();
+                let version = if serves { boot } else { n.version };
+                core.netmap.load(view, identity, version);
             }
             core.nodes.insert(n.id, n);
         }
@@ -290,6 +331,35 @@ impl Core {
         }
     }
 
+    /// Stores a node's record with the map version its publication will get (the next one):
+    /// call [`Self::publish`] right after, with no other change in between.
+    fn save(&mut self, n: &mut NodeRecord) -> Result<(), ControlError> {
+        n.version = self.netmap.version() + 1;
+        self.store.update_node(n)?;
+        Ok(())
+    }
+
+    /// Leases more map versions when the netmap nears the end of its lease.
+    fn keep_lease(&mut self) {
+        if self.netmap.version().saturating_add(LEASE_SPAN / 4) < self.lease {
+            return;
+        }
+        let lease = self.lease.saturating_add(LEASE_SPAN);
+        match self.store.set_map_value(MapKey::Lease, lease) {
+            Ok(()) => self.lease = lease,
+            Err(e) => tracing::error!(error = %e, "cannot lease map versions"),
+        }
+    }
+
+    /// Records a node's removal from the map so resuming nodes learn of it.
+    fn store_removal(&mut self, id: u64) {
+        if let Some(v) = self.netmap.removed_at(id)
+            && let Err(e) = self.store.add_removed(id, v, MAX_REMOVED)
+        {
+            tracing::error!(node = id, error = %e, "cannot record the removal");
+        }
+    }
+
     /// Puts a node's current record into the live netmap (with its policy identity).
     fn publish(&mut self, n: &NodeRecord) -> (Node, usize) {
         let view = self.view(n);
@@ -365,7 +435,7 @@ impl Core {
             }
             n.disco_key = disco_key;
             n.hostname = hostname.to_string();
-            self.store.update_node(&n)?;
+            self.save(&mut n)?;
             self.nodes.insert(id, n.clone());
             return Ok(self.publish(&n).0);
         }
@@ -390,6 +460,7 @@ impl Core {
             home_region: 0,
             advertised_routes: Vec::new(),
             approved_routes: Vec::new(),
+            version: self.netmap.version() + 1,
         };
         n.id = match self.store.register_node(&n) {
             Ok(id) => id,
@@ -475,7 +546,7 @@ impl Core {
         if let Some(h) = hostname {
             n.hostname = h;
         }
-        self.store.update_node(&n)?;
+        self.save(&mut n)?;
         let strings: Vec<String> = n.endpoints.iter().map(|e| e.to_string()).collect();
         let sent = if record_changed {
             self.publish(&n).1
@@ -486,12 +557,19 @@ impl Core {
         Ok(sent)
     }
 
-    /// Opens a map stream for `id` and marks it online.
-    pub fn subscribe(&mut self, id: u64, now_ms: i64) -> Result<Subscription, ControlError> {
+    /// Opens a map stream for `id` and marks it online. With `resume` (map id, version the
+    /// node applied) the stream starts with the changes since, when the netmap still has them.
+    pub fn subscribe(
+        &mut self,
+        id: u64,
+        now_ms: i64,
+        resume: Option<(u64, u64)>,
+    ) -> Result<Subscription, ControlError> {
+        self.keep_lease();
         self.netmap.set_online(id, true, now_ms);
         let sub = self
             .netmap
-            .subscribe(id)
+            .subscribe(id, resume)
             .ok_or(ControlError::NodeNotFound { id })?;
         // A router coming online may be the only one of a prefix: it becomes primary (a
         // self_changed follows its full map).
@@ -501,8 +579,8 @@ impl Core {
         Ok(sub)
     }
 
-    /// A fresh full map and queue for a lagging stream; see [`Netmap::resync`].
-    pub fn resync(&mut self, id: u64, stream: u64) -> Option<(FullMap, mpsc::Receiver<Delta>)> {
+    /// A fresh full map for a lagging stream; see [`Netmap::resync`].
+    pub fn resync(&mut self, id: u64, stream: u64) -> Option<FullMapSource> {
         self.netmap.resync(id, stream)
     }
 
@@ -739,6 +817,7 @@ impl Core {
         self.ipam.release(n.ipv4);
         tracing::info!(node = id, name = %n.given_name, "node deleted");
         let mut sent = self.netmap.remove(id);
+        self.store_removal(id);
         if self.routers.remove(&id) {
             sent += self.elect();
         }
@@ -753,10 +832,11 @@ impl Core {
             .cloned()
             .ok_or(ControlError::NodeNotFound { id })?;
         n.expiry_ms = Some(now_ms);
-        self.store.update_node(&n)?;
+        self.save(&mut n)?;
         let view = self.view(&n);
         self.nodes.insert(id, n);
         self.netmap.remove(id);
+        self.store_removal(id);
         if self.routers.contains(&id) {
             self.elect();
         }
@@ -780,7 +860,7 @@ impl Core {
             return Err(ControlError::NameTaken { name: name.into() });
         }
         let old = std::mem::replace(&mut n.given_name, name.to_string());
-        self.store.update_node(&n)?;
+        self.save(&mut n)?;
         self.names.remove(&old);
         self.names.insert(n.given_name.clone(), id);
         let view = if self.netmap.node(id).is_some() {
@@ -815,7 +895,17 @@ impl Core {
         &mut self,
         policy: Option<Arc<CompiledPolicy>>,
     ) -> Result<usize, PolicyError> {
+        let fingerprint = policy_fingerprint(policy.as_deref());
         let mut sent = self.netmap.set_policy(policy)?;
+        let v = self.netmap.policy_version();
+        for (key, value) in [
+            (MapKey::PolicyFingerprint, fingerprint),
+            (MapKey::PolicyVersion, v),
+        ] {
+            if let Err(e) = self.store.set_map_value(key, value) {
+                tracing::error!(error = %e, "cannot record the policy's map version");
+            }
+        }
         // autoApprovers run again on every policy change (Headscale's ReloadPolicy). A store
         // failure here leaves those approvals for the next change; the policy stands.
         match self.auto_approve_all() {
@@ -914,7 +1004,7 @@ impl Core {
             .cloned()
             .ok_or(ControlError::NodeNotFound { id })?;
         n.tags = tags;
-        self.store.update_node(&n)?;
+        self.save(&mut n)?;
         let view = if self.netmap.node(id).is_some() {
             self.publish(&n).0
         } else {
@@ -949,16 +1039,16 @@ impl Core {
 
     /// Stores a node whose routes changed and tells everyone concerned: its peers (each sees
     /// only the routes its policy allows), itself, and whoever a new primary concerns.
-    fn store_routes(&mut self, n: NodeRecord) -> Result<usize, ControlError> {
-        self.store.update_node(&n)?;
+    fn store_routes(&mut self, mut n: NodeRecord) -> Result<usize, ControlError> {
+        self.save(&mut n)?;
         self.track_routes(&n);
         let id = n.id;
         let live = self.netmap.node(id).is_some();
         self.nodes.insert(id, n.clone());
-        // Elect first, so the record published below already says what it is primary for.
-        let changed = self.run_election();
+        // Published first, at the version just stored; the election's republication of it
+        // (when it became or stopped being primary) follows, and streams coalesce the two.
         let mut sent = if live { self.publish(&n).1 } else { 0 };
-        sent += self.republish(changed.into_iter().filter(|c| *c != id));
+        sent += self.elect();
         Ok(sent)
     }
 

@@ -391,36 +391,167 @@ impl Control for ControlService {
         let mut rest = req.into_inner();
         let proof = rest.proof.take();
         let (mut core, id, key) = self.authenticate(proof, &rest, "StreamMapResponse").await?;
-        let sub = core.subscribe(id, unix_ms())?;
+        let resume = (rest.map_id != 0 && rest.version != 0).then_some((rest.map_id, rest.version));
+        let sub = core.subscribe(id, unix_ms(), resume)?;
         drop(core);
-        tracing::info!(node = id, key = %key.short(), "map stream opened");
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run_stream(Arc::clone(&self.shared), id, sub, tx));
+        let resumed = matches!(sub.start, crate::netmap::Start::Resume(_));
+        tracing::info!(node = id, key = %key.short(), resumed, "map stream opened");
+        // Two messages in flight: the stream makes the next one only when the node has taken
+        // the last, so a slow node holds back its own pages and nobody else's.
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(run_stream(
+            Arc::clone(&self.shared),
+            id,
+            sub,
+            rest.pages,
+            tx,
+        ));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
 }
 
-/// Feeds one map stream: the full map, then deltas, keepalives when idle; unsubscribes at the end.
+/// Most encoded bytes of peers (or changes) in one map message: a page fits the stream's
+/// encode buffer ([`warren_proto::codec::BUFFER_SIZE`]) with room for the envelope.
+pub const PAGE_BYTES: usize = 7 * 1024;
+
+/// How long a stream gathers changes before it sends them as one message.
+pub const COALESCE_TICK: Duration = Duration::from_millis(50);
+
+/// Writes one map stream's messages, numbering them.
+struct MapWriter {
+    tx: mpsc::Sender<Result<MapResponse, Status>>,
+    seq: u64,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// The node assembles paged full maps and applies batches.
+    pages: bool,
+}
+
+/// The stream is gone (the node left); stop feeding it.
+struct Gone;
+
+impl MapWriter {
+    async fn send(&mut self, kind: Kind, version: u64) -> Result<(), Gone> {
+        self.seq += 1;
+        let label = crate::metrics::kind_label(&kind);
+        let response = MapResponse {
+            seq: self.seq,
+            version,
+            kind: Some(kind),
+        };
+        let len = prost::Message::encoded_len(&response);
+        self.tx.send(Ok(response)).await.map_err(|_| Gone)?;
+        self.metrics.sent_label(label, len);
+        Ok(())
+    }
+
+    /// A full map: in pages when the node takes them, else as one message.
+    async fn full(&mut self, mut src: crate::netmap::FullMapSource) -> Result<(), Gone> {
+        let version = src.version;
+        if !self.pages {
+            return self.send(Kind::Full(src.collect()), version).await;
+        }
+        let mut head = src.take_head();
+        let room = PAGE_BYTES.saturating_sub(prost::Message::encoded_len(&head));
+        head.peers = if room > 0 {
+            src.next_page(room)
+        } else {
+            Vec::new()
+        };
+        head.more = !src.is_done();
+        let more = head.more;
+        self.send(Kind::Full(head), if more { 0 } else { version })
+            .await?;
+        while !src.is_done() {
+            let peers = src.next_page(PAGE_BYTES);
+            let more = !src.is_done();
+            let page = FullMapPage { peers, more };
+            self.send(Kind::FullPage(page), if more { 0 } else { version })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Changes in the order they apply, bringing the node to `version`: batches of at most
+    /// [`PAGE_BYTES`] when the node takes them, else one message each.
+    async fn changes(
+        &mut self,
+        changes: Vec<crate::netmap::Delta>,
+        version: u64,
+    ) -> Result<(), Gone> {
+        if !self.pages {
+            let n = changes.len();
+            for (i, d) in changes.into_iter().enumerate() {
+                let v = if i + 1 == n { version } else { 0 };
+                self.send(Kind::clone(&d), v).await?;
+            }
+            return Ok(());
+        }
+        let mut batch: Vec<MapResponse> = Vec::new();
+        let mut used = 0;
+        let mut iter = changes.into_iter().peekable();
+        while let Some(d) = iter.next() {
+            let item = MapResponse {
+                seq: 0,
+                version: 0,
+                kind: Some(Kind::clone(&d)),
+            };
+            let len = prost::Message::encoded_len(&item) + 4;
+            if !batch.is_empty() && used + len > PAGE_BYTES {
+                let full = std::mem::take(&mut batch);
+                used = 0;
+                self.send_batch(full, 0).await?;
+            }
+            used += len;
+            batch.push(item);
+            if iter.peek().is_none() {
+                self.send_batch(std::mem::take(&mut batch), version).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_batch(&mut self, mut batch: Vec<MapResponse>, version: u64) -> Result<(), Gone> {
+        if batch.len() == 1
+            && let Some(kind) = batch.pop().and_then(|m| m.kind)
+        {
+            return self.send(kind, version).await;
+        }
+        self.send(Kind::Batch(MapBatch { changes: batch }), version)
+            .await
+    }
+}
+
+/// Feeds one map stream: the full map (or the changes since the version the node resumed
+/// from), then what its outbox gathers, once per [`COALESCE_TICK`]; keepalives when idle.
+/// Unsubscribes at the end.
 async fn run_stream(
     shared: Arc<Shared>,
     id: u64,
-    mut sub: crate::netmap::Subscription,
+    sub: crate::netmap::Subscription,
+    pages: bool,
     tx: mpsc::Sender<Result<MapResponse, Status>>,
 ) {
-    let mut seq = 1;
-    let first = MapResponse {
-        seq,
-        kind: Some(Kind::Full(std::mem::take(&mut sub.full))),
-    };
     let metrics = Arc::clone(&shared.metrics);
     metrics.stream_open(true);
-    let first_len = prost::Message::encoded_len(&first);
-    let mut open = tx.send(Ok(first)).await.is_ok();
-    if open {
-        metrics.sent_label("full", first_len);
-    }
+    let crate::netmap::Subscription {
+        stream,
+        start,
+        version,
+        outbox,
+        published,
+    } = sub;
+    let mut out = MapWriter {
+        tx,
+        seq: 0,
+        metrics: Arc::clone(&metrics),
+        pages,
+    };
+    let first = match start {
+        crate::netmap::Start::Full(src) => out.full(*src).await,
+        crate::netmap::Start::Resume(changes) => out.changes(changes, version).await,
+    };
     let mut keepalive = tokio::time::interval_at(
         tokio::time::Instant::now() + shared.keepalive,
         shared.keepalive,
@@ -430,54 +561,46 @@ async fn run_stream(
         let _ = stopping.wait_for(|stop| *stop).await;
     };
     tokio::pin!(stopped);
+    let mut open = first.is_ok();
     while open {
-        let kind = tokio::select! {
+        let sent = tokio::select! {
             _ = &mut stopped => {
-                let _ = tx.send(Err(Status::unavailable("control is shutting down"))).await;
+                let _ = out.tx.send(Err(Status::unavailable("control is shutting down"))).await;
                 break;
             }
-            d = sub.deltas.recv() => match d {
-                Some(_) if sub.lagging.load(Ordering::Acquire) => {
-                    // Deltas were skipped: the backlog is worthless, a full map replaces it.
-                    match shared.core.lock().await.resync(id, sub.stream) {
-                        Some((full, rx)) => {
-                            sub.deltas = rx;
-                            Kind::Full(full)
+            () = outbox.changed() => {
+                // Whatever else arrives within the tick goes out in the same message.
+                tokio::time::sleep(COALESCE_TICK).await;
+                // Every change up to this version is in the outbox by now.
+                let version = published.load(Ordering::Acquire);
+                match outbox.take() {
+                    crate::outbox::Taken::Changes(c) if c.is_empty() => continue,
+                    crate::outbox::Taken::Changes(c) => out.changes(c, version).await,
+                    crate::outbox::Taken::Resync => {
+                        // Changes were dropped: a full map replaces the backlog.
+                        let src = shared.core.lock().await.resync(id, stream);
+                        match src {
+                            Some(src) => out.full(src).await,
+                            None => break,
                         }
-                        None => break,
+                    }
+                    crate::outbox::Taken::Closed => {
+                        // The server ended this stream: deleted, expired or replaced.
+                        let status = shared.core.lock().await.stream_end_reason(id, unix_ms());
+                        let _ = out.tx.send(Err(status)).await;
+                        break;
                     }
                 }
-                Some(d) => Kind::clone(&d),
-                None => {
-                    // The server closed this stream: deleted, expired or replaced.
-                    let status = shared.core.lock().await.stream_end_reason(id, unix_ms());
-                    let _ = tx.send(Err(status)).await;
-                    break;
-                }
-            },
-            _ = keepalive.tick() => Kind::Keepalive(Keepalive {}),
-            _ = tx.closed() => break,
+            }
+            _ = keepalive.tick() => out.send(Kind::Keepalive(Keepalive {}), 0).await,
+            _ = out.tx.closed() => break,
         };
         keepalive.reset();
-        seq += 1;
-        let label = crate::metrics::kind_label(&kind);
-        let response = MapResponse {
-            seq,
-            kind: Some(kind),
-        };
-        let len = prost::Message::encoded_len(&response);
-        open = tx.send(Ok(response)).await.is_ok();
-        if open {
-            metrics.sent_label(label, len);
-        }
+        open = sent.is_ok();
     }
     metrics.stream_open(false);
     // An ephemeral node left offline is deleted by the periodic sweep (see `serve`).
-    shared
-        .core
-        .lock()
-        .await
-        .unsubscribe(id, sub.stream, unix_ms());
+    shared.core.lock().await.unsubscribe(id, stream, unix_ms());
     tracing::info!(node = id, "map stream closed");
 }
 

@@ -12,6 +12,7 @@ pub mod ipam;
 pub mod listen;
 pub mod metrics;
 pub mod netmap;
+pub mod outbox;
 pub mod policy;
 pub mod reload;
 pub mod routes;

@@ -16,7 +16,8 @@ use warren_proto::control::map_response::Kind;
 
 use crate::error::ControlError;
 use crate::store::{
-    ApiKeyRecord, NodeRecord, PreAuthKeyRecord, Store, StoreError, StoredPolicy, UserRecord,
+    ApiKeyRecord, MapKey, MapState, NodeRecord, PreAuthKeyRecord, Store, StoreError, StoredPolicy,
+    UserRecord,
 };
 
 /// Nodes by state (label `state`: online, offline, expired).
@@ -35,7 +36,7 @@ pub const REGISTRATION_REFUSALS: &str = "warren_control_registration_refusals_to
 pub const STORE_SECONDS: &str = "warren_control_store_seconds";
 
 /// Every `kind` label of the map counters, in the order of the proto's `oneof`.
-pub const MAP_KINDS: [&str; 10] = [
+pub const MAP_KINDS: [&str; 12] = [
     "full",
     "peer_added",
     "peer_changed",
@@ -46,6 +47,8 @@ pub const MAP_KINDS: [&str; 10] = [
     "self_changed",
     "filter_changed",
     "settings_changed",
+    "full_page",
+    "batch",
 ];
 
 /// How often histogram samples are folded into their buckets when nobody scrapes, so memory
@@ -190,6 +193,8 @@ pub fn kind_label(kind: &Kind) -> &'static str {
         Kind::SelfChanged(_) => "self_changed",
         Kind::FilterChanged(_) => "filter_changed",
         Kind::SettingsChanged(_) => "settings_changed",
+        Kind::FullPage(_) => "full_page",
+        Kind::Batch(_) => "batch",
     }
 }
 
@@ -302,6 +307,15 @@ impl Store for TimedStore {
     }
     fn delete_node(&mut self, id: u64) -> Result<(), StoreError> {
         self.timed_mut("delete_node", |s| s.delete_node(id))
+    }
+    fn map_state(&mut self) -> Result<MapState, StoreError> {
+        self.timed_mut("map_state", |s| s.map_state())
+    }
+    fn set_map_value(&mut self, key: MapKey, value: u64) -> Result<(), StoreError> {
+        self.timed_mut("set_map_value", |s| s.set_map_value(key, value))
+    }
+    fn add_removed(&mut self, id: u64, version: u64, keep: usize) -> Result<(), StoreError> {
+        self.timed_mut("add_removed", |s| s.add_removed(id, version, keep))
     }
     fn policy(&self) -> Result<Option<StoredPolicy>, StoreError> {
         self.timed("policy", |s| s.policy())

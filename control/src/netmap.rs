@@ -3,16 +3,20 @@
 //! subscribers it concerns: a node's record goes, built once and shared by reference, to the
 //! nodes that may see it; the policy's per-node differences (peers gained or lost, a new packet
 //! filter) go to the nodes they name. So a join, move, leave or policy edit costs work in
-//! proportion to the nodes and edges it affects, never a rebuild of every node's map. A
-//! subscriber that cannot keep up is marked lagging and gets no more deltas; its stream then
-//! replaces the backlog with a fresh full map ([`Netmap::resync`]), so its memory stays
-//! bounded, nobody else waits for it, and it does not have to reconnect.
+//! proportion to the nodes and edges it affects, never a rebuild of every node's map.
+//!
+//! Deltas go into each stream's [`Outbox`], which coalesces them per peer; the stream's task
+//! sends what is pending once per tick, without the core lock. Every change counts one map
+//! version; a stream reports the version each message brings the node to, and a node that
+//! reconnects with a version the netmap still covers gets only what changed since
+//! ([`Netmap::subscribe`]). Full maps are read page by page from a shared copy of the records
+//! ([`FullMapSource`]), so no stream ever holds a whole map.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
-use tokio::sync::mpsc;
 use warren_proto::control::{
     DerpMap, DnsConfig, FullMap, Node, PeerEndpoints, PeerOnline, PeerRemoved, SettingsChanged,
     map_response::Kind,
@@ -20,21 +24,39 @@ use warren_proto::control::{
 
 use ipnet::IpNet;
 
+pub use crate::outbox::Delta;
+use crate::outbox::{Outbox, Pushed};
 use crate::policy::{
     CompiledPolicy, DstNet, NodeDelta, NodeId, PacketFilter, PolicyError, PolicyNode, PolicyState,
 };
 
-/// One change, shared by every stream that receives it.
-pub type Delta = Arc<Kind>;
-
-/// How many deltas a stream may have queued before it counts as lagging.
-pub const STREAM_QUEUE: usize = 256;
+/// Most removals remembered for resuming streams; a node whose version is older than the
+/// oldest forgotten one gets a full map.
+pub const MAX_REMOVED: usize = 65_536;
 
 #[derive(Debug)]
 struct Subscriber {
     stream: u64,
-    tx: mpsc::Sender<Delta>,
-    lagging: Arc<AtomicBool>,
+    outbox: Arc<Outbox>,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        // Replaced, deleted or expired: the stream's task ends it.
+        self.outbox.close();
+    }
+}
+
+/// Node records as streams read them for full maps, outside the core lock.
+pub type SharedRecords = Arc<RwLock<BTreeMap<u64, Arc<Node>>>>;
+
+/// How a new stream starts.
+#[derive(Debug)]
+pub enum Start {
+    /// With a full map.
+    Full(Box<FullMapSource>),
+    /// With the changes since the version the node resumed from, in the order they apply.
+    Resume(Vec<Delta>),
 }
 
 /// What a new subscription gets.
@@ -42,23 +64,223 @@ struct Subscriber {
 pub struct Subscription {
     /// Identifies this stream among the node's successive ones.
     pub stream: u64,
-    /// The map at the moment of subscribing; deltas follow from exactly there.
-    pub full: FullMap,
-    /// The deltas.
-    pub deltas: mpsc::Receiver<Delta>,
-    /// Set when deltas were skipped because the queue was full: call [`Netmap::resync`].
-    pub lagging: Arc<AtomicBool>,
+    /// The first thing to send; pending changes follow from exactly there.
+    pub start: Start,
+    /// The map version the node holds once it has `start`.
+    pub version: u64,
+    /// The changes since `start`, coalesced.
+    pub outbox: Arc<Outbox>,
+    /// The map version every change up to which is already in the outbox (read it before
+    /// taking the outbox).
+    pub published: Arc<AtomicU64>,
+}
+
+impl Subscription {
+    /// The whole full map the stream starts with, as it would read now (`None` when it
+    /// resumes); for tests and benchmarks, which read a subscription without a stream.
+    pub fn full_map(&self) -> Option<FullMap> {
+        match &self.start {
+            Start::Full(src) => Some(FullMapSource::clone(src).collect()),
+            Start::Resume(_) => None,
+        }
+    }
+}
+
+/// A full map read page by page: the node's own record, settings and filter as they were when
+/// the stream started, and the peers' records as they are when each page is made. A record
+/// that changes while the pages go out is also pending in the stream's outbox, so the node
+/// ends up with the newest one either way.
+#[derive(Debug, Clone)]
+pub struct FullMapSource {
+    head: Option<FullMap>,
+    records: SharedRecords,
+    me: u64,
+    /// With a policy: the peers the node may see, ascending. `None`: every other node.
+    visible: Option<Vec<u64>>,
+    /// Records that differ per viewer (routers under a policy), as this node sees them.
+    own: BTreeMap<u64, Node>,
+    /// The last peer id sent (or index into `visible`).
+    cursor: usize,
+    last: Option<u64>,
+    done: bool,
+    /// The map version the full map stands for.
+    pub version: u64,
+}
+
+/// Wire size of a repeated message field holding `n` bytes (tag, length, body).
+fn field_len(n: usize) -> usize {
+    1 + prost::length_delimiter_len(n) + n
+}
+
+impl FullMapSource {
+    /// The map's first message without peers: the node's record, settings, filter, map id.
+    pub fn take_head(&mut self) -> FullMap {
+        self.head.take().unwrap_or_default()
+    }
+
+    /// Whether every peer has been read.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn record(&self, n: &Arc<Node>) -> Node {
+        self.own.get(&n.id).cloned().unwrap_or_else(|| public(n))
+    }
+
+    /// The next peers, as many as fit in `budget` encoded bytes (at least one while any are
+    /// left); empty once every peer has been read.
+    pub fn next_page(&mut self, budget: usize) -> Vec<Node> {
+        let mut page = Vec::new();
+        if self.done {
+            return page;
+        }
+        let mut used = 0;
+        let records = self.records.read().unwrap_or_else(|e| e.into_inner());
+        let fits = |used: usize, n: &Node, page: &Vec<Node>| {
+            let len = field_len(prost::Message::encoded_len(n));
+            (page.is_empty() || used + len <= budget).then_some(len)
+        };
+        match &self.visible {
+            None => {
+                let from = self.last.map_or(Bound::Unbounded, Bound::Excluded);
+                let mut rest = records
+                    .range((from, Bound::Unbounded))
+                    .filter(|(id, _)| **id != self.me)
+                    .peekable();
+                while let Some((id, n)) = rest.peek() {
+                    let rec = self.record(n);
+                    let Some(len) = fits(used, &rec, &page) else {
+                        break;
+                    };
+                    used += len;
+                    self.last = Some(**id);
+                    page.push(rec);
+                    rest.next();
+                }
+                self.done = rest.peek().is_none();
+            }
+            Some(visible) => {
+                while let Some(id) = visible.get(self.cursor) {
+                    let Some(n) = records.get(id) else {
+                        // Removed since the stream started: its removal is pending.
+                        self.cursor += 1;
+                        continue;
+                    };
+                    let rec = self.record(n);
+                    let Some(len) = fits(used, &rec, &page) else {
+                        break;
+                    };
+                    used += len;
+                    page.push(rec);
+                    self.cursor += 1;
+                }
+                self.done = self.cursor >= visible.len();
+            }
+        }
+        page
+    }
+
+    /// The whole map in one message.
+    pub fn collect(mut self) -> FullMap {
+        let mut full = self.take_head();
+        while !self.done {
+            full.peers.extend(self.next_page(usize::MAX));
+        }
+        full
+    }
+}
+
+/// Where a restarted netmap's versions continue from, and what it remembers of the versions
+/// before (kept in the database: see [`crate::store::MapState`]).
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// Identifies the map (random, made with the database).
+    pub map_id: u64,
+    /// Every version handed out before this start is below it.
+    pub boot: u64,
+    /// Nodes resuming from below it get a full map (removals before it are forgotten).
+    pub floor: u64,
+    /// Version of the last policy change.
+    pub policy_version: u64,
+    /// Removed nodes: (version, node id).
+    pub removed: Vec<(u64, u64)>,
+}
+
+/// Map versions: every change counts one; what a resuming stream needs to catch up.
+#[derive(Debug, Default)]
+struct Versions {
+    map_id: u64,
+    current: u64,
+    /// Versions below it were handed out by an earlier process, whose online states are gone.
+    boot: u64,
+    floor: u64,
+    policy: u64,
+    published: Arc<AtomicU64>,
+    /// Each node's last record change, and the same by version.
+    record: HashMap<u64, u64>,
+    records: BTreeMap<u64, u64>,
+    /// Each node's last online change (in this process), and the same by version.
+    online: HashMap<u64, u64>,
+    onlines: BTreeMap<u64, u64>,
+    /// Removals: version to node.
+    removed: BTreeMap<u64, u64>,
+}
+
+impl Versions {
+    fn next(&mut self) -> u64 {
+        self.current += 1;
+        self.current
+    }
+
+    fn publish(&self) {
+        self.published.store(self.current, Ordering::Release);
+    }
+
+    fn set_record(&mut self, id: u64, v: u64) {
+        if let Some(old) = self.record.insert(id, v) {
+            self.records.remove(&old);
+        }
+        self.records.insert(v, id);
+    }
+
+    fn set_online(&mut self, id: u64) {
+        let v = self.next();
+        if let Some(old) = self.online.insert(id, v) {
+            self.onlines.remove(&old);
+        }
+        self.onlines.insert(v, id);
+    }
+
+    fn remove(&mut self, id: u64) -> u64 {
+        if let Some(old) = self.record.remove(&id) {
+            self.records.remove(&old);
+        }
+        if let Some(old) = self.online.remove(&id) {
+            self.onlines.remove(&old);
+        }
+        let v = self.next();
+        self.removed.insert(v, id);
+        while self.removed.len() > MAX_REMOVED {
+            if let Some((forgotten, _)) = self.removed.pop_first() {
+                self.floor = self.floor.max(forgotten);
+            }
+        }
+        v
+    }
 }
 
 /// Every node, every open stream, and the policy in force.
 #[derive(Debug)]
 pub struct Netmap {
     nodes: BTreeMap<u64, Arc<Node>>,
+    /// The same records, for full maps read outside the core lock.
+    records: SharedRecords,
     subscribers: BTreeMap<u64, Subscriber>,
     next_stream: u64,
     dns: DnsConfig,
     derp_map: DerpMap,
     lagged: u64,
+    versions: Versions,
     /// Who sees whom and each node's filter. With no policy configured it is not kept up to
     /// date on every change (everyone sees everyone, so a join is one shared delta to every
     /// stream, as cheap as before policy existed): `stale` marks it for a rebuild from
@@ -156,11 +378,16 @@ impl Netmap {
         let policy = policy.unwrap_or_else(|| Arc::new(CompiledPolicy::allow_all()));
         Self {
             nodes: BTreeMap::new(),
+            records: SharedRecords::default(),
             subscribers: BTreeMap::new(),
             next_stream: 0,
             dns,
             derp_map,
             lagged: 0,
+            versions: Versions {
+                map_id: 1,
+                ..Versions::default()
+            },
             policy: PolicyState::new(policy),
             policy_on,
             stale: false,
@@ -333,6 +560,8 @@ impl Netmap {
         let viewers: Vec<u64> = self.subscribers.keys().copied().collect();
         let before = self.route_views(&viewers);
         let deltas = self.policy.set_policy(policy)?;
+        let v = self.versions.next();
+        self.versions.policy = v;
         let switched = on != self.policy_on;
         self.policy_on = on;
         let mut sent = 0;
@@ -366,6 +595,7 @@ impl Netmap {
                 }
             }
         }
+        self.versions.publish();
         Ok(sent)
     }
 
@@ -408,59 +638,202 @@ impl Netmap {
 
     /// The full map for `id`: itself, every peer it can see, and its packet filter.
     pub fn full_map(&self, id: u64) -> Option<FullMap> {
+        self.full_map_source(id).map(FullMapSource::collect)
+    }
+
+    /// The map version: how many changes there have been.
+    pub fn version(&self) -> u64 {
+        self.versions.current
+    }
+
+    /// The map's id (the database's), which versions count in.
+    pub fn map_id(&self) -> u64 {
+        self.versions.map_id
+    }
+
+    /// The version of the last policy change.
+    pub fn policy_version(&self) -> u64 {
+        self.versions.policy
+    }
+
+    /// Takes up the versions of an earlier run (call before adding nodes).
+    pub fn restore(&mut self, r: &Restored) {
+        let v = &mut self.versions;
+        v.map_id = r.map_id;
+        v.current = r.boot;
+        v.boot = r.boot;
+        v.floor = r.floor;
+        v.policy = r.policy_version;
+        v.removed = r.removed.iter().copied().collect();
+        v.publish();
+    }
+
+    /// Marks the policy as changed now (the policy in force differs from the one the versions
+    /// before were made under); returns the version.
+    pub fn policy_changed(&mut self) -> u64 {
+        let v = self.versions.next();
+        self.versions.policy = v;
+        self.versions.publish();
+        v
+    }
+
+    /// Opens a stream for `id`, replacing (and so closing) any earlier one of that node. With
+    /// `resume` (map id, version the node applied) that this netmap still covers, the stream
+    /// starts with the changes since then; otherwise with a full map.
+    pub fn subscribe(&mut self, id: u64, resume: Option<(u64, u64)>) -> Option<Subscription> {
+        if !self.nodes.contains_key(&id) {
+            return None;
+        }
+        self.refresh();
+        let start = match resume.and_then(|(map, v)| self.changes_since(id, map, v)) {
+            Some(changes) => Start::Resume(changes),
+            None => Start::Full(Box::new(self.full_map_source(id)?)),
+        };
+        self.next_stream += 1;
+        let stream = self.next_stream;
+        let outbox = Arc::new(Outbox::default());
+        self.subscribers.insert(
+            id,
+            Subscriber {
+                stream,
+                outbox: Arc::clone(&outbox),
+            },
+        );
+        Some(Subscription {
+            stream,
+            start,
+            version: self.versions.current,
+            outbox,
+            published: Arc::clone(&self.versions.published),
+        })
+    }
+
+    /// A full map for a stream whose outbox overflowed; its backlog is dropped (the map covers
+    /// it). `None` when `stream` is no longer the node's stream.
+    pub fn resync(&mut self, id: u64, stream: u64) -> Option<FullMapSource> {
+        let sub = self.subscribers.get(&id).filter(|s| s.stream == stream)?;
+        sub.outbox.reset();
+        self.refresh();
+        self.full_map_source(id)
+    }
+
+    /// A full map of `id`, read page by page.
+    fn full_map_source(&self, id: u64) -> Option<FullMapSource> {
         let me = self.nodes.get(&id)?;
-        let peers = self
-            .viewers(id)
-            .into_iter()
-            .filter_map(|p| self.nodes.get(&p))
-            .map(|n| self.peer_record(id, n))
-            .collect();
         let filter = self
             .policy_on
             .then(|| self.policy.filter_for(NodeId(id)))
             .flatten();
-        Some(FullMap {
+        let head = FullMap {
             self_node: Some(Node::clone(me)),
-            peers,
+            peers: Vec::new(),
             dns: Some(self.dns.clone()),
             derp_map: Some(self.derp_map.clone()),
             filter: Some(wire_filter(self.policy_on, filter.as_ref())),
-        })
-    }
-
-    /// Opens a stream for `id`, replacing (and so closing) any earlier one of that node.
-    pub fn subscribe(&mut self, id: u64) -> Option<Subscription> {
-        let full = self.full_map(id)?;
-        let (tx, deltas) = mpsc::channel(STREAM_QUEUE);
-        self.next_stream += 1;
-        let stream = self.next_stream;
-        let lagging = Arc::new(AtomicBool::new(false));
-        let sub = Subscriber {
-            stream,
-            tx,
-            lagging: Arc::clone(&lagging),
+            more: false,
+            map_id: self.versions.map_id,
         };
-        self.subscribers.insert(id, sub);
-        Some(Subscription {
-            stream,
-            full,
-            deltas,
-            lagging,
+        let visible = self.policy_on.then(|| self.viewers(id));
+        let own = self
+            .routers
+            .iter()
+            .filter(|r| **r != id && self.per_viewer(**r))
+            .filter_map(|r| self.nodes.get(r))
+            .map(|n| (n.id, self.peer_record(id, n)))
+            .collect();
+        Some(FullMapSource {
+            head: Some(head),
+            records: Arc::clone(&self.records),
+            me: id,
+            visible,
+            own,
+            cursor: 0,
+            last: None,
+            done: false,
+            version: self.versions.current,
         })
     }
 
-    /// Replaces a lagging stream's backlog with a fresh full map and a new, empty queue.
-    /// `None` when `stream` is no longer the node's stream.
-    pub fn resync(&mut self, id: u64, stream: u64) -> Option<(FullMap, mpsc::Receiver<Delta>)> {
-        if self.subscribers.get(&id).is_none_or(|s| s.stream != stream) {
+    /// What `id` needs to go from map version `version` of map `map_id` to now, or `None` when
+    /// only a full map will do: another map, a version this netmap never handed out or no
+    /// longer covers, a policy change since, or a change to the node itself (its identity
+    /// decides what it sees).
+    fn changes_since(&self, id: u64, map_id: u64, version: u64) -> Option<Vec<Delta>> {
+        let v = &self.versions;
+        if map_id != v.map_id
+            || version == 0
+            || version > v.current
+            || version < v.floor
+            || v.policy > version
+            || v.record.get(&id).is_none_or(|r| *r > version)
+        {
             return None;
         }
-        let full = self.full_map(id)?;
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let sub = self.subscribers.get_mut(&id)?;
-        sub.tx = tx;
-        sub.lagging.store(false, Ordering::Release);
-        Some((full, rx))
+        let me = self.nodes.get(&id)?;
+        let visible = |p: u64| {
+            p != id
+                && self.nodes.contains_key(&p)
+                && (!self.policy_on || self.policy.are_peers(NodeId(id), NodeId(p)))
+        };
+        let filter = self
+            .policy_on
+            .then(|| self.policy.filter_for(NodeId(id)))
+            .flatten();
+        let mut out: Vec<Delta> = vec![
+            Arc::new(Kind::SettingsChanged(SettingsChanged {
+                dns: Some(self.dns.clone()),
+                derp_map: Some(self.derp_map.clone()),
+            })),
+            Arc::new(Kind::SelfChanged(Node::clone(me))),
+            Arc::new(Kind::FilterChanged(wire_filter(
+                self.policy_on,
+                filter.as_ref(),
+            ))),
+        ];
+        let after = (Bound::Excluded(version), Bound::Unbounded);
+        for (_, &p) in v.removed.range(after) {
+            if !self.nodes.contains_key(&p) {
+                out.push(Arc::new(Kind::PeerRemoved(PeerRemoved { id: p })));
+            }
+        }
+        let mut told = BTreeSet::new();
+        for (_, &p) in v.records.range(after) {
+            if p == id {
+                continue;
+            }
+            told.insert(p);
+            match self.nodes.get(&p) {
+                Some(n) if visible(p) => {
+                    out.push(Arc::new(Kind::PeerChanged(self.peer_record(id, n))));
+                }
+                _ => out.push(Arc::new(Kind::PeerRemoved(PeerRemoved { id: p }))),
+            }
+        }
+        let online = |n: &Node| {
+            Arc::new(Kind::PeerOnline(PeerOnline {
+                id: n.id,
+                online: n.online,
+                last_seen_unix_ms: n.last_seen_unix_ms,
+            }))
+        };
+        if version < v.boot {
+            // Online states from before this process are gone: every peer's, as it is now.
+            for n in self.nodes.values() {
+                if !told.contains(&n.id) && visible(n.id) {
+                    out.push(online(n));
+                }
+            }
+        } else {
+            for (_, &p) in v.onlines.range(after) {
+                if !told.contains(&p)
+                    && visible(p)
+                    && let Some(n) = self.nodes.get(&p)
+                {
+                    out.push(online(n));
+                }
+            }
+        }
+        Some(out)
     }
 
     /// Closes stream `stream` of `id`; false when a newer stream had already replaced it.
@@ -483,9 +856,32 @@ impl Netmap {
 
     /// Adds or replaces a node, with its identity for the policy (owner, addresses); tells every
     /// subscriber that can see it, and applies what the change means for the policy (peers
-    /// gained or lost, filters). Returns deltas sent.
+    /// gained or lost, filters). Returns deltas sent. The change gets the next map version.
     pub fn upsert(&mut self, node: Node, identity: PolicyNode) -> usize {
+        let v = self.versions.next();
+        let sent = self.upsert_at(node, identity, v);
+        self.versions.publish();
+        sent
+    }
+
+    /// Adds a node as it was stored, with the map version of its last stored change (loading
+    /// at start).
+    pub fn load(&mut self, node: Node, identity: PolicyNode, version: u64) {
+        self.upsert_at(node, identity, version.min(self.versions.current));
+    }
+
+    fn put_record(&mut self, node: Arc<Node>) -> bool {
         let id = node.id;
+        self.records
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Arc::clone(&node));
+        self.nodes.insert(id, node).is_some()
+    }
+
+    fn upsert_at(&mut self, node: Node, identity: PolicyNode, version: u64) -> usize {
+        let id = node.id;
+        self.versions.set_record(id, version);
         let primary: Vec<IpNet> = node
             .primary_routes
             .iter()
@@ -499,7 +895,7 @@ impl Netmap {
             self.primary.insert(id, primary);
         }
         let node = Arc::new(node);
-        let existed = self.nodes.insert(id, Arc::clone(&node)).is_some();
+        let existed = self.put_record(Arc::clone(&node));
         self.identities.insert(id, identity.clone());
         let mut batch = Batch::default();
         let mut sent = 0;
@@ -590,9 +986,35 @@ impl Netmap {
 
     /// Removes a node and closes its stream; tells every subscriber that could see it.
     pub fn remove(&mut self, id: u64) -> usize {
+        let sent = self.remove_inner(id);
+        self.versions.publish();
+        sent
+    }
+
+    /// The map version of `id`'s removal, when the netmap still remembers it.
+    pub fn removed_at(&self, id: u64) -> Option<u64> {
+        self.versions
+            .removed
+            .iter()
+            .rev()
+            .find(|(_, n)| **n == id)
+            .map(|(v, _)| *v)
+    }
+
+    /// The oldest version a resuming node may hold (removals before it are forgotten).
+    pub fn floor(&self) -> u64 {
+        self.versions.floor
+    }
+
+    fn remove_inner(&mut self, id: u64) -> usize {
         if self.nodes.remove(&id).is_none() {
             return 0;
         }
+        self.records
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.versions.remove(id);
         self.subscribers.remove(&id);
         self.identities.remove(&id);
         self.routers.remove(&id);
@@ -612,31 +1034,41 @@ impl Netmap {
 
     /// Replaces a node's endpoints; tells every subscriber that can see it.
     pub fn set_endpoints(&mut self, id: u64, endpoints: Vec<String>) -> usize {
-        let Some(node) = self.nodes.get_mut(&id) else {
+        let Some(node) = self.nodes.get(&id) else {
             return 0;
         };
-        Arc::make_mut(node).endpoints = endpoints.clone();
+        let mut n = Node::clone(node);
+        n.endpoints = endpoints.clone();
+        self.put_record(Arc::new(n));
+        let v = self.versions.next();
+        self.versions.set_record(id, v);
         let delta = Arc::new(Kind::PeerEndpoints(PeerEndpoints { id, endpoints }));
-        self.fanout(id, &delta)
+        let sent = self.fanout(id, &delta);
+        self.versions.publish();
+        sent
     }
 
     /// Marks a node online or offline; tells every subscriber that can see it.
     pub fn set_online(&mut self, id: u64, online: bool, last_seen_unix_ms: i64) -> usize {
-        let Some(node) = self.nodes.get_mut(&id) else {
+        let Some(node) = self.nodes.get(&id) else {
             return 0;
         };
-        let n = Arc::make_mut(node);
-        if n.online == online {
+        if node.online == online {
             return 0;
         }
+        let mut n = Node::clone(node);
         n.online = online;
         n.last_seen_unix_ms = last_seen_unix_ms;
+        self.put_record(Arc::new(n));
+        self.versions.set_online(id);
         let delta = Arc::new(Kind::PeerOnline(PeerOnline {
             id,
             online,
             last_seen_unix_ms,
         }));
-        self.fanout(id, &delta)
+        let sent = self.fanout(id, &delta);
+        self.versions.publish();
+        sent
     }
 
     fn fanout(&mut self, about: u64, delta: &Delta) -> usize {
@@ -663,21 +1095,14 @@ impl Netmap {
         let Some(sub) = self.subscribers.get(&to) else {
             return false;
         };
-        if sub.lagging.load(Ordering::Acquire) {
-            return false;
-        }
-        match sub.tx.try_send(delta) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        match sub.outbox.push(delta) {
+            Pushed::Queued => true,
+            Pushed::Lagged => {
                 tracing::warn!(node = to, "map stream lagging; it gets a fresh full map");
                 self.lagged += 1;
-                sub.lagging.store(true, Ordering::Release);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.subscribers.remove(&to);
-                false
-            }
+            Pushed::Dropped => false,
         }
     }
 }
@@ -721,26 +1146,33 @@ mod tests {
         let mut m = Netmap::default();
         put(&mut m, 1);
         put(&mut m, 2);
-        let mut sub = m.subscribe(1).expect("known");
-        assert_eq!(sub.full.peers.len(), 1);
-        assert_eq!(sub.full.self_node.as_ref().map(|n| n.id), Some(1));
+        let sub = m.subscribe(1, None).expect("known");
+        assert_eq!(sub.full_map().expect("full map").peers.len(), 1);
+        assert_eq!(
+            sub.full_map()
+                .expect("full map")
+                .self_node
+                .as_ref()
+                .map(|n| n.id),
+            Some(1)
+        );
         assert_eq!(put(&mut m, 3), 1);
-        assert!(matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerAdded(n) if n.id == 3));
+        assert!(matches!(&*sub.outbox.try_recv().expect("delta"), Kind::PeerAdded(n) if n.id == 3));
         assert_eq!(m.set_endpoints(3, vec!["10.0.0.3:1".into()]), 1);
         assert!(
-            matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerEndpoints(e) if e.id == 3)
+            matches!(&*sub.outbox.try_recv().expect("delta"), Kind::PeerEndpoints(e) if e.id == 3)
         );
         assert_eq!(m.set_online(2, true, 7), 1);
         assert_eq!(m.set_online(2, true, 8), 0, "no change, no delta");
         assert_eq!(m.remove(3), 1);
-        let _ = sub.deltas.try_recv();
+        let _ = sub.outbox.try_recv();
         assert!(
-            matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerRemoved(r) if r.id == 3)
+            matches!(&*sub.outbox.try_recv().expect("delta"), Kind::PeerRemoved(r) if r.id == 3)
         );
         // A change to the subscriber itself arrives as SelfChanged, not as a peer.
         assert_eq!(put(&mut m, 1), 1);
         assert!(
-            matches!(&*sub.deltas.try_recv().expect("delta"), Kind::SelfChanged(n) if n.id == 1)
+            matches!(&*sub.outbox.try_recv().expect("delta"), Kind::SelfChanged(n) if n.id == 1)
         );
     }
 
@@ -752,44 +1184,49 @@ mod tests {
             put(&mut m, id);
         }
         for id in 1..=50 {
-            subs.push(m.subscribe(id).expect("known"));
+            subs.push(m.subscribe(id, None).expect("known"));
         }
         assert_eq!(put(&mut m, 51), 50);
     }
 
     #[test]
     fn a_lagging_stream_is_resynced_and_others_keep_their_deltas() {
+        use crate::outbox::{OUTBOX_CAP, Taken};
         let mut m = Netmap::default();
         put(&mut m, 1);
         put(&mut m, 2);
-        let mut slow = m.subscribe(1).expect("known");
-        let mut fast = m.subscribe(2).expect("known");
-        let joins = STREAM_QUEUE as u64 + 5;
+        let slow = m.subscribe(1, None).expect("known");
+        let fast = m.subscribe(2, None).expect("known");
+        // Changes about one peer coalesce: however many, the slow stream holds one entry.
+        for i in 0..1000 {
+            m.set_online(2, i % 2 == 0, i);
+        }
+        assert!(!slow.outbox.lagging());
+        // More peers than the outbox holds: it drops the backlog and resyncs.
+        let joins = OUTBOX_CAP as u64 + 5;
         let mut fast_got = 0;
         for i in 0..joins {
             put(&mut m, 100 + i);
-            while fast.deltas.try_recv().is_ok() {
+            while fast.outbox.try_recv().is_some() {
                 fast_got += 1;
             }
         }
         assert_eq!(fast_got, joins, "the fast stream missed nothing");
-        assert!(slow.lagging.load(Ordering::Acquire));
+        assert!(slow.outbox.lagging());
         assert_eq!(m.lagged(), 1);
-        // The slow stream's memory stayed bounded: only the queue's worth was kept.
-        let mut queued = 0;
-        while slow.deltas.try_recv().is_ok() {
-            queued += 1;
-        }
-        assert_eq!(queued, STREAM_QUEUE);
-        let (full, mut rx) = m.resync(1, slow.stream).expect("still subscribed");
+        assert_eq!(slow.outbox.take(), Taken::Resync);
+        let full = m
+            .resync(1, slow.stream)
+            .expect("still subscribed")
+            .collect();
         assert_eq!(
             full.peers.len() as u64,
             1 + joins,
             "the full map has all it missed"
         );
-        assert!(!slow.lagging.load(Ordering::Acquire));
+        assert!(!slow.outbox.lagging());
         put(&mut m, 9999);
-        let d = rx.try_recv().expect("delta after resync");
+        let d = slow.outbox.try_recv().expect("delta after resync");
         assert!(matches!(&*d, Kind::PeerAdded(n) if n.id == 9999));
         assert!(m.resync(1, slow.stream + 100).is_none());
     }
@@ -798,8 +1235,8 @@ mod tests {
     fn replaced_stream_does_not_unsubscribe_the_new_one() {
         let mut m = Netmap::default();
         put(&mut m, 1);
-        let old = m.subscribe(1).expect("known");
-        let new = m.subscribe(1).expect("known");
+        let old = m.subscribe(1, None).expect("known");
+        let new = m.subscribe(1, None).expect("known");
         assert!(!m.unsubscribe(1, old.stream));
         assert!(m.is_subscribed(1));
         assert!(m.unsubscribe(1, new.stream));
@@ -817,7 +1254,7 @@ mod tests {
 
     fn drain(sub: &mut Subscription) -> Vec<Kind> {
         let mut out = Vec::new();
-        while let Ok(d) = sub.deltas.try_recv() {
+        while let Some(d) = sub.outbox.try_recv() {
             out.push(Kind::clone(&d));
         }
         out
@@ -836,17 +1273,25 @@ mod tests {
         for (id, user, name) in [(1, 1, "alice"), (2, 2, "bob"), (3, 3, "carol")] {
             m.upsert(node(id), owned_by(id, user, name));
         }
-        let mut alice = m.subscribe(1).expect("known");
-        let mut bob = m.subscribe(2).expect("known");
-        let mut carol = m.subscribe(3).expect("known");
-        assert_eq!(peer_ids(&alice.full), [2]);
+        let mut alice = m.subscribe(1, None).expect("known");
+        let mut bob = m.subscribe(2, None).expect("known");
+        let mut carol = m.subscribe(3, None).expect("known");
+        assert_eq!(peer_ids(&alice.full_map().expect("full map")), [2]);
         assert_eq!(
-            peer_ids(&bob.full),
+            peer_ids(&bob.full_map().expect("full map")),
             [1],
             "a peer when either may reach the other"
         );
-        assert_eq!(peer_ids(&carol.full), Vec::<u64>::new());
-        let bob_filter = bob.full.filter.clone().expect("filter");
+        assert_eq!(
+            peer_ids(&carol.full_map().expect("full map")),
+            Vec::<u64>::new()
+        );
+        let bob_filter = bob
+            .full_map()
+            .expect("full map")
+            .filter
+            .clone()
+            .expect("filter");
         assert!(!bob_filter.allow_all);
         assert_eq!(bob_filter.rules.len(), 1);
         assert_eq!(
@@ -856,7 +1301,12 @@ mod tests {
         assert_eq!(bob_filter.rules[0].protos, [6]);
         let dst = &bob_filter.rules[0].dst;
         assert!(dst.iter().all(|d| d.first == 22 && d.last == 22), "{dst:?}");
-        let alice_filter = alice.full.filter.clone().expect("filter");
+        let alice_filter = alice
+            .full_map()
+            .expect("full map")
+            .filter
+            .clone()
+            .expect("filter");
         assert!(
             !alice_filter.allow_all && alice_filter.rules.is_empty(),
             "nothing may reach alice"
@@ -957,20 +1407,26 @@ mod tests {
         for (id, user, name) in [(2, 2, "alice"), (3, 3, "bob")] {
             m.upsert(node(id), owned_by(id, user, name));
         }
-        let mut alice = m.subscribe(2).expect("known");
-        let mut bob = m.subscribe(3).expect("known");
+        let mut alice = m.subscribe(2, None).expect("known");
+        let mut bob = m.subscribe(3, None).expect("known");
         let seen = |full: &FullMap| {
             let r = full.peers.iter().find(|n| n.id == 1).expect("router");
             assert!(r.advertised_routes.is_empty() && r.approved_routes.is_empty());
             (r.primary_routes.clone(), r.exit_node)
         };
-        assert_eq!(seen(&alice.full), (vec!["10.0.0.0/24".to_owned()], true));
-        assert_eq!(seen(&bob.full), (vec!["10.0.0.0/24".to_owned()], true));
+        assert_eq!(
+            seen(&alice.full_map().expect("full map")),
+            (vec!["10.0.0.0/24".to_owned()], true)
+        );
+        assert_eq!(
+            seen(&bob.full_map().expect("full map")),
+            (vec!["10.0.0.0/24".to_owned()], true)
+        );
         // No policy: a router's change is one delta shared by every viewer.
         assert_eq!(m.upsert(router.clone(), router_id.clone()), 2);
         let (a, b) = (
-            alice.deltas.try_recv().expect("delta"),
-            bob.deltas.try_recv().expect("delta"),
+            alice.outbox.try_recv().expect("delta"),
+            bob.outbox.try_recv().expect("delta"),
         );
         assert!(Arc::ptr_eq(&a, &b), "one delta, shared");
 
@@ -999,7 +1455,7 @@ mod tests {
         );
         // With a policy, each viewer gets its own record.
         assert_eq!(m.upsert(router, router_id), 1);
-        assert!(matches!(&*alice.deltas.try_recv().expect("delta"),
+        assert!(matches!(&*alice.outbox.try_recv().expect("delta"),
             Kind::PeerChanged(n) if n.primary_routes == ["10.0.0.0/24"] && !n.exit_node));
     }
 
@@ -1009,18 +1465,25 @@ mod tests {
         for (id, user, name) in [(1, 1, "alice"), (2, 2, "bob")] {
             m.upsert(node(id), owned_by(id, user, name));
         }
-        let mut alice = m.subscribe(1).expect("known");
-        let mut bob = m.subscribe(2).expect("known");
-        assert!(alice.full.filter.as_ref().is_some_and(|f| f.allow_all));
+        let mut alice = m.subscribe(1, None).expect("known");
+        let mut bob = m.subscribe(2, None).expect("known");
+        assert!(
+            alice
+                .full_map()
+                .expect("full map")
+                .filter
+                .as_ref()
+                .is_some_and(|f| f.allow_all)
+        );
         // carol joins while no policy is configured: both hear the same shared delta.
         assert_eq!(m.upsert(node(3), owned_by(3, 3, "carol")), 2);
         let (a, b) = (
-            alice.deltas.try_recv().expect("delta"),
-            bob.deltas.try_recv().expect("delta"),
+            alice.outbox.try_recv().expect("delta"),
+            bob.outbox.try_recv().expect("delta"),
         );
         assert!(Arc::ptr_eq(&a, &b), "one delta, shared");
-        let mut carol = m.subscribe(3).expect("known");
-        assert_eq!(peer_ids(&carol.full), [1, 2]);
+        let mut carol = m.subscribe(3, None).expect("known");
+        assert_eq!(peer_ids(&carol.full_map().expect("full map")), [1, 2]);
         // The policy state caught up with the joins it skipped.
         assert_eq!(m.policy().len(), 3);
 
@@ -1086,16 +1549,16 @@ mod tests {
         let mut m = Netmap::default();
         put(&mut m, 1);
         put(&mut m, 2);
-        let mut a = m.subscribe(1).expect("known");
-        let mut b = m.subscribe(2).expect("known");
+        let a = m.subscribe(1, None).expect("known");
+        let b = m.subscribe(2, None).expect("known");
         let dns = DnsConfig {
             nameservers: vec!["9.9.9.9".into()],
             ..DnsConfig::default()
         };
         assert_eq!(m.set_settings(dns.clone(), DerpMap::default()), 2);
         let (da, db) = (
-            a.deltas.try_recv().expect("delta"),
-            b.deltas.try_recv().expect("delta"),
+            a.outbox.try_recv().expect("delta"),
+            b.outbox.try_recv().expect("delta"),
         );
         assert!(Arc::ptr_eq(&da, &db), "one delta, shared");
         assert!(
@@ -1107,7 +1570,7 @@ mod tests {
             0,
             "no change, no delta"
         );
-        assert!(a.deltas.try_recv().is_err());
+        assert!(a.outbox.try_recv().is_none());
         assert_eq!(m.full_map(1).and_then(|f| f.dns), Some(dns));
     }
 }

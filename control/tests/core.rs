@@ -173,12 +173,12 @@ fn admin_changes_reach_connected_peers() {
     let (k2, d2) = keys();
     let a = core.register(k1, d1, "a", &key, T0).expect("a");
     let b = core.register(k2, d2, "b", &key, T0).expect("b");
-    let mut sub = core.subscribe(a.id, T0).expect("subscribe");
-    assert_eq!(sub.full.peers.len(), 1);
+    let sub = core.subscribe(a.id, T0, None).expect("subscribe");
+    assert_eq!(sub.full_map().expect("full map").peers.len(), 1);
 
     core.rename_node(b.id, "bee").expect("rename");
     assert!(
-        matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerChanged(n) if n.given_name == "bee")
+        matches!(&*sub.outbox.try_recv().expect("delta"), Kind::PeerChanged(n) if n.given_name == "bee")
     );
     assert!(matches!(
         core.rename_node(b.id, "a"),
@@ -187,7 +187,7 @@ fn admin_changes_reach_connected_peers() {
 
     core.expire_node(b.id, T0 + 1).expect("expire");
     assert!(
-        matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerRemoved(r) if r.id == b.id)
+        matches!(&*sub.outbox.try_recv().expect("delta"), Kind::PeerRemoved(r) if r.id == b.id)
     );
     assert!(matches!(
         core.authenticate(&k2, T0 + 2),
@@ -227,7 +227,7 @@ fn admin_changes_reach_connected_peers() {
         core.register(k9, d9, "c", &bob_text, T0 + 4),
         Err(ControlError::AuthKeyUsed)
     ));
-    assert!(matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerAdded(n) if n.id == b.id));
+    assert!(matches!(&*sub.outbox.try_recv().expect("delta"), Kind::PeerAdded(n) if n.id == b.id));
 
     assert!(matches!(
         core.delete_user("alice"),
@@ -235,7 +235,7 @@ fn admin_changes_reach_connected_peers() {
     ));
     core.delete_node(b.id).expect("delete");
     assert!(
-        matches!(&*sub.deltas.try_recv().expect("delta"), Kind::PeerRemoved(r) if r.id == b.id)
+        matches!(&*sub.outbox.try_recv().expect("delta"), Kind::PeerRemoved(r) if r.id == b.id)
     );
     assert!(matches!(
         core.authenticate(&k2, T0),
@@ -262,7 +262,7 @@ fn ephemeral_nodes_are_reaped_only_while_offline() {
     let (k2, d2) = keys();
     let plain = auth_key(&mut core, true, 7);
     let keep = core.register(k2, d2, "server", &plain, T0).expect("plain");
-    let sub = core.subscribe(n.id, T0).expect("subscribe");
+    let sub = core.subscribe(n.id, T0, None).expect("subscribe");
     let timeout = 60_000;
     // Online nodes are never reaped, however old.
     assert!(
@@ -282,7 +282,7 @@ fn ephemeral_nodes_are_reaped_only_while_offline() {
         "not yet"
     );
     // Back before the timeout, then gone again: the clock restarts from the last disconnect.
-    let sub2 = core.subscribe(n.id, T0 + 6).expect("subscribe again");
+    let sub2 = core.subscribe(n.id, T0 + 6, None).expect("subscribe again");
     assert_eq!(core.unsubscribe(n.id, sub2.stream, T0 + 9), Some(true));
     assert!(
         core.reap_ephemeral(T0 + 9 + timeout, timeout)

@@ -220,7 +220,10 @@ async fn map_stream_sends_full_map_then_numbered_deltas() {
 
     let proof = sign(&a, &sk, "StreamMapResponse", &StreamMapRequest::default());
     let mut stream = c
-        .stream_map_response(StreamMapRequest { proof: Some(proof) })
+        .stream_map_response(StreamMapRequest {
+            proof: Some(proof),
+            ..StreamMapRequest::default()
+        })
         .await
         .expect("stream")
         .into_inner();
@@ -232,6 +235,24 @@ async fn map_stream_sends_full_map_then_numbered_deltas() {
     assert!(full.peers.is_empty());
     assert_eq!(full.self_node.expect("self").hostname, "a");
 
+    // Each change is waited for before the next, so none coalesces with another.
+    let mut seq = 1;
+    let mut next_change = async |stream: &mut tonic::Streaming<MapResponse>| loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("in time")
+            .expect("ok")
+            .expect("msg");
+        seq += 1;
+        assert_eq!(m.seq, seq, "sequence numbers have no gaps");
+        match m.kind.expect("kind") {
+            Kind::Keepalive(_) => assert_eq!(m.version, 0, "a keepalive is no resume point"),
+            k => {
+                assert!(m.version > 0, "a change says the version it brings: {k:?}");
+                return k;
+            }
+        }
+    };
     let b = NodeSecretKey::generate();
     let bnode = c
         .register_node(register_req(&b, &sk, &auth, "b"))
@@ -240,6 +261,11 @@ async fn map_stream_sends_full_map_then_numbered_deltas() {
         .into_inner()
         .node
         .expect("node");
+    let k = next_change(&mut stream).await;
+    assert!(
+        matches!(&k, Kind::PeerAdded(n) if n.id == bnode.id),
+        "{k:?}"
+    );
     let mut update = UpdateNodeRequest {
         proof: None,
         endpoints: Some(EndpointList {
@@ -251,29 +277,20 @@ async fn map_stream_sends_full_map_then_numbered_deltas() {
     };
     update.proof = Some(sign(&b, &sk, "UpdateNode", &update));
     c.update_node(update).await.expect("endpoints");
+    let k = next_change(&mut stream).await;
+    assert!(
+        matches!(&k, Kind::PeerEndpoints(e) if e.endpoints == ["192.0.2.7:41641"]),
+        "{k:?}"
+    );
     admin
         .delete_node(DeleteNodeRequest { id: bnode.id })
         .await
         .expect("delete");
-
-    let mut kinds = Vec::new();
-    let mut seq = 1;
-    while kinds.len() < 3 {
-        let m = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .expect("in time")
-            .expect("ok")
-            .expect("msg");
-        seq += 1;
-        assert_eq!(m.seq, seq, "sequence numbers have no gaps");
-        match m.kind.expect("kind") {
-            Kind::Keepalive(_) => {}
-            k => kinds.push(k),
-        }
-    }
-    assert!(matches!(&kinds[0], Kind::PeerAdded(n) if n.id == bnode.id));
-    assert!(matches!(&kinds[1], Kind::PeerEndpoints(e) if e.endpoints == ["192.0.2.7:41641"]));
-    assert!(matches!(&kinds[2], Kind::PeerRemoved(r) if r.id == bnode.id));
+    let k = next_change(&mut stream).await;
+    assert!(
+        matches!(&k, Kind::PeerRemoved(r) if r.id == bnode.id),
+        "{k:?}"
+    );
 
     // Idle streams get keepalives.
     let m = tokio::time::timeout(Duration::from_secs(10), stream.message())

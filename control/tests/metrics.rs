@@ -149,16 +149,22 @@ async fn scrapes_follow_registrations_streams_and_refusals() {
         .expire_node(ExpireNodeRequest { id: b_id })
         .await
         .expect("expire b");
-    let m = scrape_until(metrics, "b expired", |m| nodes(m) == [1.0, 0.0, 1.0]).await;
-    let deltas: f64 = m
-        .iter()
-        .filter(|(k, _)| {
-            k.starts_with("warren_control_map_messages_sent_total{")
-                && !k.contains("\"full\"")
-                && !k.contains("\"keepalive\"")
-        })
-        .map(|(_, v)| v)
-        .sum();
+    let deltas = |m: &BTreeMap<String, f64>| -> f64 {
+        m.iter()
+            .filter(|(k, _)| {
+                k.starts_with("warren_control_map_messages_sent_total{")
+                    && !k.contains("\"full\"")
+                    && !k.contains("\"keepalive\"")
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    // The delta leaves at the stream's next tick.
+    let m = scrape_until(metrics, "b expired and a told", |m| {
+        nodes(m) == [1.0, 0.0, 1.0] && deltas(m) >= 1.0
+    })
+    .await;
+    let deltas = deltas(&m);
     assert!(deltas >= 1.0, "no delta counted: {m:#?}");
 
     // Refusals carry the typed reason: a used single-use key, a forged proof.

@@ -9,8 +9,8 @@ use warren_control::core::{Core, NewAuthKey, Settings};
 use warren_control::error::ControlError;
 use warren_control::policy::{CompiledPolicy, PolicyError};
 use warren_control::store::{
-    ApiKeyRecord, NodeRecord, PreAuthKeyRecord, SqliteStore, Store, StoreError, StoredPolicy,
-    UserRecord,
+    ApiKeyRecord, MapKey, MapState, NodeRecord, PreAuthKeyRecord, SqliteStore, Store, StoreError,
+    StoredPolicy, UserRecord,
 };
 use warren_proto::control::DnsConfig;
 use warren_proto::{DiscoSecretKey, NodeSecretKey};
@@ -71,6 +71,15 @@ impl Store for FlakyPolicyStore {
     }
     fn delete_node(&mut self, id: u64) -> Result<(), StoreError> {
         self.inner.delete_node(id)
+    }
+    fn map_state(&mut self) -> Result<MapState, StoreError> {
+        self.inner.map_state()
+    }
+    fn set_map_value(&mut self, key: MapKey, value: u64) -> Result<(), StoreError> {
+        self.inner.set_map_value(key, value)
+    }
+    fn add_removed(&mut self, id: u64, version: u64, keep: usize) -> Result<(), StoreError> {
+        self.inner.add_removed(id, version, keep)
     }
     fn policy(&self) -> Result<Option<StoredPolicy>, StoreError> {
         self.inner.policy()

@@ -87,7 +87,10 @@ impl TestNode {
         );
         let mut stream = self
             .client()
-            .stream_map_response(StreamMapRequest { proof: Some(proof) })
+            .stream_map_response(StreamMapRequest {
+                proof: Some(proof),
+                ..StreamMapRequest::default()
+            })
             .await
             .expect("stream")
             .into_inner();
@@ -138,6 +141,8 @@ impl TestNode {
                 }
             }
             Kind::Keepalive(_) => return,
+            // This client does not ask for pages or batches.
+            Kind::FullPage(_) | Kind::Batch(_) => panic!("unasked-for {kind:?}"),
         }
         self.log.push(kind);
     }

@@ -57,7 +57,10 @@ async fn approve_routes_list_routes_and_explain_via_an_exit_node() {
     // The router is online (following its map), so it becomes primary once approved.
     let proof = sign(&key, &sk, "StreamMapResponse", &StreamMapRequest::default());
     let _stream = control
-        .stream_map_response(StreamMapRequest { proof: Some(proof) })
+        .stream_map_response(StreamMapRequest {
+            proof: Some(proof),
+            ..StreamMapRequest::default()
+        })
         .await
         .expect("stream");
     let mut req = UpdateNodeRequest {

@@ -11,6 +11,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
+use warren_node_core::netmap::MapReader;
 use warren_proto::backoff::Backoff;
 use warren_proto::control::control_client::ControlClient;
 use warren_proto::control::map_response::Kind;
@@ -150,9 +151,19 @@ impl Client {
         self.grpc.update_node(req).await.map(|_| ())
     }
 
-    /// Opens the map stream.
-    pub async fn stream(&mut self) -> Result<tonic::Streaming<MapResponse>, tonic::Status> {
-        let mut req = StreamMapRequest { proof: None };
+    /// Opens the map stream; with `resume` (map id, version applied), control may send only
+    /// what changed since.
+    pub async fn stream(
+        &mut self,
+        resume: Option<(u64, u64)>,
+    ) -> Result<tonic::Streaming<MapResponse>, tonic::Status> {
+        let (map_id, version) = resume.unwrap_or_default();
+        let mut req = StreamMapRequest {
+            proof: None,
+            map_id,
+            version,
+            pages: true,
+        };
         req.proof = Some(self.proof("StreamMapResponse", &req));
         Ok(self.grpc.stream_map_response(req).await?.into_inner())
     }
@@ -200,9 +211,19 @@ pub async fn follow(
     events: mpsc::Sender<MapEvent>,
 ) {
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
+    // Kept across reconnects: the version the daemon has applied, to resume from.
+    let mut reader = MapReader::default();
     loop {
         let mut connected = false;
-        let result = follow_once(&url, &node, &mut advert, &events, &mut connected).await;
+        let result = follow_once(
+            &url,
+            &node,
+            &mut advert,
+            &events,
+            &mut connected,
+            &mut reader,
+        )
+        .await;
         if connected {
             // The stream was up: start backing off from the beginning again.
             backoff.reset();
@@ -221,8 +242,10 @@ pub async fn follow(
         };
         let wait = backoff.next_wait(crate::random_u64());
         if revoked {
-            // A deleted or expired node has no reason to come back soon.
+            // A deleted or expired node has no reason to come back soon; the daemon drops its
+            // map, so the next stream starts with a full one.
             backoff.give_up_soon();
+            reader.forget();
         }
         tracing::warn!(%reason, retry_in = ?wait, "control stream down");
         if events
@@ -286,11 +309,17 @@ async fn follow_once(
     advert: &mut watch::Receiver<Advert>,
     events: &mpsc::Sender<MapEvent>,
     connected: &mut bool,
+    reader: &mut MapReader,
 ) -> Result<(), Failure> {
     let mut client = Client::connect(url, node.clone())
         .await
         .map_err(Failure::Other)?;
-    let mut stream = client.stream().await?;
+    reader.restart();
+    let resume = reader.resume_point();
+    let mut stream = client.stream(resume).await?;
+    if let Some((_, version)) = resume {
+        tracing::debug!(version, "resuming the map stream");
+    }
     let current = advert.borrow_and_update().clone();
     client.report(&current).await?;
     events
@@ -302,8 +331,14 @@ async fn follow_once(
         tokio::select! {
             msg = stream.message() => match msg? {
                 Some(m) => {
-                    if let Some(mut kind) = m.kind {
-                        tracing::trace!(seq = m.seq, "map message");
+                    tracing::trace!(seq = m.seq, version = m.version, "map message");
+                    // A message that does not make sense ends the stream; the next one starts
+                    // over with a full map.
+                    let kinds = reader.read(m).map_err(|e| {
+                        reader.forget();
+                        Failure::Other(anyhow::anyhow!("bad map message: {e}"))
+                    })?;
+                    for mut kind in kinds {
                         let derp_map = match &mut kind {
                             Kind::Full(full) => full.derp_map.as_mut(),
                             Kind::SettingsChanged(s) => s.derp_map.as_mut(),

@@ -3,6 +3,7 @@
 //! sans-IO core can depend on it.
 //!
 //! - [`backoff`]: reconnect schedules with jitter, so a fleet does not retry in lockstep.
+//! - [`codec`]: the gRPC codec, with small per-stream buffers.
 //! - [`keys`]: typed X25519 keys per role (node, disco, control, DERP server).
 //! - [`proof`]: NaCl boxes and proofs of node-key possession for the control API.
 //! - [`derp`]: DERP v2 relay frames and handshake boxes, wire-compatible with Tailscale.
@@ -10,6 +11,7 @@
 //! - [`stun`]: STUN Binding requests and responses (RFC 5389) and the demultiplexing test.
 
 pub mod backoff;
+pub mod codec;
 pub mod derp;
 pub mod disco;
 mod endpoint;

@@ -134,6 +134,38 @@ pub struct NodeRecord {
     /// The routes approved for it (by an admin or autoApprovers), sorted. Only routes also
     /// advertised are served.
     pub approved_routes: Vec<ipnet::IpNet>,
+    /// The map version of its last stored change (see [`crate::netmap`]): after a restart,
+    /// resuming nodes older than it get its record.
+    pub version: u64,
+}
+
+/// What the map's versions need to survive a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MapState {
+    /// Identifies the map; made at random with the database.
+    pub map_id: u64,
+    /// Every version handed out so far is below it; a new process starts counting here and
+    /// leases a new range ([`Store::set_map_value`] with [`MapKey::Lease`]).
+    pub lease: u64,
+    /// Resuming from below it takes a full map: removals before it are forgotten.
+    pub floor: u64,
+    /// Fingerprint of the policy the versions were last counted under (0: none).
+    pub policy_fingerprint: u64,
+    /// The version at which that policy took effect.
+    pub policy_version: u64,
+    /// Nodes removed from the map, as (version, node id), oldest first.
+    pub removed: Vec<(u64, u64)>,
+}
+
+/// The map values kept between runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKey {
+    /// [`MapState::lease`].
+    Lease,
+    /// [`MapState::policy_fingerprint`].
+    PolicyFingerprint,
+    /// [`MapState::policy_version`].
+    PolicyVersion,
 }
 
 /// What a server needs from its database. Calls are short and synchronous; every write that
@@ -171,6 +203,13 @@ pub trait Store: Send {
     fn update_node(&mut self, node: &NodeRecord) -> Result<(), StoreError>;
     /// Removes a node.
     fn delete_node(&mut self, id: u64) -> Result<(), StoreError>;
+    /// The map's versions as kept between runs; makes the map id on first use.
+    fn map_state(&mut self) -> Result<MapState, StoreError>;
+    /// Stores one of the map's values.
+    fn set_map_value(&mut self, key: MapKey, value: u64) -> Result<(), StoreError>;
+    /// Records that node `id` left the map at `version`; past `keep` removals the oldest are
+    /// forgotten and the floor rises to the newest forgotten one.
+    fn add_removed(&mut self, id: u64, version: u64, keep: usize) -> Result<(), StoreError>;
     /// The access policy stored for `policy.mode = "database"`, if one was set.
     fn policy(&self) -> Result<Option<StoredPolicy>, StoreError>;
     /// Stores the access policy text (replacing the previous one), or removes it (`None`).

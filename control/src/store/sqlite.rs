@@ -5,7 +5,8 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    ApiKeyRecord, NodeRecord, PreAuthKeyRecord, Store, StoreError, StoredPolicy, UserRecord,
+    ApiKeyRecord, MapKey, MapState, NodeRecord, PreAuthKeyRecord, Store, StoreError, StoredPolicy,
+    UserRecord,
 };
 
 /// Schema migrations; entry `i` moves the database from version `i` to `i + 1`.
@@ -69,6 +70,19 @@ CREATE TABLE policy (
     r#"
 ALTER TABLE nodes ADD COLUMN advertised_routes TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE nodes ADD COLUMN approved_routes TEXT NOT NULL DEFAULT '[]';
+"#,
+    // Map versions, so nodes resume their map streams across restarts: each node's last
+    // stored change, the map's values (id, version lease, floor, policy), and removals.
+    r#"
+ALTER TABLE nodes ADD COLUMN map_version INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE map_meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE map_removed (
+    version INTEGER PRIMARY KEY,
+    node_id INTEGER NOT NULL
+);
 "#,
 ];
 
@@ -262,7 +276,7 @@ fn api(row: ApiRow) -> Result<ApiKeyRecord, StoreError> {
 
 const NODE_COLUMNS: &str = "id, node_key, disco_key, hostname, given_name, user_id, tags, ipv4, ipv6, \
      endpoints, last_seen_ms, expiry_ms, created_ms, ephemeral, auth_key_id, home_region, \
-     advertised_routes, approved_routes";
+     advertised_routes, approved_routes, map_version";
 
 struct NodeRow {
     id: i64,
@@ -283,6 +297,7 @@ struct NodeRow {
     home_region: i64,
     advertised_routes: String,
     approved_routes: String,
+    map_version: i64,
 }
 
 fn node_row(r: &Row<'_>) -> rusqlite::Result<NodeRow> {
@@ -305,6 +320,7 @@ fn node_row(r: &Row<'_>) -> rusqlite::Result<NodeRow> {
         home_region: r.get(15)?,
         advertised_routes: r.get(16)?,
         approved_routes: r.get(17)?,
+        map_version: r.get(18)?,
     })
 }
 
@@ -328,6 +344,7 @@ fn node(r: NodeRow) -> Result<NodeRecord, StoreError> {
         home_region: u32::try_from(r.home_region).unwrap_or(0),
         advertised_routes: json_list("nodes.advertised_routes", r.advertised_routes)?,
         approved_routes: json_list("nodes.approved_routes", r.approved_routes)?,
+        version: u64::try_from(r.map_version).unwrap_or(0),
     })
 }
 
@@ -465,8 +482,8 @@ impl Store for SqliteStore {
         tx.execute(
             "INSERT INTO nodes (node_key, disco_key, hostname, given_name, user_id, tags, ipv4, ipv6,
                                 endpoints, last_seen_ms, expiry_ms, created_ms, ephemeral, auth_key_id,
-                                home_region, advertised_routes, approved_routes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                                home_region, advertised_routes, approved_routes, map_version)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             params![
                 n.node_key.to_string(),
                 n.disco_key.to_string(),
@@ -485,6 +502,7 @@ impl Store for SqliteStore {
                 n.home_region,
                 to_json(&n.advertised_routes),
                 to_json(&n.approved_routes),
+                sql_id(n.version),
             ],
         )
         .map_err(|e| conflict(e, "node"))?;
@@ -505,7 +523,7 @@ impl Store for SqliteStore {
             "UPDATE nodes SET disco_key = ?2, hostname = ?3, given_name = ?4, tags = ?5,
                     endpoints = ?6, last_seen_ms = ?7, expiry_ms = ?8, auth_key_id = ?9,
                     user_id = ?10, ephemeral = ?11, home_region = ?12,
-                    advertised_routes = ?13, approved_routes = ?14
+                    advertised_routes = ?13, approved_routes = ?14, map_version = ?15
              WHERE id = ?1",
             params![
                 sql_id(n.id),
@@ -522,6 +540,7 @@ impl Store for SqliteStore {
                 n.home_region,
                 to_json(&n.advertised_routes),
                 to_json(&n.approved_routes),
+                sql_id(n.version),
             ],
         )
         .map_err(|e| conflict(e, "node name"))?;
@@ -539,6 +558,100 @@ impl Store for SqliteStore {
     fn delete_node(&mut self, node_id: u64) -> Result<(), StoreError> {
         self.conn
             .execute("DELETE FROM nodes WHERE id = ?1", params![sql_id(node_id)])?;
+        Ok(())
+    }
+
+    fn map_state(&mut self) -> Result<MapState, StoreError> {
+        let tx = self.conn.transaction()?;
+        let get = |key: &str| -> rusqlite::Result<Option<i64>> {
+            tx.query_row(
+                "SELECT value FROM map_meta WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()
+        };
+        let map_id = match get("map_id")? {
+            Some(v) => v,
+            None => {
+                let mut b = [0u8; 8];
+                getrandom::getrandom(&mut b).map_err(|e| StoreError::Corrupt {
+                    column: "map_meta.map_id",
+                    value: e.to_string(),
+                })?;
+                // Positive, and never 0 (which a node sends for "no map").
+                let v = (i64::from_le_bytes(b) & i64::MAX).max(1);
+                tx.execute(
+                    "INSERT INTO map_meta (key, value) VALUES ('map_id', ?1)",
+                    params![v],
+                )?;
+                v
+            }
+        };
+        let u = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+        // Versions handed out before the lease table existed are the nodes' own.
+        let newest: Option<i64> =
+            tx.query_row("SELECT MAX(map_version) FROM nodes", [], |r| r.get(0))?;
+        let mut state = MapState {
+            map_id: u(Some(map_id)),
+            lease: u(get("lease")?).max(u(newest) + 1),
+            floor: u(get("floor")?),
+            policy_fingerprint: u(get("policy_fingerprint")?),
+            policy_version: u(get("policy_version")?),
+            removed: Vec::new(),
+        };
+        {
+            let mut st = tx.prepare("SELECT version, node_id FROM map_removed ORDER BY version")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (v, n) = row?;
+                state.removed.push((u(Some(v)), id(n)));
+            }
+        }
+        tx.commit()?;
+        Ok(state)
+    }
+
+    fn set_map_value(&mut self, key: MapKey, value: u64) -> Result<(), StoreError> {
+        let key = match key {
+            MapKey::Lease => "lease",
+            MapKey::PolicyFingerprint => "policy_fingerprint",
+            MapKey::PolicyVersion => "policy_version",
+        };
+        self.conn.execute(
+            "INSERT INTO map_meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, sql_id(value)],
+        )?;
+        Ok(())
+    }
+
+    fn add_removed(&mut self, node_id: u64, version: u64, keep: usize) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO map_removed (version, node_id) VALUES (?1, ?2)",
+            params![sql_id(version), sql_id(node_id)],
+        )?;
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        let forgotten: Option<i64> = tx
+            .query_row(
+                "SELECT version FROM map_removed ORDER BY version DESC LIMIT 1 OFFSET ?1",
+                params![keep],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(floor) = forgotten {
+            tx.execute(
+                "DELETE FROM map_removed WHERE version <= ?1",
+                params![floor],
+            )?;
+            tx.execute(
+                "INSERT INTO map_meta (key, value) VALUES ('floor', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
+                params![floor],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -596,6 +709,7 @@ mod tests {
             home_region: 0,
             advertised_routes: vec!["10.20.0.0/24".parse().expect("prefix")],
             approved_routes: Vec::new(),
+            version: 7,
         }
     }
 

@@ -185,9 +185,27 @@ pub fn get_node_req(node: &NodeSecretKey, server: &ControlPublicKey) -> GetNodeR
     req
 }
 
-/// A signed StreamMapResponse request.
+/// A signed StreamMapResponse request, as a node that knows neither pages nor resuming
+/// sends it.
 pub fn stream_req(node: &NodeSecretKey, server: &ControlPublicKey) -> StreamMapRequest {
-    let mut req = StreamMapRequest { proof: None };
+    stream_req_with(node, server, None, false)
+}
+
+/// A signed StreamMapResponse request: resuming from (map id, version) when given, taking
+/// paged full maps and batches when `pages`.
+pub fn stream_req_with(
+    node: &NodeSecretKey,
+    server: &ControlPublicKey,
+    resume: Option<(u64, u64)>,
+    pages: bool,
+) -> StreamMapRequest {
+    let (map_id, version) = resume.unwrap_or_default();
+    let mut req = StreamMapRequest {
+        proof: None,
+        map_id,
+        version,
+        pages,
+    };
     req.proof = Some(sign(node, server, "StreamMapResponse", &req));
     req
 }

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use warren_proto::control::map_response::Kind;
-use warren_proto::control::{DerpMap, DnsConfig, Node, PacketFilter};
+use warren_proto::control::{DerpMap, DnsConfig, FullMap, MapResponse, Node, PacketFilter};
 use warren_proto::{DiscoPublicKey, KeyParseError, NodePublicKey};
 
 use crate::filter::{DstPorts, Filter, IpProto, PortRange, Rule};
@@ -37,6 +37,123 @@ pub enum MapError {
     /// A delta arrived before the first full map.
     #[error("delta before the first full map")]
     NoFullMap,
+    /// A full map's page arrived with no full map being assembled.
+    #[error("full map page without a full map")]
+    StrayPage,
+    /// Something other than a page arrived while a full map was being assembled.
+    #[error("{kind} in the middle of a paged full map")]
+    InterruptedFullMap {
+        /// What arrived.
+        kind: &'static str,
+    },
+    /// A batch held a full map, a page or another batch.
+    #[error("{kind} inside a batch")]
+    NestedInBatch {
+        /// What it held.
+        kind: &'static str,
+    },
+    /// A paged full map grew past [`MAX_PEERS`].
+    #[error("full map with more than {MAX_PEERS} peers")]
+    TooManyPeers,
+}
+
+/// Most peers a full map may have (a bound on what a control server can make a node hold).
+pub const MAX_PEERS: usize = 1 << 20;
+
+fn kind_name(k: &Kind) -> &'static str {
+    match k {
+        Kind::Full(_) => "a full map",
+        Kind::FullPage(_) => "a full map page",
+        Kind::Batch(_) => "a batch",
+        _ => "a change",
+    }
+}
+
+/// Reads the map stream's messages into the changes they carry: assembles full maps sent in
+/// pages, unpacks batches, and remembers the map version reached, which the node sends back
+/// when it reconnects so control can send only what changed since.
+#[derive(Debug, Default)]
+pub struct MapReader {
+    /// A full map whose pages are still arriving.
+    partial: Option<FullMap>,
+    map_id: u64,
+    version: u64,
+}
+
+impl MapReader {
+    /// The changes `m` carries, in order (none while a paged full map is incomplete).
+    pub fn read(&mut self, m: MapResponse) -> Result<Vec<Kind>, MapError> {
+        let Some(kind) = m.kind else {
+            return Ok(Vec::new());
+        };
+        let out = match kind {
+            Kind::Full(full) if full.more => {
+                self.partial = Some(full);
+                Vec::new()
+            }
+            Kind::Full(full) => {
+                self.map_id = full.map_id;
+                self.partial = None;
+                vec![Kind::Full(full)]
+            }
+            Kind::FullPage(page) => {
+                let Some(partial) = self.partial.as_mut() else {
+                    return Err(MapError::StrayPage);
+                };
+                if partial.peers.len() + page.peers.len() > MAX_PEERS {
+                    self.partial = None;
+                    return Err(MapError::TooManyPeers);
+                }
+                partial.peers.extend(page.peers);
+                if page.more {
+                    Vec::new()
+                } else {
+                    let full = self.partial.take().unwrap_or_default();
+                    self.map_id = full.map_id;
+                    vec![Kind::Full(full)]
+                }
+            }
+            Kind::Keepalive(_) => Vec::new(),
+            other if self.partial.is_some() => {
+                self.partial = None;
+                return Err(MapError::InterruptedFullMap {
+                    kind: kind_name(&other),
+                });
+            }
+            Kind::Batch(batch) => {
+                let mut out = Vec::with_capacity(batch.changes.len());
+                for k in batch.changes.into_iter().filter_map(|c| c.kind) {
+                    if matches!(k, Kind::Full(_) | Kind::FullPage(_) | Kind::Batch(_)) {
+                        return Err(MapError::NestedInBatch {
+                            kind: kind_name(&k),
+                        });
+                    }
+                    out.push(k);
+                }
+                out
+            }
+            other => vec![other],
+        };
+        if m.version != 0 {
+            self.version = m.version;
+        }
+        Ok(out)
+    }
+
+    /// Where to resume from: (map id, version), once a full map and a version arrived.
+    pub fn resume_point(&self) -> Option<(u64, u64)> {
+        (self.map_id != 0 && self.version != 0).then_some((self.map_id, self.version))
+    }
+
+    /// A new stream begins: a full map cut off by the old one's end is dropped.
+    pub fn restart(&mut self) {
+        self.partial = None;
+    }
+
+    /// Forgets the map (the node dropped it): the next stream starts with a full map.
+    pub fn forget(&mut self) {
+        *self = Self::default();
+    }
 }
 
 /// What a netmap message changed for the data plane.
@@ -425,6 +542,12 @@ impl Netmap {
                 MapChange::Settings
             }
             Kind::Keepalive(_) => MapChange::None,
+            // A MapReader turns these into the changes they carry.
+            k @ (Kind::FullPage(_) | Kind::Batch(_)) => {
+                return Err(MapError::NestedInBatch {
+                    kind: kind_name(&k),
+                });
+            }
         })
     }
 
@@ -462,6 +585,7 @@ mod tests {
             dns: None,
             derp_map: None,
             filter: None,
+            ..FullMap::default()
         };
         let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else {
             panic!("reset")
@@ -499,6 +623,7 @@ mod tests {
             dns: None,
             derp_map: None,
             filter: None,
+            ..FullMap::default()
         };
         let MapChange::Reset(c) = m.apply(Kind::Full(full)).expect("full") else {
             panic!("reset")
@@ -680,6 +805,7 @@ mod tests {
             dns: None,
             derp_map: None,
             filter: Some(wire.clone()),
+            ..FullMap::default()
         };
         assert!(matches!(m.apply(Kind::Full(full)), Ok(MapChange::Reset(_))));
         assert_eq!(m.filter(), f);
@@ -766,6 +892,7 @@ mod tests {
             }),
             derp_map: None,
             filter: None,
+            ..FullMap::default()
         };
         m.apply(Kind::Full(full)).expect("full");
         let dns = DnsConfig {
