@@ -684,7 +684,11 @@ impl Netmap {
         if !self.nodes.contains_key(&id) {
             return None;
         }
-        self.refresh();
+        // Without a policy nothing here asks the policy state (and rebuilding it would cost
+        // every node's identity).
+        if self.policy_on {
+            self.refresh();
+        }
         let start = match resume.and_then(|(map, v)| self.changes_since(id, map, v)) {
             Some(changes) => Start::Resume(changes),
             None => Start::Full(Box::new(self.full_map_source(id)?)),
@@ -713,7 +717,9 @@ impl Netmap {
     pub fn resync(&mut self, id: u64, stream: u64) -> Option<FullMapSource> {
         let sub = self.subscribers.get(&id).filter(|s| s.stream == stream)?;
         sub.outbox.reset();
-        self.refresh();
+        if self.policy_on {
+            self.refresh();
+        }
         self.full_map_source(id)
     }
 
@@ -1572,5 +1578,53 @@ mod tests {
         );
         assert!(a.outbox.try_recv().is_none());
         assert_eq!(m.full_map(1).and_then(|f| f.dns), Some(dns));
+    }
+
+    #[test]
+    fn resuming_takes_a_version_the_netmap_still_covers() {
+        let mut m = Netmap::default();
+        put(&mut m, 1);
+        put(&mut m, 2);
+        let s = m.subscribe(1, None).expect("known");
+        let (map, v) = (m.map_id(), s.version);
+        assert!(m.unsubscribe(1, s.stream));
+        put(&mut m, 3);
+        m.set_online(2, true, 5);
+        let s = m.subscribe(1, Some((map, v))).expect("known");
+        let Start::Resume(changes) = &s.start else {
+            panic!("a resume")
+        };
+        let kinds: Vec<&Kind> = changes.iter().map(|d| &**d).collect();
+        assert!(
+            kinds
+                .iter()
+                .any(|k| matches!(k, Kind::PeerChanged(n) if n.id == 3))
+        );
+        assert!(
+            kinds
+                .iter()
+                .any(|k| matches!(k, Kind::PeerOnline(o) if o.id == 2 && o.online))
+        );
+        assert!(
+            !kinds
+                .iter()
+                .any(|k| matches!(k, Kind::PeerChanged(n) if n.id == 2))
+        );
+        let v = s.version;
+        assert!(m.unsubscribe(1, s.stream));
+        // The node itself changed: what it sees may have too, so a full map.
+        put(&mut m, 1);
+        let s = m.subscribe(1, Some((map, v))).expect("known");
+        assert!(matches!(s.start, Start::Full(_)));
+        let v = s.version;
+        assert!(m.unsubscribe(1, s.stream));
+        // Past MAX_REMOVED removals the oldest are forgotten: too old to resume.
+        for id in 100..100 + MAX_REMOVED as u64 + 1 {
+            put(&mut m, id);
+            m.remove(id);
+        }
+        assert!(m.floor() > v);
+        let s = m.subscribe(1, Some((map, v))).expect("known");
+        assert!(matches!(s.start, Start::Full(_)));
     }
 }

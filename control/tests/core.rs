@@ -364,3 +364,140 @@ fn key_tags_must_be_owned_once_any_policy_is_configured() {
         other => panic!("expected TagWithoutOwner, got {other:?}"),
     }
 }
+
+/// The changes a resumed subscription starts with (panics on a full map).
+fn resumed(sub: &warren_control::netmap::Subscription) -> Vec<Kind> {
+    match &sub.start {
+        warren_control::netmap::Start::Resume(changes) => {
+            changes.iter().map(|d| Kind::clone(d)).collect()
+        }
+        warren_control::netmap::Start::Full(_) => panic!("a full map, not a resume"),
+    }
+}
+
+#[test]
+fn map_versions_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("db.sqlite");
+    let mut core = open(&db, T0);
+    core.create_user("alice", T0).expect("user");
+    let key = auth_key(&mut core, true, 1);
+    let mut ids = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let (k, d) = keys();
+        ids.push(core.register(k, d, name, &key, T0).expect("register").id);
+    }
+    let [a, b, c, d] = ids[..] else {
+        unreachable!()
+    };
+    let sub = core.subscribe(a, T0, None).expect("subscribe");
+    let (map_id, seen) = (core.netmap().map_id(), sub.version);
+    core.unsubscribe(a, sub.stream, T0 + 1);
+    // While a is away: b moves, d is deleted; then control restarts.
+    let moved: std::net::SocketAddr = "192.0.2.5:41641".parse().expect("addr");
+    core.update_node(b, Some(vec![moved]), None, None)
+        .expect("update");
+    core.delete_node(d).expect("delete");
+    drop(core);
+
+    let mut core = open(&db, T0 + 10);
+    assert_eq!(
+        core.netmap().map_id(),
+        map_id,
+        "the map id is the database's"
+    );
+    assert!(
+        core.netmap().version() > seen,
+        "versions go on from the lease"
+    );
+    // c comes back before a does.
+    let c_sub = core.subscribe(c, T0 + 11, None).expect("subscribe c");
+    let sub = core
+        .subscribe(a, T0 + 12, Some((map_id, seen)))
+        .expect("resume");
+    let changes = resumed(&sub);
+    // b's new record, d's removal; c unchanged, so only its online state (it is back), and b's
+    // (offline: online states did not survive the restart).
+    assert!(
+        changes.iter().any(
+            |k| matches!(k, Kind::PeerChanged(n) if n.id == b && n.endpoints == ["192.0.2.5:41641"])
+        ),
+        "{changes:?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|k| matches!(k, Kind::PeerRemoved(r) if r.id == d))
+    );
+    assert!(
+        !changes
+            .iter()
+            .any(|k| matches!(k, Kind::PeerChanged(n) if n.id == c))
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|k| matches!(k, Kind::PeerOnline(o) if o.id == c && o.online))
+    );
+    assert!(
+        !changes
+            .iter()
+            .any(|k| matches!(k, Kind::PeerOnline(o) if o.id == c && !o.online))
+    );
+    assert!(matches!(changes.first(), Some(Kind::SettingsChanged(_))));
+    assert!(
+        changes
+            .iter()
+            .any(|k| matches!(k, Kind::SelfChanged(n) if n.id == a))
+    );
+    assert!(changes.iter().any(|k| matches!(k, Kind::FilterChanged(_))));
+    drop(c_sub);
+
+    // A version from the future, another map's id: full maps.
+    let future = core.netmap().version() + 1;
+    for resume in [(map_id, future), (map_id ^ 1, seen)] {
+        let sub = core.subscribe(a, T0 + 13, Some(resume)).expect("subscribe");
+        assert!(
+            matches!(sub.start, warren_control::netmap::Start::Full(_)),
+            "{resume:?}"
+        );
+    }
+    let now = core.netmap().version();
+    drop(core);
+
+    // Under another policy nobody resumes across the change: a full map.
+    let mut s = settings();
+    s.policy = Some(std::sync::Arc::new(
+        warren_control::grpc::compile_policy(
+            r#"{"acls":[{"action":"accept","src":["*"],"dst":["*:22"]}]}"#,
+        )
+        .expect("policy"),
+    ));
+    let mut core = Core::open(
+        Box::new(SqliteStore::open(&db, true).expect("store")),
+        &s,
+        T0 + 20,
+    )
+    .expect("core");
+    let sub = core
+        .subscribe(a, T0 + 21, Some((map_id, now)))
+        .expect("subscribe");
+    assert!(matches!(sub.start, warren_control::netmap::Start::Full(_)));
+    // And the same policy again is no change: resuming works.
+    let v = sub.version;
+    core.unsubscribe(a, sub.stream, T0 + 22);
+    drop(core);
+    let mut core = Core::open(
+        Box::new(SqliteStore::open(&db, true).expect("store")),
+        &s,
+        T0 + 30,
+    )
+    .expect("core");
+    let sub = core
+        .subscribe(a, T0 + 31, Some((map_id, v)))
+        .expect("subscribe");
+    assert!(matches!(
+        sub.start,
+        warren_control::netmap::Start::Resume(_)
+    ));
+}

@@ -267,6 +267,77 @@ fn control_restart_keeps_addresses_and_traffic() {
     });
 }
 
+#[test]
+fn control_killed_under_50_nodes_is_resumed_by_every_stream() {
+    lab_test("control-kill-50", |lab, bins| {
+        const NODES: usize = 50;
+        let mut mesh = Mesh::start(lab, bins, NODES)?;
+        let addrs = mesh
+            .nodes
+            .iter()
+            .map(|n| n.ipv4(lab))
+            .collect::<Result<Vec<_>>>()?;
+        // A ring of paths: node i reaches node i + 1.
+        let next = |i: usize| addrs[(i + 1) % NODES];
+        for (i, n) in mesh.nodes.iter().enumerate() {
+            wait_ping(lab, n, next(i))?;
+        }
+        wait_until(SOON, "every node reports a control connection", || {
+            all_connected(lab, &mesh.nodes, true)
+        })?;
+
+        // kill -9: no goodbye to any stream.
+        let killed = mesh.control.proc().context("control runs")?.force_kill()?;
+        ensure!(!killed.success(), "control was killed: {killed}");
+        for (i, n) in mesh.nodes.iter().enumerate() {
+            ensure!(
+                lab.ping(&n.ns, v4(next(i)))?,
+                "{} -> {} with control dead",
+                n.hostname,
+                next(i)
+            );
+        }
+        mesh.control.restart(lab)?;
+        let took = wait_until(Duration::from_secs(60), "every node reconnects", || {
+            all_connected(lab, &mesh.nodes, true)
+        })?;
+        // Consistent again: every node lists the 49 others, online (each came back after the
+        // restart, and each was told).
+        let consistent = wait_until(SOON, "every node sees every peer online", || {
+            for n in &mesh.nodes {
+                let s = n.status(lab)?;
+                if s.peers.len() != NODES - 1 || !s.peers.iter().all(|p| p.online) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })?;
+        eprintln!(
+            "{NODES} nodes reconnected {} ms after control was ready, consistent {} ms later",
+            took.as_millis(),
+            consistent.as_millis()
+        );
+        // Every stream resumed from the version its node had: no full map after the restart.
+        let log = mesh.control.log();
+        let resumed = log.matches("resumed=true").count();
+        let full = log.matches("resumed=false").count();
+        ensure!(
+            resumed >= NODES && full == 0,
+            "{resumed} streams resumed, {full} took a full map:\n{log}"
+        );
+        // And the tunnels were kept: the ring still answers.
+        for (i, n) in mesh.nodes.iter().enumerate() {
+            ensure!(
+                lab.ping(&n.ns, v4(next(i)))?,
+                "{} -> {} after the restart",
+                n.hostname,
+                next(i)
+            );
+        }
+        Ok(())
+    });
+}
+
 fn sorted(addrs: &[IpAddr]) -> Vec<IpAddr> {
     let mut v = addrs.to_vec();
     v.sort();
