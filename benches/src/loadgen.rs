@@ -643,6 +643,9 @@ impl SimNode {
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
+            // The node's windows (see warren's control client).
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(512 * 1024)
             .connect()
             .await
             .context("connecting")?;

@@ -1,6 +1,7 @@
 //! The load generator against the real (debug) `warren-control` binary with 5 nodes: every
-//! node gets exactly one full map, listing exactly the other 4, so the generator cannot rot
-//! unnoticed. Skipped with a reason when the binary is not built, unless
+//! node gets exactly one full map, listing exactly the other 4; every stream sees each of 3
+//! joining nodes and its endpoints; after SIGKILL and a restart every stream resumes (no full
+//! map) and is consistent again. So neither the generator nor those paths rot unnoticed. Skipped with a reason when the binary is not built, unless
 //! WARREN_NETNS_REQUIRED=1.
 
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ async fn five_nodes_each_get_one_exact_full_map() {
         embedded_derp: false,
         web: false,
         timeout: Duration::from_secs(60),
+        probes: 3,
         ..Options::new(5, bin)
     };
     let report = run(&opts).await.expect("the load ran");
@@ -58,6 +60,25 @@ async fn five_nodes_each_get_one_exact_full_map() {
             .iter()
             .map(|n| n.full_map_bytes)
             .sum::<u64>()
+    );
+    // Fan-out: each of the 3 probes, online and then its endpoints, at each of the 5 streams.
+    assert_eq!(report.join_fan_out.changes, 3);
+    assert_eq!(report.join_fan_out.samples, 15, "{}", report.to_text());
+    assert_eq!(report.endpoint_fan_out.samples, 15, "{}", report.to_text());
+    assert!(report.join_fan_out.p50 <= report.join_fan_out.p99);
+    // The restart: every stream resumed, consistent again, for fewer bytes than the maps.
+    let restart = report.restart.as_ref().expect("the restart phase ran");
+    assert_eq!(
+        (restart.resumed, restart.full),
+        (5, 0),
+        "{}",
+        report.to_text()
+    );
+    assert!(restart.consistent.is_some(), "{}", report.to_text());
+    assert!(
+        restart.bytes < report.full_map_bytes_total,
+        "{}",
+        report.to_text()
     );
     assert!(report.usage_end.peak_rss_kib > 0 && report.usage_end.rss_kib > 0);
     assert!(report.max_sampled_rss_kib >= report.usage_end.rss_kib);

@@ -212,10 +212,28 @@ pub fn compile_policy(text: &str) -> Result<CompiledPolicy, ControlError> {
 }
 
 impl Shared {
+    /// Runs `work` on the core on a blocking thread: core calls that write to the database
+    /// (SQLite, synchronous) never hold up the async threads that serve the map streams.
+    pub async fn with_core<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&mut Core) -> T + Send + 'static,
+    ) -> T {
+        let shared = Arc::clone(self);
+        let task = tokio::task::spawn_blocking(move || work(&mut shared.core.blocking_lock()));
+        match task.await {
+            Ok(out) => out,
+            // A panic in the core is a bug: carry it to the caller as if it had run here.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
     /// Checks an API key, as every Admin call over TCP does and the web admin page's login and
-    /// sessions do (one rule for both), and records its use.
-    pub async fn check_api_key(&self, key: &str) -> Result<(), ControlError> {
-        self.core.lock().await.check_api_key(key, unix_ms())
+    /// sessions do (one rule for both), and records its use (a database write, so off the
+    /// async threads).
+    pub async fn check_api_key(self: &Arc<Self>, key: &str) -> Result<(), ControlError> {
+        let key = key.to_owned();
+        self.with_core(move |core| core.check_api_key(&key, unix_ms()))
+            .await
     }
 
     /// Checks a node proof for `method` over `rest` (the request with its proof taken out).
@@ -321,8 +339,10 @@ impl Control for ControlService {
                     reason: "must be 32 bytes",
                 }
             })?;
-            let mut core = self.shared.core.lock().await;
-            core.register(key, disco, &req.hostname, &req.auth_key, now)
+            // Registration writes to the database: off the async threads.
+            self.shared
+                .with_core(move |core| core.register(key, disco, &req.hostname, &req.auth_key, now))
+                .await
         }
         .await;
         match &registered {
@@ -362,7 +382,8 @@ impl Control for ControlService {
     ) -> Result<Response<UpdateNodeResponse>, Status> {
         let mut req = req.into_inner();
         let proof = req.proof.take();
-        let (mut core, id, _) = self.authenticate(proof, &req, "UpdateNode").await?;
+        let now = unix_ms();
+        let key = self.shared.prove(proof, &req, "UpdateNode", now)?;
         let endpoints = req
             .endpoints
             .map(|e| parse_endpoints(&e.endpoints))
@@ -375,10 +396,18 @@ impl Control for ControlService {
         if let Some(h) = &req.hostname {
             crate::core::check_hostname(h)?;
         }
-        core.update_node(id, endpoints, req.hostname, req.home_region)?;
-        if let Some(routes) = advertised {
-            core.advertise_routes(id, routes)?;
-        }
+        // The node is authenticated under the same lock as the work, which writes to the
+        // database: off the async threads.
+        self.shared
+            .with_core(move |core| {
+                let id = core.authenticate(&key, now)?;
+                core.update_node(id, endpoints, req.hostname, req.home_region)?;
+                if let Some(routes) = advertised {
+                    core.advertise_routes(id, routes)?;
+                }
+                Ok::<_, ControlError>(())
+            })
+            .await?;
         Ok(Response::new(UpdateNodeResponse {}))
     }
 
@@ -390,10 +419,17 @@ impl Control for ControlService {
     ) -> Result<Response<MapStream>, Status> {
         let mut rest = req.into_inner();
         let proof = rest.proof.take();
-        let (mut core, id, key) = self.authenticate(proof, &rest, "StreamMapResponse").await?;
+        let now = unix_ms();
+        let key = self.shared.prove(proof, &rest, "StreamMapResponse", now)?;
         let resume = (rest.map_id != 0 && rest.version != 0).then_some((rest.map_id, rest.version));
-        let sub = core.subscribe(id, unix_ms(), resume)?;
-        drop(core);
+        // Subscribing may lease map versions in the database: off the async threads.
+        let (id, sub) = self
+            .shared
+            .with_core(move |core| {
+                let id = core.authenticate(&key, now)?;
+                Ok::<_, ControlError>((id, core.subscribe(id, now, resume)?))
+            })
+            .await?;
         let resumed = matches!(sub.start, crate::netmap::Start::Resume(_));
         tracing::info!(node = id, key = %key.short(), resumed, "map stream opened");
         // Two messages in flight: the stream makes the next one only when the node has taken
@@ -599,8 +635,11 @@ async fn run_stream(
         open = sent.is_ok();
     }
     metrics.stream_open(false);
-    // An ephemeral node left offline is deleted by the periodic sweep (see `serve`).
-    shared.core.lock().await.unsubscribe(id, stream, unix_ms());
+    // An ephemeral node left offline is deleted by the periodic sweep (see `serve`). Going
+    // offline records when the node was last seen: a database write, off the async threads.
+    shared
+        .with_core(move |core| core.unsubscribe(id, stream, unix_ms()))
+        .await;
     tracing::info!(node = id, "map stream closed");
 }
 
@@ -684,12 +723,11 @@ impl Admin for AdminService {
         req: Request<CreateUserRequest>,
     ) -> Result<Response<CreateUserResponse>, Status> {
         self.authorize(&req).await?;
+        let name = req.into_inner().name;
         let u = self
             .shared
-            .core
-            .lock()
-            .await
-            .create_user(&req.get_ref().name, unix_ms())?;
+            .with_core(move |core| core.create_user(&name, unix_ms()))
+            .await?;
         Ok(Response::new(CreateUserResponse {
             user: Some(user_msg(&u)),
         }))
@@ -717,11 +755,10 @@ impl Admin for AdminService {
         req: Request<DeleteUserRequest>,
     ) -> Result<Response<DeleteUserResponse>, Status> {
         self.authorize(&req).await?;
+        let name = req.into_inner().name;
         self.shared
-            .core
-            .lock()
-            .await
-            .delete_user(&req.get_ref().name)?;
+            .with_core(move |core| core.delete_user(&name))
+            .await?;
         Ok(Response::new(DeleteUserResponse {}))
     }
 
@@ -738,9 +775,15 @@ impl Admin for AdminService {
             expiration: secs(r.expiration_secs),
             tags: r.tags,
         };
-        let mut core = self.shared.core.lock().await;
-        let (k, secret) = core.create_auth_key(&new, random30()?, unix_ms())?;
-        let user = core.auth_key_user(&k);
+        let random = random30()?;
+        let (k, secret, user) = self
+            .shared
+            .with_core(move |core| {
+                let (k, secret) = core.create_auth_key(&new, random, unix_ms())?;
+                let user = core.auth_key_user(&k);
+                Ok::<_, ControlError>((k, secret, user))
+            })
+            .await?;
         Ok(Response::new(CreatePreAuthKeyResponse {
             key: Some(auth_key_msg(&k, user)),
             secret,
@@ -752,12 +795,18 @@ impl Admin for AdminService {
         req: Request<ListPreAuthKeysRequest>,
     ) -> Result<Response<ListPreAuthKeysResponse>, Status> {
         self.authorize(&req).await?;
-        let core = self.shared.core.lock().await;
-        let keys = core
-            .auth_keys(nonempty(&req.get_ref().user))?
-            .iter()
-            .map(|k| auth_key_msg(k, core.auth_key_user(k)))
-            .collect();
+        let user = req.into_inner().user;
+        let keys = self
+            .shared
+            .with_core(move |core| {
+                Ok::<_, ControlError>(
+                    core.auth_keys(nonempty(&user))?
+                        .iter()
+                        .map(|k| auth_key_msg(k, core.auth_key_user(k)))
+                        .collect(),
+                )
+            })
+            .await?;
         Ok(Response::new(ListPreAuthKeysResponse { keys }))
     }
 
@@ -766,11 +815,10 @@ impl Admin for AdminService {
         req: Request<ExpirePreAuthKeyRequest>,
     ) -> Result<Response<ExpirePreAuthKeyResponse>, Status> {
         self.authorize(&req).await?;
+        let prefix = req.into_inner().prefix;
         self.shared
-            .core
-            .lock()
-            .await
-            .expire_auth_key(&req.get_ref().prefix, unix_ms())?;
+            .with_core(move |core| core.expire_auth_key(&prefix, unix_ms()))
+            .await?;
         Ok(Response::new(ExpirePreAuthKeyResponse {}))
     }
 
@@ -780,12 +828,11 @@ impl Admin for AdminService {
     ) -> Result<Response<CreateApiKeyResponse>, Status> {
         self.authorize(&req).await?;
         let exp = secs(req.get_ref().expiration_secs);
-        let (k, secret) =
-            self.shared
-                .core
-                .lock()
-                .await
-                .create_api_key(exp, random30()?, unix_ms())?;
+        let random = random30()?;
+        let (k, secret) = self
+            .shared
+            .with_core(move |core| core.create_api_key(exp, random, unix_ms()))
+            .await?;
         Ok(Response::new(CreateApiKeyResponse {
             key: Some(api_key_msg(&k)),
             secret,
@@ -799,10 +846,8 @@ impl Admin for AdminService {
         self.authorize(&req).await?;
         let keys = self
             .shared
-            .core
-            .lock()
-            .await
-            .api_keys()?
+            .with_core(|core| core.api_keys())
+            .await?
             .iter()
             .map(api_key_msg)
             .collect();
@@ -814,11 +859,10 @@ impl Admin for AdminService {
         req: Request<ExpireApiKeyRequest>,
     ) -> Result<Response<ExpireApiKeyResponse>, Status> {
         self.authorize(&req).await?;
+        let prefix = req.into_inner().prefix;
         self.shared
-            .core
-            .lock()
-            .await
-            .expire_api_key(&req.get_ref().prefix, unix_ms())?;
+            .with_core(move |core| core.expire_api_key(&prefix, unix_ms()))
+            .await?;
         Ok(Response::new(ExpireApiKeyResponse {}))
     }
 
@@ -837,11 +881,10 @@ impl Admin for AdminService {
         req: Request<DeleteNodeRequest>,
     ) -> Result<Response<DeleteNodeResponse>, Status> {
         self.authorize(&req).await?;
+        let id = req.get_ref().id;
         self.shared
-            .core
-            .lock()
-            .await
-            .delete_node(req.get_ref().id)?;
+            .with_core(move |core| core.delete_node(id))
+            .await?;
         Ok(Response::new(DeleteNodeResponse {}))
     }
 
@@ -850,12 +893,11 @@ impl Admin for AdminService {
         req: Request<ExpireNodeRequest>,
     ) -> Result<Response<ExpireNodeResponse>, Status> {
         self.authorize(&req).await?;
+        let id = req.get_ref().id;
         let node = self
             .shared
-            .core
-            .lock()
-            .await
-            .expire_node(req.get_ref().id, unix_ms())?;
+            .with_core(move |core| core.expire_node(id, unix_ms()))
+            .await?;
         Ok(Response::new(ExpireNodeResponse { node: Some(node) }))
     }
 
@@ -864,13 +906,11 @@ impl Admin for AdminService {
         req: Request<RenameNodeRequest>,
     ) -> Result<Response<RenameNodeResponse>, Status> {
         self.authorize(&req).await?;
-        let r = req.get_ref();
+        let r = req.into_inner();
         let node = self
             .shared
-            .core
-            .lock()
-            .await
-            .rename_node(r.id, &r.new_name)?;
+            .with_core(move |core| core.rename_node(r.id, &r.new_name))
+            .await?;
         Ok(Response::new(RenameNodeResponse { node: Some(node) }))
     }
 
@@ -901,7 +941,10 @@ impl Admin for AdminService {
     ) -> Result<Response<TagNodeResponse>, Status> {
         self.authorize(&req).await?;
         let r = req.into_inner();
-        let node = self.shared.core.lock().await.tag_node(r.id, r.tags)?;
+        let node = self
+            .shared
+            .with_core(move |core| core.tag_node(r.id, r.tags))
+            .await?;
         tracing::info!(node = node.id, tags = ?node.tags, "node tagged");
         Ok(Response::new(TagNodeResponse { node: Some(node) }))
     }
@@ -945,10 +988,17 @@ impl Admin for AdminService {
         let text: Arc<str> = req.into_inner().policy.into();
         // Compiling needs no lock; applying and storing happen under it, together.
         let compiled = Arc::new(compile_policy(&text)?);
-        let mut core = self.shared.core.lock().await;
-        let sent = core.store_policy(&text, compiled, unix_ms())?;
-        source.set_text(Some(Arc::clone(&text)));
-        drop(core);
+        let shared = Arc::clone(&self.shared);
+        let stored = Arc::clone(&text);
+        let sent = self
+            .shared
+            .with_core(move |core| {
+                let sent = core.store_policy(&stored, compiled, unix_ms())?;
+                // Still under the lock: the text and the policy in force change together.
+                shared.policy.set_text(Some(stored));
+                Ok::<_, ControlError>(sent)
+            })
+            .await?;
         tracing::info!(updates = sent, bytes = text.len(), "policy set and applied");
         Ok(Response::new(SetPolicyResponse {
             updates_sent: u64::try_from(sent).unwrap_or(u64::MAX),
@@ -977,7 +1027,10 @@ impl Admin for AdminService {
         self.authorize(&req).await?;
         let r = req.into_inner();
         let routes = crate::routes::parse_routes("routes", &r.routes)?;
-        let node = self.shared.core.lock().await.approve_routes(r.id, routes)?;
+        let node = self
+            .shared
+            .with_core(move |core| core.approve_routes(r.id, routes))
+            .await?;
         tracing::info!(node = node.id, approved = ?node.approved_routes, "routes approved by an admin");
         Ok(Response::new(ApproveRoutesResponse { node: Some(node) }))
     }
@@ -988,14 +1041,18 @@ impl Admin for AdminService {
     ) -> Result<Response<HealthResponse>, Status> {
         self.authorize(&req).await?;
         let source = &self.shared.policy;
-        let core = self.shared.core.lock().await;
-        // A read that goes to the database (users and nodes are served from memory).
-        let database_error = match core.api_keys() {
-            Ok(_) => String::new(),
-            Err(e) => e.to_string(),
-        };
-        let nodes = core.admin_nodes(None)?;
-        let policy_configured = core.policy_configured();
+        let (database_error, nodes, policy_configured) = self
+            .shared
+            .with_core(|core| {
+                // A read that goes to the database (users and nodes are served from memory).
+                let database_error = match core.api_keys() {
+                    Ok(_) => String::new(),
+                    Err(e) => e.to_string(),
+                };
+                let nodes = core.admin_nodes(None)?;
+                Ok::<_, ControlError>((database_error, nodes, core.policy_configured()))
+            })
+            .await?;
         // File mode with a path must have a policy in force (start-up refuses one that does not
         // compile, and a reload keeps the one in force); no policy otherwise is allowed.
         let policy_ok =

@@ -136,6 +136,8 @@ impl FullMapSource {
         }
         let mut used = 0;
         let records = self.records.read().unwrap_or_else(|e| e.into_inner());
+        // Measured before the copy (on the stored record, which is never smaller than what
+        // peers get), so a record that does not fit is not copied.
         let fits = |used: usize, n: &Node, page: &Vec<Node>| {
             let len = field_len(prost::Message::encoded_len(n));
             (page.is_empty() || used + len <= budget).then_some(len)
@@ -148,13 +150,12 @@ impl FullMapSource {
                     .filter(|(id, _)| **id != self.me)
                     .peekable();
                 while let Some((id, n)) = rest.peek() {
-                    let rec = self.record(n);
-                    let Some(len) = fits(used, &rec, &page) else {
+                    let Some(len) = fits(used, self.own.get(id).unwrap_or(n), &page) else {
                         break;
                     };
                     used += len;
                     self.last = Some(**id);
-                    page.push(rec);
+                    page.push(self.record(n));
                     rest.next();
                 }
                 self.done = rest.peek().is_none();
@@ -166,12 +167,11 @@ impl FullMapSource {
                         self.cursor += 1;
                         continue;
                     };
-                    let rec = self.record(n);
-                    let Some(len) = fits(used, &rec, &page) else {
+                    let Some(len) = fits(used, self.own.get(id).unwrap_or(n), &page) else {
                         break;
                     };
                     used += len;
-                    page.push(rec);
+                    page.push(self.record(n));
                     self.cursor += 1;
                 }
                 self.done = self.cursor >= visible.len();

@@ -337,11 +337,10 @@ async fn sweep_ephemeral(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // Deleting writes to the database: off the async threads.
         if let Err(e) = shared
-            .core
-            .lock()
+            .with_core(move |core| core.reap_ephemeral(unix_ms(), timeout_ms))
             .await
-            .reap_ephemeral(unix_ms(), timeout_ms)
         {
             tracing::warn!(error = %e, "ephemeral sweep failed");
         }

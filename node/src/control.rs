@@ -76,6 +76,14 @@ async fn dial_marked(uri: Uri) -> std::io::Result<TokioIo<TcpStream>> {
     }))
 }
 
+/// The HTTP/2 receive window of the map stream: what control may have in flight to this node.
+/// A full map arrives in 7 KiB pages read as they come, so 256 KiB keeps the pipe full over
+/// long round trips while control holds little per node (hyper's client default is 2 MiB,
+/// which at ten thousand nodes is gigabytes control may have to buffer for slow readers).
+pub const STREAM_WINDOW: u32 = 256 * 1024;
+/// The connection's window: the map stream and the occasional unary call.
+pub const CONNECTION_WINDOW: u32 = 512 * 1024;
+
 impl Client {
     /// Connects to `url` and fetches the server's key. The TCP connection carries the bypass
     /// mark, so it reaches control by the host's routes even when an exit
@@ -86,6 +94,8 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .connect_with_connector(tower::service_fn(dial_marked))
             .await
             .with_context(|| format!("connecting to control at {url}"))?;

@@ -1,7 +1,8 @@
 //! `warren-loadgen`: starts a real `warren-control serve`, plays N nodes against it over real
 //! gRPC (one connection each: register, open the map stream, report endpoints, read the stream
 //! continuously), and reports registration rate, time until every stream has its full map and
-//! sees every peer online, full-map bytes, and control's RSS and CPU time.
+//! sees every peer online, full-map bytes, fan-out latencies, control's RSS and CPU time, and
+//! the way back after control is killed and restarted.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -35,6 +36,12 @@ struct Args {
     /// Seconds each phase may take.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// Nodes that join one at a time once the mesh is up, to time join and endpoint fan-out.
+    #[arg(long, default_value_t = 10)]
+    probes: usize,
+    /// Skip the phase that kills control (SIGKILL), starts it again and times the way back.
+    #[arg(long)]
+    no_restart: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -58,6 +65,8 @@ async fn main() -> anyhow::Result<()> {
         embedded_derp: !args.no_derp,
         web: !args.no_web,
         timeout: Duration::from_secs(args.timeout),
+        probes: args.probes,
+        restart: !args.no_restart,
         verbose: true,
         ..Options::new(
             args.nodes,
