@@ -452,8 +452,16 @@ impl Control for ControlService {
 /// encode buffer ([`warren_proto::codec::BUFFER_SIZE`]) with room for the envelope.
 pub const PAGE_BYTES: usize = 7 * 1024;
 
-/// How long a stream gathers changes before it sends them as one message.
+/// How long a stream gathers changes before it sends them as one message, when changes are
+/// few.
 pub const COALESCE_TICK: Duration = Duration::from_millis(50);
+/// The longest a busy stream gathers: while changes keep arriving at [`BUSY_TICK`] peers or
+/// more per tick, the stream waits twice as long again, up to this (so a join storm costs each
+/// stream a few large messages, not twenty small ones a second, and a quiet stream still sends
+/// within one short tick).
+pub const MAX_COALESCE_TICK: Duration = Duration::from_millis(800);
+/// Peers with pending changes per [`COALESCE_TICK`] that count as busy.
+pub const BUSY_TICK: usize = 32;
 
 /// Writes one map stream's messages, numbering them.
 struct MapWriter {
@@ -605,8 +613,17 @@ async fn run_stream(
                 break;
             }
             () = outbox.changed() => {
-                // Whatever else arrives within the tick goes out in the same message.
-                tokio::time::sleep(COALESCE_TICK).await;
+                // Whatever else arrives within the tick goes out in the same message; while
+                // changes pour in, the stream gathers longer.
+                let mut waited = COALESCE_TICK;
+                tokio::time::sleep(waited).await;
+                while waited < MAX_COALESCE_TICK
+                    && outbox.pending_peers() * COALESCE_TICK.as_millis() as usize
+                        >= BUSY_TICK * waited.as_millis() as usize
+                {
+                    tokio::time::sleep(waited).await;
+                    waited *= 2;
+                }
                 // Every change up to this version is in the outbox by now.
                 let version = published.load(Ordering::Acquire);
                 match outbox.take() {

@@ -214,6 +214,11 @@ impl Outbox {
         p.ready.pop_front()
     }
 
+    /// How many peers have changes pending.
+    pub fn pending_peers(&self) -> usize {
+        self.lock().peers.len()
+    }
+
     /// Whether the backlog overflowed and the stream must resync.
     pub fn lagging(&self) -> bool {
         self.lock().resync
