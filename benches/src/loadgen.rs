@@ -36,6 +36,9 @@ use warren_proto::control::*;
 use warren_proto::proof::{make_proof, request_digest, unix_ms};
 use warren_proto::{ControlPublicKey, DiscoSecretKey, NodeSecretKey};
 
+/// How long control may take to stop after SIGTERM before it is killed.
+const STOP_DEADLINE: Duration = Duration::from_secs(60);
+
 /// Largest map message a simulated node accepts (the real node's limit).
 const MAX_MAP_BYTES: usize = 64 << 20;
 
@@ -219,6 +222,8 @@ pub struct Report {
     pub endpoint_fan_out: FanOut,
     /// The restart phase, when it ran.
     pub restart: Option<Restart>,
+    /// From SIGTERM at the end until control exited; `None` when it did not within 60 s.
+    pub shutdown: Option<Duration>,
     /// What each node saw, in registration order.
     pub per_node: Vec<NodeResult>,
 }
@@ -270,6 +275,7 @@ impl Report {
             "control_end": usage(&self.usage_end),
             "control_max_sampled_rss_kib": self.max_sampled_rss_kib,
             "loadgen": usage(&self.usage_loadgen),
+            "shutdown_secs": secs(self.shutdown),
             "join_fan_out": fan_out(&self.join_fan_out),
             "endpoint_fan_out": fan_out(&self.endpoint_fan_out),
             "restart": self.restart.as_ref().map(|r| serde_json::json!({
@@ -364,6 +370,7 @@ impl Report {
             ),
             format!("loadgen itself        {}", usage(&self.usage_loadgen)),
             format!("join fan-out          {}", fan_out(&self.join_fan_out)),
+            format!("shutdown (SIGTERM)    {}", secs(self.shutdown)),
             format!("endpoint fan-out      {}", fan_out(&self.endpoint_fan_out)),
             match &self.restart {
                 None => "restart               not run".into(),
@@ -563,23 +570,23 @@ impl ControlProcess {
         Ok(())
     }
 
-    /// Waits up to 10 s for control to exit after [`Self::terminate`] (then SIGKILL).
-    async fn wait_exit(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+    /// Waits up to [`STOP_DEADLINE`] for control to exit after [`Self::terminate`]; returns
+    /// how long it took, or `None` when it had to be killed (SIGKILL) after that.
+    async fn wait_exit(&mut self, since: Instant) -> anyhow::Result<Option<Duration>> {
+        while since.elapsed() < STOP_DEADLINE {
             if let Some(status) = self.child.try_wait()? {
                 anyhow::ensure!(
                     status.success(),
                     "control exited with {status} after SIGTERM:\n{}",
                     self.log_tail()
                 );
-                return Ok(());
+                return Ok(Some(since.elapsed()));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.child.kill()?;
         self.child.wait()?;
-        bail!("control did not stop within 10 s of SIGTERM")
+        Ok(None)
     }
 }
 
@@ -1290,6 +1297,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         (FanOut::default(), FanOut::default())
     };
 
+    let stop_at: Instant;
     let (per_node, restart) = if opts.restart {
         let killed = Instant::now();
         control.kill_and_restart()?;
@@ -1328,6 +1336,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         .await;
         log(format!("consistent again: {consistent:?}"));
         let usage = read_usage(control.pid())?;
+        stop_at = Instant::now();
         control.terminate()?;
         for (_, r) in collect(readers).await? {
             results.push(r);
@@ -1344,6 +1353,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         };
         (results, Some(restart))
     } else {
+        stop_at = Instant::now();
         control.terminate()?;
         let results = collect(readers)
             .await?
@@ -1353,7 +1363,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         drop(held);
         (results, None)
     };
-    control.wait_exit().await?;
+    let shutdown = control.wait_exit(stop_at).await?;
     let usage_loadgen = read_usage(std::process::id())?;
     sampler.abort();
     let max_sampled_rss_kib =
@@ -1385,6 +1395,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         join_fan_out,
         endpoint_fan_out,
         restart,
+        shutdown,
         per_node,
     })
 }

@@ -80,6 +80,7 @@ async fn five_nodes_each_get_one_exact_full_map() {
         "{}",
         report.to_text()
     );
+    assert!(report.shutdown.is_some(), "control stopped on SIGTERM");
     assert!(report.usage_end.peak_rss_kib > 0 && report.usage_end.rss_kib > 0);
     assert!(report.max_sampled_rss_kib >= report.usage_end.rss_kib);
     let json = report.to_json(true);

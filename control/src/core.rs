@@ -579,6 +579,11 @@ impl Core {
         Ok(sub)
     }
 
+    /// The server is shutting down: see [`Netmap::stop_sending`].
+    pub fn stop_sending(&mut self) {
+        self.netmap.stop_sending();
+    }
+
     /// A fresh full map for a lagging stream; see [`Netmap::resync`].
     pub fn resync(&mut self, id: u64, stream: u64) -> Option<FullMapSource> {
         self.netmap.resync(id, stream)

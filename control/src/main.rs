@@ -4,6 +4,9 @@ use clap::Parser;
 use warren_control::cli::{Cli, Command};
 use warren_control::config::Config;
 
+/// Threads for blocking work (the database, under the core's lock).
+const MAX_BLOCKING_THREADS: usize = 8;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     use tracing_subscriber::layer::SubscriberExt;
@@ -24,7 +27,13 @@ fn main() -> std::process::ExitCode {
         )
         .init();
     warren_control::reload::install_log_filter(Box::new(move |f| handle.reload(f)));
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Blocking threads run the core's database work, one at a time under the core's lock:
+    // a few are enough, and each thread more is memory (and a malloc arena) for nothing.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

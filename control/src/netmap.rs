@@ -224,6 +224,9 @@ struct Versions {
     onlines: BTreeMap<u64, u64>,
     /// Removals: version to node.
     removed: BTreeMap<u64, u64>,
+    /// Each node's online state as one shared delta, made when a resuming stream first needs
+    /// it (after a restart every resuming stream needs every peer's).
+    online_deltas: std::sync::Mutex<HashMap<u64, Delta>>,
 }
 
 impl Versions {
@@ -237,6 +240,8 @@ impl Versions {
     }
 
     fn set_record(&mut self, id: u64, v: u64) {
+        // The record carries the online state too (a node's record changes with it).
+        self.forget_online_delta(id);
         if let Some(old) = self.record.insert(id, v) {
             self.records.remove(&old);
         }
@@ -244,6 +249,7 @@ impl Versions {
     }
 
     fn set_online(&mut self, id: u64) {
+        self.forget_online_delta(id);
         let v = self.next();
         if let Some(old) = self.online.insert(id, v) {
             self.onlines.remove(&old);
@@ -251,7 +257,27 @@ impl Versions {
         self.onlines.insert(v, id);
     }
 
+    fn forget_online_delta(&self, id: u64) {
+        self.online_deltas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    /// `n`'s online state as a delta, shared between every stream that needs it.
+    fn online_delta(&self, n: &Node) -> Delta {
+        let mut cache = self.online_deltas.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(cache.entry(n.id).or_insert_with(|| {
+            Arc::new(Kind::PeerOnline(PeerOnline {
+                id: n.id,
+                online: n.online,
+                last_seen_unix_ms: n.last_seen_unix_ms,
+            }))
+        }))
+    }
+
     fn remove(&mut self, id: u64) -> u64 {
+        self.forget_online_delta(id);
         if let Some(old) = self.record.remove(&id) {
             self.records.remove(&old);
         }
@@ -280,6 +306,8 @@ pub struct Netmap {
     dns: DnsConfig,
     derp_map: DerpMap,
     lagged: u64,
+    /// Shutting down: nothing is sent ([`Netmap::stop_sending`]).
+    stopping: bool,
     versions: Versions,
     /// Who sees whom and each node's filter. With no policy configured it is not kept up to
     /// date on every change (everyone sees everyone, so a join is one shared delta to every
@@ -384,6 +412,7 @@ impl Netmap {
             dns,
             derp_map,
             lagged: 0,
+            stopping: false,
             versions: Versions {
                 map_id: 1,
                 ..Versions::default()
@@ -668,15 +697,6 @@ impl Netmap {
         v.publish();
     }
 
-    /// Marks the policy as changed now (the policy in force differs from the one the versions
-    /// before were made under); returns the version.
-    pub fn policy_changed(&mut self) -> u64 {
-        let v = self.versions.next();
-        self.versions.policy = v;
-        self.versions.publish();
-        v
-    }
-
     /// Opens a stream for `id`, replacing (and so closing) any earlier one of that node. With
     /// `resume` (map id, version the node applied) that this netmap still covers, the stream
     /// starts with the changes since then; otherwise with a full map.
@@ -815,13 +835,7 @@ impl Netmap {
                 _ => out.push(Arc::new(Kind::PeerRemoved(PeerRemoved { id: p }))),
             }
         }
-        let online = |n: &Node| {
-            Arc::new(Kind::PeerOnline(PeerOnline {
-                id: n.id,
-                online: n.online,
-                last_seen_unix_ms: n.last_seen_unix_ms,
-            }))
-        };
+        let online = |n: &Node| v.online_delta(n);
         if version < v.boot {
             // Online states from before this process are gone: every peer's, as it is now.
             for n in self.nodes.values() {
@@ -840,6 +854,13 @@ impl Netmap {
             }
         }
         Some(out)
+    }
+
+    /// The server is shutting down: every stream is ending, so changes (the nodes going offline
+    /// one by one) are no longer sent to anyone. Without this, ten thousand streams ending
+    /// would each tell all the others.
+    pub fn stop_sending(&mut self) {
+        self.stopping = true;
     }
 
     /// Closes stream `stream` of `id`; false when a newer stream had already replaced it.
@@ -1072,12 +1093,21 @@ impl Netmap {
             online,
             last_seen_unix_ms,
         }));
+        // Resuming streams share it too.
+        self.versions
+            .online_deltas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Arc::clone(&delta));
         let sent = self.fanout(id, &delta);
         self.versions.publish();
         sent
     }
 
     fn fanout(&mut self, about: u64, delta: &Delta) -> usize {
+        if self.stopping {
+            return 0;
+        }
         let targets: Vec<u64> = if self.policy_on {
             self.viewers(about)
                 .into_iter()
@@ -1098,6 +1128,9 @@ impl Netmap {
     }
 
     fn send(&mut self, to: u64, delta: Delta) -> bool {
+        if self.stopping {
+            return false;
+        }
         let Some(sub) = self.subscribers.get(&to) else {
             return false;
         };

@@ -497,6 +497,8 @@ pub async fn serve_with(
     let streams = Arc::clone(&shared);
     tokio::spawn(async move {
         shutdown.await;
+        // Nodes going offline as their streams end tell nobody: everyone is leaving.
+        streams.with_core(Core::stop_sending).await;
         // Map streams never end by themselves: end them, so the servers can drain and stop.
         streams.stopping.send_replace(true);
     });
