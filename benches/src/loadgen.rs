@@ -464,6 +464,11 @@ impl ControlProcess {
             q(&d.join("control.key")),
             q(&d.join("db.sqlite")),
         );
+        // Control's HTTP/2 pings (every 4 s, closing a connection silent for 4 s) are meant
+        // for nodes on machines of their own. Here thousands of simulated nodes share the cores
+        // with control, and under a join storm their answers come late: 20 s each, so the run
+        // measures control, not the generator's own scheduling.
+        config += "[connections]\nhttp2_ping_interval = \"20s\"\nhttp2_ping_timeout = \"20s\"\n";
         if opts.web {
             config += &format!(
                 "[web]\nenabled = true\nlisten_addr = \"127.0.0.1:{}\"\n",
@@ -685,13 +690,7 @@ impl SimNode {
         &mut self,
         resume: Option<(u64, u64)>,
     ) -> anyhow::Result<tonic::Streaming<MapResponse>> {
-        let (map_id, version) = resume.unwrap_or_default();
-        let mut req = StreamMapRequest {
-            proof: None,
-            map_id,
-            version,
-            pages: true,
-        };
+        let mut req = StreamMapRequest::paged(resume);
         req.proof = Some(self.proof("StreamMapResponse", &req));
         Ok(self.grpc.stream_map_response(req).await?.into_inner())
     }
@@ -1001,6 +1000,11 @@ async fn wait_count(
 
 type Reader = tokio::task::JoinHandle<(View, NodeResult)>;
 
+/// Notes a stream that had to be opened again (rare: its connection went idle too long).
+fn note_retry(i: usize, e: &anyhow::Error) {
+    eprintln!("loadgen: node {i} opens its stream again: {e:#}");
+}
+
 /// Opens every node's stream (resuming where its view says) and starts reading it; each node
 /// reports its endpoints after opening, as the node does on every connect.
 async fn open_streams(
@@ -1019,10 +1023,21 @@ async fn open_streams(
         openers.spawn(async move {
             let _permit = sem.acquire_owned().await;
             let resume = view.reader.resume_point();
-            let stream = node
-                .open_stream(resume)
-                .await
-                .with_context(|| format!("opening node {i}'s stream"))?;
+            // A node that waited its turn longer than control's idle timeout (5 minutes) finds
+            // its connection closed; like a node, it connects again (tonic redials on the next
+            // call) and retries.
+            let mut attempt = 0;
+            let stream = loop {
+                attempt += 1;
+                match node.open_stream(resume).await {
+                    Ok(stream) => break stream,
+                    Err(e) if attempt < 3 => {
+                        note_retry(i, &e);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(e.context(format!("opening node {i}'s stream"))),
+                }
+            };
             let reader = tokio::spawn(drain(stream, view, result, ids, progress, probes, phase));
             node.report(i)
                 .await

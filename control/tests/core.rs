@@ -29,9 +29,13 @@ fn settings() -> Settings {
 }
 
 fn open(path: &Path, now: i64) -> Core {
+    open_with(path, &settings(), now)
+}
+
+fn open_with(path: &Path, settings: &Settings, now: i64) -> Core {
     Core::open(
         Box::new(SqliteStore::open(path, true).expect("store")),
-        &settings(),
+        settings,
         now,
     )
     .expect("core")
@@ -473,12 +477,7 @@ fn map_versions_survive_a_restart() {
         )
         .expect("policy"),
     ));
-    let mut core = Core::open(
-        Box::new(SqliteStore::open(&db, true).expect("store")),
-        &s,
-        T0 + 20,
-    )
-    .expect("core");
+    let mut core = open_with(&db, &s, T0 + 20);
     let sub = core
         .subscribe(a, T0 + 21, Some((map_id, now)))
         .expect("subscribe");
@@ -487,12 +486,7 @@ fn map_versions_survive_a_restart() {
     let v = sub.version;
     core.unsubscribe(a, sub.stream, T0 + 22);
     drop(core);
-    let mut core = Core::open(
-        Box::new(SqliteStore::open(&db, true).expect("store")),
-        &s,
-        T0 + 30,
-    )
-    .expect("core");
+    let mut core = open_with(&db, &s, T0 + 30);
     let sub = core
         .subscribe(a, T0 + 31, Some((map_id, v)))
         .expect("subscribe");

@@ -167,13 +167,7 @@ impl Client {
         &mut self,
         resume: Option<(u64, u64)>,
     ) -> Result<tonic::Streaming<MapResponse>, tonic::Status> {
-        let (map_id, version) = resume.unwrap_or_default();
-        let mut req = StreamMapRequest {
-            proof: None,
-            map_id,
-            version,
-            pages: true,
-        };
+        let mut req = StreamMapRequest::paged(resume);
         req.proof = Some(self.proof("StreamMapResponse", &req));
         Ok(self.grpc.stream_map_response(req).await?.into_inner())
     }

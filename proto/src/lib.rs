@@ -25,6 +25,20 @@ pub mod control {
     tonic::include_proto!("warren.control.v1");
 }
 
+impl control::StreamMapRequest {
+    /// A request (its proof still to be added) from a node that takes paged full maps and
+    /// batches, resuming from (map id, version applied) when it has one.
+    pub fn paged(resume: Option<(u64, u64)>) -> Self {
+        let (map_id, version) = resume.unwrap_or_default();
+        Self {
+            proof: None,
+            map_id,
+            version,
+            pages: true,
+        }
+    }
+}
+
 pub use keys::{
     ControlPublicKey, ControlSecretKey, DerpPublicKey, DerpSecretKey, DiscoPublicKey,
     DiscoSecretKey, KeyParseError, NodePublicKey, NodeSecretKey,

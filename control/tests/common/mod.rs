@@ -199,12 +199,9 @@ pub fn stream_req_with(
     resume: Option<(u64, u64)>,
     pages: bool,
 ) -> StreamMapRequest {
-    let (map_id, version) = resume.unwrap_or_default();
     let mut req = StreamMapRequest {
-        proof: None,
-        map_id,
-        version,
         pages,
+        ..StreamMapRequest::paged(resume)
     };
     req.proof = Some(sign(node, server, "StreamMapResponse", &req));
     req
