@@ -796,23 +796,6 @@ impl Bits {
     }
 }
 
-fn kind_name(k: &Kind) -> &'static str {
-    match k {
-        Kind::Full(_) => "full",
-        Kind::FullPage(_) => "full_page",
-        Kind::Batch(_) => "batch",
-        Kind::PeerAdded(_) => "peer_added",
-        Kind::PeerChanged(_) => "peer_changed",
-        Kind::PeerRemoved(_) => "peer_removed",
-        Kind::PeerEndpoints(_) => "peer_endpoints",
-        Kind::PeerOnline(_) => "peer_online",
-        Kind::Keepalive(_) => "keepalive",
-        Kind::SelfChanged(_) => "self_changed",
-        // The filter, settings, and whatever the protocol adds next.
-        _ => "other",
-    }
-}
-
 /// What a simulated node knows of the map: kept across its streams, as a node keeps its map
 /// when it reconnects.
 struct View {
@@ -889,7 +872,10 @@ async fn drain(
     let pos = |id: u64| ids.binary_search(&id).ok();
     while let Ok(Some(m)) = stream.message().await {
         let len = m.encoded_len() as u64;
-        let top = m.kind.as_ref().map_or("none", kind_name);
+        let top = m
+            .kind
+            .as_ref()
+            .map_or("none", warren_control::metrics::kind_label);
         let in_full = matches!(m.kind, Some(Kind::Full(_) | Kind::FullPage(_)));
         let versioned = m.version != 0;
         if phase == Phase::AfterRestart {

@@ -163,11 +163,6 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Whether the stream was ended by the server.
-    pub fn is_closed(&self) -> bool {
-        self.lock().closed
-    }
-
     /// Everything pending, in the order it applies: settings, the node's own record, its
     /// filter, then each peer's record, endpoints and online state, by peer id.
     pub fn take(&self) -> Taken {
@@ -224,9 +219,6 @@ impl Outbox {
         self.lock().resync
     }
 }
-
-/// An outbox shared between the netmap and a stream task.
-pub type SharedOutbox = Arc<Outbox>;
 
 #[cfg(test)]
 mod tests {
