@@ -52,6 +52,12 @@ pub enum MapError {
         /// What it held.
         kind: &'static str,
     },
+    /// A page or a batch was applied without a [`MapReader`] assembling or unpacking it.
+    #[error("{kind} given to the netmap unread; a MapReader takes it apart")]
+    Unread {
+        /// What it was.
+        kind: &'static str,
+    },
     /// A paged full map grew past [`MAX_PEERS`].
     #[error("full map with more than {MAX_PEERS} peers")]
     TooManyPeers,
@@ -544,7 +550,7 @@ impl Netmap {
             Kind::Keepalive(_) => MapChange::None,
             // A MapReader turns these into the changes they carry.
             k @ (Kind::FullPage(_) | Kind::Batch(_)) => {
-                return Err(MapError::NestedInBatch {
+                return Err(MapError::Unread {
                     kind: kind_name(&k),
                 });
             }
@@ -939,5 +945,76 @@ mod tests {
         // The peers are untouched: no reset, no session lost.
         assert_eq!(m.peers().map(|p| p.id).collect::<Vec<_>>(), [2, 3]);
         assert_eq!(m.self_node().map(|n| n.id), Some(1));
+    }
+
+    #[test]
+    fn the_reader_assembles_pages_unpacks_batches_and_refuses_what_does_not_fit() {
+        use warren_proto::control::{FullMapPage, MapBatch};
+        let msg = |kind: Kind, version: u64| MapResponse {
+            seq: 0,
+            version,
+            kind: Some(kind),
+        };
+        let page = |ids: &[u64], more: bool| {
+            Kind::FullPage(FullMapPage {
+                peers: ids.iter().map(|i| node(*i)).collect(),
+                more,
+            })
+        };
+        let head = Kind::Full(FullMap {
+            self_node: Some(node(1)),
+            peers: vec![node(2)],
+            more: true,
+            map_id: 7,
+            ..FullMap::default()
+        });
+        let mut r = MapReader::default();
+        assert_eq!(r.read(msg(page(&[3], false), 0)), Err(MapError::StrayPage));
+        assert_eq!(r.read(msg(head.clone(), 0)), Ok(vec![]));
+        assert_eq!(r.read(msg(page(&[3], true), 0)), Ok(vec![]));
+        assert_eq!(r.resume_point(), None, "no version before the map is whole");
+        let Ok(done) = r.read(msg(page(&[4], false), 9)) else {
+            panic!("the last page completes the map")
+        };
+        let [Kind::Full(full)] = &done[..] else {
+            panic!("one full map: {done:?}")
+        };
+        let ids: Vec<u64> = full.peers.iter().map(|p| p.id).collect();
+        assert_eq!(ids, [2, 3, 4]);
+        assert_eq!(r.resume_point(), Some((7, 9)));
+        // A batch is its changes, in order; the version moves on.
+        let removed = |id| Kind::PeerRemoved(PeerRemoved { id });
+        let batch = Kind::Batch(MapBatch {
+            changes: vec![msg(removed(3), 0), msg(removed(4), 0)],
+        });
+        assert_eq!(r.read(msg(batch, 10)), Ok(vec![removed(3), removed(4)]));
+        assert_eq!(r.resume_point(), Some((7, 10)));
+        let nested = Kind::Batch(MapBatch {
+            changes: vec![msg(page(&[5], false), 0)],
+        });
+        assert_eq!(
+            r.read(msg(nested, 11)),
+            Err(MapError::NestedInBatch {
+                kind: "a full map page"
+            })
+        );
+        // A change in the middle of a paged map ends that map.
+        assert_eq!(r.read(msg(head, 0)), Ok(vec![]));
+        assert_eq!(
+            r.read(msg(removed(2), 12)),
+            Err(MapError::InterruptedFullMap { kind: "a change" })
+        );
+        assert_eq!(r.read(msg(page(&[3], false), 0)), Err(MapError::StrayPage));
+        // The netmap itself takes neither pages nor batches.
+        let mut m = Netmap::default();
+        m.apply(Kind::Full(full.clone())).expect("a full map");
+        assert_eq!(
+            m.apply(page(&[3], false)),
+            Err(MapError::Unread {
+                kind: "a full map page"
+            })
+        );
+        r.forget();
+        assert_eq!(r.resume_point(), None);
     }
 }
