@@ -38,7 +38,7 @@ impl Mesh {
         };
         let now_ms = 1_700_000_000_000;
         let store = SqliteStore::in_memory().expect("sqlite");
-        let mut core = Core::open(Box::new(store), &settings, now_ms).expect("core");
+        let mut core = Core::open(std::sync::Arc::new(store), &settings, now_ms).expect("core");
         core.create_user("bench", now_ms).expect("user");
         let new = NewAuthKey {
             user: "bench".into(),

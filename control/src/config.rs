@@ -351,11 +351,76 @@ pub struct Noise {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Database {
-    /// Only "sqlite" for now.
+    /// `"sqlite"` (the default: one server) or `"postgres"` (several servers on one database).
     #[serde(rename = "type")]
     pub kind: String,
     /// SQLite settings.
     pub sqlite: Sqlite,
+    /// PostgreSQL settings (Headscale's `database.postgres` keys).
+    pub postgres: Postgres,
+}
+
+impl Database {
+    /// Whether the PostgreSQL backend is configured.
+    pub fn is_postgres(&self) -> bool {
+        self.kind == "postgres"
+    }
+}
+
+/// PostgreSQL settings, with Headscale's key names.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Postgres {
+    /// Host name or address, or the directory of the server's unix socket (`/run/postgresql`).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Database name.
+    pub name: String,
+    /// User.
+    pub user: String,
+    /// Password (empty: none, as with peer authentication on a unix socket).
+    pub pass: String,
+    /// Most connections one server opens for its store (one more listens for changes).
+    pub max_open_conns: usize,
+    /// Accepted for Headscale compatibility; idle connections stay open up to
+    /// `max_open_conns`.
+    pub max_idle_conns: usize,
+    /// Accepted for Headscale compatibility; idle connections are not closed.
+    pub conn_max_idle_time_secs: u64,
+    /// TLS to the database: only `false` is supported (use a unix socket or a private network).
+    pub ssl: bool,
+}
+
+impl Default for Postgres {
+    fn default() -> Self {
+        Self {
+            host: "localhost".into(),
+            port: 5432,
+            name: "warren".into(),
+            user: "warren".into(),
+            pass: String::new(),
+            max_open_conns: 10,
+            max_idle_conns: 10,
+            conn_max_idle_time_secs: 3600,
+            ssl: false,
+        }
+    }
+}
+
+impl Postgres {
+    /// The store's connection options.
+    pub fn options(&self) -> crate::store::PgOptions {
+        crate::store::PgOptions {
+            host: self.host.clone(),
+            port: self.port,
+            name: self.name.clone(),
+            user: self.user.clone(),
+            pass: self.pass.clone(),
+            max_open_conns: self.max_open_conns,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// SQLite settings.
@@ -572,6 +637,7 @@ impl Default for Database {
         Self {
             kind: "sqlite".into(),
             sqlite: Sqlite::default(),
+            postgres: Postgres::default(),
         }
     }
 }
@@ -634,14 +700,37 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        if self.database.kind != "sqlite" {
+        if !matches!(self.database.kind.as_str(), "sqlite" | "postgres") {
             return Err(ConfigError::Invalid {
                 key: "database.type",
                 reason: format!(
-                    "{:?} is not supported yet; use \"sqlite\"",
+                    "{:?} is not supported; use \"sqlite\" or \"postgres\"",
                     self.database.kind
                 ),
             });
+        }
+        if self.database.is_postgres() {
+            let pg = &self.database.postgres;
+            if pg.ssl {
+                return Err(ConfigError::Invalid {
+                    key: "database.postgres.ssl",
+                    reason: "TLS to PostgreSQL is not supported; connect over a unix socket or \
+                             a private network and set ssl = false"
+                        .into(),
+                });
+            }
+            if pg.max_open_conns == 0 {
+                return Err(ConfigError::Invalid {
+                    key: "database.postgres.max_open_conns",
+                    reason: "must be at least 1".into(),
+                });
+            }
+            if pg.host.is_empty() || pg.name.is_empty() || pg.user.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "database.postgres",
+                    reason: "host, name and user must be set".into(),
+                });
+            }
         }
         if self.prefixes.allocation != "sequential" {
             return Err(ConfigError::Invalid {
@@ -798,6 +887,10 @@ impl Config {
             (
                 "database.sqlite.write_ahead_log",
                 a.database.sqlite.write_ahead_log != b.database.sqlite.write_ahead_log,
+            ),
+            (
+                "database.postgres",
+                a.database.postgres != b.database.postgres,
             ),
             ("prefixes.v4", a.prefixes.v4 != b.prefixes.v4),
             ("prefixes.v6", a.prefixes.v6 != b.prefixes.v6),

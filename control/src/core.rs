@@ -1,6 +1,13 @@
 //! The server's state and rules, without gRPC or a clock: registration, authentication, the
 //! admin operations, and keeping store, address allocator and live netmap in step. Every method
 //! takes the current time, so tests and benchmarks drive it directly.
+//!
+//! The database decides; the core is a cache of it. A write goes to the store first (where
+//! addresses, names, node keys and single-use pre-auth keys are unique, atomically), which
+//! logs it with the next version of the change log; the core then applies committed changes in
+//! log order ([`Core::catch_up`]), its own and other instances' alike, and the netmap fans them
+//! out to the streams of this process. Map versions are the log's, so a node resumes at any
+//! instance on the same database.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -12,11 +19,13 @@ use warren_proto::{DiscoPublicKey, NodePublicKey};
 
 use crate::error::ControlError;
 use crate::ipam::Ipam;
-use crate::netmap::{FullMapSource, MAX_REMOVED, Netmap, Restored, Subscription};
+use crate::netmap::{FullMapSource, Netmap, Restored, Subscription};
 use crate::policy::{CompiledPolicy, NodeOwner, PolicyError, PolicyNode, PolicyState, PolicyUser};
 use crate::routes::{self, Primaries};
 use crate::secret::{self, SecretKind};
-use crate::store::{ApiKeyRecord, MapKey, NodeRecord, PreAuthKeyRecord, Store, UserRecord};
+use crate::store::{
+    ApiKeyRecord, Change, ChangeKind, NodeRecord, PreAuthKeyRecord, Store, StoreError, UserRecord,
+};
 
 /// Default lifetime of a pre-auth key (Headscale's).
 pub const DEFAULT_AUTH_KEY_LIFETIME: Duration = Duration::from_secs(3600);
@@ -27,9 +36,15 @@ pub const TAGGED_DEVICES: &str = "tagged-devices";
 pub const MAX_HOSTNAME: usize = 255;
 /// Most endpoints a node may report.
 pub const MAX_ENDPOINTS: usize = 64;
-/// Map versions a process leases from the database at a time: versions it hands out stay
-/// below the lease, so a restarted server never reuses one.
-const LEASE_SPAN: u64 = 1 << 24;
+/// How long an instance's presence outlives its last heartbeat: then another instance
+/// declares it dead and its nodes offline.
+pub const PRESENCE_TTL_MS: i64 = 10_000;
+/// How often an instance renews its presence and looks for dead ones.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How often a registration retries after losing an address or name to another instance.
+const REGISTER_ATTEMPTS: usize = 32;
+/// Change-log entries read at a time when catching up.
+const CATCH_UP_BATCH: usize = 2048;
 
 /// A fingerprint of the policy in force (0: none configured): when it differs from the one
 /// the stored versions were counted under, resuming nodes need full maps.
@@ -80,6 +95,18 @@ fn ms(d: Duration) -> i64 {
 
 fn expired(at: Option<i64>, now_ms: i64) -> bool {
     at.is_some_and(|t| t <= now_ms)
+}
+
+/// A store error as the caller should see it: a single-use key lost to a concurrent
+/// registration is [`ControlError::AuthKeyUsed`], a node deleted meanwhile is not found.
+fn store_error(e: StoreError, id: u64) -> ControlError {
+    match e {
+        StoreError::KeyUsed => ControlError::AuthKeyUsed,
+        StoreError::Conflict {
+            what: "deleted node",
+        } => ControlError::NodeNotFound { id },
+        e => e.into(),
+    }
 }
 
 /// Turns a hostname into a DNS label: lowercase letters, digits and dashes, at most 63.
@@ -144,7 +171,20 @@ fn check_tags(tags: &[String]) -> Result<(), ControlError> {
 
 /// The control server's state.
 pub struct Core {
-    store: Box<dyn Store>,
+    store: Arc<dyn Store>,
+    /// This process among the instances on the database (its presence rows).
+    instance: u64,
+    /// The last change-log version applied.
+    applied: u64,
+    /// Nodes some instance serves a stream of.
+    online: BTreeSet<u64>,
+    /// The policy to apply with the next policy change this process commits (one from the log
+    /// written by another instance is read from the store, or only counted in file mode).
+    pending_policy: Option<Option<Arc<CompiledPolicy>>>,
+    /// Policy changes of other instances are read from the store (`policy.mode = "database"`).
+    policy_from_store: bool,
+    /// Set when a stored policy from the log was applied: the server's copy of its text is stale.
+    policy_reloaded: bool,
     users: BTreeMap<u64, UserRecord>,
     nodes: BTreeMap<u64, NodeRecord>,
     by_key: HashMap<NodePublicKey, u64>,
@@ -156,8 +196,6 @@ pub struct Core {
     /// Nodes that serve (advertise and have approved) at least one subnet route: the
     /// candidates of the election.
     routers: BTreeSet<u64>,
-    /// Map versions are handed out below this (leased in the database).
-    lease: u64,
 }
 
 impl std::fmt::Debug for Core {
@@ -170,12 +208,18 @@ impl std::fmt::Debug for Core {
 }
 
 impl Core {
-    /// Loads everything from `store`.
+    /// Loads everything from `store` and joins the instances serving it.
     pub fn open(
-        store: Box<dyn Store>,
+        store: Arc<dyn Store>,
         settings: &Settings,
         now_ms: i64,
     ) -> Result<Self, ControlError> {
+        let instance = store.join_instance(now_ms)?;
+        if store.shared() {
+            // Instances that died while nobody watched: their nodes are offline.
+            store.reap_instances(now_ms - PRESENCE_TTL_MS, now_ms)?;
+        }
+        let state = store.map_state()?;
         let mut core = Self {
             users: store.users()?.into_iter().map(|u| (u.id, u)).collect(),
             nodes: BTreeMap::new(),
@@ -187,30 +231,22 @@ impl Core {
                 settings.derp_map.clone(),
                 settings.policy.clone(),
             ),
+            online: store.online_nodes()?.into_iter().collect(),
+            instance,
+            applied: state.version,
+            pending_policy: None,
+            policy_from_store: false,
+            policy_reloaded: false,
             store,
             primaries: Primaries::default(),
             routers: BTreeSet::new(),
-            lease: 0,
         };
-        // Versions go on from the lease of the last run, which no version reached.
-        let state = core.store.map_state()?;
-        let boot = state.lease;
-        core.lease = boot.saturating_add(LEASE_SPAN);
-        core.store.set_map_value(MapKey::Lease, core.lease)?;
-        let fingerprint = policy_fingerprint(settings.policy.as_deref());
-        let mut policy_version = state.policy_version;
-        if fingerprint != state.policy_fingerprint {
-            // Another policy than the versions were counted under: nobody resumes across it.
-            policy_version = boot;
-            core.store
-                .set_map_value(MapKey::PolicyFingerprint, fingerprint)?;
-            core.store.set_map_value(MapKey::PolicyVersion, boot)?;
-        }
+        let boot = state.version;
         core.netmap.restore(&Restored {
             map_id: state.map_id,
             boot,
             floor: state.floor,
-            policy_version,
+            policy_version: state.policy_version,
             removed: state.removed,
         });
         for n in core.store.nodes()? {
@@ -228,9 +264,275 @@ impl Core {
             }
             core.nodes.insert(n.id, n);
         }
+        // Another policy than the versions were counted under: nobody resumes across it.
+        let fingerprint = policy_fingerprint(settings.policy.as_deref());
+        if core.store.set_policy_fingerprint(fingerprint)?.is_some() {
+            core.pending_policy = Some(settings.policy.clone());
+        }
+        // Changes committed since the state was read (other instances', the policy's).
+        core.catch_up()?;
         // Routes advertised while the server was down may be approvable under this policy.
         core.auto_approve_all()?;
         Ok(core)
+    }
+
+    /// This process's instance id among the servers on the database.
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// The store, for work done outside the core (proof nonces, heartbeats).
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
+    }
+
+    /// Policy changes other instances commit are read from the store (`policy.mode =
+    /// "database"`); otherwise each instance enforces its own file and only counts them.
+    pub fn set_policy_from_store(&mut self, on: bool) {
+        self.policy_from_store = on;
+    }
+
+    /// Whether a stored policy written by another instance was applied since the last call.
+    pub fn take_policy_reloaded(&mut self) -> bool {
+        std::mem::take(&mut self.policy_reloaded)
+    }
+
+    /// The last change-log version applied.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Applies every committed change this process has not applied yet, in log order; returns
+    /// how many. Called after each local write and whenever the log grows (PostgreSQL's NOTIFY).
+    pub fn catch_up(&mut self) -> Result<usize, ControlError> {
+        let mut applied = 0;
+        loop {
+            let changes = self.store.changes_after(self.applied, CATCH_UP_BATCH)?;
+            let Some(first) = changes.first() else {
+                return Ok(applied);
+            };
+            if first.version != self.applied + 1 {
+                // The entries in between were trimmed: read everything instead.
+                self.reload()?;
+                continue;
+            }
+            for c in changes {
+                self.apply(c);
+                applied += 1;
+            }
+        }
+    }
+
+    /// Takes up the database's state wholesale when this process fell behind the log's trimmed
+    /// end: every record newer than what was applied, every removal, every presence flip.
+    fn reload(&mut self) -> Result<(), ControlError> {
+        tracing::warn!(
+            applied = self.applied,
+            "fell behind the change log; reloading every node"
+        );
+        let head = self.store.map_state()?.version;
+        let mut stored = self.store.nodes()?;
+        stored.sort_by_key(|n| n.version);
+        let now = warren_proto::proof::unix_ms();
+        let ids: BTreeSet<u64> = stored.iter().map(|n| n.id).collect();
+        for n in stored {
+            if n.version > self.applied && n.version <= head {
+                let kind = if expired(n.expiry_ms, now) {
+                    ChangeKind::Removed
+                } else {
+                    ChangeKind::Record
+                };
+                self.apply(Change {
+                    version: n.version,
+                    node_id: n.id,
+                    kind,
+                    record: Some(n),
+                });
+            }
+        }
+        let gone: Vec<u64> = self
+            .nodes
+            .keys()
+            .filter(|id| !ids.contains(id))
+            .copied()
+            .collect();
+        let online: BTreeSet<u64> = self.store.online_nodes()?.into_iter().collect();
+        self.netmap.pin(head);
+        for id in gone {
+            self.apply_removal(id, None);
+        }
+        for id in online.symmetric_difference(&self.online.clone()) {
+            let record = self.nodes.get(id).cloned();
+            self.apply_presence(*id, online.contains(id), record);
+        }
+        self.netmap.unpin();
+        self.applied = self.applied.max(head);
+        Ok(())
+    }
+
+    /// Applies a change this process just committed: at once when it is the next in the log,
+    /// else after the changes before it. Returns the deltas sent.
+    fn commit(&mut self, change: Change) -> usize {
+        if change.version == self.applied + 1 {
+            return self.apply(change);
+        }
+        if change.version > self.applied
+            && let Err(e) = self.catch_up()
+        {
+            tracing::error!(error = %e, "cannot read the change log");
+        }
+        0
+    }
+
+    /// Applies one committed change to the cache and the netmap, at its version; returns the
+    /// deltas sent.
+    fn apply(&mut self, c: Change) -> usize {
+        self.netmap.pin(c.version);
+        let sent = match c.kind {
+            ChangeKind::Record | ChangeKind::Endpoints => match c.record {
+                Some(n) => self.apply_record(n, c.kind == ChangeKind::Endpoints),
+                // Deleted since: its removal follows in the log.
+                None => 0,
+            },
+            ChangeKind::Removed => self.apply_removal(c.node_id, c.record),
+            ChangeKind::Online | ChangeKind::Offline => {
+                self.apply_presence(c.node_id, c.kind == ChangeKind::Online, c.record)
+            }
+            ChangeKind::Policy => self.apply_policy(),
+        };
+        self.netmap.unpin();
+        self.applied = c.version;
+        sent
+    }
+
+    /// Takes up a node's stored record in the cache (names, keys, addresses, routers).
+    fn cache_record(&mut self, n: NodeRecord) {
+        let id = n.id;
+        if let Some(old) = self.nodes.get(&id)
+            && old.given_name != n.given_name
+            && self.names.get(&old.given_name) == Some(&id)
+        {
+            self.names.remove(&old.given_name);
+        }
+        if !self.users.contains_key(&n.user_id) {
+            self.refresh_users();
+        }
+        self.by_key.insert(n.node_key, id);
+        self.names.insert(n.given_name.clone(), id);
+        self.ipam.reserve(n.ipv4);
+        self.track_routes(&n);
+        self.nodes.insert(id, n);
+    }
+
+    fn apply_record(&mut self, n: NodeRecord, endpoints_only: bool) -> usize {
+        let id = n.id;
+        let was_router = self.routers.contains(&id);
+        self.cache_record(n.clone());
+        let mut sent = if endpoints_only && self.netmap.node(id).is_some() {
+            let strings = n.endpoints.iter().map(|e| e.to_string()).collect();
+            self.netmap.set_endpoints(id, strings)
+        } else {
+            self.publish(&n).1
+        };
+        if was_router || self.routers.contains(&id) {
+            sent += self.elect();
+        }
+        sent
+    }
+
+    fn apply_removal(&mut self, id: u64, record: Option<NodeRecord>) -> usize {
+        match record {
+            // Expired: it stays registered, out of the map.
+            Some(n) => self.cache_record(n),
+            None => {
+                if let Some(n) = self.nodes.remove(&id) {
+                    self.by_key.remove(&n.node_key);
+                    if self.names.get(&n.given_name) == Some(&id) {
+                        self.names.remove(&n.given_name);
+                    }
+                    self.ipam.release(n.ipv4);
+                    tracing::info!(node = id, name = %n.given_name, "node deleted");
+                }
+                self.online.remove(&id);
+            }
+        }
+        let was_router = self.routers.contains(&id);
+        if !self.nodes.contains_key(&id) {
+            self.routers.remove(&id);
+        }
+        let mut sent = self.netmap.remove(id);
+        if was_router {
+            sent += self.elect();
+        }
+        sent
+    }
+
+    fn apply_presence(&mut self, id: u64, online: bool, record: Option<NodeRecord>) -> usize {
+        if online {
+            self.online.insert(id);
+        } else {
+            self.online.remove(&id);
+        }
+        let mut last_seen = 0;
+        if let (Some(n), Some(r)) = (self.nodes.get_mut(&id), record) {
+            n.last_seen_ms = r.last_seen_ms;
+            last_seen = r.last_seen_ms.unwrap_or(0);
+        }
+        let mut sent = self.netmap.set_online(id, online, last_seen);
+        // A router coming online may be the only one of a prefix; one going offline hands its
+        // prefixes to the lowest-id online router serving them.
+        if self.routers.contains(&id) {
+            sent += self.elect();
+        }
+        sent
+    }
+
+    fn apply_policy(&mut self) -> usize {
+        let policy = match self.pending_policy.take() {
+            Some(p) => p,
+            None if self.policy_from_store => match self.stored_policy() {
+                Ok(stored) => {
+                    self.policy_reloaded = true;
+                    match stored
+                        .map(|p| CompiledPolicy::from_text(&p.text))
+                        .transpose()
+                    {
+                        Ok(p) => p.map(Arc::new),
+                        Err(e) => {
+                            tracing::error!(error = %e, "the stored policy does not compile; keeping the one in force");
+                            self.netmap.note_policy_change();
+                            return 0;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the stored policy");
+                    self.netmap.note_policy_change();
+                    return 0;
+                }
+            },
+            None => {
+                // Another instance's policy file: this one enforces its own, but nodes that
+                // resume across the change get full maps.
+                self.netmap.note_policy_change();
+                return 0;
+            }
+        };
+        match self.netmap.set_policy(policy) {
+            Ok(sent) => sent,
+            Err(e) => {
+                tracing::error!(error = %e, "policy from the change log refused; keeping the one in force");
+                self.netmap.note_policy_change();
+                0
+            }
+        }
+    }
+
+    fn refresh_users(&mut self) {
+        match self.store.users() {
+            Ok(users) => self.users = users.into_iter().map(|u| (u.id, u)).collect(),
+            Err(e) => tracing::error!(error = %e, "cannot read users"),
+        }
     }
 
     /// How many nodes are online, offline and expired at `now_ms` (for metrics).
@@ -239,7 +541,7 @@ impl Core {
         for n in self.nodes.values() {
             if expired(n.expiry_ms, now_ms) {
                 states.expired += 1;
-            } else if self.netmap.is_subscribed(n.id) {
+            } else if self.online.contains(&n.id) {
                 states.online += 1;
             } else {
                 states.offline += 1;
@@ -267,6 +569,15 @@ impl Core {
             .ok_or_else(|| ControlError::UserNotFound { name: name.into() })
     }
 
+    /// The user named `name`, reading the database when this cache does not know it (another
+    /// instance may have added it).
+    fn find_user(&mut self, name: &str) -> Result<UserRecord, ControlError> {
+        if self.user_by_name(name).is_err() {
+            self.refresh_users();
+        }
+        self.user_by_name(name).cloned()
+    }
+
     /// A node record as peers and admins see it.
     fn view(&self, n: &NodeRecord) -> Node {
         Node {
@@ -284,7 +595,7 @@ impl Core {
             tags: n.tags.clone(),
             addresses: vec![format!("{}/32", n.ipv4), format!("{}/128", n.ipv6)],
             endpoints: n.endpoints.iter().map(|e| e.to_string()).collect(),
-            online: self.netmap.is_subscribed(n.id),
+            online: self.online.contains(&n.id),
             last_seen_unix_ms: n.last_seen_ms.unwrap_or(0),
             expiry_unix_ms: n.expiry_ms.unwrap_or(0),
             created_unix_ms: n.created_ms,
@@ -331,33 +642,23 @@ impl Core {
         }
     }
 
-    /// Stores a node's record with the map version its publication will get (the next one):
-    /// call [`Self::publish`] right after, with no other change in between.
-    fn save(&mut self, n: &mut NodeRecord) -> Result<(), ControlError> {
-        n.version = self.netmap.version() + 1;
-        self.store.update_node(n)?;
-        Ok(())
-    }
-
-    /// Leases more map versions when the netmap nears the end of its lease.
-    fn keep_lease(&mut self) {
-        if self.netmap.version().saturating_add(LEASE_SPAN / 4) < self.lease {
-            return;
-        }
-        let lease = self.lease.saturating_add(LEASE_SPAN);
-        match self.store.set_map_value(MapKey::Lease, lease) {
-            Ok(()) => self.lease = lease,
-            Err(e) => tracing::error!(error = %e, "cannot lease map versions"),
-        }
-    }
-
-    /// Records a node's removal from the map so resuming nodes learn of it.
-    fn store_removal(&mut self, id: u64) {
-        if let Some(v) = self.netmap.removed_at(id)
-            && let Err(e) = self.store.add_removed(id, v, MAX_REMOVED)
-        {
-            tracing::error!(node = id, error = %e, "cannot record the removal");
-        }
+    /// Stores a changed node (logging `kind`) and applies the change; returns the deltas sent.
+    fn save(
+        &mut self,
+        n: &NodeRecord,
+        kind: ChangeKind,
+        claim: bool,
+    ) -> Result<usize, ControlError> {
+        let version = self
+            .store
+            .update_node(n, kind, claim)
+            .map_err(|e| store_error(e, n.id))?;
+        Ok(self.commit(Change {
+            version,
+            node_id: n.id,
+            kind,
+            record: Some(n.clone()),
+        }))
     }
 
     /// Puts a node's current record into the live netmap (with its policy identity).
@@ -368,9 +669,9 @@ impl Core {
         (view, sent)
     }
 
-    fn unique_name(&self, wanted: &str, except: Option<u64>) -> String {
+    fn unique_name(&self, wanted: &str, taken: &BTreeSet<String>) -> String {
         let base = dns_label(wanted);
-        let free = |n: &str| self.names.get(n).is_none_or(|id| Some(*id) == except);
+        let free = |n: &str| !self.names.contains_key(n) && !taken.contains(n);
         if free(&base) {
             return base;
         }
@@ -420,6 +721,7 @@ impl Core {
                 .get(&id)
                 .cloned()
                 .ok_or(ControlError::NodeNotFound { id })?;
+            let mut claim = false;
             if expired(n.expiry_ms, now_ms) {
                 // Coming back after expiry takes a valid key, which then owns the node; without
                 // one the answer is that the node expired, not that "" is a malformed key.
@@ -432,49 +734,83 @@ impl Core {
                 n.user_id = key.user_id;
                 n.tags = key.tags;
                 n.ephemeral = key.ephemeral;
+                claim = true;
             }
             n.disco_key = disco_key;
             n.hostname = hostname.to_string();
-            self.save(&mut n)?;
-            self.nodes.insert(id, n.clone());
-            return Ok(self.publish(&n).0);
+            self.save(&n, ChangeKind::Record, claim)?;
+            return self.node(id);
         }
         let key = self.check_auth_key(auth_key, now_ms)?;
-        let (ipv4, ipv6) = self.ipam.allocate()?;
-        let mut n = NodeRecord {
-            id: 0,
-            node_key,
-            disco_key,
-            hostname: hostname.to_string(),
-            given_name: self.unique_name(hostname, None),
-            user_id: key.user_id,
-            tags: key.tags.clone(),
-            ipv4,
-            ipv6,
-            endpoints: Vec::new(),
-            last_seen_ms: None,
-            expiry_ms: None,
-            created_ms: now_ms,
-            ephemeral: key.ephemeral,
-            auth_key_id: Some(key.id),
-            home_region: 0,
-            advertised_routes: Vec::new(),
-            approved_routes: Vec::new(),
-            version: self.netmap.version() + 1,
-        };
-        n.id = match self.store.register_node(&n) {
-            Ok(id) => id,
-            Err(e) => {
+        // Address and name are picked from this cache and made unique by the database: one
+        // lost to another instance's registration is read from the log and the next is tried.
+        let mut taken_names = BTreeSet::new();
+        for _ in 0..REGISTER_ATTEMPTS {
+            let (ipv4, ipv6) = self.ipam.allocate()?;
+            let given_name = self.unique_name(hostname, &taken_names);
+            let mut n = NodeRecord {
+                id: 0,
+                node_key,
+                disco_key,
+                hostname: hostname.to_string(),
+                given_name,
+                user_id: key.user_id,
+                tags: key.tags.clone(),
+                ipv4,
+                ipv6,
+                endpoints: Vec::new(),
+                last_seen_ms: None,
+                expiry_ms: None,
+                created_ms: now_ms,
+                ephemeral: key.ephemeral,
+                auth_key_id: Some(key.id),
+                home_region: 0,
+                advertised_routes: Vec::new(),
+                approved_routes: Vec::new(),
+                version: 0,
+            };
+            let lost = match self.store.register_node(&n) {
+                Ok((id, version)) => {
+                    n.id = id;
+                    n.version = version;
+                    tracing::info!(node = id, name = %n.given_name, key = %node_key.short(), %ipv4, "node registered");
+                    self.commit(Change {
+                        version,
+                        node_id: id,
+                        kind: ChangeKind::Record,
+                        record: Some(n),
+                    });
+                    return self.node(id);
+                }
+                // The address stays reserved here: another node holds it.
+                Err(StoreError::Conflict {
+                    what: "node address",
+                }) => None,
+                Err(StoreError::Conflict { what: "node name" }) => Some(n.given_name),
+                Err(StoreError::Conflict { what: "node key" }) => {
+                    // The same node registered through another instance at the same moment.
+                    self.ipam.release(ipv4);
+                    self.catch_up()?;
+                    if self.by_key.contains_key(&node_key) {
+                        return self.register(node_key, disco_key, hostname, auth_key, now_ms);
+                    }
+                    return Err(StoreError::Conflict { what: "node key" }.into());
+                }
+                Err(e) => {
+                    self.ipam.release(ipv4);
+                    return Err(store_error(e, 0));
+                }
+            };
+            if let Some(name) = lost {
                 self.ipam.release(ipv4);
-                return Err(e.into());
+                taken_names.insert(name);
             }
-        };
-        tracing::info!(node = n.id, name = %n.given_name, key = %node_key.short(), %ipv4, "node registered");
-        self.by_key.insert(node_key, n.id);
-        self.names.insert(n.given_name.clone(), n.id);
-        let (view, _) = self.publish(&n);
-        self.nodes.insert(n.id, n);
-        Ok(view)
+            self.catch_up()?;
+        }
+        Err(StoreError::Conflict {
+            what: "node address",
+        }
+        .into())
     }
 
     /// The id of the node that proved `key`, if it may act.
@@ -546,15 +882,12 @@ impl Core {
         if let Some(h) = hostname {
             n.hostname = h;
         }
-        self.save(&mut n)?;
-        let strings: Vec<String> = n.endpoints.iter().map(|e| e.to_string()).collect();
-        let sent = if record_changed {
-            self.publish(&n).1
+        let kind = if record_changed {
+            ChangeKind::Record
         } else {
-            self.netmap.set_endpoints(id, strings)
+            ChangeKind::Endpoints
         };
-        self.nodes.insert(id, n);
-        Ok(sent)
+        self.save(&n, kind, false)
     }
 
     /// Opens a map stream for `id` and marks it online. With `resume` (map id, version the
@@ -565,17 +898,21 @@ impl Core {
         now_ms: i64,
         resume: Option<(u64, u64)>,
     ) -> Result<Subscription, ControlError> {
-        self.keep_lease();
-        self.netmap.set_online(id, true, now_ms);
+        if !self.nodes.contains_key(&id) {
+            return Err(ControlError::NodeNotFound { id });
+        }
+        if let Some(version) = self.store.set_presence(id, self.instance, true, now_ms)? {
+            self.commit(Change {
+                version,
+                node_id: id,
+                kind: ChangeKind::Online,
+                record: self.nodes.get(&id).cloned(),
+            });
+        }
         let sub = self
             .netmap
             .subscribe(id, resume)
             .ok_or(ControlError::NodeNotFound { id })?;
-        // A router coming online may be the only one of a prefix: it becomes primary (a
-        // self_changed follows its full map).
-        if self.routers.contains(&id) {
-            self.elect();
-        }
         Ok(sub)
     }
 
@@ -596,18 +933,25 @@ impl Core {
         if !self.netmap.unsubscribe(id, stream) && self.netmap.is_subscribed(id) {
             return None;
         }
-        self.netmap.set_online(id, false, now_ms);
-        if self.routers.contains(&id) {
-            // Its prefixes fail over to the lowest-id online router serving them.
-            self.elect();
+        match self.store.set_presence(id, self.instance, false, now_ms) {
+            Ok(Some(version)) => {
+                let mut record = self.nodes.get(&id).cloned();
+                if let Some(r) = &mut record {
+                    r.last_seen_ms = Some(now_ms);
+                }
+                self.commit(Change {
+                    version,
+                    node_id: id,
+                    kind: ChangeKind::Offline,
+                    record,
+                });
+            }
+            // Another instance still serves it.
+            Ok(None) => {}
+            Err(e) => tracing::warn!(node = id, error = %e, "could not record the node offline"),
         }
-        let n = self.nodes.get_mut(&id)?;
-        n.last_seen_ms = Some(now_ms);
-        let n = n.clone();
-        if let Err(e) = self.store.update_node(&n) {
-            tracing::warn!(node = id, error = %e, "could not record last seen");
-        }
-        Some(n.ephemeral)
+        let n = self.nodes.get(&id)?;
+        (!self.online.contains(&id)).then_some(n.ephemeral)
     }
 
     /// Deletes every ephemeral node that has been offline (or never connected) for longer than
@@ -620,15 +964,21 @@ impl Core {
         let due: Vec<u64> = self
             .nodes
             .values()
-            .filter(|n| n.ephemeral && !self.netmap.is_subscribed(n.id))
+            .filter(|n| n.ephemeral && !self.online.contains(&n.id))
             .filter(|n| now_ms.saturating_sub(n.last_seen_ms.unwrap_or(n.created_ms)) > timeout_ms)
             .map(|n| n.id)
             .collect();
-        for id in &due {
+        let mut deleted = Vec::new();
+        for id in due {
             tracing::info!(node = id, "ephemeral node inactive; deleting");
-            self.delete_node(*id)?;
+            match self.delete_node(id) {
+                Ok(_) => deleted.push(id),
+                // Another instance's sweep was first.
+                Err(ControlError::NodeNotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
-        Ok(due)
+        Ok(deleted)
     }
 
     /// Why a map stream of `id` ended from the server's side.
@@ -655,19 +1005,24 @@ impl Core {
         if self.users.values().any(|u| u.name == name) {
             return Err(ControlError::UserExists { name: name.into() });
         }
-        let u = self.store.create_user(name, now_ms)?;
+        let u = self.store.create_user(name, now_ms).map_err(|e| match e {
+            // Another instance created it meanwhile.
+            StoreError::Conflict { .. } => ControlError::UserExists { name: name.into() },
+            e => e.into(),
+        })?;
         self.users.insert(u.id, u.clone());
         Ok(u)
     }
 
-    /// Every user.
-    pub fn users(&self) -> Vec<UserRecord> {
+    /// Every user, as the database has them (another instance may have added some).
+    pub fn users(&mut self) -> Vec<UserRecord> {
+        self.refresh_users();
         self.users.values().cloned().collect()
     }
 
     /// Removes a user that has no nodes.
     pub fn delete_user(&mut self, name: &str) -> Result<(), ControlError> {
-        let id = self.user_by_name(name)?.id;
+        let id = self.find_user(name)?.id;
         let count = self.nodes.values().filter(|n| n.user_id == id).count();
         if count > 0 {
             return Err(ControlError::UserHasNodes {
@@ -675,7 +1030,14 @@ impl Core {
                 count,
             });
         }
-        self.store.delete_user(id)?;
+        self.store.delete_user(id).map_err(|e| match e {
+            // A node registered through another instance meanwhile.
+            StoreError::InUse { .. } => ControlError::UserHasNodes {
+                name: name.into(),
+                count: 1,
+            },
+            e => e.into(),
+        })?;
         self.users.remove(&id);
         Ok(())
     }
@@ -687,7 +1049,7 @@ impl Core {
         random: [u8; 30],
         now_ms: i64,
     ) -> Result<(PreAuthKeyRecord, String), ControlError> {
-        let user_id = self.user_by_name(&new.user)?.id;
+        let user_id = self.find_user(&new.user)?.id;
         // The tags must be owned in the policy in force (Headscale checks only the prefix).
         self.check_node_tags(&new.tags)?;
         let issued = secret::issue(SecretKind::Auth, random);
@@ -810,23 +1172,16 @@ impl Core {
 
     /// Deletes a node: its peers drop it and its own stream ends.
     pub fn delete_node(&mut self, id: u64) -> Result<usize, ControlError> {
-        let n = self
-            .nodes
-            .get(&id)
-            .ok_or(ControlError::NodeNotFound { id })?;
-        self.store.delete_node(id)?;
-        let n = n.clone();
-        self.nodes.remove(&id);
-        self.by_key.remove(&n.node_key);
-        self.names.remove(&n.given_name);
-        self.ipam.release(n.ipv4);
-        tracing::info!(node = id, name = %n.given_name, "node deleted");
-        let mut sent = self.netmap.remove(id);
-        self.store_removal(id);
-        if self.routers.remove(&id) {
-            sent += self.elect();
+        if !self.nodes.contains_key(&id) {
+            return Err(ControlError::NodeNotFound { id });
         }
-        Ok(sent)
+        let version = self.store.delete_node(id).map_err(|e| store_error(e, id))?;
+        Ok(self.commit(Change {
+            version,
+            node_id: id,
+            kind: ChangeKind::Removed,
+            record: None,
+        }))
     }
 
     /// Expires a node's key now: its peers drop it and it must register again.
@@ -837,15 +1192,8 @@ impl Core {
             .cloned()
             .ok_or(ControlError::NodeNotFound { id })?;
         n.expiry_ms = Some(now_ms);
-        self.save(&mut n)?;
-        let view = self.view(&n);
-        self.nodes.insert(id, n);
-        self.netmap.remove(id);
-        self.store_removal(id);
-        if self.routers.contains(&id) {
-            self.elect();
-        }
-        Ok(view)
+        self.save(&n, ChangeKind::Removed, false)?;
+        self.node(id)
     }
 
     /// Gives a node a new unique name.
@@ -864,17 +1212,21 @@ impl Core {
         if self.names.get(name).is_some_and(|other| *other != id) {
             return Err(ControlError::NameTaken { name: name.into() });
         }
-        let old = std::mem::replace(&mut n.given_name, name.to_string());
-        self.save(&mut n)?;
-        self.names.remove(&old);
-        self.names.insert(n.given_name.clone(), id);
-        let view = if self.netmap.node(id).is_some() {
-            self.publish(&n).0
+        n.given_name = name.to_string();
+        let kind = if self.netmap.node(id).is_some() {
+            ChangeKind::Record
         } else {
-            self.view(&n)
+            // Expired: out of the map, and staying out.
+            ChangeKind::Removed
         };
-        self.nodes.insert(id, n);
-        Ok(view)
+        match self.save(&n, kind, false) {
+            // Taken through another instance meanwhile.
+            Err(ControlError::Store(StoreError::Conflict { what: "node name" })) => {
+                Err(ControlError::NameTaken { name: name.into() })
+            }
+            other => other.map(|_| ()),
+        }?;
+        self.node(id)
     }
 
     // --- settings ---
@@ -900,17 +1252,29 @@ impl Core {
         &mut self,
         policy: Option<Arc<CompiledPolicy>>,
     ) -> Result<usize, PolicyError> {
-        let fingerprint = policy_fingerprint(policy.as_deref());
-        let mut sent = self.netmap.set_policy(policy)?;
-        let v = self.netmap.policy_version();
-        for (key, value) in [
-            (MapKey::PolicyFingerprint, fingerprint),
-            (MapKey::PolicyVersion, v),
-        ] {
-            if let Err(e) = self.store.set_map_value(key, value) {
-                tracing::error!(error = %e, "cannot record the policy's map version");
-            }
+        if let Some(p) = &policy {
+            self.check_policy(p)?;
         }
+        let fingerprint = policy_fingerprint(policy.as_deref());
+        let mut sent = match self.store.set_policy_fingerprint(fingerprint) {
+            Ok(Some(version)) => {
+                self.pending_policy = Some(policy);
+                self.commit(Change {
+                    version,
+                    node_id: 0,
+                    kind: ChangeKind::Policy,
+                    record: None,
+                })
+            }
+            // The same policy (reformatted, or as the log already has it).
+            Ok(None) => 0,
+            Err(e) => {
+                // Enforced all the same, at the current version: resuming nodes may miss
+                // that it changed until the next change is logged.
+                tracing::error!(error = %e, "cannot record the policy change");
+                self.netmap.set_policy(policy)?
+            }
+        };
         // autoApprovers run again on every policy change (Headscale's ReloadPolicy). A store
         // failure here leaves those approvals for the next change; the policy stands.
         match self.auto_approve_all() {
@@ -946,14 +1310,45 @@ impl Core {
 // --- policy storage and tags, for the Admin API (`policy set`, `nodes tag`, tagged keys) ---
 
 impl Core {
+    /// Renews this instance's presence (claiming its streams' nodes again if it had been
+    /// declared dead), declares dead instances that stopped renewing theirs, and applies what
+    /// that changed.
+    pub fn keep_presence(&mut self, now_ms: i64) -> Result<(), ControlError> {
+        if !self.store.heartbeat(self.instance, now_ms)? {
+            tracing::warn!(
+                instance = self.instance,
+                "this instance was declared dead; claiming its nodes again"
+            );
+            for id in self.netmap.subscribed() {
+                if let Some(version) = self.store.set_presence(id, self.instance, true, now_ms)? {
+                    self.commit(Change {
+                        version,
+                        node_id: id,
+                        kind: ChangeKind::Online,
+                        record: self.nodes.get(&id).cloned(),
+                    });
+                }
+            }
+        }
+        let dead = self
+            .store
+            .reap_instances(now_ms - PRESENCE_TTL_MS, now_ms)?;
+        if dead > 0 {
+            tracing::info!(instances = dead, "declared silent instances dead");
+        }
+        self.catch_up()?;
+        Ok(())
+    }
+
     /// The policy stored for `policy.mode = "database"`, if any.
     pub fn stored_policy(&self) -> Result<Option<crate::store::StoredPolicy>, ControlError> {
         Ok(self.store.policy()?)
     }
 
     /// Database mode's `policy set`: `policy` (compiled from `text`) has its tests run against
-    /// the current nodes, is stored, then applied. A refused policy or a failed write changes
-    /// nothing, so the stored and the enforced policy never disagree. Returns the deltas sent.
+    /// the current nodes, is stored, then applied (by every instance on the database, from the
+    /// change log). A refused policy or a failed write changes nothing, so the stored and the
+    /// enforced policy never disagree. Returns the deltas sent.
     pub fn store_policy(
         &mut self,
         text: &str,
@@ -961,23 +1356,20 @@ impl Core {
         now_ms: i64,
     ) -> Result<usize, ControlError> {
         self.check_policy(&policy)?;
-        let previous = self.store.policy()?;
-        self.store.set_policy(Some(text), now_ms)?;
-        match self.set_policy(Some(policy)) {
-            Ok(sent) => Ok(sent),
-            Err(e) => {
-                // Not expected: the same tests passed against the same nodes just above. The
-                // stored copy goes back all the same.
-                let (text, at) = match &previous {
-                    Some(p) => (Some(p.text.as_str()), p.updated_ms),
-                    None => (None, now_ms),
-                };
-                if let Err(undo) = self.store.set_policy(text, at) {
-                    tracing::error!(error = %undo, "cannot restore the stored policy");
-                }
-                Err(e.into())
-            }
+        let fingerprint = policy_fingerprint(Some(&policy));
+        let version = self.store.set_policy(Some(text), fingerprint, now_ms)?;
+        self.pending_policy = Some(Some(policy));
+        let mut sent = self.commit(Change {
+            version,
+            node_id: 0,
+            kind: ChangeKind::Policy,
+            record: None,
+        });
+        match self.auto_approve_all() {
+            Ok(n) => sent += n,
+            Err(e) => tracing::error!(error = %e, "cannot store auto-approved routes"),
         }
+        Ok(sent)
     }
 
     /// Checks tags a pre-auth key or a node is to carry: each `tag:<name>`, and owned in the
@@ -1009,21 +1401,17 @@ impl Core {
             .cloned()
             .ok_or(ControlError::NodeNotFound { id })?;
         n.tags = tags;
-        self.save(&mut n)?;
-        let view = if self.netmap.node(id).is_some() {
-            self.publish(&n).0
-        } else {
-            self.view(&n)
-        };
         // Its new tags may make it an auto-approver of the routes it advertises.
         if let Some(approved) = self.auto_approvals(&n) {
             n.approved_routes = approved;
-            self.nodes.insert(id, n.clone());
-            self.store_routes(n)?;
-            return self.node(id);
         }
-        self.nodes.insert(id, n);
-        Ok(view)
+        let kind = if self.netmap.node(id).is_some() {
+            ChangeKind::Record
+        } else {
+            ChangeKind::Removed
+        };
+        self.save(&n, kind, false)?;
+        self.node(id)
     }
 }
 
@@ -1044,17 +1432,15 @@ impl Core {
 
     /// Stores a node whose routes changed and tells everyone concerned: its peers (each sees
     /// only the routes its policy allows), itself, and whoever a new primary concerns.
-    fn store_routes(&mut self, mut n: NodeRecord) -> Result<usize, ControlError> {
-        self.save(&mut n)?;
-        self.track_routes(&n);
-        let id = n.id;
-        let live = self.netmap.node(id).is_some();
-        self.nodes.insert(id, n.clone());
-        // Published first, at the version just stored; the election's republication of it
-        // (when it became or stopped being primary) follows, and streams coalesce the two.
-        let mut sent = if live { self.publish(&n).1 } else { 0 };
-        sent += self.elect();
-        Ok(sent)
+    fn store_routes(&mut self, n: NodeRecord) -> Result<usize, ControlError> {
+        // Published at the version stored; the election's republication of it (when it became
+        // or stopped being primary) goes out at the same version, and streams coalesce the two.
+        let kind = if self.netmap.node(n.id).is_some() {
+            ChangeKind::Record
+        } else {
+            ChangeKind::Removed
+        };
+        self.save(&n, kind, false)
     }
 
     /// Re-elects primary routers and republishes every node whose primary prefixes changed;
@@ -1067,7 +1453,7 @@ impl Core {
     fn run_election(&mut self) -> BTreeSet<u64> {
         let mut candidates: BTreeMap<ipnet::IpNet, BTreeSet<u64>> = BTreeMap::new();
         for &id in &self.routers {
-            if !self.netmap.is_subscribed(id) || self.netmap.node(id).is_none() {
+            if !self.online.contains(&id) || self.netmap.node(id).is_none() {
                 continue;
             }
             let Some(n) = self.nodes.get(&id) else {

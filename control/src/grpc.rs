@@ -151,6 +151,9 @@ pub struct Shared {
     pub ephemeral_timeout: Duration,
     /// Nonces of recently accepted node proofs.
     pub replay: std::sync::Mutex<ReplayGuard>,
+    /// The database, for what is checked outside the core (proof nonces every instance on a
+    /// shared database must see).
+    pub store: Arc<dyn crate::store::Store>,
     /// Set to true when the server shuts down; map streams then end.
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// Where the access policy comes from, and its text in force.
@@ -237,7 +240,9 @@ impl Shared {
     }
 
     /// Checks a node proof for `method` over `rest` (the request with its proof taken out).
-    pub fn prove(
+    /// Its nonce is claimed in this process and, on a shared database, in the database, so a
+    /// captured request replayed to another instance is refused there too.
+    pub async fn prove(
         &self,
         proof: Option<NodeProof>,
         rest: &impl prost::Message,
@@ -246,11 +251,23 @@ impl Shared {
     ) -> Result<NodePublicKey, ControlError> {
         let digest = request_digest(rest);
         let proven = verify_proof(&self.key, proof.as_ref(), method, now, &digest)?;
-        let mut replay = self
-            .replay
+        self.replay
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        replay.check(proven.nonce, now)?;
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .check(proven.nonce, now)?;
+        if self.store.shared() {
+            let store = Arc::clone(&self.store);
+            let forget = now - 2 * warren_proto::proof::MAX_SKEW_MS;
+            let fresh =
+                tokio::task::spawn_blocking(move || store.claim_nonce(&proven.nonce, now, forget))
+                    .await
+                    .map_err(|e| crate::store::StoreError::Backend {
+                        message: format!("nonce check did not finish: {e}"),
+                    })??;
+            if !fresh {
+                return Err(warren_proto::proof::ProofError::Replayed.into());
+            }
+        }
         Ok(proven.node)
     }
 }
@@ -277,7 +294,7 @@ impl ControlService {
         method: &str,
     ) -> Result<(tokio::sync::MutexGuard<'_, Core>, u64, NodePublicKey), Status> {
         let now = unix_ms();
-        let key = self.shared.prove(proof, rest, method, now)?;
+        let key = self.shared.prove(proof, rest, method, now).await?;
         let core = self.shared.core.lock().await;
         let id = core.authenticate(&key, now)?;
         Ok((core, id, key))
@@ -332,7 +349,7 @@ impl Control for ControlService {
         let now = unix_ms();
         let proof = req.proof.take();
         let registered = async {
-            let key = self.shared.prove(proof, &req, "RegisterNode", now)?;
+            let key = self.shared.prove(proof, &req, "RegisterNode", now).await?;
             let disco = DiscoPublicKey::from_slice(&req.disco_key).map_err(|_| {
                 ControlError::InvalidField {
                     field: "disco_key",
@@ -383,7 +400,7 @@ impl Control for ControlService {
         let mut req = req.into_inner();
         let proof = req.proof.take();
         let now = unix_ms();
-        let key = self.shared.prove(proof, &req, "UpdateNode", now)?;
+        let key = self.shared.prove(proof, &req, "UpdateNode", now).await?;
         let endpoints = req
             .endpoints
             .map(|e| parse_endpoints(&e.endpoints))
@@ -420,7 +437,10 @@ impl Control for ControlService {
         let mut rest = req.into_inner();
         let proof = rest.proof.take();
         let now = unix_ms();
-        let key = self.shared.prove(proof, &rest, "StreamMapResponse", now)?;
+        let key = self
+            .shared
+            .prove(proof, &rest, "StreamMapResponse", now)
+            .await?;
         let resume = (rest.map_id != 0 && rest.version != 0).then_some((rest.map_id, rest.version));
         // Subscribing may lease map versions in the database: off the async threads.
         let (id, sub) = self

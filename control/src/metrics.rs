@@ -16,8 +16,8 @@ use warren_proto::control::map_response::Kind;
 
 use crate::error::ControlError;
 use crate::store::{
-    ApiKeyRecord, MapKey, MapState, NodeRecord, PreAuthKeyRecord, Store, StoreError, StoredPolicy,
-    UserRecord,
+    ApiKeyRecord, Change, ChangeKind, MapState, NodeRecord, PreAuthKeyRecord, Store, StoreError,
+    StoredPolicy, UserRecord,
 };
 
 /// Nodes by state (label `state`: online, offline, expired).
@@ -250,27 +250,26 @@ impl TimedStore {
         self.metrics.store_call(op, start.elapsed());
         out
     }
-
-    fn timed_mut<T>(&mut self, op: &'static str, call: impl FnOnce(&mut dyn Store) -> T) -> T {
-        let start = Instant::now();
-        let out = call(&mut *self.inner);
-        self.metrics.store_call(op, start.elapsed());
-        out
-    }
 }
 
 impl Store for TimedStore {
-    fn create_user(&mut self, name: &str, now_ms: i64) -> Result<UserRecord, StoreError> {
-        self.timed_mut("create_user", |s| s.create_user(name, now_ms))
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+    fn create_user(&self, name: &str, now_ms: i64) -> Result<UserRecord, StoreError> {
+        self.timed("create_user", |s| s.create_user(name, now_ms))
     }
     fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
         self.timed("users", |s| s.users())
     }
-    fn delete_user(&mut self, id: u64) -> Result<(), StoreError> {
-        self.timed_mut("delete_user", |s| s.delete_user(id))
+    fn delete_user(&self, id: u64) -> Result<(), StoreError> {
+        self.timed("delete_user", |s| s.delete_user(id))
     }
-    fn insert_preauth_key(&mut self, key: &PreAuthKeyRecord) -> Result<u64, StoreError> {
-        self.timed_mut("insert_preauth_key", |s| s.insert_preauth_key(key))
+    fn insert_preauth_key(&self, key: &PreAuthKeyRecord) -> Result<u64, StoreError> {
+        self.timed("insert_preauth_key", |s| s.insert_preauth_key(key))
     }
     fn preauth_key(&self, prefix: &str) -> Result<Option<PreAuthKeyRecord>, StoreError> {
         self.timed("preauth_key", |s| s.preauth_key(prefix))
@@ -278,11 +277,11 @@ impl Store for TimedStore {
     fn preauth_keys(&self) -> Result<Vec<PreAuthKeyRecord>, StoreError> {
         self.timed("preauth_keys", |s| s.preauth_keys())
     }
-    fn expire_preauth_key(&mut self, id: u64, at_ms: i64) -> Result<(), StoreError> {
-        self.timed_mut("expire_preauth_key", |s| s.expire_preauth_key(id, at_ms))
+    fn expire_preauth_key(&self, id: u64, at_ms: i64) -> Result<(), StoreError> {
+        self.timed("expire_preauth_key", |s| s.expire_preauth_key(id, at_ms))
     }
-    fn insert_api_key(&mut self, key: &ApiKeyRecord) -> Result<u64, StoreError> {
-        self.timed_mut("insert_api_key", |s| s.insert_api_key(key))
+    fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<u64, StoreError> {
+        self.timed("insert_api_key", |s| s.insert_api_key(key))
     }
     fn api_key(&self, prefix: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
         self.timed("api_key", |s| s.api_key(prefix))
@@ -290,37 +289,84 @@ impl Store for TimedStore {
     fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
         self.timed("api_keys", |s| s.api_keys())
     }
-    fn expire_api_key(&mut self, id: u64, at_ms: i64) -> Result<(), StoreError> {
-        self.timed_mut("expire_api_key", |s| s.expire_api_key(id, at_ms))
+    fn expire_api_key(&self, id: u64, at_ms: i64) -> Result<(), StoreError> {
+        self.timed("expire_api_key", |s| s.expire_api_key(id, at_ms))
     }
-    fn touch_api_key(&mut self, id: u64, at_ms: i64) -> Result<(), StoreError> {
-        self.timed_mut("touch_api_key", |s| s.touch_api_key(id, at_ms))
+    fn touch_api_key(&self, id: u64, at_ms: i64) -> Result<(), StoreError> {
+        self.timed("touch_api_key", |s| s.touch_api_key(id, at_ms))
     }
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         self.timed("nodes", |s| s.nodes())
     }
-    fn register_node(&mut self, node: &NodeRecord) -> Result<u64, StoreError> {
-        self.timed_mut("register_node", |s| s.register_node(node))
+    fn register_node(&self, node: &NodeRecord) -> Result<(u64, u64), StoreError> {
+        self.timed("register_node", |s| s.register_node(node))
     }
-    fn update_node(&mut self, node: &NodeRecord) -> Result<(), StoreError> {
-        self.timed_mut("update_node", |s| s.update_node(node))
+    fn update_node(
+        &self,
+        node: &NodeRecord,
+        kind: ChangeKind,
+        claim: bool,
+    ) -> Result<u64, StoreError> {
+        self.timed("update_node", |s| s.update_node(node, kind, claim))
     }
-    fn delete_node(&mut self, id: u64) -> Result<(), StoreError> {
-        self.timed_mut("delete_node", |s| s.delete_node(id))
+    fn delete_node(&self, id: u64) -> Result<u64, StoreError> {
+        self.timed("delete_node", |s| s.delete_node(id))
     }
-    fn map_state(&mut self) -> Result<MapState, StoreError> {
-        self.timed_mut("map_state", |s| s.map_state())
+    fn changes_after(&self, version: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.timed("changes_after", |s| s.changes_after(version, limit))
     }
-    fn set_map_value(&mut self, key: MapKey, value: u64) -> Result<(), StoreError> {
-        self.timed_mut("set_map_value", |s| s.set_map_value(key, value))
+    fn map_state(&self) -> Result<MapState, StoreError> {
+        self.timed("map_state", |s| s.map_state())
     }
-    fn add_removed(&mut self, id: u64, version: u64, keep: usize) -> Result<(), StoreError> {
-        self.timed_mut("add_removed", |s| s.add_removed(id, version, keep))
+    fn set_policy_fingerprint(&self, fingerprint: u64) -> Result<Option<u64>, StoreError> {
+        self.timed("set_policy_fingerprint", |s| {
+            s.set_policy_fingerprint(fingerprint)
+        })
     }
     fn policy(&self) -> Result<Option<StoredPolicy>, StoreError> {
         self.timed("policy", |s| s.policy())
     }
-    fn set_policy(&mut self, text: Option<&str>, now_ms: i64) -> Result<(), StoreError> {
-        self.timed_mut("set_policy", |s| s.set_policy(text, now_ms))
+    fn set_policy(
+        &self,
+        text: Option<&str>,
+        fingerprint: u64,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.timed("set_policy", |s| s.set_policy(text, fingerprint, now_ms))
+    }
+    fn join_instance(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.timed("join_instance", |s| s.join_instance(now_ms))
+    }
+    fn heartbeat(&self, instance: u64, now_ms: i64) -> Result<bool, StoreError> {
+        self.timed("heartbeat", |s| s.heartbeat(instance, now_ms))
+    }
+    fn reap_instances(&self, dead_before_ms: i64, now_ms: i64) -> Result<usize, StoreError> {
+        self.timed("reap_instances", |s| {
+            s.reap_instances(dead_before_ms, now_ms)
+        })
+    }
+    fn set_presence(
+        &self,
+        node: u64,
+        instance: u64,
+        online: bool,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.timed("set_presence", |s| {
+            s.set_presence(node, instance, online, now_ms)
+        })
+    }
+    fn online_nodes(&self) -> Result<Vec<u64>, StoreError> {
+        self.timed("online_nodes", |s| s.online_nodes())
+    }
+    fn claim_nonce(
+        &self,
+        nonce: &[u8; 24],
+        now_ms: i64,
+        forget_before_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.timed("claim_nonce", |s| {
+            s.claim_nonce(nonce, now_ms, forget_before_ms)
+        })
     }
 }

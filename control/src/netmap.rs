@@ -216,6 +216,9 @@ struct Versions {
     floor: u64,
     policy: u64,
     published: Arc<AtomicU64>,
+    /// While set ([`Netmap::pin`]), every change gets this version: the change log's, for one
+    /// committed change and whatever it causes (an election's republications).
+    pinned: Option<u64>,
     /// Each node's last record change, and the same by version.
     record: HashMap<u64, u64>,
     records: BTreeMap<u64, u64>,
@@ -231,7 +234,10 @@ struct Versions {
 
 impl Versions {
     fn next(&mut self) -> u64 {
-        self.current += 1;
+        match self.pinned {
+            Some(v) => self.current = self.current.max(v),
+            None => self.current += 1,
+        }
         self.current
     }
 
@@ -685,6 +691,27 @@ impl Netmap {
         self.versions.policy
     }
 
+    /// Gives every change until [`Netmap::unpin`] the version `version` (a change-log entry and
+    /// what it causes), instead of counting one each.
+    pub fn pin(&mut self, version: u64) {
+        self.versions.pinned = Some(version);
+    }
+
+    /// Ends [`Netmap::pin`]: the map is at the pinned version even if nothing changed, and
+    /// streams may say so.
+    pub fn unpin(&mut self) {
+        if let Some(v) = self.versions.pinned.take() {
+            self.versions.current = self.versions.current.max(v);
+        }
+        self.versions.publish();
+    }
+
+    /// Counts a policy change that this netmap does not enforce (another instance's policy
+    /// file): nodes resuming from before it get full maps.
+    pub fn note_policy_change(&mut self) {
+        self.versions.policy = self.versions.next();
+    }
+
     /// Takes up the versions of an earlier run (call before adding nodes).
     pub fn restore(&mut self, r: &Restored) {
         let v = &mut self.versions;
@@ -874,6 +901,11 @@ impl Netmap {
             return true;
         }
         false
+    }
+
+    /// Every node with an open stream here.
+    pub fn subscribed(&self) -> Vec<u64> {
+        self.subscribers.keys().copied().collect()
     }
 
     /// Whether `id` has an open stream.

@@ -28,7 +28,7 @@ use crate::listen::{
     AcceptStats, Acceptor, Limits, MAX_ADMIN_CONNECTIONS, TrackLayer, cap_for_fd_limit,
 };
 use crate::policy::{CompiledPolicy, PolicyError};
-use crate::store::{SqliteStore, Store};
+use crate::store::{PgStore, SqliteStore, Store};
 use warren_derp::log_limit::LogLimiter;
 use warren_proto::proof::unix_ms;
 
@@ -75,25 +75,92 @@ pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens the configured database: SQLite (created with its directory) or PostgreSQL.
+fn open_store(config: &Config) -> anyhow::Result<Box<dyn Store>> {
+    if config.database.is_postgres() {
+        let pg = &config.database.postgres;
+        let store = PgStore::connect(pg.options()).with_context(|| {
+            format!(
+                "opening PostgreSQL database {:?} at {}:{}",
+                pg.name, pg.host, pg.port
+            )
+        })?;
+        tracing::info!(host = %pg.host, port = pg.port, name = %pg.name, "database: PostgreSQL");
+        return Ok(Box::new(store));
+    }
+    let sqlite = &config.database.sqlite;
+    if let Some(dir) = sqlite.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        private_dir(dir)?;
+    }
+    let store = SqliteStore::open(&sqlite.path, sqlite.write_ahead_log)
+        .with_context(|| format!("opening database {}", sqlite.path.display()))?;
+    Ok(Box::new(store))
+}
+
+/// Follows the change log on a shared database: every notification (and, as a safety net, every
+/// second) applies what other instances committed, and fans it out to this process's streams.
+async fn follow_changes(shared: Arc<Shared>, options: crate::store::PgOptions) {
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let listener = {
+        let wake = Arc::clone(&wake);
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = crate::store::listen_for_changes(&options, &wake).await {
+                    tracing::warn!(error = %e, "not listening for changes; trying again");
+                }
+                wake.notify_one();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _listener = AbortOnDrop(listener);
+    loop {
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let (caught_up, reloaded) = shared
+            .with_core(|core| (core.catch_up(), core.take_policy_reloaded()))
+            .await;
+        if let Err(e) = caught_up {
+            tracing::warn!(error = %e, "cannot follow the change log");
+        }
+        if reloaded {
+            // Another instance's `policy set`: `policy get` here shows the text now enforced.
+            let stored = shared.with_core(|core| core.stored_policy()).await;
+            match stored {
+                Ok(p) => shared.policy.set_text(p.map(|p| p.text.into())),
+                Err(e) => tracing::warn!(error = %e, "cannot read the stored policy"),
+            }
+        }
+    }
+}
+
+/// Keeps this instance's presence alive on a shared database and declares dead the instances
+/// that stopped doing so (their nodes go offline unless another instance serves them).
+async fn keep_presence(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(crate::core::HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = shared.with_core(|core| core.keep_presence(unix_ms())).await {
+            tracing::warn!(error = %e, "cannot renew this instance's presence");
+        }
+    }
+}
+
 /// Builds the shared state from the configuration.
 pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
     let key = load_or_create_key(&config.noise.private_key_path)?;
-    if let Some(dir) = config
-        .database
-        .sqlite
-        .path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        private_dir(dir)?;
-    }
-    let store = SqliteStore::open(
-        &config.database.sqlite.path,
-        config.database.sqlite.write_ahead_log,
-    )
-    .with_context(|| format!("opening database {}", config.database.sqlite.path.display()))?;
+    let store = open_store(config)?;
     // A policy that does not compile refuses the start (naming file, line and column).
-    let policy = initial_policy(config, &store)?;
+    let policy = initial_policy(config, &*store)?;
     let settings = Settings {
         v4: config.prefixes.v4,
         v6: config.prefixes.v6,
@@ -102,8 +169,10 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
         policy: policy.as_ref().map(|(_, compiled)| Arc::clone(compiled)),
     };
     let metrics = crate::metrics::Metrics::new();
-    let store = crate::metrics::TimedStore::new(Box::new(store), Arc::clone(&metrics));
-    let mut core = Core::open(Box::new(store), &settings, unix_ms())?;
+    let store: Arc<dyn Store> =
+        Arc::new(crate::metrics::TimedStore::new(store, Arc::clone(&metrics)));
+    let mut core = Core::open(Arc::clone(&store), &settings, unix_ms())?;
+    core.set_policy_from_store(config.policy.mode == PolicyMode::Database);
     let origin = match config.policy.mode {
         PolicyMode::File => config.policy.file().map(|p| PolicyOrigin::File(p.into())),
         PolicyMode::Database => Some(PolicyOrigin::Database),
@@ -120,6 +189,7 @@ pub fn open(config: &Config) -> anyhow::Result<Arc<Shared>> {
         keepalive: config.keepalive_interval,
         ephemeral_timeout: config.ephemeral_node_inactivity_timeout,
         replay: std::sync::Mutex::new(Default::default()),
+        store,
         stopping: tokio::sync::watch::Sender::new(false),
         policy: PolicySource::new(
             config.policy.mode,
@@ -494,6 +564,16 @@ pub async fn serve_with(
     let web = web.map(|listener| tokio::spawn(crate::web::serve(listener, Arc::clone(&shared))));
     let upkeep = tokio::spawn(Arc::clone(&shared.metrics).upkeep());
     let sweeper = tokio::spawn(sweep_ephemeral(Arc::clone(&shared)));
+    // Several instances on one database: follow the others' changes, keep presence.
+    let followers = config.database.is_postgres().then(|| {
+        [
+            tokio::spawn(follow_changes(
+                Arc::clone(&shared),
+                config.database.postgres.options(),
+            )),
+            tokio::spawn(keep_presence(Arc::clone(&shared))),
+        ]
+    });
     let streams = Arc::clone(&shared);
     tokio::spawn(async move {
         shutdown.await;
@@ -535,6 +615,9 @@ pub async fn serve_with(
     let result = tokio::try_join!(tcp_server, unix_server);
     sweeper.abort();
     upkeep.abort();
+    for task in followers.into_iter().flatten() {
+        task.abort();
+    }
     if let Some(web) = web {
         web.abort();
     }

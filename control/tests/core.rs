@@ -34,7 +34,7 @@ fn open(path: &Path, now: i64) -> Core {
 
 fn open_with(path: &Path, settings: &Settings, now: i64) -> Core {
     Core::open(
-        Box::new(SqliteStore::open(path, true).expect("store")),
+        std::sync::Arc::new(SqliteStore::open(path, true).expect("store")),
         settings,
         now,
     )

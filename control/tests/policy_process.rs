@@ -182,8 +182,8 @@ async fn sighup_reloads_the_stored_policy_and_refuses_a_broken_one() {
         .expect("set");
 
     // Another program changes the stored policy (as an offline tool would); SIGHUP loads it.
-    let mut store = SqliteStore::open(&child.db, true).expect("open the database");
-    store.set_policy(Some(POLICY_2), 1).expect("store");
+    let store = SqliteStore::open(&child.db, true).expect("open the database");
+    store.set_policy(Some(POLICY_2), 0, 1).expect("store");
     child.signal(rustix::process::Signal::HUP);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while policy_text(&mut admin).await.1 != POLICY_2 {
@@ -195,7 +195,7 @@ async fn sighup_reloads_the_stored_policy_and_refuses_a_broken_one() {
         .await;
 
     // A broken stored policy: refused with its line:col, the one in force stays.
-    store.set_policy(Some(BROKEN), 2).expect("store");
+    store.set_policy(Some(BROKEN), 0, 2).expect("store");
     child.signal(rustix::process::Signal::HUP);
     let line = child
         .wait_for_log(&["policy reload refused", "3:3: syntax error"])

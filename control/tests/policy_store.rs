@@ -9,8 +9,8 @@ use warren_control::core::{Core, NewAuthKey, Settings};
 use warren_control::error::ControlError;
 use warren_control::policy::{CompiledPolicy, PolicyError};
 use warren_control::store::{
-    ApiKeyRecord, MapKey, MapState, NodeRecord, PreAuthKeyRecord, SqliteStore, Store, StoreError,
-    StoredPolicy, UserRecord,
+    ApiKeyRecord, Change, ChangeKind, MapState, NodeRecord, PreAuthKeyRecord, SqliteStore, Store,
+    StoreError, StoredPolicy, UserRecord,
 };
 use warren_proto::control::DnsConfig;
 use warren_proto::{DiscoSecretKey, NodeSecretKey};
@@ -24,16 +24,22 @@ struct FlakyPolicyStore {
 }
 
 impl Store for FlakyPolicyStore {
-    fn create_user(&mut self, name: &str, now_ms: i64) -> Result<UserRecord, StoreError> {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+    fn create_user(&self, name: &str, now_ms: i64) -> Result<UserRecord, StoreError> {
         self.inner.create_user(name, now_ms)
     }
     fn users(&self) -> Result<Vec<UserRecord>, StoreError> {
         self.inner.users()
     }
-    fn delete_user(&mut self, id: u64) -> Result<(), StoreError> {
+    fn delete_user(&self, id: u64) -> Result<(), StoreError> {
         self.inner.delete_user(id)
     }
-    fn insert_preauth_key(&mut self, key: &PreAuthKeyRecord) -> Result<u64, StoreError> {
+    fn insert_preauth_key(&self, key: &PreAuthKeyRecord) -> Result<u64, StoreError> {
         self.inner.insert_preauth_key(key)
     }
     fn preauth_key(&self, prefix: &str) -> Result<Option<PreAuthKeyRecord>, StoreError> {
@@ -42,10 +48,10 @@ impl Store for FlakyPolicyStore {
     fn preauth_keys(&self) -> Result<Vec<PreAuthKeyRecord>, StoreError> {
         self.inner.preauth_keys()
     }
-    fn expire_preauth_key(&mut self, id: u64, at_ms: i64) -> Result<(), StoreError> {
+    fn expire_preauth_key(&self, id: u64, at_ms: i64) -> Result<(), StoreError> {
         self.inner.expire_preauth_key(id, at_ms)
     }
-    fn insert_api_key(&mut self, key: &ApiKeyRecord) -> Result<u64, StoreError> {
+    fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<u64, StoreError> {
         self.inner.insert_api_key(key)
     }
     fn api_key(&self, prefix: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
@@ -54,41 +60,80 @@ impl Store for FlakyPolicyStore {
     fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
         self.inner.api_keys()
     }
-    fn expire_api_key(&mut self, id: u64, at_ms: i64) -> Result<(), StoreError> {
+    fn expire_api_key(&self, id: u64, at_ms: i64) -> Result<(), StoreError> {
         self.inner.expire_api_key(id, at_ms)
     }
-    fn touch_api_key(&mut self, id: u64, at_ms: i64) -> Result<(), StoreError> {
+    fn touch_api_key(&self, id: u64, at_ms: i64) -> Result<(), StoreError> {
         self.inner.touch_api_key(id, at_ms)
     }
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         self.inner.nodes()
     }
-    fn register_node(&mut self, node: &NodeRecord) -> Result<u64, StoreError> {
+    fn register_node(&self, node: &NodeRecord) -> Result<(u64, u64), StoreError> {
         self.inner.register_node(node)
     }
-    fn update_node(&mut self, node: &NodeRecord) -> Result<(), StoreError> {
-        self.inner.update_node(node)
+    fn update_node(
+        &self,
+        node: &NodeRecord,
+        kind: ChangeKind,
+        claim: bool,
+    ) -> Result<u64, StoreError> {
+        self.inner.update_node(node, kind, claim)
     }
-    fn delete_node(&mut self, id: u64) -> Result<(), StoreError> {
+    fn delete_node(&self, id: u64) -> Result<u64, StoreError> {
         self.inner.delete_node(id)
     }
-    fn map_state(&mut self) -> Result<MapState, StoreError> {
+    fn changes_after(&self, version: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.inner.changes_after(version, limit)
+    }
+    fn map_state(&self) -> Result<MapState, StoreError> {
         self.inner.map_state()
     }
-    fn set_map_value(&mut self, key: MapKey, value: u64) -> Result<(), StoreError> {
-        self.inner.set_map_value(key, value)
-    }
-    fn add_removed(&mut self, id: u64, version: u64, keep: usize) -> Result<(), StoreError> {
-        self.inner.add_removed(id, version, keep)
+    fn set_policy_fingerprint(&self, fingerprint: u64) -> Result<Option<u64>, StoreError> {
+        self.inner.set_policy_fingerprint(fingerprint)
     }
     fn policy(&self) -> Result<Option<StoredPolicy>, StoreError> {
         self.inner.policy()
     }
-    fn set_policy(&mut self, text: Option<&str>, now_ms: i64) -> Result<(), StoreError> {
+    fn set_policy(
+        &self,
+        text: Option<&str>,
+        fingerprint: u64,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Conflict { what: "policy" });
         }
-        self.inner.set_policy(text, now_ms)
+        self.inner.set_policy(text, fingerprint, now_ms)
+    }
+    fn join_instance(&self, now_ms: i64) -> Result<u64, StoreError> {
+        self.inner.join_instance(now_ms)
+    }
+    fn heartbeat(&self, instance: u64, now_ms: i64) -> Result<bool, StoreError> {
+        self.inner.heartbeat(instance, now_ms)
+    }
+    fn reap_instances(&self, dead_before_ms: i64, now_ms: i64) -> Result<usize, StoreError> {
+        self.inner.reap_instances(dead_before_ms, now_ms)
+    }
+    fn set_presence(
+        &self,
+        node: u64,
+        instance: u64,
+        online: bool,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.set_presence(node, instance, online, now_ms)
+    }
+    fn online_nodes(&self) -> Result<Vec<u64>, StoreError> {
+        self.inner.online_nodes()
+    }
+    fn claim_nonce(
+        &self,
+        nonce: &[u8; 24],
+        now_ms: i64,
+        forget_before_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.inner.claim_nonce(nonce, now_ms, forget_before_ms)
     }
 }
 
@@ -119,7 +164,7 @@ fn core(fail: Arc<AtomicBool>) -> (Core, u64) {
         derp_map: Default::default(),
         policy: None,
     };
-    let mut core = Core::open(Box::new(store), &settings, T0).expect("core");
+    let mut core = Core::open(Arc::new(store), &settings, T0).expect("core");
     let mut laptop = 0;
     for (user, host) in [("alice", "laptop"), ("bob", "phone")] {
         core.create_user(user, T0).expect("user");

@@ -6,20 +6,37 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use warren_proto::{DiscoPublicKey, NodePublicKey};
 
+mod postgres;
+mod sql;
 mod sqlite;
 
+pub use postgres::{PgOptions, PgStore, listen_for_changes};
+pub use sql::{Backend, DbError, Dialect, KEEP_CHANGES, MIGRATIONS, Row, SqlStore, Tx, Value};
 pub use sqlite::SqliteStore;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// SQLite reported an error.
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    /// The database reported an error (the message names which database).
+    #[error("{message}")]
+    Backend {
+        /// The database's message.
+        message: String,
+    },
     /// A uniqueness rule would be broken.
     #[error("{what} already exists")]
     Conflict {
-        /// What collided.
+        /// What collided: "user", "pre-auth key", "API key", "node key", "node name",
+        /// "node address".
+        what: &'static str,
+    },
+    /// A single-use pre-auth key was already used (claimed atomically).
+    #[error("the pre-auth key was already used")]
+    KeyUsed,
+    /// A row is still referenced (a user with nodes).
+    #[error("{what} is still in use")]
+    InUse {
+        /// What is referenced.
         what: &'static str,
     },
     /// A stored value could not be read back.
@@ -139,14 +156,14 @@ pub struct NodeRecord {
     pub version: u64,
 }
 
-/// What the map's versions need to survive a restart.
+/// What the map's versions need at start: the map's identity, the head of the change log, and
+/// what a resuming node is measured against.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MapState {
     /// Identifies the map; made at random with the database.
     pub map_id: u64,
-    /// Every version handed out so far is below it; a new process starts counting here and
-    /// leases a new range ([`Store::set_map_value`] with [`MapKey::Lease`]).
-    pub lease: u64,
+    /// The newest version in the change log (every committed change has one).
+    pub version: u64,
     /// Resuming from below it takes a full map: removals before it are forgotten.
     pub floor: u64,
     /// Fingerprint of the policy the versions were last counted under (0: none).
@@ -157,63 +174,163 @@ pub struct MapState {
     pub removed: Vec<(u64, u64)>,
 }
 
-/// The map values kept between runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MapKey {
-    /// [`MapState::lease`].
-    Lease,
-    /// [`MapState::policy_fingerprint`].
-    PolicyFingerprint,
-    /// [`MapState::policy_version`].
-    PolicyVersion,
+/// What a change-log entry records about its node. Every committed change to what nodes see
+/// has one, so every instance on the database applies the same changes in the same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// The node was added or its record changed.
+    Record,
+    /// Only its endpoints changed (a smaller delta for its peers).
+    Endpoints,
+    /// It left the map: deleted (no record left) or expired (its record says when).
+    Removed,
+    /// It came online: its first stream on any instance.
+    Online,
+    /// It went offline: its last stream on every instance ended, or its instance died.
+    Offline,
+    /// The access policy changed (node id 0).
+    Policy,
 }
 
-/// What a server needs from its database. Calls are short and synchronous; every write that
-/// must be atomic is one call.
-pub trait Store: Send {
+impl ChangeKind {
+    /// The number stored for it.
+    pub fn code(self) -> i64 {
+        match self {
+            Self::Record => 1,
+            Self::Endpoints => 2,
+            Self::Removed => 3,
+            Self::Online => 4,
+            Self::Offline => 5,
+            Self::Policy => 6,
+        }
+    }
+
+    /// The kind stored as `code`.
+    pub fn from_code(code: i64) -> Option<Self> {
+        Some(match code {
+            1 => Self::Record,
+            2 => Self::Endpoints,
+            3 => Self::Removed,
+            4 => Self::Online,
+            5 => Self::Offline,
+            6 => Self::Policy,
+            _ => return None,
+        })
+    }
+}
+
+/// One committed change, as the log has it, with the node's record as it is now (`None` when
+/// it was deleted since, or for a policy change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Its version: one more than the change before it.
+    pub version: u64,
+    /// The node it is about (0 for a policy change).
+    pub node_id: u64,
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The node's current record.
+    pub record: Option<NodeRecord>,
+}
+
+/// What a server needs from its database. Calls are short and synchronous and run on blocking
+/// threads (never on the threads that serve map streams); every write that must be atomic is one
+/// call, one transaction. Writes that change what nodes see allocate the next version of the
+/// change log in the same transaction and return it; versions are gapless and commit in order.
+pub trait Store: Send + Sync {
+    /// Which database this is, for logs ("sqlite", "postgres").
+    fn backend(&self) -> &'static str;
+    /// Whether other processes may write to the same database (PostgreSQL): then this process
+    /// follows the change log, and presence and replay protection are shared.
+    fn shared(&self) -> bool;
     /// Adds a user.
-    fn create_user(&mut self, name: &str, now_ms: i64) -> Result<UserRecord, StoreError>;
+    fn create_user(&self, name: &str, now_ms: i64) -> Result<UserRecord, StoreError>;
     /// Every user, by id.
     fn users(&self) -> Result<Vec<UserRecord>, StoreError>;
-    /// Removes a user with no nodes; its pre-auth keys go with it.
-    fn delete_user(&mut self, id: u64) -> Result<(), StoreError>;
+    /// Removes a user with no nodes ([`StoreError::InUse`] otherwise); its pre-auth keys go with it.
+    fn delete_user(&self, id: u64) -> Result<(), StoreError>;
     /// Adds a pre-auth key (its `id` is ignored and assigned).
-    fn insert_preauth_key(&mut self, key: &PreAuthKeyRecord) -> Result<u64, StoreError>;
+    fn insert_preauth_key(&self, key: &PreAuthKeyRecord) -> Result<u64, StoreError>;
     /// The pre-auth key with this prefix.
     fn preauth_key(&self, prefix: &str) -> Result<Option<PreAuthKeyRecord>, StoreError>;
     /// Every pre-auth key, by id.
     fn preauth_keys(&self) -> Result<Vec<PreAuthKeyRecord>, StoreError>;
     /// Sets a pre-auth key's expiration.
-    fn expire_preauth_key(&mut self, id: u64, at_ms: i64) -> Result<(), StoreError>;
+    fn expire_preauth_key(&self, id: u64, at_ms: i64) -> Result<(), StoreError>;
     /// Adds an API key (its `id` is ignored and assigned).
-    fn insert_api_key(&mut self, key: &ApiKeyRecord) -> Result<u64, StoreError>;
+    fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<u64, StoreError>;
     /// The API key with this prefix.
     fn api_key(&self, prefix: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
     /// Every API key, by id.
     fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// Sets an API key's expiration.
-    fn expire_api_key(&mut self, id: u64, at_ms: i64) -> Result<(), StoreError>;
+    fn expire_api_key(&self, id: u64, at_ms: i64) -> Result<(), StoreError>;
     /// Records a successful use of an API key.
-    fn touch_api_key(&mut self, id: u64, at_ms: i64) -> Result<(), StoreError>;
+    fn touch_api_key(&self, id: u64, at_ms: i64) -> Result<(), StoreError>;
     /// Every node, by id.
     fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
-    /// Inserts a node and, in the same transaction, marks the pre-auth key it used as used.
-    fn register_node(&mut self, node: &NodeRecord) -> Result<u64, StoreError>;
-    /// Rewrites a node's mutable fields.
-    fn update_node(&mut self, node: &NodeRecord) -> Result<(), StoreError>;
-    /// Removes a node.
-    fn delete_node(&mut self, id: u64) -> Result<(), StoreError>;
-    /// The map's versions as kept between runs; makes the map id on first use.
-    fn map_state(&mut self) -> Result<MapState, StoreError>;
-    /// Stores one of the map's values.
-    fn set_map_value(&mut self, key: MapKey, value: u64) -> Result<(), StoreError>;
-    /// Records that node `id` left the map at `version`; past `keep` removals the oldest are
-    /// forgotten and the floor rises to the newest forgotten one.
-    fn add_removed(&mut self, id: u64, version: u64, keep: usize) -> Result<(), StoreError>;
+    /// Inserts a node and, in the same transaction, claims the pre-auth key it used: a
+    /// single-use key already used is [`StoreError::KeyUsed`]. Address, name and node key are
+    /// unique ([`StoreError::Conflict`] names which). Returns the node's id and its version.
+    fn register_node(&self, node: &NodeRecord) -> Result<(u64, u64), StoreError>;
+    /// Rewrites a node's mutable fields and logs `kind` (`Record`, `Endpoints`, or `Removed` for
+    /// an expiry). With `claim` the node's pre-auth key is claimed as in
+    /// [`Store::register_node`]. Returns the version.
+    fn update_node(
+        &self,
+        node: &NodeRecord,
+        kind: ChangeKind,
+        claim: bool,
+    ) -> Result<u64, StoreError>;
+    /// Removes a node; returns the version of its removal.
+    fn delete_node(&self, id: u64) -> Result<u64, StoreError>;
+    /// The change log after `version`, oldest first, at most `limit` entries. An answer that
+    /// does not start at `version + 1` means the entries in between were trimmed.
+    fn changes_after(&self, version: u64, limit: usize) -> Result<Vec<Change>, StoreError>;
+    /// The map's state at start; makes the map id and the log's head on first use.
+    fn map_state(&self) -> Result<MapState, StoreError>;
+    /// Records the policy in force by its fingerprint: when it differs from the stored one the
+    /// change is logged and its version returned.
+    fn set_policy_fingerprint(&self, fingerprint: u64) -> Result<Option<u64>, StoreError>;
     /// The access policy stored for `policy.mode = "database"`, if one was set.
     fn policy(&self) -> Result<Option<StoredPolicy>, StoreError>;
-    /// Stores the access policy text (replacing the previous one), or removes it (`None`).
-    fn set_policy(&mut self, text: Option<&str>, now_ms: i64) -> Result<(), StoreError>;
+    /// Stores the access policy text (replacing the previous one), or removes it (`None`), with
+    /// the compiled policy's fingerprint; logs the change and returns its version.
+    fn set_policy(
+        &self,
+        text: Option<&str>,
+        fingerprint: u64,
+        now_ms: i64,
+    ) -> Result<u64, StoreError>;
+    /// Announces a server process; returns its instance id. A store that is not shared forgets
+    /// every earlier instance and its presence (they were this process's predecessors).
+    fn join_instance(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Keeps `instance` alive; `false` when it had been declared dead (its presence is gone
+    /// and must be claimed again).
+    fn heartbeat(&self, instance: u64, now_ms: i64) -> Result<bool, StoreError>;
+    /// Declares dead every instance whose heartbeat is older than `dead_before_ms`: its nodes
+    /// that no other instance serves go offline (logged). Returns how many instances.
+    fn reap_instances(&self, dead_before_ms: i64, now_ms: i64) -> Result<usize, StoreError>;
+    /// Records that `instance` serves (or no longer serves) a stream of `node`. When that flips
+    /// the node's presence across all instances, the change is logged (going offline also
+    /// records when it was last seen) and its version returned.
+    fn set_presence(
+        &self,
+        node: u64,
+        instance: u64,
+        online: bool,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StoreError>;
+    /// Nodes some instance serves a stream of.
+    fn online_nodes(&self) -> Result<Vec<u64>, StoreError>;
+    /// Claims a proof nonce, so the proof cannot be replayed to any instance: `false` when it was
+    /// claimed before. Nonces older than `forget_before_ms` may be forgotten.
+    fn claim_nonce(
+        &self,
+        nonce: &[u8; 24],
+        now_ms: i64,
+        forget_before_ms: i64,
+    ) -> Result<bool, StoreError>;
 }
 
 /// The access policy as stored in database mode: its text, as the operator wrote it.
@@ -223,4 +340,12 @@ pub struct StoredPolicy {
     pub text: String,
     /// When it was stored.
     pub updated_ms: i64,
+}
+
+impl std::fmt::Debug for dyn Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend())
+            .finish()
+    }
 }
