@@ -18,6 +18,7 @@
 //! [`tcp`] its TCP server and connect probe (is a port open through the packet filter?).
 //! [`mesh`] drives the real `warren-control` and `warren` binaries on top of a lab; [`traffic`]
 //! holds the deterministic byte stream and the report format of the `warren-labtool` binary.
+//! [`postgres`] starts a throwaway PostgreSQL server for tests of several control instances.
 //! [`services`] builds what subnet routers, exit nodes and MagicDNS need around a mesh (a LAN
 //! behind routers, an internet behind exit nodes, DNS servers) and observes them.
 
@@ -26,6 +27,7 @@ pub mod lab;
 pub mod mesh;
 pub mod nat;
 pub mod natmesh;
+pub mod postgres;
 pub mod process;
 pub mod services;
 pub mod tcp;

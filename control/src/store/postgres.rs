@@ -143,6 +143,7 @@ fn cell(row: &postgres::Row, i: usize) -> Result<Value, DbError> {
     let bad = |e: postgres::Error| DbError::Other(format!("postgres: column {i}: {e}"));
     let ty = row.columns()[i].type_();
     Ok(match *ty {
+        Type::VOID => Value::Null,
         Type::INT8 => row.try_get::<_, Option<i64>>(i).map_err(bad)?.into(),
         Type::INT4 => row
             .try_get::<_, Option<i32>>(i)
