@@ -43,6 +43,8 @@ pub const PRESENCE_TTL_MS: i64 = 10_000;
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How often a registration retries after losing an address or name to another instance.
 const REGISTER_ATTEMPTS: usize = 32;
+/// How far past the lowest free address a retried registration may land.
+const REGISTER_SPREAD: u32 = 4096;
 /// Change-log entries read at a time when catching up.
 const CATCH_UP_BATCH: usize = 2048;
 
@@ -686,6 +688,22 @@ impl Core {
             .unwrap_or(base)
     }
 
+    /// `wanted` with a random suffix (`-` and four hex digits), for a registration that lost
+    /// its sequential name to another instance.
+    fn random_name(&self, wanted: &str, random: u32, taken: &BTreeSet<String>) -> String {
+        let mut base = dns_label(wanted);
+        base.truncate(63 - 5);
+        (0..16u32)
+            .map(|i| {
+                format!(
+                    "{base}-{:04x}",
+                    random.wrapping_add(i.wrapping_mul(0x9e37)) & 0xffff
+                )
+            })
+            .find(|n| !self.names.contains_key(n) && !taken.contains(n))
+            .unwrap_or_else(|| self.unique_name(wanted, taken))
+    }
+
     fn check_auth_key(&self, text: &str, now_ms: i64) -> Result<PreAuthKeyRecord, ControlError> {
         let presented = secret::parse(SecretKind::Auth, text)?;
         let key = self
@@ -745,9 +763,25 @@ impl Core {
         // Address and name are picked from this cache and made unique by the database: one
         // lost to another instance's registration is read from the log and the next is tried.
         let mut taken_names = BTreeSet::new();
-        for _ in 0..REGISTER_ATTEMPTS {
-            let (ipv4, ipv6) = self.ipam.allocate()?;
-            let given_name = self.unique_name(hostname, &taken_names);
+        let mut last = StoreError::Conflict {
+            what: "node address",
+        };
+        for attempt in 0..REGISTER_ATTEMPTS {
+            // After losing a race, skip ahead of the other instance's lowest-first choices.
+            let mut random = [0u8; 4];
+            if attempt > 0 {
+                getrandom::getrandom(&mut random).unwrap_or_default();
+            }
+            let random = u32::from_le_bytes(random);
+            let (ipv4, ipv6) = if attempt == 0 {
+                self.ipam.allocate()?
+            } else {
+                self.ipam.allocate_spread(REGISTER_SPREAD, random)?
+            };
+            let mut given_name = self.unique_name(hostname, &taken_names);
+            if attempt > 0 && given_name != dns_label(hostname) {
+                given_name = self.random_name(hostname, random, &taken_names);
+            }
             let mut n = NodeRecord {
                 id: 0,
                 node_key,
@@ -801,16 +835,17 @@ impl Core {
                     return Err(store_error(e, 0));
                 }
             };
+            last = StoreError::Conflict {
+                what: "node address",
+            };
             if let Some(name) = lost {
                 self.ipam.release(ipv4);
                 taken_names.insert(name);
+                last = StoreError::Conflict { what: "node name" };
             }
             self.catch_up()?;
         }
-        Err(StoreError::Conflict {
-            what: "node address",
-        }
-        .into())
+        Err(last.into())
     }
 
     /// The id of the node that proved `key`, if it may act.

@@ -68,16 +68,34 @@ impl Ipam {
 
     /// The lowest free pair of addresses.
     pub fn allocate(&mut self) -> Result<(Ipv4Addr, Ipv6Addr), Exhausted> {
+        self.allocate_from(self.hint)
+    }
+
+    /// A free pair at or after a random offset up to `spread` past the lowest free one: after
+    /// losing an address to another instance, which hands out the lowest ones too, a retry
+    /// that searched from the bottom again would keep racing it.
+    pub fn allocate_spread(
+        &mut self,
+        spread: u32,
+        random: u32,
+    ) -> Result<(Ipv4Addr, Ipv6Addr), Exhausted> {
+        let start = self.hint.saturating_add(random % spread.max(1));
+        self.allocate_from(start)
+    }
+
+    /// The first free pair at or after offset `start`, wrapping around to the lowest.
+    fn allocate_from(&mut self, start: u32) -> Result<(Ipv4Addr, Ipv6Addr), Exhausted> {
         let last = self.size().saturating_sub(1);
-        let mut off = self.hint.max(1);
-        while off < last {
+        let start = start.max(1).min(last.max(1));
+        for off in (start..last).chain(self.hint.max(1)..start) {
             let (v4, v6) = self.pair(off);
             if !self.used.contains(&off) && v4 != RESERVED {
                 self.used.insert(off);
-                self.hint = off + 1;
+                if off == self.hint.max(1) {
+                    self.hint = off + 1;
+                }
                 return Ok((v4, v6));
             }
-            off += 1;
         }
         Err(Exhausted { range: self.v4 })
     }
@@ -114,6 +132,24 @@ mod tests {
             a.allocate().map(|p| p.0),
             Ok("100.64.0.1".parse().expect("ip"))
         );
+    }
+
+    #[test]
+    fn a_spread_allocation_skips_ahead_and_wraps() {
+        let mut a = ipam("100.64.0.0/29");
+        assert_eq!(
+            a.allocate_spread(4, 2).map(|p| p.0),
+            Ok("100.64.0.3".parse().expect("ip"))
+        );
+        assert_eq!(
+            a.allocate().map(|p| p.0),
+            Ok("100.64.0.1".parse().expect("ip")),
+            "the lowest stays first"
+        );
+        for _ in 0..4 {
+            assert!(a.allocate_spread(4, 3).is_ok(), "wraps to what is left");
+        }
+        assert!(a.allocate_spread(4, 1).is_err());
     }
 
     #[test]

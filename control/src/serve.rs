@@ -469,7 +469,13 @@ pub async fn serve_with(
         crate::reload::LogLevelApplied::Applied | crate::reload::LogLevelApplied::NotReloadable => {
         }
     }
-    let shared = open(&config)?;
+    // Opening reads (and may migrate) the database: off the async threads.
+    let shared = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || open(&config))
+            .await
+            .context("opening the server's state")??
+    };
     for warning in startup_warnings(&config) {
         tracing::warn!("{warning}");
     }
@@ -800,7 +806,7 @@ pub enum Reloaded {
 /// Reads the policy's source again (the file, or the database) and applies it when it changed.
 /// Atomic: a policy that does not compile, whose tests fail, or that is gone leaves the one in
 /// force, and the error says why.
-pub async fn reload_policy(shared: &Shared) -> Result<Reloaded, PolicyLoadError> {
+pub async fn reload_policy(shared: &Arc<Shared>) -> Result<Reloaded, PolicyLoadError> {
     let source = &shared.policy;
     match source.mode {
         PolicyMode::File => {
@@ -815,35 +821,42 @@ pub async fn reload_policy(shared: &Shared) -> Result<Reloaded, PolicyLoadError>
                 return Ok(Reloaded::Unchanged);
             }
             let compiled = Arc::new(compile_from(&origin, &text)?);
-            let mut core = shared.core.lock().await;
-            let updates = core
-                .set_policy(Some(compiled))
+            // Applying it logs the change in the database: off the async threads.
+            let updates = shared
+                .with_core(move |core| core.set_policy(Some(compiled)))
+                .await
                 .map_err(|source| PolicyLoadError::Invalid { origin, source })?;
             source.set_text(Some(text.into()));
             Ok(Reloaded::Applied { updates })
         }
         PolicyMode::Database => {
-            // All under the lock: `policy set` stores and applies under it too, so the two
-            // never interleave.
-            let mut core = shared.core.lock().await;
-            let Some(stored) = core.stored_policy()? else {
-                // Nothing stored and nothing in force is no change; losing one that was in
-                // force is an error.
-                return match source.text() {
-                    None => Ok(Reloaded::Unchanged),
-                    Some(_) => Err(PolicyLoadError::StoredPolicyGone),
-                };
-            };
-            if source.text().as_deref() == Some(stored.text.as_str()) {
-                return Ok(Reloaded::Unchanged);
-            }
-            let origin = PolicyOrigin::Database;
-            let compiled = Arc::new(compile_from(&origin, &stored.text)?);
-            let updates = core
-                .set_policy(Some(compiled))
-                .map_err(|source| PolicyLoadError::Invalid { origin, source })?;
-            source.set_text(Some(stored.text.into()));
-            Ok(Reloaded::Applied { updates })
+            // All under the lock, on a blocking thread (database calls): `policy set` stores
+            // and applies under it too, so the two never interleave.
+            let shared = Arc::clone(shared);
+            let inner = Arc::clone(&shared);
+            shared
+                .with_core(move |core| {
+                    let source = &inner.policy;
+                    let Some(stored) = core.stored_policy()? else {
+                        // Nothing stored and nothing in force is no change; losing one that
+                        // was in force is an error.
+                        return match source.text() {
+                            None => Ok(Reloaded::Unchanged),
+                            Some(_) => Err(PolicyLoadError::StoredPolicyGone),
+                        };
+                    };
+                    if source.text().as_deref() == Some(stored.text.as_str()) {
+                        return Ok(Reloaded::Unchanged);
+                    }
+                    let origin = PolicyOrigin::Database;
+                    let compiled = Arc::new(compile_from(&origin, &stored.text)?);
+                    let updates = core
+                        .set_policy(Some(compiled))
+                        .map_err(|source| PolicyLoadError::Invalid { origin, source })?;
+                    source.set_text(Some(stored.text.into()));
+                    Ok(Reloaded::Applied { updates })
+                })
+                .await
         }
     }
 }
@@ -1039,7 +1052,7 @@ pub fn spawn_reloader(
 
 /// Reloads the policy and logs what became of it.
 async fn reload_policy_logged(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     signal: bool,
     reason: &str,
     stats: &ReloadStats,

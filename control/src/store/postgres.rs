@@ -78,6 +78,17 @@ pub struct PgBackend {
     freed: Condvar,
 }
 
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        // A client closes its connection in its own runtime, which must not run on an async
+        // thread: the pool may be dropped on one when the server stops.
+        let idle = std::mem::take(&mut self.pool.get_mut().unwrap_or_else(|e| e.into_inner()).idle);
+        std::thread::scope(|s| {
+            s.spawn(move || drop(idle));
+        });
+    }
+}
+
 impl std::fmt::Debug for PgBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgBackend")
@@ -266,15 +277,8 @@ impl PgBackend {
     }
 }
 
-impl Backend for PgBackend {
-    const NAME: &'static str = "postgres";
-    const DIALECT: Dialect = Dialect::Postgres;
-
-    fn shared(&self) -> bool {
-        true
-    }
-
-    fn transaction(
+impl PgBackend {
+    fn run(
         &self,
         work: &mut dyn FnMut(&mut dyn Tx) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
@@ -292,6 +296,29 @@ impl Backend for PgBackend {
         });
         self.give_back(conn);
         result
+    }
+}
+
+impl Backend for PgBackend {
+    const NAME: &'static str = "postgres";
+    const DIALECT: Dialect = Dialect::Postgres;
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn transaction(
+        &self,
+        work: &mut dyn FnMut(&mut dyn Tx) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        // Store calls belong on blocking threads (`Shared::with_core`); one made on an async
+        // worker by mistake blocks it instead of panicking in the client's own runtime.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.run(work))
+            }
+            _ => self.run(work),
+        }
     }
 
     fn schema_version(&self, tx: &mut dyn Tx) -> Result<i64, DbError> {

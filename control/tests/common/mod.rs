@@ -80,6 +80,11 @@ impl Server {
         server
     }
 
+    /// The server's private key file (another instance on the same database shares it).
+    pub fn key_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("control.key")
+    }
+
     pub async fn control(&self) -> ControlClient<Channel> {
         ControlClient::connect(self.url.clone())
             .await
