@@ -84,7 +84,38 @@ pub const STREAM_WINDOW: u32 = 256 * 1024;
 /// The connection's window: the map stream and the occasional unary call.
 pub const CONNECTION_WINDOW: u32 = 512 * 1024;
 
+/// The control URLs `--control` names: one, or several instances on one database separated by
+/// commas, in order of preference.
+pub fn control_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 impl Client {
+    /// Connects to the first of `urls` that answers; returns the client and which URL it was.
+    pub async fn connect_any(
+        urls: &[String],
+        node: NodeSecretKey,
+    ) -> anyhow::Result<(Self, usize)> {
+        let mut failures = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            match Self::connect(url, node.clone()).await {
+                Ok(client) => return Ok((client, i)),
+                Err(e) => {
+                    tracing::warn!(%url, error = %format!("{e:#}"), "control instance unreachable");
+                    failures.push(format!("{e:#}"));
+                }
+            }
+        }
+        if failures.is_empty() {
+            anyhow::bail!("no control URL given");
+        }
+        anyhow::bail!("no control instance answered: {}", failures.join("; "))
+    }
+
     /// Connects to `url` and fetches the server's key. The TCP connection carries the bypass
     /// mark, so it reaches control by the host's routes even when an exit
     /// node or a subnet route covers control's address.
@@ -207,9 +238,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15);
 
 /// Follows the map stream forever: connect, report endpoints, forward messages; on failure wait
 /// with jittered exponential backoff (250 ms up to 15 s, see [`Backoff`]) and start over, so a
-/// fleet that lost one control server does not come back to it in lockstep.
+/// fleet that lost one control server does not come back to it in lockstep. With several
+/// control URLs (instances on one database) each failure moves on to the next one, starting at
+/// `first`; the stream resumes there from the version the node applied, since versions are the
+/// database's. Tunnels are untouched throughout: only the map stream moves.
 pub async fn follow(
-    url: String,
+    urls: Vec<String>,
+    first: usize,
     node: NodeSecretKey,
     mut advert: watch::Receiver<Advert>,
     events: mpsc::Sender<MapEvent>,
@@ -217,10 +252,15 @@ pub async fn follow(
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     // Kept across reconnects: the version the daemon has applied, to resume from.
     let mut reader = MapReader::default();
+    let mut at = first % urls.len().max(1);
     loop {
+        let Some(url) = urls.get(at) else {
+            tracing::error!("no control URL to follow");
+            return;
+        };
         let mut connected = false;
         let result = follow_once(
-            &url,
+            url,
             &node,
             &mut advert,
             &events,
@@ -251,7 +291,10 @@ pub async fn follow(
             backoff.give_up_soon();
             reader.forget();
         }
-        tracing::warn!(%reason, retry_in = ?wait, "control stream down");
+        if urls.len() > 1 {
+            at = (at + 1) % urls.len();
+        }
+        tracing::warn!(%reason, retry_in = ?wait, next = %urls[at], "control stream down");
         if events
             .send(MapEvent::Disconnected { reason, revoked })
             .await
@@ -371,6 +414,16 @@ async fn follow_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_urls_are_a_comma_separated_list_in_order() {
+        assert_eq!(
+            control_urls("http://a:1, http://b:2,,http://c:3 "),
+            vec!["http://a:1", "http://b:2", "http://c:3"]
+        );
+        assert_eq!(control_urls("http://only:1"), vec!["http://only:1"]);
+        assert!(control_urls(" , ").is_empty());
+    }
 
     #[tokio::test]
     async fn control_is_dialled_by_name_and_address() {

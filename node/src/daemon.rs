@@ -162,7 +162,8 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut client = Client::connect(&opts.control, keys.node.clone()).await?;
+    let urls = control::control_urls(&opts.control);
+    let (mut client, first) = Client::connect_any(&urls, keys.node.clone()).await?;
     let me = client
         .register(&opts.auth_key, keys.disco.public_key(), &opts.hostname)
         .await
@@ -189,7 +190,8 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         routes,
     });
     let follower = tokio::spawn(control::follow(
-        opts.control.clone(),
+        urls,
+        first,
         keys.node.clone(),
         advert_rx,
         map_tx,

@@ -44,7 +44,8 @@ struct Cli {
 enum Command {
     /// Join the mesh and run in the foreground.
     Up {
-        /// Control server URL, like http://control.example:50443.
+        /// Control server URL, like http://control.example:50443; several instances on one
+        /// database as a comma-separated list (the node fails over between them).
         #[arg(long, env = "WARREN_CONTROL_URL")]
         control: String,
         /// Pre-auth key from `warren-control preauthkeys create`.
