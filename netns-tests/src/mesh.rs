@@ -38,6 +38,7 @@ pub struct Control {
     pub db: PathBuf,
     /// The policy file, in file mode ([`PolicySource::File`] or [`PolicySource::FileAt`]).
     pub policy_path: Option<PathBuf>,
+    private_key: PathBuf,
     bins: Binaries,
     proc: Option<ProcHandle>,
 }
@@ -55,6 +56,12 @@ pub struct ControlConfig {
     /// The body of the `[dns]` section (its lines, and any `[dns.*]` tables after them);
     /// `None` writes `magic_dns = true` and `base_domain = "warren.internal"`.
     pub dns_toml: Option<String>,
+    /// The `[database]` section (and its sub-tables) instead of SQLite in the control's
+    /// directory, e.g. [`crate::postgres::PgServer::config_toml`].
+    pub database_toml: Option<String>,
+    /// The server's private key file instead of one in the control's directory (instances on
+    /// one database share it).
+    pub private_key: Option<PathBuf>,
 }
 
 impl Default for ControlConfig {
@@ -64,6 +71,8 @@ impl Default for ControlConfig {
             extra_toml: String::new(),
             policy: PolicySource::None,
             dns_toml: None,
+            database_toml: None,
+            private_key: None,
         }
     }
 }
@@ -420,6 +429,10 @@ impl Control {
             config: dir.join("control.toml"),
             socket: dir.join("control.sock"),
             db: dir.join("db.sqlite"),
+            private_key: settings
+                .private_key
+                .clone()
+                .unwrap_or_else(|| dir.join("control_private.key")),
             policy_path: None,
             bins: bins.clone(),
             proc: None,
@@ -446,8 +459,7 @@ impl Control {
              unix_socket = {socket}\n\
              ephemeral_node_inactivity_timeout = \"{ephemeral}\"\n\
              \n[noise]\nprivate_key_path = {key}\n\
-             \n[database]\ntype = \"sqlite\"\n\
-             \n[database.sqlite]\npath = {db}\n\
+             \n{database}\n\
              \n[prefixes]\nv4 = \"100.64.0.0/10\"\nv6 = \"fd7a:115c:a1e0::/48\"\n\
              \n[dns]\n{dns}\n{policy_toml}{extra}",
             dns = settings
@@ -458,8 +470,11 @@ impl Control {
             extra = settings.extra_toml,
             ephemeral = settings.ephemeral_node_inactivity_timeout,
             socket = toml_str(&control.socket),
-            key = toml_str(&dir.join("control_private.key")),
-            db = toml_str(&control.db),
+            key = toml_str(&control.private_key()),
+            database = settings.database_toml.clone().unwrap_or_else(|| format!(
+                "[database]\ntype = \"sqlite\"\n\n[database.sqlite]\npath = {}",
+                toml_str(&control.db)
+            )),
         );
         std::fs::write(&control.config, config)
             .with_context(|| format!("write {}", control.config.display()))?;
@@ -506,6 +521,11 @@ impl Control {
             bail!("warren-control exited ({status}):\n{}", p.stderr());
         }
         Ok(took)
+    }
+
+    /// The server's private key file (made at first start).
+    pub fn private_key(&self) -> PathBuf {
+        self.private_key.clone()
     }
 
     /// The server process, once started.
@@ -764,6 +784,8 @@ pub struct NodeOptions {
     /// Further arguments of `warren up`, after the usual ones (e.g. `--advertise-routes`,
     /// `10.20.0.0/24`).
     pub extra_args: Vec<String>,
+    /// `--control` instead of the mesh's control URL (e.g. several instances).
+    pub control_url: Option<String>,
 }
 
 impl Default for NodeOptions {
@@ -772,6 +794,7 @@ impl Default for NodeOptions {
             tun: "warren0".to_owned(),
             umask: None,
             extra_args: Vec::new(),
+            control_url: None,
         }
     }
 }
@@ -1141,7 +1164,7 @@ impl Mesh {
             ns,
             addr,
             &hostname,
-            &self.control.url,
+            opts.control_url.as_deref().unwrap_or(&self.control.url),
             auth_key,
             opts,
         )
