@@ -58,10 +58,17 @@ ensure_tools() {
 
 # ensure_tools plus what only the tests use: a STUN client and xz (interop and the policy
 # captures), dig (MagicDNS), systemd-analyze (contrib/systemd; a container has no systemd),
-# chromium and its WebDriver, spoken with curl (the web admin page in a real browser).
+# chromium and its WebDriver, spoken with curl (the web admin page in a real browser), and
+# PostgreSQL (several control instances on one database).
 ensure_test_tools() {
+    local postgres=()
+    # Debian keeps PostgreSQL's initdb and pg_ctl off PATH (/usr/lib/postgresql/N/bin): the tests
+    # of several control instances start a throwaway server with them.
+    if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && ! type -P initdb >/dev/null 2>&1; then
+        postgres=(initdb:postgresql)
+    fi
     ensure_tools stun:stun-client xz:xz-utils dig:bind9-dnsutils systemd-analyze:systemd \
-        chromium:chromium chromedriver:chromium-driver curl:curl
+        chromium:chromium chromedriver:chromium-driver curl:curl "${postgres[@]}"
 }
 
 # Makes sure cargo is on PATH (root's PATH often lacks ~/.cargo/bin, also after sudo).
