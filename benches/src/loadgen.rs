@@ -65,6 +65,15 @@ pub struct Options {
     pub probes: usize,
     /// Kill control with SIGKILL once the mesh is up, start it again and time the way back.
     pub restart: bool,
+    /// The `[database]` section of control's config (e.g. PostgreSQL); `None`: SQLite in the
+    /// run's directory.
+    pub database_toml: Option<String>,
+    /// With `restart` on a shared database: run a second instance from the start, and after
+    /// the kill every node moves to it (the first is not started again).
+    pub failover: bool,
+    /// After the kill, nodes resume from the version they applied (`false`: every node asks
+    /// for a full map, as a node without resume would).
+    pub resume: bool,
     /// Print progress to standard error.
     pub verbose: bool,
 }
@@ -82,6 +91,9 @@ impl Options {
             timeout: Duration::from_secs(300),
             probes: 10,
             restart: true,
+            database_toml: None,
+            failover: false,
+            resume: true,
             verbose: false,
         }
     }
@@ -445,7 +457,9 @@ struct ControlProcess {
 }
 
 impl ControlProcess {
-    fn start(opts: &Options) -> anyhow::Result<Self> {
+    /// Starts an instance; `key`: the private key file of another instance on the same
+    /// database (they share it).
+    fn start(opts: &Options, key: Option<&Path>) -> anyhow::Result<Self> {
         if !opts.control_bin.is_file() {
             bail!("no control binary at {}", opts.control_bin.display());
         }
@@ -458,11 +472,13 @@ impl ControlProcess {
         let q = |p: &Path| format!("{:?}", p.display().to_string());
         let mut config = format!(
             "server_url = \"{url}\"\nlisten_addr = \"{addr}\"\nunix_socket = {}\n\
-             [noise]\nprivate_key_path = {}\n\
-             [database]\ntype = \"sqlite\"\n[database.sqlite]\npath = {}\n",
+             [noise]\nprivate_key_path = {}\n{}\n",
             q(&socket),
-            q(&d.join("control.key")),
-            q(&d.join("db.sqlite")),
+            q(key.unwrap_or(&d.join("control.key"))),
+            opts.database_toml.clone().unwrap_or_else(|| format!(
+                "[database]\ntype = \"sqlite\"\n[database.sqlite]\npath = {}",
+                q(&d.join("db.sqlite"))
+            )),
         );
         // Control's HTTP/2 pings (every 4 s, closing a connection silent for 4 s) are meant
         // for nodes on machines of their own. Here thousands of simulated nodes share the cores
@@ -510,6 +526,18 @@ impl ControlProcess {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its private key file.
+    fn key_path(&self) -> PathBuf {
+        self.dir.path().join("control.key")
+    }
+
+    /// SIGKILL, and nothing more.
+    fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 
     /// SIGKILL, then the same server again on the same database and addresses.
@@ -684,6 +712,21 @@ impl SimNode {
         let registered = node.grpc.register_node(req).await?.into_inner();
         node.id = registered.node.context("no node in the answer")?.id;
         Ok(node)
+    }
+
+    /// A new connection to `url` (another instance on the same database).
+    async fn redial(&mut self, url: &str) -> anyhow::Result<()> {
+        let channel = Endpoint::from_shared(url.to_owned())?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(256 * 1024)
+            .initial_connection_window_size(512 * 1024)
+            .connect()
+            .await
+            .context("connecting")?;
+        self.grpc = ControlClient::new(channel).max_decoding_message_size(MAX_MAP_BYTES);
+        Ok(())
     }
 
     async fn open_stream(
@@ -1001,13 +1044,20 @@ async fn open_streams(
     probes: &Arc<Probes>,
     phase: Phase,
     timeout: Duration,
+    redial: Option<&str>,
 ) -> anyhow::Result<(Vec<SimNode>, Vec<(usize, Reader)>)> {
     let mut openers = tokio::task::JoinSet::new();
     for (i, (mut node, view, result)) in nodes.into_iter().enumerate() {
         let (sem, ids, progress, probes) =
             (sem.clone(), ids.clone(), progress.clone(), probes.clone());
+        let redial = redial.map(str::to_owned);
         openers.spawn(async move {
             let _permit = sem.acquire_owned().await;
+            if let Some(url) = &redial {
+                node.redial(url)
+                    .await
+                    .with_context(|| format!("node {i} moving to {url}"))?;
+            }
             let resume = view.reader.resume_point();
             // A node that waited its turn longer than control's idle timeout (5 minutes) finds
             // its connection closed; like a node, it connects again (tonic redials on the next
@@ -1151,8 +1201,22 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             eprintln!("loadgen: {msg}");
         }
     };
-    let mut control = ControlProcess::start(opts)?;
+    let mut control = ControlProcess::start(opts, None)?;
     control.wait_ready(Duration::from_secs(30)).await?;
+    // A second instance on the same database, standing by (failover).
+    let mut standby = if opts.failover && opts.restart {
+        anyhow::ensure!(
+            opts.database_toml.is_some(),
+            "failover needs a shared database (PostgreSQL)"
+        );
+        let key = control.key_path();
+        let mut b = ControlProcess::start(opts, Some(&key))?;
+        b.wait_ready(Duration::from_secs(30)).await?;
+        log(format!("standby instance pid {} at {}", b.pid(), b.url));
+        Some(b)
+    } else {
+        None
+    };
     let pid = control.pid();
     log(format!("control pid {pid} at {}", control.url));
 
@@ -1253,6 +1317,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         &probes,
         Phase::First,
         opts.timeout,
+        None,
     )
     .await?;
     log(format!(
@@ -1301,7 +1366,18 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let stop_at: Instant;
     let (per_node, restart) = if opts.restart {
         let killed = Instant::now();
-        control.kill_and_restart()?;
+        let redial = match standby.take() {
+            // The first instance dies for good; every node moves to the other.
+            Some(b) => {
+                control.kill()?;
+                control = b;
+                Some(control.url.clone())
+            }
+            None => {
+                control.kill_and_restart()?;
+                None
+            }
+        };
         current_pid.store(u64::from(control.pid()), Ordering::Relaxed);
         let seen = collect(readers).await?;
         control.wait_ready(Duration::from_secs(60)).await?;
@@ -1313,6 +1389,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .zip(seen)
             .map(|(node, (mut view, result))| {
                 view.forget_online();
+                if !opts.resume {
+                    view.reader.forget();
+                }
                 (node, view, result)
             })
             .collect();
@@ -1326,6 +1405,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             &probes,
             Phase::AfterRestart,
             opts.timeout,
+            redial.as_deref(),
         )
         .await?;
         let consistent = wait_count(

@@ -775,12 +775,11 @@ impl Admin for AdminService {
         req: Request<ListUsersRequest>,
     ) -> Result<Response<ListUsersResponse>, Status> {
         self.authorize(&req).await?;
+        // Read from the database (another instance may have added users): off the async threads.
         let users = self
             .shared
-            .core
-            .lock()
+            .with_core(|core| core.users())
             .await
-            .users()
             .iter()
             .map(user_msg)
             .collect();

@@ -84,7 +84,9 @@ fn kill_9_of_one_instance_fails_every_node_over_to_the_other() {
                 lab.ping(&n.ns, IpAddr::V4(next(i)))
             })?;
         }
-        wait_until(SOON, "every node streams", || all_connected(lab, &mesh.nodes))?;
+        wait_until(SOON, "every node streams", || {
+            all_connected(lab, &mesh.nodes)
+        })?;
         let on_a = mesh.control.log().matches("map stream opened").count();
         ensure!(on_a >= NODES / 2, "only {on_a} streams on A");
 
@@ -95,7 +97,16 @@ fn kill_9_of_one_instance_fails_every_node_over_to_the_other() {
                 &n.ns,
                 &format!("ping {}", n.hostname),
                 "ping",
-                ["-n", "-c", "60", "-i", "0.1", "-W", "1", &next(i).to_string()],
+                [
+                    "-n",
+                    "-c",
+                    "60",
+                    "-i",
+                    "0.1",
+                    "-W",
+                    "1",
+                    &next(i).to_string(),
+                ],
             )?;
             pingers.push(p);
         }
@@ -131,9 +142,14 @@ fn kill_9_of_one_instance_fails_every_node_over_to_the_other() {
 
         let mut everyone = mesh.nodes.clone();
         everyone.push(late.clone());
-        wait_until(SOON, "every node streams from B", || all_connected(lab, &everyone))?;
+        wait_until(SOON, "every node streams from B", || {
+            all_connected(lab, &everyone)
+        })?;
         let failover = killed_at.elapsed();
-        eprintln!("every node streams from B {} ms after A was killed", failover.as_millis());
+        eprintln!(
+            "every node streams from B {} ms after A was killed",
+            failover.as_millis()
+        );
         ensure!(
             failover < FAILOVER,
             "failover took {failover:?} (the issue asks for under {FAILOVER:?})"

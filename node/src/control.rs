@@ -33,8 +33,9 @@ pub struct Client {
 /// Opens the TCP connection for tonic to `uri`'s host and port (80, or 443 for https, when the URL names
 /// none),
 /// with the node's bypass mark set before connecting (see [`crate::os_net::mark_own_socket`])
-/// and Nagle off, as tonic's own connector has it. Each resolved address is tried in turn;
-/// tonic's connect timeout bounds the whole.
+/// and Nagle off, as tonic's own connector has it. Each resolved address is tried in turn, for
+/// at most [`ADDRESS_TIMEOUT`] (a name with several addresses is several control instances: one
+/// that vanished must not hold up the others); tonic's connect timeout bounds the whole.
 async fn dial_marked(uri: Uri) -> std::io::Result<TokioIo<TcpStream>> {
     use std::os::fd::AsFd;
     let host = uri.host().ok_or_else(|| {
@@ -60,12 +61,18 @@ async fn dial_marked(uri: Uri) -> std::io::Result<TokioIo<TcpStream>> {
             TcpSocket::new_v6()?
         };
         crate::os_net::mark_own_socket(socket.as_fd(), "control");
-        match socket.connect(addr).await {
-            Ok(stream) => {
+        match tokio::time::timeout(ADDRESS_TIMEOUT, socket.connect(addr)).await {
+            Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Ok(TokioIo::new(stream));
             }
-            Err(e) => last = Some(e),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                last = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting to {addr} timed out"),
+                ));
+            }
         }
     }
     Err(last.unwrap_or_else(|| {
@@ -75,6 +82,11 @@ async fn dial_marked(uri: Uri) -> std::io::Result<TokioIo<TcpStream>> {
         )
     }))
 }
+
+/// How long one of control's addresses gets to accept a connection before the next is tried.
+const ADDRESS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long connecting to control may take, over all its addresses.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The HTTP/2 receive window of the map stream: what control may have in flight to this node.
 /// A full map arrives in 7 KiB pages read as they come, so 256 KiB keeps the pipe full over
@@ -122,7 +134,7 @@ impl Client {
     pub async fn connect(url: &str, node: NodeSecretKey) -> anyhow::Result<Self> {
         let channel = Endpoint::from_shared(url.to_string())
             .with_context(|| format!("bad control URL {url:?}"))?
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10))
             .initial_stream_window_size(STREAM_WINDOW)

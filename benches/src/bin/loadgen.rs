@@ -42,6 +42,17 @@ struct Args {
     /// Skip the phase that kills control (SIGKILL), starts it again and times the way back.
     #[arg(long)]
     no_restart: bool,
+    /// Run control on a throwaway PostgreSQL server (initdb in a temporary directory) instead
+    /// of SQLite.
+    #[arg(long)]
+    postgres: bool,
+    /// With --postgres: run a second control instance on the same database; the restart phase
+    /// kills the first and every node moves to the second.
+    #[arg(long, requires = "postgres")]
+    failover: bool,
+    /// After the kill, nodes ask for full maps instead of resuming.
+    #[arg(long)]
+    no_resume: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -60,7 +71,17 @@ fn default_control_bin() -> PathBuf {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Durable as a production server (fsync on; commits acknowledged before they are flushed,
+    // as SQLite's WAL with synchronous = NORMAL does).
+    let pg = if args.postgres {
+        Some(warren_netns_tests::postgres::PgServer::start(true)?)
+    } else {
+        None
+    };
     let opts = Options {
+        database_toml: pg.as_ref().map(|p| p.config_toml()),
+        failover: args.failover,
+        resume: !args.no_resume,
         concurrency: args.concurrency,
         embedded_derp: !args.no_derp,
         web: !args.no_web,
