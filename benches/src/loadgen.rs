@@ -12,9 +12,11 @@
 //! 3. fan-out: `probes` more nodes join one after another; for each, how long every open stream
 //!    takes to see it online (join fan-out), then to see the endpoints it reports (endpoint
 //!    fan-out);
-//! 4. restart: control is killed (SIGKILL) and started again on the same database; every node
-//!    reconnects, resuming from the map version it applied, until every stream has its start
-//!    again and sees every peer online (time to consistency, and the bytes it took).
+//! 4. restart: control is killed (SIGKILL) and started again on the same database (or, with
+//!    `failover`, every node moves to a second instance on the same PostgreSQL database); every
+//!    node reconnects, resuming from the map version it applied (or, without `resume`, asking
+//!    for a full map), until every stream has its start again and its view shows every peer
+//!    online (time to consistency, and the bytes it took).
 //!
 //! Streams are read as the node reads them ([`MapReader`]: paged full maps assembled, batches
 //! unpacked, the version kept for resuming).
@@ -881,13 +883,6 @@ impl View {
             }
         }
     }
-
-    /// Forgets which peers are online: after control's restart each must be seen coming
-    /// online again.
-    fn forget_online(&mut self) {
-        self.online.0.iter_mut().for_each(|w| *w = 0);
-        self.n_online = 0;
-    }
 }
 
 /// Which phase a stream belongs to.
@@ -1391,7 +1386,6 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .into_iter()
             .zip(seen)
             .map(|(node, (mut view, result))| {
-                view.forget_online();
                 if !opts.resume {
                     view.reader.forget();
                 }
