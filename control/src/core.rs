@@ -217,10 +217,10 @@ impl Core {
         now_ms: i64,
     ) -> Result<Self, ControlError> {
         let instance = store.join_instance(now_ms)?;
-        if store.shared() {
-            // Instances that died while nobody watched: their nodes are offline.
-            store.reap_instances(now_ms - PRESENCE_TTL_MS, now_ms)?;
-        }
+        // Instances that died while nobody watched: their nodes are offline. One that died
+        // moments ago (this server's predecessor, restarted) keeps its nodes online for the
+        // expiry, and they stay online when they come back in time.
+        store.reap_instances(now_ms - PRESENCE_TTL_MS, now_ms)?;
         let state = store.map_state()?;
         let mut core = Self {
             users: store.users()?.into_iter().map(|u| (u.id, u)).collect(),

@@ -142,8 +142,9 @@ async fn follow_changes(shared: Arc<Shared>, options: crate::store::PgOptions) {
     }
 }
 
-/// Keeps this instance's presence alive on a shared database and declares dead the instances
-/// that stopped doing so (their nodes go offline unless another instance serves them).
+/// Keeps this instance's presence alive and declares dead the instances that stopped renewing
+/// theirs (their nodes go offline unless another instance serves them, or, on SQLite, unless
+/// they came back to this restarted server in time).
 async fn keep_presence(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(crate::core::HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -570,16 +571,15 @@ pub async fn serve_with(
     let web = web.map(|listener| tokio::spawn(crate::web::serve(listener, Arc::clone(&shared))));
     let upkeep = tokio::spawn(Arc::clone(&shared.metrics).upkeep());
     let sweeper = tokio::spawn(sweep_ephemeral(Arc::clone(&shared)));
-    // Several instances on one database: follow the others' changes, keep presence.
-    let followers = config.database.is_postgres().then(|| {
-        [
-            tokio::spawn(follow_changes(
-                Arc::clone(&shared),
-                config.database.postgres.options(),
-            )),
-            tokio::spawn(keep_presence(Arc::clone(&shared))),
-        ]
-    });
+    // Presence expires without heartbeats (also across a restart on SQLite); several instances
+    // on one database also follow each other's changes.
+    let mut followers = vec![tokio::spawn(keep_presence(Arc::clone(&shared)))];
+    if config.database.is_postgres() {
+        followers.push(tokio::spawn(follow_changes(
+            Arc::clone(&shared),
+            config.database.postgres.options(),
+        )));
+    }
     let streams = Arc::clone(&shared);
     tokio::spawn(async move {
         shutdown.await;
@@ -621,7 +621,7 @@ pub async fn serve_with(
     let result = tokio::try_join!(tcp_server, unix_server);
     sweeper.abort();
     upkeep.abort();
-    for task in followers.into_iter().flatten() {
+    for task in followers {
         task.abort();
     }
     if let Some(web) = web {

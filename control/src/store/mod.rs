@@ -302,8 +302,9 @@ pub trait Store: Send + Sync {
         fingerprint: u64,
         now_ms: i64,
     ) -> Result<u64, StoreError>;
-    /// Announces a server process; returns its instance id. A store that is not shared forgets
-    /// every earlier instance and its presence (they were this process's predecessors).
+    /// Announces a server process; returns its instance id. Earlier instances that died keep
+    /// their presence until [`Store::reap_instances`] declares them dead, also on SQLite (a
+    /// restarted server's nodes stay online if they come back within the expiry).
     fn join_instance(&self, now_ms: i64) -> Result<u64, StoreError>;
     /// Keeps `instance` alive; `false` when it had been declared dead (its presence is gone
     /// and must be claimed again).

@@ -1025,21 +1025,6 @@ impl<B: Backend> Store for SqlStore<B> {
         })?;
         let id = (u64::from_le_bytes(random) >> 1).max(1);
         self.tx(|tx| {
-            if !self.backend.shared() {
-                // Only one process uses this database: whatever presence is left is its
-                // predecessor's, and that process is gone: its nodes went offline with it.
-                let served = tx
-                    .query("DELETE FROM presence RETURNING node_id", &[])
-                    .map_err(db)?;
-                tx.execute("DELETE FROM instances", &[]).map_err(db)?;
-                let nodes: std::collections::BTreeSet<u64> = served
-                    .iter()
-                    .map(|r| uint("presence.node_id", &r[0]))
-                    .collect::<Result<_, _>>()?;
-                for node in nodes {
-                    self.offline_if_unserved(tx, node, now_ms, None)?;
-                }
-            }
             tx.execute(
                 "INSERT INTO instances (id, started_ms, heartbeat_ms) VALUES ($1, $2, $2)",
                 &[id.into(), now_ms.into()],
