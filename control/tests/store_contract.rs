@@ -4,7 +4,7 @@
 //! only on the first and last stream across instances (on SQLite: a server and its restarted
 //! successor), and a dead instance's nodes go offline.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use warren_control::store::{
     ChangeKind, NodeRecord, PgOptions, PgStore, PreAuthKeyRecord, SqliteStore, Store, StoreError,
@@ -12,15 +12,15 @@ use warren_control::store::{
 use warren_netns_tests::postgres::{self, PgServer};
 use warren_proto::{DiscoSecretKey, NodeSecretKey};
 
-/// One server for the whole binary; each test gets its own database on it.
-fn server() -> &'static PgServer {
-    static SERVER: OnceLock<PgServer> = OnceLock::new();
-    SERVER.get_or_init(|| PgServer::start(false).expect("start PostgreSQL"))
+/// A server per test, stopped and removed when the test ends (a static would never be dropped,
+/// and would outlive the test process).
+fn server() -> PgServer {
+    PgServer::start(false).expect("start PostgreSQL")
 }
 
-fn pg_options(name: &str) -> PgOptions {
+fn pg_options(server: &PgServer, name: &str) -> PgOptions {
     PgOptions {
-        host: server().host().to_string_lossy().into_owned(),
+        host: server.host().to_string_lossy().into_owned(),
         port: postgres::PORT,
         name: name.into(),
         user: postgres::USER.into(),
@@ -30,10 +30,10 @@ fn pg_options(name: &str) -> PgOptions {
     }
 }
 
-/// A fresh PostgreSQL database named after the test.
-fn pg(test: &str) -> Arc<dyn Store> {
-    server().create_database(test).expect("createdb");
-    Arc::new(PgStore::connect(pg_options(test)).expect("connect"))
+/// A fresh PostgreSQL database named after the test, on `server`.
+fn pg(server: &PgServer, test: &str) -> Arc<dyn Store> {
+    server.create_database(test).expect("createdb");
+    Arc::new(PgStore::connect(pg_options(server, test)).expect("connect"))
 }
 
 /// A fresh SQLite file (kept alive by the returned directory).
@@ -47,7 +47,8 @@ fn sqlite() -> (Arc<dyn Store>, tempfile::TempDir) {
 fn both(test: &str, check: impl Fn(&dyn Store)) {
     let (store, _dir) = sqlite();
     check(&*store);
-    check(&*pg(test));
+    let server = server();
+    check(&*pg(&server, test));
 }
 
 fn key(store: &dyn Store, user: u64, prefix: &str, reusable: bool) -> u64 {
@@ -262,20 +263,21 @@ fn a_proof_nonce_is_claimed_once() {
 
 #[test]
 fn postgres_refuses_a_newer_schema_and_keeps_its_map_id() {
-    let s = pg("newer_schema");
+    let server = server();
+    let s = pg(&server, "newer_schema");
     let map_id = s.map_state().expect("state").map_id;
     drop(s);
-    let again = PgStore::connect(pg_options("newer_schema")).expect("reconnect");
+    let again = PgStore::connect(pg_options(&server, "newer_schema")).expect("reconnect");
     assert_eq!(again.map_state().expect("state").map_id, map_id);
     drop(again);
     let next = warren_control::store::MIGRATIONS.len() + 1;
-    server()
+    server
         .psql(
             "newer_schema",
             &format!("UPDATE warren_schema SET version = {next}"),
         )
         .expect("from the future");
-    let err = PgStore::connect(pg_options("newer_schema")).expect_err("too new");
+    let err = PgStore::connect(pg_options(&server, "newer_schema")).expect_err("too new");
     assert_eq!(
         err.to_string(),
         format!(
@@ -287,7 +289,8 @@ fn postgres_refuses_a_newer_schema_and_keeps_its_map_id() {
 
 #[test]
 fn concurrent_writers_on_postgres_get_distinct_gapless_versions() {
-    let s = pg("concurrent_versions");
+    let server = server();
+    let s = pg(&server, "concurrent_versions");
     let u = s.create_user("erin", 1).expect("user");
     let head = s.map_state().expect("state").version;
     let handles: Vec<_> = (0..4u16)
