@@ -658,6 +658,21 @@ fn nonce() -> [u8; 24] {
     b
 }
 
+/// A connection of its own to control at `url`, set up as the node sets up its own.
+async fn dial(url: &str) -> anyhow::Result<ControlClient<Channel>> {
+    let channel = Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        // The node's windows (see warren's control client).
+        .initial_stream_window_size(256 * 1024)
+        .initial_connection_window_size(512 * 1024)
+        .connect()
+        .await
+        .context("connecting")?;
+    Ok(ControlClient::new(channel).max_decoding_message_size(MAX_MAP_BYTES))
+}
+
 /// One simulated node with its own connection.
 struct SimNode {
     key: NodeSecretKey,
@@ -681,17 +696,7 @@ impl SimNode {
 
     /// Connects (its own HTTP/2 connection), fetches the server key and registers.
     async fn register(url: String, auth_key: String, hostname: String) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(url)?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            // The node's windows (see warren's control client).
-            .initial_stream_window_size(256 * 1024)
-            .initial_connection_window_size(512 * 1024)
-            .connect()
-            .await
-            .context("connecting")?;
-        let mut grpc = ControlClient::new(channel).max_decoding_message_size(MAX_MAP_BYTES);
+        let mut grpc = dial(&url).await?;
         let key = grpc
             .get_server_key(GetServerKeyRequest {})
             .await?
@@ -718,16 +723,7 @@ impl SimNode {
 
     /// A new connection to `url` (another instance on the same database).
     async fn redial(&mut self, url: &str) -> anyhow::Result<()> {
-        let channel = Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .initial_stream_window_size(256 * 1024)
-            .initial_connection_window_size(512 * 1024)
-            .connect()
-            .await
-            .context("connecting")?;
-        self.grpc = ControlClient::new(channel).max_decoding_message_size(MAX_MAP_BYTES);
+        self.grpc = dial(url).await?;
         Ok(())
     }
 
