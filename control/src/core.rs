@@ -936,6 +936,17 @@ impl Core {
         if !self.nodes.contains_key(&id) {
             return Err(ControlError::NodeNotFound { id });
         }
+        self.claim_presence(id, now_ms)?;
+        let sub = self
+            .netmap
+            .subscribe(id, resume)
+            .ok_or(ControlError::NodeNotFound { id })?;
+        Ok(sub)
+    }
+
+    /// Records that this instance serves a stream of `id`, and applies the node coming online
+    /// when that is its first stream on any instance.
+    fn claim_presence(&mut self, id: u64, now_ms: i64) -> Result<(), ControlError> {
         if let Some(version) = self.store.set_presence(id, self.instance, true, now_ms)? {
             self.commit(Change {
                 version,
@@ -944,11 +955,7 @@ impl Core {
                 record: self.nodes.get(&id).cloned(),
             });
         }
-        let sub = self
-            .netmap
-            .subscribe(id, resume)
-            .ok_or(ControlError::NodeNotFound { id })?;
-        Ok(sub)
+        Ok(())
     }
 
     /// The server is shutting down: see [`Netmap::stop_sending`].
@@ -1355,14 +1362,7 @@ impl Core {
                 "this instance was declared dead; claiming its nodes again"
             );
             for id in self.netmap.subscribed() {
-                if let Some(version) = self.store.set_presence(id, self.instance, true, now_ms)? {
-                    self.commit(Change {
-                        version,
-                        node_id: id,
-                        kind: ChangeKind::Online,
-                        record: self.nodes.get(&id).cloned(),
-                    });
-                }
+                self.claim_presence(id, now_ms)?;
             }
         }
         let dead = self
