@@ -1,7 +1,8 @@
 //! `warren up`: registers, brings up the TUN device and the UDP socket, and runs the I/O loop
 //! around the sans-IO [`warren_node_core::Node`]: handle what is ready, drain what the core
 //! wants sent or written, re-arm one timer. The map follower runs beside it, so the data plane
-//! keeps forwarding while control is away.
+//! keeps forwarding while control is away. Packets move in batches through [`crate::datapath`]:
+//! the loop reads and runs the core, two worker threads write.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,7 +14,7 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use warren_node_core::netmap::{self as map, MapChange, Netmap};
 use warren_node_core::node::{PathKind, PingId};
-use warren_node_core::{Dest, Event, Node, NodeError, PathStatus};
+use warren_node_core::{Dest, Event, Node, NodeError, PathStatus, wg};
 use warren_proto::NodePublicKey;
 use warren_proto::control::DerpMap;
 use warren_proto::control::map_response::Kind;
@@ -22,12 +23,13 @@ use crate::api::{
     self, ApiRequest, ApiResponse, NetcheckReport, PeerStatus, Prefs, SelfStatus, Status,
 };
 use crate::control::{self, Advert, Client, MapEvent};
+use crate::datapath::{TunRx, TunTx, UdpTx};
 use crate::derp::{DerpLinks, DerpReceived};
 use crate::endpoints;
 use crate::os_net::{OsNet, RouterConfig};
 use crate::resolver_os::{OsResolver, ResolverPaths, ResolverSettings};
 use crate::state::StateDir;
-use crate::udp::{BatchSocket, Batcher};
+use crate::udp::BatchSocket;
 use warren_node_core::dns::DnsSettings;
 
 /// Options of `warren up`.
@@ -55,6 +57,11 @@ pub struct UpOptions {
     pub snat: bool,
     /// Serve Prometheus metrics here (`--metrics-listen`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// The TUN device's MTU: the largest IP packet carried (default [`TUN_MTU`]).
+    pub mtu: u16,
+    /// Ask the kernel for TUN offload (64 KB TSO segments in, GRO batches out); without it, or
+    /// where the kernel refuses, one packet per read and write.
+    pub tun_offload: bool,
 }
 
 /// 0.0.0.0/0 and ::/0.
@@ -98,6 +105,13 @@ struct OsWanted {
 
 /// The MTU of the TUN device (Tailscale's), leaving room for WireGuard over IPv6 paths.
 pub const TUN_MTU: u16 = 1280;
+/// The smallest tunnel MTU: IPv6's minimum, below which the kernel drops the TUN's IPv6.
+pub const MIN_MTU: u16 = 1280;
+/// The largest tunnel MTU: a 9,000-byte jumbo frame less the outer headers (IPv6 40, UDP 8,
+/// WireGuard 32).
+pub const MAX_MTU: u16 = 9_000 - OUTER_OVERHEAD;
+/// What the outer datagram adds to a tunnel packet at most (IPv6, UDP, WireGuard).
+pub const OUTER_OVERHEAD: u16 = 40 + 8 + 32;
 
 /// Why `warren up` stopped before running.
 #[derive(Debug, thiserror::Error)]
@@ -142,12 +156,14 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
 
     // Local resources first: a bad TUN name, a taken port or socket fails here, before a
     // single-use key is spent on a node that would never come up.
-    let tun = tun_rs::DeviceBuilder::new()
-        .name(&opts.tun)
-        .mtu(TUN_MTU)
-        .enable(false)
-        .build_async()
-        .with_context(|| format!("creating TUN device {}", opts.tun))?;
+    if !(MIN_MTU..=MAX_MTU).contains(&opts.mtu) {
+        anyhow::bail!(
+            "--mtu {} is outside {MIN_MTU}..={MAX_MTU} (IPv6's minimum; a jumbo frame less \
+             {OUTER_OVERHEAD} bytes of outer headers)",
+            opts.mtu
+        );
+    }
+    let tun = open_tun(&opts.tun, opts.mtu, opts.tun_offload)?;
     let udp = BatchSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, opts.port)))
         .with_context(|| format!("binding UDP port {}", opts.port))?;
     let port = udp.local_addr()?.port();
@@ -252,7 +268,14 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     daemon.apply_prefs(opts.prefs.clone());
     // `run` owns the TUN device: it is gone when `run` returns.
     let result = daemon
-        .run(tun, Arc::new(udp), map_rx, api_rx, derp_rx)
+        .run(
+            Arc::new(tun),
+            Arc::new(udp),
+            opts.mtu,
+            map_rx,
+            api_rx,
+            derp_rx,
+        )
         .await;
     daemon.derp.close();
     follower.abort();
@@ -281,6 +304,38 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), alive_rx.recv()).await;
     Ok(())
+}
+
+/// Creates the TUN device, with offload when asked and the kernel has it; a kernel that
+/// refuses it (no IFF_VNET_HDR or TSO on TUN) gets a device without, and a warning.
+fn open_tun(name: &str, mtu: u16, offload: bool) -> anyhow::Result<tun_rs::AsyncDevice> {
+    let build = |offload: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(name)
+            .mtu(mtu)
+            .enable(false)
+            .offload(offload)
+            .build_async()
+    };
+    let tun = if offload {
+        match build(true) {
+            Ok(tun) => tun,
+            Err(e) => {
+                tracing::warn!(error = %e, "TUN offload unavailable: one packet per read and write");
+                build(false).with_context(|| format!("creating TUN device {name}"))?
+            }
+        }
+    } else {
+        build(false).with_context(|| format!("creating TUN device {name}"))?
+    };
+    tracing::info!(
+        tun = name,
+        mtu,
+        tcp_offload = tun.tcp_gso(),
+        udp_offload = tun.udp_gso(),
+        "TUN device created"
+    );
+    Ok(tun)
 }
 
 /// The mesh prefix lengths on the TUN device: all of 100.64.0.0/10 and fd7a:115c:a1e0::/48
@@ -372,15 +427,6 @@ async fn serve_api(listener: UnixListener, tx: mpsc::Sender<ApiCall>, alive: mps
     }
 }
 
-/// Sends what `batch` holds, if anything.
-async fn send_batch(udp: &BatchSocket, batch: &mut Batcher) {
-    if let Some((dst, bytes, segment)) = batch.take()
-        && let Err(e) = udp.send(dst, &bytes, segment).await
-    {
-        tracing::debug!(error = %e, %dst, "UDP send");
-    }
-}
-
 struct Daemon {
     node: Node,
     netmap: Netmap,
@@ -430,6 +476,14 @@ async fn terminated() {
     }
 }
 
+/// The data path's batches and the threads that write them.
+#[derive(Debug)]
+struct DataPath {
+    udp_tx: UdpTx,
+    tun_tx: TunTx,
+    tun_rx: TunRx,
+}
+
 /// Most packets taken from one source per wakeup.
 const BURST: usize = 64;
 
@@ -439,13 +493,35 @@ const LAN_RECHECK: Duration = Duration::from_secs(20);
 impl Daemon {
     async fn run(
         &mut self,
-        tun: tun_rs::AsyncDevice,
+        tun: Arc<tun_rs::AsyncDevice>,
         udp: Arc<BatchSocket>,
+        mtu: u16,
+        map_rx: mpsc::Receiver<MapEvent>,
+        api_rx: mpsc::Receiver<ApiCall>,
+        derp_rx: mpsc::Receiver<DerpReceived>,
+    ) -> anyhow::Result<Option<oneshot::Sender<ApiResponse>>> {
+        let mut data = DataPath {
+            udp_tx: UdpTx::start(udp.clone()).context("starting the UDP sender thread")?,
+            tun_tx: TunTx::start(tun.clone()).context("starting the TUN writer thread")?,
+            tun_rx: TunRx::new(mtu),
+        };
+        let result = self
+            .serve(&tun, &udp, &mut data, map_rx, api_rx, derp_rx)
+            .await;
+        data.udp_tx.stop();
+        data.tun_tx.stop();
+        result
+    }
+
+    async fn serve(
+        &mut self,
+        tun: &tun_rs::AsyncDevice,
+        udp: &BatchSocket,
+        data: &mut DataPath,
         mut map_rx: mpsc::Receiver<MapEvent>,
         mut api_rx: mpsc::Receiver<ApiCall>,
         mut derp_rx: mpsc::Receiver<DerpReceived>,
     ) -> anyhow::Result<Option<oneshot::Sender<ApiResponse>>> {
-        let mut tun_buf = vec![0u8; 65_535];
         // MagicDNS forwards to upstream resolvers from this socket; it carries the bypass mark
         // so an exit node's default route does not pull it into the tunnel.
         let dns_sock = tokio::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
@@ -473,7 +549,7 @@ impl Daemon {
                 self.os_dirty = false;
                 self.sync_os().await;
             }
-            self.flush(&tun, &udp).await;
+            self.flush(data);
             while let Some(f) = self.node.poll_dns_forward() {
                 if let Err(e) = dns_sock.try_send_to(&f.payload, f.upstream) {
                     tracing::debug!(error = %e, upstream = %f.upstream, "DNS forward");
@@ -489,29 +565,20 @@ impl Daemon {
                 sleep.as_mut().reset(deadline.into());
             }
             tokio::select! {
-                r = tun.recv(&mut tun_buf) => {
-                    let n = r.context("reading the TUN device")?;
-                    let now = Instant::now();
-                    self.on_tun(&tun_buf[..n], now);
-                    // Take what else is ready before going back to the select: one wakeup
-                    // then serves a whole burst.
-                    for _ in 1..BURST {
-                        match tun.try_recv(&mut tun_buf) {
-                            Ok(n) => self.on_tun(&tun_buf[..n], now),
-                            Err(_) => break,
-                        }
-                    }
+                r = tun.readable() => {
+                    r.context("reading the TUN device")?;
+                    self.on_tun_ready(tun, data)?;
                 }
                 r = udp.readable() => match r {
-                    Ok(()) => self.on_udp_ready(&udp, &mut udp_bufs, &mut udp_meta),
+                    Ok(()) => self.on_udp_ready(udp, data, &mut udp_bufs, &mut udp_meta),
                     Err(e) => tracing::debug!(error = %e, "UDP receive"),
                 },
                 Some(r) = derp_rx.recv() => {
                     let now = Instant::now();
-                    self.on_derp(r, now);
+                    self.on_derp(r, data, now);
                     for _ in 1..BURST {
                         match derp_rx.try_recv() {
-                            Ok(r) => self.on_derp(r, now),
+                            Ok(r) => self.on_derp(r, data, now),
                             Err(_) => break,
                         }
                     }
@@ -550,16 +617,44 @@ impl Daemon {
         }
     }
 
-    fn on_tun(&mut self, packet: &[u8], now: Instant) {
-        if let Err(e) = self.node.handle_tun_packet(packet, now) {
-            tracing::trace!(error = %e, "dropped outbound packet");
+    /// Takes what the TUN device has ready (a burst of reads, each up to a 64 KB segment
+    /// with offload) and encrypts it into the outbound batches.
+    fn on_tun_ready(
+        &mut self,
+        tun: &tun_rs::AsyncDevice,
+        data: &mut DataPath,
+    ) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let Self { node, derp, .. } = self;
+        for _ in 0..BURST {
+            let packets = match data.tun_rx.try_read(tun) {
+                Ok(p) => p,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // A frame the offload split refuses (bad virtio header) is that frame's loss.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    tracing::debug!(error = %e, "TUN read: frame dropped");
+                    continue;
+                }
+                Err(e) if e.raw_os_error().is_none() => {
+                    tracing::debug!(error = %e, "TUN read: frame dropped");
+                    continue;
+                }
+                Err(e) => return Err(e).context("reading the TUN device"),
+            };
+            for packet in packets {
+                if let Err(e) = data.udp_tx.encrypt(node, derp, packet, now) {
+                    tracing::trace!(error = %e, "dropped outbound packet");
+                }
+            }
         }
+        Ok(())
     }
 
     /// Takes every datagram the socket has ready (a few batches at most), GRO runs split.
     fn on_udp_ready(
         &mut self,
         udp: &BatchSocket,
+        data: &mut DataPath,
         bufs: &mut [Vec<u8>],
         meta: &mut [quinn_udp::RecvMeta],
     ) {
@@ -580,24 +675,31 @@ impl Daemon {
             };
             for (m, buf) in meta.iter().zip(bufs.iter()).take(n) {
                 for datagram in buf[..m.len].chunks(m.stride.max(1)) {
-                    self.on_udp(m.addr, datagram, now);
+                    self.on_udp(m.addr, datagram, data, now);
                 }
             }
         }
     }
 
-    fn on_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
-        match self.node.handle_udp(from, datagram, now) {
-            Ok(()) => {}
+    fn on_udp(&mut self, from: SocketAddr, datagram: &[u8], data: &mut DataPath, now: Instant) {
+        let slot = data.tun_tx.slot(datagram.len().max(wg::MIN_SCRATCH));
+        match self.node.decapsulate_udp(from, datagram, now, slot) {
+            Ok(Some(n)) => data.tun_tx.commit(n),
+            Ok(None) => {}
             // Counted per peer (status shows it); one line per packet only at trace.
             Err(e @ NodeError::Filtered { .. }) => tracing::trace!(error = %e, %from, "filtered"),
             Err(e) => tracing::debug!(error = %e, %from, "dropped datagram"),
         }
     }
 
-    fn on_derp(&mut self, r: DerpReceived, now: Instant) {
-        match self.node.handle_derp(r.region, r.from, &r.packet, now) {
-            Ok(()) => {}
+    fn on_derp(&mut self, r: DerpReceived, data: &mut DataPath, now: Instant) {
+        let slot = data.tun_tx.slot(r.packet.len().max(wg::MIN_SCRATCH));
+        match self
+            .node
+            .decapsulate_derp(r.region, r.from, &r.packet, now, slot)
+        {
+            Ok(Some(n)) => data.tun_tx.commit(n),
+            Ok(None) => {}
             Err(e @ NodeError::Filtered { .. }) => {
                 tracing::trace!(error = %e, region = r.region, "filtered");
             }
@@ -605,26 +707,19 @@ impl Daemon {
         }
     }
 
-    async fn flush(&mut self, tun: &tun_rs::AsyncDevice, udp: &BatchSocket) {
-        let max = udp.max_segments();
-        let mut batch = Batcher::default();
+    /// Hands what the core queued to the batches, and the batches to the writer threads.
+    fn flush(&mut self, data: &mut DataPath) {
         while let Some(t) = self.node.poll_transmit() {
             match t.dst {
-                Dest::Udp(dst) => {
-                    if !batch.push(dst, &t.payload, max) {
-                        send_batch(udp, &mut batch).await;
-                        batch.push(dst, &t.payload, max);
-                    }
-                }
+                Dest::Udp(dst) => data.udp_tx.push(dst, &t.payload),
                 Dest::Derp { region, peer } => self.derp.send(region, peer, t.payload),
             }
         }
-        send_batch(udp, &mut batch).await;
+        data.udp_tx.flush();
         while let Some(p) = self.node.poll_tun() {
-            if let Err(e) = tun.send(&p).await {
-                tracing::debug!(error = %e, "TUN write");
-            }
+            data.tun_tx.push(&p);
         }
+        data.tun_tx.flush();
         while let Some(ev) = self.node.poll_event() {
             self.on_node_event(ev);
         }

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod control;
 pub mod daemon;
+pub mod datapath;
 pub mod derp;
 pub mod endpoints;
 pub mod metrics;

@@ -88,6 +88,15 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics (off unless set; e.g. 127.0.0.1:9100).
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// The tunnel's MTU: the largest IP packet it carries. Each becomes a UDP datagram up
+        /// to 80 bytes larger (IPv6, UDP and WireGuard headers), which the path must carry.
+        #[arg(long, env = "WARREN_MTU", default_value_t = daemon::TUN_MTU,
+              value_parser = clap::value_parser!(u16).range(i64::from(daemon::MIN_MTU)..=i64::from(daemon::MAX_MTU)))]
+        mtu: u16,
+        /// TUN offload: the kernel hands over 64 KB TCP segments and takes coalesced ones
+        /// (`=false` for one packet per read and write; kernels without it fall back anyway).
+        #[arg(long, env = "WARREN_TUN_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        tun_offload: bool,
     },
     /// Change preferences of the running node.
     Set {
@@ -197,6 +206,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             accept_routes,
             snat_subnet_routes,
             metrics_listen,
+            mtu,
+            tun_offload,
         } => {
             let opts = daemon::UpOptions {
                 control,
@@ -214,6 +225,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 snat: snat_subnet_routes,
                 metrics_listen,
+                mtu,
+                tun_offload,
             };
             daemon::up(opts).await
         }

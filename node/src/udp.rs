@@ -71,8 +71,14 @@ impl BatchSocket {
     }
 
     /// Sends `contents` to `dst`: one datagram, or several of `segment` bytes each (the last
-    /// may be shorter) in one GSO send.
-    pub async fn send(&self, dst: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
+    /// may be shorter) in one GSO send. Called from the data path's sending thread, outside
+    /// the runtime: when the socket's buffer is full it waits in `poll(2)` for room.
+    pub fn send_blocking(
+        &self,
+        dst: SocketAddr,
+        contents: &[u8],
+        segment: usize,
+    ) -> io::Result<()> {
         let transmit = Transmit {
             destination: dst,
             ecn: None,
@@ -80,56 +86,25 @@ impl BatchSocket {
             segment_size: (contents.len() > segment).then_some(segment),
             src_ip: None,
         };
-        self.io
-            .async_io(Interest::WRITABLE, || {
-                self.state.try_send((&self.io).into(), &transmit)
-            })
-            .await
-    }
-}
-
-/// Collects consecutive datagrams for one destination into a GSO batch: equal sizes, except
-/// that the last may be shorter.
-#[derive(Debug, Default)]
-pub struct Batcher {
-    dst: Option<SocketAddr>,
-    segment: usize,
-    count: usize,
-    closed: bool,
-    buf: Vec<u8>,
-}
-
-impl Batcher {
-    /// Adds `datagram` for `dst` when it fits the batch; false when the batch must be sent
-    /// first.
-    pub fn push(&mut self, dst: SocketAddr, datagram: &[u8], max: usize) -> bool {
-        match self.dst {
-            None => {
-                self.dst = Some(dst);
-                self.segment = datagram.len();
-            }
-            Some(d) => {
-                let full = self.count >= max || self.buf.len() + datagram.len() > MAX_BATCH_BYTES;
-                if d != dst || self.closed || full || datagram.len() > self.segment {
-                    return false;
+        loop {
+            match self.state.try_send((&self.io).into(), &transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [rustix::event::PollFd::new(
+                        &self.io,
+                        rustix::event::PollFlags::OUT,
+                    )];
+                    let timeout = rustix::event::Timespec {
+                        tv_sec: 1,
+                        tv_nsec: 0,
+                    };
+                    match rustix::event::poll(&mut fds, Some(&timeout)) {
+                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
-                if datagram.len() < self.segment {
-                    self.closed = true;
-                }
+                r => return r,
             }
         }
-        self.buf.extend_from_slice(datagram);
-        self.count += 1;
-        true
-    }
-
-    /// The batch to send (destination, bytes, segment size), and the batcher emptied.
-    pub fn take(&mut self) -> Option<(SocketAddr, Vec<u8>, usize)> {
-        let dst = self.dst.take()?;
-        let out = (dst, std::mem::take(&mut self.buf), self.segment);
-        self.count = 0;
-        self.closed = false;
-        Some(out)
     }
 }
 
@@ -139,35 +114,6 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("addr")
-    }
-
-    #[test]
-    fn batches_equal_sizes_for_one_destination() {
-        let mut b = Batcher::default();
-        let a = addr("192.0.2.1:1");
-        assert!(b.push(a, &[1; 100], 64));
-        assert!(b.push(a, &[2; 100], 64));
-        assert!(b.push(a, &[3; 40], 64), "a shorter last segment fits");
-        assert!(!b.push(a, &[4; 40], 64), "nothing after the short one");
-        let (dst, bytes, seg) = b.take().expect("batch");
-        assert_eq!((dst, bytes.len(), seg), (a, 240, 100));
-        assert!(b.take().is_none());
-        assert!(b.push(a, &[1; 10], 64));
-        assert!(
-            !b.push(addr("192.0.2.2:1"), &[1; 10], 64),
-            "another destination"
-        );
-        assert!(!b.push(a, &[1; 11], 64), "a longer datagram");
-        assert!(b.push(a, &[1; 10], 2));
-        assert!(!b.push(a, &[1; 10], 2), "at most max");
-        b.take();
-        let full = vec![0u8; 1312];
-        let fits = (0..64).take_while(|_| b.push(a, &full, 64)).count();
-        assert_eq!(
-            fits,
-            MAX_BATCH_BYTES / 1312,
-            "a batch stays under the 64 KiB UDP limit"
-        );
     }
 
     #[tokio::test]
@@ -184,7 +130,7 @@ mod tests {
             batch.extend_from_slice(&[i; 1200]);
         }
         batch.extend_from_slice(&[9; 300]);
-        a.send(dst, &batch, 1200).await.expect("send");
+        a.send_blocking(dst, &batch, 1200).expect("send");
         let mut got: Vec<Vec<u8>> = Vec::new();
         let mut storage = vec![vec![0u8; RECV_BUF]; RECV_BATCH];
         let mut meta = vec![RecvMeta::default(); RECV_BATCH];

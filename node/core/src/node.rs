@@ -6,6 +6,13 @@
 //! `poll_event`, and re-arms one timer from `poll_timeout`. Every packet decrypted from a
 //! peer passes the packet [`Filter`] (allow-all until [`Node::set_filter`]) before it reaches
 //! `poll_tun`; packets from the TUN device record their flows so replies pass.
+//!
+//! The data path has a second, allocation-free form for the shell's batches:
+//! [`Node::encapsulate`] encrypts into a buffer the caller owns (the tail of a UDP GSO batch)
+//! and says where the datagram goes, and [`Node::decapsulate_udp`] /
+//! [`Node::decapsulate_derp`] decrypt into the caller's buffer (a slot of a TUN GRO batch).
+//! Only what is not plain data on a settled path (handshakes, disco, a datagram sent two ways
+//! while a path is being tried) goes through the queues.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -78,6 +85,20 @@ pub struct Transmit {
     pub dst: Dest,
     /// The datagram.
     pub payload: Vec<u8>,
+}
+
+/// A WireGuard datagram [`Node::encapsulate`] wrote at the start of the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Datagram {
+    /// Where to send it.
+    pub dst: Dest,
+    /// Its length: the datagram is `out[..len]`.
+    pub len: usize,
+}
+
+/// The room [`Node::encapsulate`] needs in its output buffer for an IP packet of `len` bytes.
+pub fn encapsulated_len(len: usize) -> usize {
+    (len + wg::OVERHEAD).max(wg::MIN_SCRATCH)
 }
 
 /// The path a peer's traffic takes.
@@ -474,6 +495,20 @@ fn route_datagram(
     true
 }
 
+/// Where a data datagram for `peer` goes when it takes one way only; `None` while it must go
+/// two ways or to several addresses (a path being tried), which the queue handles.
+fn single_route(peer: &Peer, now: Instant) -> Option<Dest> {
+    let relay = peer.config.home_region;
+    match peer.paths.route(now, relay != 0) {
+        Route::Direct(a) => Some(Dest::Udp(a)),
+        Route::Relay { also_direct: None } => Some(Dest::Derp {
+            region: relay,
+            peer: peer.config.key,
+        }),
+        Route::Relay { .. } | Route::Spray(_) => None,
+    }
+}
+
 /// What this node accepts packets for from its peers: its own addresses, the subnet routes it
 /// serves, and, as an exit node, every address but those of its own LAN (Tailscale: to expose
 /// the LAN through an exit node, advertise it as a route). The kernel forwards what is not the
@@ -514,6 +549,9 @@ pub struct Node {
     to_tun: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     scratch: Vec<u8>,
+    /// The output buffer of the queueing forms (`handle_tun_packet`, `handle_udp`,
+    /// `handle_derp`), apart from `scratch`, which what they call may use.
+    io_buf: Vec<u8>,
     next_timers: Instant,
     now: Instant,
     stun_servers: Vec<StunServer>,
@@ -550,6 +588,7 @@ impl Node {
             to_tun: VecDeque::new(),
             events: VecDeque::new(),
             scratch: vec![0; MAX_PACKET + wg::OVERHEAD + wg::MIN_SCRATCH],
+            io_buf: vec![0; MAX_PACKET + wg::OVERHEAD + wg::MIN_SCRATCH],
             next_timers: now + TIMER_INTERVAL,
             now,
             stun_servers: Vec::new(),
@@ -843,20 +882,51 @@ impl Node {
         }
     }
 
-    /// An IP packet read from the TUN device: encrypt it for the peer that owns its destination.
+    /// An IP packet read from the TUN device: encrypt it for the peer that owns its destination
+    /// and queue the datagram for [`Self::poll_transmit`]. The shell's batched path uses
+    /// [`Self::encapsulate`] instead; this form serves tests and the simulator.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) -> Result<(), NodeError> {
+        let mut scratch = std::mem::take(&mut self.io_buf);
+        let r = self.encapsulate(packet, now, &mut scratch);
+        if let Ok(Some(d)) = &r {
+            self.transmits.push_back(Transmit {
+                dst: d.dst,
+                payload: scratch[..d.len].to_vec(),
+            });
+        }
+        self.io_buf = scratch;
+        r.map(|_| ())
+    }
+
+    /// Encrypts an IP packet read from the TUN device for the peer that owns its destination,
+    /// into `out` (at least [`encapsulated_len`] of the packet). `Some` is a data datagram in
+    /// `out[..len]` for one destination: the caller sends it. `None`: nothing for the caller,
+    /// as the packet was answered here (MagicDNS) or what it caused (a handshake initiation, a
+    /// datagram sent two ways while a path is tried) was queued for [`Self::poll_transmit`].
+    /// Allocates nothing once the peer's path is settled.
+    pub fn encapsulate(
+        &mut self,
+        packet: &[u8],
+        now: Instant,
+        out: &mut [u8],
+    ) -> Result<Option<Datagram>, NodeError> {
         self.now = now;
         // MagicDNS: queries to 100.100.100.100:53 are answered here, never sent to a peer.
         if let Some((client, server, query)) = dns::parse_dns_packet(packet) {
             self.dns.handle_query(client, server, query, now);
             self.drain_dns();
-            return Ok(());
+            return Ok(None);
+        }
+        if out.len() < encapsulated_len(packet.len()) {
+            return Err(NodeError::Wg {
+                peer: None,
+                error: WgError::BufferTooSmall,
+            });
         }
         let dst = ip::addresses(packet)?.dst;
         let key = self.routes.lookup(dst).ok_or(NodeError::NoRoute { dst })?;
         let Self {
             peers,
-            scratch,
             transmits,
             flows,
             ..
@@ -864,39 +934,67 @@ impl Node {
         let peer = peers.get_mut(&key).ok_or(NodeError::NoRoute { dst })?;
         flows.note_outbound(packet, now);
         peer.paths.note_sent(now);
-        let mut datagrams = Vec::new();
+        // boringtun gives at most one datagram per packet: the data, or an initiation when
+        // the packet waits for a session.
+        let mut written = None;
         peer.session
-            .encapsulate(packet, scratch, &mut |out| {
-                if let WgOutput::Network(d) = out {
-                    datagrams.push(d.to_vec());
+            .encapsulate(packet, out, &mut |o| {
+                if let WgOutput::Network(d) = o {
+                    written = Some(d.len());
                 }
             })
             .map_err(|error| NodeError::Wg {
                 peer: Some(key),
                 error,
             })?;
-        let mut routed = true;
-        for d in &datagrams {
-            routed &= route_datagram(peer, d, now, transmits);
+        let mut result = Ok(None);
+        if let Some(len) = written {
+            let datagram = &out[..len];
+            match single_route(peer, now).filter(|_| !is_wg_handshake(datagram)) {
+                Some(dst) => result = Ok(Some(Datagram { dst, len })),
+                None => {
+                    if !route_datagram(peer, datagram, now, transmits) {
+                        result = Err(NodeError::NoPath { peer: key });
+                    }
+                }
+            }
         }
         self.maybe_discover(&key, now);
-        if routed {
-            Ok(())
-        } else {
-            Err(NodeError::NoPath { peer: key })
-        }
+        result
     }
 
-    /// A datagram read from the UDP socket: disco, a STUN answer, or WireGuard.
+    /// A datagram read from the UDP socket: disco, a STUN answer, or WireGuard. A decrypted
+    /// packet goes to [`Self::poll_tun`]; the shell's batched path uses
+    /// [`Self::decapsulate_udp`] instead.
     pub fn handle_udp(
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
         now: Instant,
     ) -> Result<(), NodeError> {
+        let mut scratch = std::mem::take(&mut self.io_buf);
+        let r = self.decapsulate_udp(from, datagram, now, &mut scratch);
+        self.queue_for_tun(&scratch, &r);
+        self.io_buf = scratch;
+        r.map(|_| ())
+    }
+
+    /// A datagram read from the UDP socket: disco, a STUN answer, or WireGuard. `Some(n)`: a
+    /// decrypted packet that passed the filter is in `out[..n]`, for the TUN device. `out`
+    /// must hold the datagram (a handshake message needs [`wg::MIN_SCRATCH`]). Allocates
+    /// nothing for data on an established session.
+    pub fn decapsulate_udp(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        now: Instant,
+        out: &mut [u8],
+    ) -> Result<Option<usize>, NodeError> {
         self.now = now;
         if disco::looks_like_disco(datagram) {
-            return self.handle_disco(Source::Udp(from), datagram, now);
+            return self
+                .handle_disco(Source::Udp(from), datagram, now)
+                .map(|()| None);
         }
         if stun::is_stun(datagram) {
             let ours = self
@@ -904,7 +1002,7 @@ impl Node {
                 .as_mut()
                 .is_some_and(|nc| nc.handle_response(from, datagram, now));
             return if ours {
-                Ok(())
+                Ok(None)
             } else {
                 Err(NodeError::StrayStun { from })
             };
@@ -920,12 +1018,13 @@ impl Node {
             }
             return Err(NodeError::UnknownPeer { from });
         };
-        let r = self.decapsulate(key, Some(from), datagram, now);
+        let r = self.decapsulate(key, Some(from), datagram, now, out);
         self.mend_lost_session(key, datagram, &r, now);
         r
     }
 
-    /// A packet relayed by DERP region `region` from peer `from`: disco or WireGuard.
+    /// A packet relayed by DERP region `region` from peer `from`: disco or WireGuard. A
+    /// decrypted packet goes to [`Self::poll_tun`]; see [`Self::decapsulate_derp`].
     pub fn handle_derp(
         &mut self,
         region: RegionId,
@@ -933,9 +1032,28 @@ impl Node {
         packet: &[u8],
         now: Instant,
     ) -> Result<(), NodeError> {
+        let mut scratch = std::mem::take(&mut self.io_buf);
+        let r = self.decapsulate_derp(region, from, packet, now, &mut scratch);
+        self.queue_for_tun(&scratch, &r);
+        self.io_buf = scratch;
+        r.map(|_| ())
+    }
+
+    /// A packet relayed by DERP region `region` from peer `from`: disco or WireGuard, as
+    /// [`Self::decapsulate_udp`].
+    pub fn decapsulate_derp(
+        &mut self,
+        region: RegionId,
+        from: NodePublicKey,
+        packet: &[u8],
+        now: Instant,
+        out: &mut [u8],
+    ) -> Result<Option<usize>, NodeError> {
         self.now = now;
         if disco::looks_like_disco(packet) {
-            return self.handle_disco(Source::Derp { region, from }, packet, now);
+            return self
+                .handle_disco(Source::Derp { region, from }, packet, now)
+                .map(|()| None);
         }
         let Some(key) = self.wg_receiver(packet)? else {
             if self.peers.contains_key(&from) {
@@ -951,9 +1069,15 @@ impl Node {
                 claimed: key,
             });
         }
-        let r = self.decapsulate(key, None, packet, now);
+        let r = self.decapsulate(key, None, packet, now, out);
         self.mend_lost_session(key, packet, &r, now);
         r
+    }
+
+    fn queue_for_tun(&mut self, scratch: &[u8], r: &Result<Option<usize>, NodeError>) {
+        if let Ok(Some(n)) = r {
+            self.to_tun.push_back(scratch[..*n].to_vec());
+        }
     }
 
     /// Data for an index this node reuses since a restart, but for which it has no keys.
@@ -961,7 +1085,7 @@ impl Node {
         &mut self,
         key: NodePublicKey,
         datagram: &[u8],
-        r: &Result<(), NodeError>,
+        r: &Result<Option<usize>, NodeError>,
         now: Instant,
     ) {
         let lost = matches!(
@@ -1020,18 +1144,18 @@ impl Node {
     }
 
     /// Hands a datagram to `key`'s session; `from` is its UDP source (`None`: via DERP).
+    /// A packet for the TUN device is left in `out[..n]`.
     fn decapsulate(
         &mut self,
         key: NodePublicKey,
         from: Option<SocketAddr>,
         datagram: &[u8],
         now: Instant,
-    ) -> Result<(), NodeError> {
+        out: &mut [u8],
+    ) -> Result<Option<usize>, NodeError> {
         let Self {
             peers,
-            scratch,
             transmits,
-            to_tun,
             routes,
             filter,
             flows,
@@ -1039,42 +1163,41 @@ impl Node {
             ..
         } = self;
         let Some(peer) = peers.get_mut(&key) else {
-            return Ok(());
+            return Ok(None);
         };
         let mut refused = None;
         let mut filtered = None;
         let mut drops = 0;
         let mut replies = Vec::new();
+        let mut accepted = None;
+        let base = out.as_ptr() as usize;
         peer.session
-            .decapsulate(
-                from.map(|a| a.ip()),
-                datagram,
-                scratch,
-                &mut |out| match out {
-                    WgOutput::Network(d) => replies.push(d.to_vec()),
-                    WgOutput::Tunnel(p, src) => {
-                        if !routes.allows(&key, src) {
-                            refused = Some(src);
-                            return;
+            .decapsulate(from.map(|a| a.ip()), datagram, out, &mut |o| match o {
+                WgOutput::Network(d) => replies.push(d.to_vec()),
+                WgOutput::Tunnel(p, src) => {
+                    if !routes.allows(&key, src) {
+                        refused = Some(src);
+                        return;
+                    }
+                    let not_local = !local.addresses.is_empty()
+                        && ip::addresses(p).is_ok_and(|a| !local.contains(a.dst));
+                    if not_local {
+                        filtered = Some(DropReason::NotLocal);
+                        drops += 1;
+                        return;
+                    }
+                    match filter.check(p, flows, now) {
+                        Verdict::Accept(_) => {
+                            accepted = Some((p.as_ptr() as usize - base, p.len()));
                         }
-                        let not_local = !local.addresses.is_empty()
-                            && ip::addresses(p).is_ok_and(|a| !local.contains(a.dst));
-                        if not_local {
-                            filtered = Some(DropReason::NotLocal);
+                        Verdict::Drop(reason) => {
+                            tracing::trace!(peer = %key.short(), %reason, "filter: dropped");
+                            filtered = Some(reason);
                             drops += 1;
-                            return;
-                        }
-                        match filter.check(p, flows, now) {
-                            Verdict::Accept(_) => to_tun.push_back(p.to_vec()),
-                            Verdict::Drop(reason) => {
-                                tracing::trace!(peer = %key.short(), %reason, "filter: dropped");
-                                filtered = Some(reason);
-                                drops += 1;
-                            }
                         }
                     }
-                },
-            )
+                }
+            })
             .map_err(|error| NodeError::Wg {
                 peer: Some(key),
                 error,
@@ -1097,7 +1220,13 @@ impl Node {
         match (refused, filtered) {
             (Some(src), _) => Err(NodeError::SourceNotAllowed { peer: key, src }),
             (None, Some(reason)) => Err(NodeError::Filtered { peer: key, reason }),
-            (None, None) => Ok(()),
+            (None, None) => Ok(accepted.map(|(start, len)| {
+                // boringtun decrypts in place at the start of `out`; move it there otherwise.
+                if start != 0 {
+                    out.copy_within(start..start + len, 0);
+                }
+                len
+            })),
         }
     }
 

@@ -1,0 +1,398 @@
+//! The node's data path between the core and the kernel, spread over three threads so that
+//! reading, encrypting and the two kinds of writes overlap instead of taking turns:
+//!
+//! - the event loop (the runtime's thread) reads the TUN device and the UDP socket and runs
+//!   the core, which encrypts and decrypts straight into batch buffers this module owns;
+//! - `warren-udp-tx` sends each outbound batch as one UDP GSO send (one syscall for up to 64
+//!   datagrams to one peer);
+//! - `warren-tun-tx` writes each inbound batch to the TUN device, coalesced into as few
+//!   writes as GRO allows when the device has offload (a 64 KB TCP segment per write).
+//!
+//! Batches are handed over whole through bounded channels and come back empty to be reused,
+//! so nothing is allocated per packet and a wakeup crosses threads at most once per batch
+//! (none while the receiving thread is busy). The sans-IO core stays on the event loop; the
+//! threads only do syscalls.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tun_rs::{AsyncDevice, GROTable, VIRTIO_NET_HDR_LEN};
+use warren_node_core::node::{Datagram, Dest, Node, NodeError, encapsulated_len};
+
+use crate::derp::DerpLinks;
+use crate::udp::{BatchSocket, MAX_BATCH_BYTES};
+
+/// Batches per direction: one being filled, the rest queued or in a syscall.
+const POOL: usize = 4;
+/// Largest datagram or packet handled (an IP packet's 64 KiB limit, plus WireGuard's header).
+const MAX_DATAGRAM: usize = 65_535 + 148;
+/// Packets per inbound batch: what one TUN write pass can coalesce (tun-rs's ideal batch).
+pub const TUN_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+/// Room kept in front of each inbound packet for the virtio-net header that offload writes.
+const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
+/// How long the event loop waits for a batch to come back before it gives up on the thread.
+const RETURN_WAIT: Duration = Duration::from_secs(5);
+
+/// A pool of reusable batches going to a worker thread and coming back empty.
+#[derive(Debug)]
+struct Pool<B> {
+    to_worker: Option<SyncSender<B>>,
+    back: Receiver<B>,
+    made: usize,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl<B: Send + 'static> Pool<B> {
+    fn start(name: &str, work: impl FnMut(&mut B) + Send + 'static) -> io::Result<Self> {
+        let (to_worker, rx) = sync_channel::<B>(POOL);
+        let (back_tx, back) = sync_channel::<B>(POOL);
+        let mut work = work;
+        let worker = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                while let Ok(mut batch) = rx.recv() {
+                    work(&mut batch);
+                    if back_tx.send(batch).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            to_worker: Some(to_worker),
+            back,
+            made: 0,
+            worker: Some(worker),
+        })
+    }
+
+    /// An empty batch: a returned one, a new one while fewer than [`POOL`] exist, or else
+    /// the next to come back (the worker is behind: this is the backpressure).
+    fn take(&mut self, make: impl FnOnce() -> B) -> B {
+        if let Ok(b) = self.back.try_recv() {
+            return b;
+        }
+        if self.made < POOL {
+            self.made += 1;
+            return make();
+        }
+        match self.back.recv_timeout(RETURN_WAIT) {
+            Ok(b) => b,
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                // A worker stuck in a syscall this long is broken; keep the node running
+                // with a fresh batch rather than stall every peer.
+                tracing::warn!("data path worker did not return a batch; starting another");
+                make()
+            }
+        }
+    }
+
+    fn give(&mut self, batch: B) {
+        if let Some(tx) = &self.to_worker
+            && tx.send(batch).is_err()
+        {
+            tracing::warn!("data path worker ended; batch dropped");
+        }
+    }
+
+    /// Stops the worker after the batches it has.
+    fn stop(&mut self) {
+        self.to_worker = None;
+        if let Some(w) = self.worker.take()
+            && w.join().is_err()
+        {
+            tracing::error!("data path worker panicked");
+        }
+    }
+}
+
+impl<B> Drop for Pool<B> {
+    fn drop(&mut self) {
+        self.to_worker = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Datagrams for one destination laid out for one GSO send: equal sizes, the last may be
+/// shorter. The buffer keeps its full size; `len` is what is used.
+#[derive(Debug)]
+struct UdpBatch {
+    buf: Vec<u8>,
+    len: usize,
+    dst: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    closed: bool,
+}
+
+impl UdpBatch {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; MAX_BATCH_BYTES + MAX_DATAGRAM],
+            len: 0,
+            dst: None,
+            segment: 0,
+            count: 0,
+            closed: false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether a datagram of `len` bytes for `dst` may join (at the end of the buffer).
+    fn fits(&self, dst: SocketAddr, len: usize, max: usize) -> bool {
+        match self.dst {
+            None => true,
+            Some(d) => {
+                d == dst
+                    && !self.closed
+                    && self.count < max
+                    && len <= self.segment
+                    && self.len + len <= MAX_BATCH_BYTES
+            }
+        }
+    }
+
+    /// Takes the `len` bytes written at `self.len` as the next datagram (it [`Self::fits`]).
+    fn commit(&mut self, dst: SocketAddr, len: usize) {
+        if self.dst.is_none() {
+            self.dst = Some(dst);
+            self.segment = len;
+        } else if len < self.segment {
+            self.closed = true;
+        }
+        self.len += len;
+        self.count += 1;
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.dst = None;
+        self.segment = 0;
+        self.count = 0;
+        self.closed = false;
+    }
+}
+
+/// The outbound half: TUN packets encrypted into GSO batches for the `warren-udp-tx` thread.
+#[derive(Debug)]
+pub struct UdpTx {
+    pool: Pool<UdpBatch>,
+    cur: UdpBatch,
+    max_segments: usize,
+    /// A datagram that did not fit the batch it was written into, on its way to the next.
+    spare: Vec<u8>,
+}
+
+impl UdpTx {
+    /// Starts the sending thread on `socket`.
+    pub fn start(socket: Arc<BatchSocket>) -> io::Result<Self> {
+        let max_segments = socket.max_segments();
+        let pool = Pool::start("warren-udp-tx", move |b: &mut UdpBatch| {
+            if let Some(dst) = b.dst
+                && let Err(e) = socket.send_blocking(dst, &b.buf[..b.len], b.segment)
+            {
+                tracing::debug!(error = %e, %dst, "UDP send");
+            }
+            b.clear();
+        })?;
+        Ok(Self {
+            pool,
+            cur: UdpBatch::new(),
+            max_segments,
+            spare: Vec::with_capacity(MAX_DATAGRAM),
+        })
+    }
+
+    /// Encrypts `packet` (from the TUN device) into the batch; a datagram for DERP goes to
+    /// its link, and what the core queued instead waits for [`Node::poll_transmit`].
+    pub fn encrypt(
+        &mut self,
+        node: &mut Node,
+        derp: &mut DerpLinks,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<(), NodeError> {
+        let start = self.cur.len;
+        let end = start + encapsulated_len(packet.len());
+        let Some(tail) = self.cur.buf.get_mut(start..end) else {
+            return Err(NodeError::Wg {
+                peer: None,
+                error: warren_node_core::wg::WgError::BufferTooSmall,
+            });
+        };
+        match node.encapsulate(packet, now, tail)? {
+            None => {}
+            Some(Datagram {
+                dst: Dest::Udp(dst),
+                len,
+            }) => {
+                if self.cur.fits(dst, len, self.max_segments) {
+                    self.cur.commit(dst, len);
+                } else {
+                    self.spare.clear();
+                    self.spare
+                        .extend_from_slice(&self.cur.buf[start..start + len]);
+                    self.flush();
+                    self.cur.buf[..len].copy_from_slice(&self.spare);
+                    self.cur.commit(dst, len);
+                }
+            }
+            Some(Datagram {
+                dst: Dest::Derp { region, peer },
+                len,
+            }) => derp.send(region, peer, self.cur.buf[start..start + len].to_vec()),
+        }
+        Ok(())
+    }
+
+    /// Adds a datagram the core queued (handshakes, disco, a path being tried).
+    pub fn push(&mut self, dst: SocketAddr, datagram: &[u8]) {
+        if datagram.len() > MAX_DATAGRAM {
+            return;
+        }
+        if !self.cur.fits(dst, datagram.len(), self.max_segments) {
+            self.flush();
+        }
+        let start = self.cur.len;
+        self.cur.buf[start..start + datagram.len()].copy_from_slice(datagram);
+        self.cur.commit(dst, datagram.len());
+    }
+
+    /// Hands the batch being filled to the sending thread.
+    pub fn flush(&mut self) {
+        if self.cur.is_empty() {
+            return;
+        }
+        let next = self.pool.take(UdpBatch::new);
+        let full = std::mem::replace(&mut self.cur, next);
+        self.pool.give(full);
+    }
+
+    /// Sends what is batched and stops the thread.
+    pub fn stop(&mut self) {
+        self.flush();
+        self.pool.stop();
+    }
+}
+
+/// Packets for the TUN device, each behind [`TUN_OFFSET`] bytes of room for its virtio-net
+/// header; only `bufs[..count]` are in use.
+#[derive(Debug)]
+struct TunBatch {
+    bufs: Vec<Vec<u8>>,
+    count: usize,
+}
+
+impl TunBatch {
+    fn new() -> Self {
+        Self {
+            bufs: (0..TUN_BATCH)
+                .map(|_| Vec::with_capacity(TUN_OFFSET + MAX_DATAGRAM))
+                .collect(),
+            count: 0,
+        }
+    }
+}
+
+/// The inbound half: decrypted packets batched for the `warren-tun-tx` thread.
+#[derive(Debug)]
+pub struct TunTx {
+    pool: Pool<TunBatch>,
+    cur: TunBatch,
+}
+
+impl TunTx {
+    /// Starts the writing thread on `tun`. With offload on, each batch is coalesced (GRO)
+    /// into as few writes as its flows allow.
+    pub fn start(tun: Arc<AsyncDevice>) -> io::Result<Self> {
+        let mut gro = GROTable::new();
+        let pool = Pool::start("warren-tun-tx", move |b: &mut TunBatch| {
+            let device: &tun_rs::DeviceImpl = &tun;
+            if let Err(e) = device.send_multiple(&mut gro, &mut b.bufs[..b.count], TUN_OFFSET) {
+                tracing::debug!(error = %e, "TUN write");
+            }
+            b.count = 0;
+        })?;
+        Ok(Self {
+            pool,
+            cur: TunBatch::new(),
+        })
+    }
+
+    /// A buffer of `room` bytes for the next packet; [`Self::commit`] keeps it.
+    pub fn slot(&mut self, room: usize) -> &mut [u8] {
+        let buf = &mut self.cur.bufs[self.cur.count];
+        buf.resize(TUN_OFFSET + room, 0);
+        &mut buf[TUN_OFFSET..]
+    }
+
+    /// Keeps the first `len` bytes of the last [`Self::slot`] as a packet.
+    pub fn commit(&mut self, len: usize) {
+        self.cur.bufs[self.cur.count].truncate(TUN_OFFSET + len);
+        self.cur.count += 1;
+        if self.cur.count == TUN_BATCH {
+            self.flush();
+        }
+    }
+
+    /// Adds a packet the core queued (MagicDNS answers).
+    pub fn push(&mut self, packet: &[u8]) {
+        self.slot(packet.len()).copy_from_slice(packet);
+        self.commit(packet.len());
+    }
+
+    /// Hands the batch being filled to the writing thread.
+    pub fn flush(&mut self) {
+        if self.cur.count == 0 {
+            return;
+        }
+        let next = self.pool.take(TunBatch::new);
+        let full = std::mem::replace(&mut self.cur, next);
+        self.pool.give(full);
+    }
+
+    /// Writes what is batched and stops the thread.
+    pub fn stop(&mut self) {
+        self.flush();
+        self.pool.stop();
+    }
+}
+
+/// Reads from the TUN device: with offload, one read takes up to 64 KB of TCP (or UDP)
+/// segments, split here into packets of the device's MTU.
+#[derive(Debug)]
+pub struct TunRx {
+    raw: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+}
+
+impl TunRx {
+    /// Buffers for packets of up to `mtu` bytes.
+    pub fn new(mtu: u16) -> Self {
+        Self {
+            raw: vec![0; VIRTIO_NET_HDR_LEN + 65_535],
+            bufs: vec![vec![0; usize::from(mtu)]; TUN_BATCH],
+            sizes: vec![0; TUN_BATCH],
+        }
+    }
+
+    /// One read without waiting: the packets it held (`WouldBlock` when nothing is ready).
+    pub fn try_read(&mut self, tun: &AsyncDevice) -> io::Result<impl Iterator<Item = &[u8]>> {
+        let n = tun.try_recv_multiple(&mut self.raw, &mut self.bufs, &mut self.sizes, 0)?;
+        Ok(self
+            .bufs
+            .iter()
+            .zip(&self.sizes)
+            .take(n)
+            .map(|(b, &len)| &b[..len]))
+    }
+}
