@@ -3,6 +3,7 @@
 //! generator ([`loadgen`]) behind `warren-loadgen`, which measures a real control process.
 
 pub mod loadgen;
+pub mod throughput;
 
 use warren_control::core::{Core, NewAuthKey, Settings};
 use warren_control::netmap::Subscription;
