@@ -15,6 +15,6 @@ pub mod sim;
 pub mod wg;
 
 pub use node::{
-    Dest, Event, LocalNets, Node, NodeError, PathKind, PathStatus, PeerConfig, PeerStats,
+    Datagram, Dest, Event, LocalNets, Node, NodeError, PathKind, PathStatus, PeerConfig, PeerStats,
     TimeoutReason, Transmit,
 };
