@@ -23,7 +23,7 @@ use crate::api::{
     self, ApiRequest, ApiResponse, NetcheckReport, PeerStatus, Prefs, SelfStatus, Status,
 };
 use crate::control::{self, Advert, Client, MapEvent};
-use crate::datapath::{TunRx, TunTx, UdpTx};
+use crate::datapath::{Counters, TunRx, TunTx, UdpTx};
 use crate::derp::{DerpLinks, DerpReceived};
 use crate::endpoints;
 use crate::os_net::{OsNet, RouterConfig};
@@ -479,6 +479,7 @@ async fn terminated() {
 /// The data path's batches and the threads that write them.
 #[derive(Debug)]
 struct DataPath {
+    counters: Arc<Counters>,
     udp_tx: UdpTx,
     tun_tx: TunTx,
     tun_rx: TunRx,
@@ -500,10 +501,13 @@ impl Daemon {
         api_rx: mpsc::Receiver<ApiCall>,
         derp_rx: mpsc::Receiver<DerpReceived>,
     ) -> anyhow::Result<Option<oneshot::Sender<ApiResponse>>> {
+        let counters = Counters::new(tun.tcp_gso());
         let mut data = DataPath {
             udp_tx: UdpTx::start(udp.clone()).context("starting the UDP sender thread")?,
-            tun_tx: TunTx::start(tun.clone()).context("starting the TUN writer thread")?,
-            tun_rx: TunRx::new(mtu),
+            tun_tx: TunTx::start(tun.clone(), counters.clone())
+                .context("starting the TUN writer thread")?,
+            tun_rx: TunRx::new(mtu, counters.clone()),
+            counters,
         };
         let result = self
             .serve(&tun, &udp, &mut data, map_rx, api_rx, derp_rx)
@@ -589,7 +593,7 @@ impl Daemon {
                 },
                 _ = &mut sleep => self.node.handle_timeout(Instant::now()),
                 _ = lan_check.tick() => self.node.set_lan_endpoints(endpoints::local(self.port)),
-                _ = metrics_tick.tick(), if self.metrics.is_some() => self.sample_metrics(),
+                _ = metrics_tick.tick(), if self.metrics.is_some() => self.sample_metrics(data),
                 Some(ev) = map_rx.recv() => self.on_map_event(ev),
                 Some((req, reply)) = api_rx.recv() => {
                     if let Some(down) = self.on_api(req, reply) {
@@ -604,7 +608,7 @@ impl Daemon {
     }
 
     /// Publishes the core's counters for the next scrape.
-    fn sample_metrics(&mut self) {
+    fn sample_metrics(&mut self, data: &DataPath) {
         if let Some(sampler) = self.metrics.as_mut() {
             let now = Instant::now();
             sampler.sample(
@@ -612,6 +616,7 @@ impl Daemon {
                 self.node.dns_stats(),
                 self.derp.reconnects(),
                 self.derp.links_up(),
+                data.counters.snapshot(),
                 now,
             );
         }

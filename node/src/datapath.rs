@@ -16,6 +16,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,6 +37,46 @@ pub const TUN_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 const TUN_OFFSET: usize = VIRTIO_NET_HDR_LEN;
 /// How long the event loop waits for a batch to come back before it gives up on the thread.
 const RETURN_WAIT: Duration = Duration::from_secs(5);
+
+/// What the data path did, for `/metrics`: whether the TUN device has offload, and the most
+/// bytes one TUN read and one TUN write carried (above the MTU only with offload: a TSO
+/// segment read whole, a GRO-coalesced write).
+#[derive(Debug, Default)]
+pub struct Counters {
+    offload: AtomicBool,
+    largest_read: AtomicUsize,
+    largest_write: AtomicUsize,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataStats {
+    /// The TUN device has offload (virtio-net header, TSO/GRO).
+    pub offload: bool,
+    /// Most bytes of IP packets one TUN read returned.
+    pub largest_read: usize,
+    /// Most bytes one TUN write carried (one IP packet, coalesced or not).
+    pub largest_write: usize,
+}
+
+impl Counters {
+    /// Counters for a device with or without offload.
+    pub fn new(offload: bool) -> Arc<Self> {
+        Arc::new(Self {
+            offload: AtomicBool::new(offload),
+            ..Self::default()
+        })
+    }
+
+    /// The figures so far.
+    pub fn snapshot(&self) -> DataStats {
+        DataStats {
+            offload: self.offload.load(Ordering::Relaxed),
+            largest_read: self.largest_read.load(Ordering::Relaxed),
+            largest_write: self.largest_write.load(Ordering::Relaxed),
+        }
+    }
+}
 
 /// A pool of reusable batches going to a worker thread and coming back empty.
 #[derive(Debug)]
@@ -312,13 +353,17 @@ pub struct TunTx {
 impl TunTx {
     /// Starts the writing thread on `tun`. With offload on, each batch is coalesced (GRO)
     /// into as few writes as its flows allow.
-    pub fn start(tun: Arc<AsyncDevice>) -> io::Result<Self> {
+    pub fn start(tun: Arc<AsyncDevice>, counters: Arc<Counters>) -> io::Result<Self> {
         let mut gro = GROTable::new();
         let pool = Pool::start("warren-tun-tx", move |b: &mut TunBatch| {
             let device: &tun_rs::DeviceImpl = &tun;
-            if let Err(e) = device.send_multiple(&mut gro, &mut b.bufs[..b.count], TUN_OFFSET) {
+            let bufs = &mut b.bufs[..b.count];
+            if let Err(e) = device.send_multiple(&mut gro, bufs, TUN_OFFSET) {
                 tracing::debug!(error = %e, "TUN write");
             }
+            // GRO grew the first packet of each coalesced run in place.
+            let largest = bufs.iter().map(|p| p.len() - TUN_OFFSET).max().unwrap_or(0);
+            counters.largest_write.fetch_max(largest, Ordering::Relaxed);
             b.count = 0;
         })?;
         Ok(Self {
@@ -370,6 +415,7 @@ impl TunTx {
 /// segments, split here into packets of the device's MTU.
 #[derive(Debug)]
 pub struct TunRx {
+    counters: Arc<Counters>,
     raw: Vec<u8>,
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
@@ -377,8 +423,9 @@ pub struct TunRx {
 
 impl TunRx {
     /// Buffers for packets of up to `mtu` bytes.
-    pub fn new(mtu: u16) -> Self {
+    pub fn new(mtu: u16, counters: Arc<Counters>) -> Self {
         Self {
+            counters,
             raw: vec![0; VIRTIO_NET_HDR_LEN + 65_535],
             bufs: vec![vec![0; usize::from(mtu)]; TUN_BATCH],
             sizes: vec![0; TUN_BATCH],
@@ -388,6 +435,10 @@ impl TunRx {
     /// One read without waiting: the packets it held (`WouldBlock` when nothing is ready).
     pub fn try_read(&mut self, tun: &AsyncDevice) -> io::Result<impl Iterator<Item = &[u8]>> {
         let n = tun.try_recv_multiple(&mut self.raw, &mut self.bufs, &mut self.sizes, 0)?;
+        let bytes = self.sizes[..n].iter().sum();
+        self.counters
+            .largest_read
+            .fetch_max(bytes, Ordering::Relaxed);
         Ok(self
             .bufs
             .iter()

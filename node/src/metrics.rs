@@ -63,6 +63,8 @@ pub struct Snapshot {
     pub derp_reconnects: u64,
     /// Each DERP link (region) and whether it is connected.
     pub derp_links: Vec<(u32, bool)>,
+    /// The data path's TUN figures.
+    pub data: crate::datapath::DataStats,
 }
 
 /// Turns the core's counters into snapshots, counting handshakes from the movement of each
@@ -96,6 +98,7 @@ impl Sampler {
         dns: DnsStats,
         derp_reconnects: u64,
         derp_links: Vec<(u32, bool)>,
+        data: crate::datapath::DataStats,
         now: Instant,
     ) {
         let mut seen = BTreeMap::new();
@@ -135,6 +138,7 @@ impl Sampler {
             dns,
             derp_reconnects,
             derp_links,
+            data,
         }));
     }
 }
@@ -213,6 +217,21 @@ pub fn render(s: &Snapshot) -> String {
                 0.0
             });
         }
+        describe_gauge!(
+            "warren_node_tun_offload",
+            "1 when the TUN device has offload (TSO segments in, GRO-coalesced writes out)."
+        );
+        gauge!("warren_node_tun_offload").set(if s.data.offload { 1.0 } else { 0.0 });
+        describe_gauge!(
+            "warren_node_tun_largest_read_bytes",
+            "Most bytes of IP packets one TUN read returned (a whole TSO segment with offload)."
+        );
+        gauge!("warren_node_tun_largest_read_bytes").set(s.data.largest_read as f64);
+        describe_gauge!(
+            "warren_node_tun_largest_write_bytes",
+            "Most bytes one TUN write carried (a GRO-coalesced packet with offload)."
+        );
+        gauge!("warren_node_tun_largest_write_bytes").set(s.data.largest_write as f64);
         describe_counter!(
             "warren_node_dns_queries_total",
             "MagicDNS queries by outcome: answered locally, forwarded upstream, SERVFAIL \
@@ -275,6 +294,7 @@ mod tests {
                 DnsStats::default(),
                 0,
                 Vec::new(),
+                Default::default(),
                 now,
             );
             rx.borrow().peers[0].handshakes
@@ -307,6 +327,11 @@ mod tests {
             dns,
             5,
             vec![(900, true)],
+            crate::datapath::DataStats {
+                offload: true,
+                largest_read: 65_160,
+                largest_write: 64_000,
+            },
             now,
         );
         let text = render(&rx.borrow());
@@ -330,6 +355,9 @@ mod tests {
             ),
             ("warren_node_dns_queries_total{result=\"forwarded\"}", 2.0),
             ("warren_node_dns_queries_total{result=\"servfail\"}", 1.0),
+            ("warren_node_tun_offload", 1.0),
+            ("warren_node_tun_largest_read_bytes", 65_160.0),
+            ("warren_node_tun_largest_write_bytes", 64_000.0),
         ];
         for (series, value) in expect {
             assert_eq!(m.get(series), Some(&value), "{series} in {text}");
@@ -362,6 +390,7 @@ mod tests {
             DnsStats::default(),
             0,
             vec![(1, true)],
+            Default::default(),
             Instant::now(),
         );
         let rendered: std::collections::BTreeSet<(String, String)> = render(&rx.borrow())

@@ -46,8 +46,8 @@ fn allocations() -> u64 {
 
 /// A UDP packet of `payload` bytes from 100.64.0.`src`:`sport` to 100.64.0.`dst`:`dport`.
 fn udp_packet(src: u8, dst: u8, sport: u16, dport: u16, payload: usize) -> Vec<u8> {
-    let builder = etherparse::PacketBuilder::ipv4([100, 64, 0, src], [100, 64, 0, dst], 64)
-        .udp(sport, dport);
+    let builder =
+        etherparse::PacketBuilder::ipv4([100, 64, 0, src], [100, 64, 0, dst], 64).udp(sport, dport);
     let body = vec![0x5a; payload];
     let mut out = Vec::with_capacity(builder.size(payload));
     builder.write(&mut out, &body).expect("packet");
@@ -70,6 +70,7 @@ fn peer(key: &NodeSecretKey, disco: &DiscoSecretKey, host: u8, at: SocketAddr) -
 
 #[test]
 fn settled_data_path_allocates_nothing_per_packet() {
+    #[allow(clippy::disallowed_methods)] // the start of the test's own clock
     let t0 = Instant::now();
     let (ka, kb) = (
         NodeSecretKey::from_bytes([1; 32]),
@@ -115,8 +116,14 @@ fn settled_data_path_allocates_nothing_per_packet() {
         }
         while a.poll_tun().is_some() || b.poll_tun().is_some() {}
     }
-    assert_eq!(a.path(&kb.public_key(), now), Some(PathKind::Direct(b_addr)));
-    assert_eq!(b.path(&ka.public_key(), now), Some(PathKind::Direct(a_addr)));
+    assert_eq!(
+        a.path(&kb.public_key(), now),
+        Some(PathKind::Direct(b_addr))
+    );
+    assert_eq!(
+        b.path(&ka.public_key(), now),
+        Some(PathKind::Direct(a_addr))
+    );
 
     let mut wire = vec![0u8; 2_048];
     let mut plain = vec![0u8; 2_048];
@@ -131,7 +138,10 @@ fn settled_data_path_allocates_nothing_per_packet() {
             .expect("encapsulate")
             .unwrap_or_else(|| {
                 let q: Vec<_> = std::iter::from_fn(|| from.poll_transmit()).collect();
-                panic!("queued instead: {q:?} path {:?}", from.path_status(&to.public_key(), now))
+                panic!(
+                    "queued instead: {q:?} path {:?}",
+                    from.path_status(&to.public_key(), now)
+                )
             });
         assert_eq!(
             d,
