@@ -324,20 +324,70 @@ impl UdpTx {
     }
 }
 
+/// One packet's buffer in a [`TunBatch`]: allocated (and zeroed) once at full size, with the
+/// packet's length kept apart, so taking it for the next packet writes nothing (a `Vec`
+/// would zero the bytes it grows by, every packet).
+#[derive(Debug)]
+struct Slot {
+    buf: Box<[u8]>,
+    len: usize,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; TUN_OFFSET + MAX_DATAGRAM].into_boxed_slice(),
+            len: 0,
+        }
+    }
+}
+
+impl AsRef<[u8]> for Slot {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl AsMut<[u8]> for Slot {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
+/// GRO grows the first packet of a run by the payloads of the next ones, within the slot.
+impl tun_rs::ExpandBuffer for Slot {
+    fn buf_capacity(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn buf_resize(&mut self, new_len: usize, value: u8) {
+        let new_len = new_len.min(self.buf.len());
+        if new_len > self.len {
+            self.buf[self.len..new_len].fill(value);
+        }
+        self.len = new_len;
+    }
+
+    fn buf_extend_from_slice(&mut self, src: &[u8]) {
+        let end = (self.len + src.len()).min(self.buf.len());
+        let n = end - self.len;
+        self.buf[self.len..end].copy_from_slice(&src[..n]);
+        self.len = end;
+    }
+}
+
 /// Packets for the TUN device, each behind [`TUN_OFFSET`] bytes of room for its virtio-net
 /// header; only `bufs[..count]` are in use.
 #[derive(Debug)]
 struct TunBatch {
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<Slot>,
     count: usize,
 }
 
 impl TunBatch {
     fn new() -> Self {
         Self {
-            bufs: (0..TUN_BATCH)
-                .map(|_| Vec::with_capacity(TUN_OFFSET + MAX_DATAGRAM))
-                .collect(),
+            bufs: (0..TUN_BATCH).map(|_| Slot::new()).collect(),
             count: 0,
         }
     }
@@ -362,7 +412,7 @@ impl TunTx {
                 tracing::debug!(error = %e, "TUN write");
             }
             // GRO grew the first packet of each coalesced run in place.
-            let largest = bufs.iter().map(|p| p.len() - TUN_OFFSET).max().unwrap_or(0);
+            let largest = bufs.iter().map(|p| p.len - TUN_OFFSET).max().unwrap_or(0);
             counters.largest_write.fetch_max(largest, Ordering::Relaxed);
             b.count = 0;
         })?;
@@ -374,14 +424,15 @@ impl TunTx {
 
     /// A buffer of `room` bytes for the next packet; [`Self::commit`] keeps it.
     pub fn slot(&mut self, room: usize) -> &mut [u8] {
-        let buf = &mut self.cur.bufs[self.cur.count];
-        buf.resize(TUN_OFFSET + room, 0);
-        &mut buf[TUN_OFFSET..]
+        let slot = &mut self.cur.bufs[self.cur.count];
+        slot.len = (TUN_OFFSET + room).min(slot.buf.len());
+        &mut slot.buf[TUN_OFFSET..slot.len]
     }
 
     /// Keeps the first `len` bytes of the last [`Self::slot`] as a packet.
     pub fn commit(&mut self, len: usize) {
-        self.cur.bufs[self.cur.count].truncate(TUN_OFFSET + len);
+        let slot = &mut self.cur.bufs[self.cur.count];
+        slot.len = slot.len.min(TUN_OFFSET + len);
         self.cur.count += 1;
         if self.cur.count == TUN_BATCH {
             self.flush();
@@ -445,5 +496,58 @@ impl TunRx {
             .zip(&self.sizes)
             .take(n)
             .map(|(b, &len)| &b[..len]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tun_rs::ExpandBuffer;
+
+    #[test]
+    fn slot_grows_and_shrinks_within_its_buffer_without_clearing_it() {
+        let mut s = Slot::new();
+        s.buf_resize(4, 7);
+        assert_eq!(s.as_ref(), &[7, 7, 7, 7]);
+        s.buf_extend_from_slice(&[1, 2]);
+        assert_eq!(s.as_ref(), &[7, 7, 7, 7, 1, 2]);
+        s.buf_resize(2, 0);
+        assert_eq!(s.as_ref(), &[7, 7]);
+        // Taken again for a longer packet, the old bytes are there to be overwritten.
+        s.len = 5;
+        assert_eq!(s.as_ref(), &[7, 7, 7, 7, 1]);
+        assert_eq!(s.buf_capacity(), TUN_OFFSET + MAX_DATAGRAM);
+        s.len = s.buf_capacity() - 1;
+        s.buf_extend_from_slice(&[9, 9, 9]);
+        assert_eq!(s.len, s.buf_capacity(), "never past the buffer");
+    }
+
+    #[test]
+    fn udp_batch_takes_equal_sizes_for_one_destination_and_a_shorter_last() {
+        let a: SocketAddr = "192.0.2.1:1".parse().expect("addr");
+        let b: SocketAddr = "192.0.2.2:1".parse().expect("addr");
+        let mut batch = UdpBatch::new();
+        assert!(batch.fits(a, 100, 64));
+        batch.commit(a, 100);
+        assert!(batch.fits(a, 100, 64));
+        assert!(!batch.fits(b, 100, 64), "another destination");
+        assert!(!batch.fits(a, 101, 64), "a longer datagram");
+        assert!(!batch.fits(a, 100, 1), "at most max datagrams");
+        batch.commit(a, 100);
+        batch.commit(a, 40);
+        assert!(!batch.fits(a, 40, 64), "nothing after a shorter one");
+        assert_eq!((batch.len, batch.segment, batch.count), (240, 100, 3));
+        batch.clear();
+        assert!(batch.is_empty() && batch.fits(b, 1312, 64));
+        let mut n = 0;
+        while batch.fits(a, 1312, 64) {
+            batch.commit(a, 1312);
+            n += 1;
+        }
+        assert_eq!(
+            n,
+            MAX_BATCH_BYTES / 1312,
+            "a batch stays under the 64 KiB UDP limit"
+        );
     }
 }
