@@ -488,6 +488,11 @@ struct DataPath {
 /// Most packets taken from one source per wakeup.
 const BURST: usize = 64;
 
+/// Most bytes taken from the TUN device per wakeup: with offload one read is up to a 64 KB
+/// segment, and what one wakeup encrypts for DERP must fit the link's queue (512 packets)
+/// before its writer task gets to run.
+const TUN_BURST_BYTES: usize = 256 << 10;
+
 /// How often the node looks at its interfaces for new LAN endpoints.
 const LAN_RECHECK: Duration = Duration::from_secs(20);
 
@@ -571,7 +576,11 @@ impl Daemon {
             tokio::select! {
                 r = tun.readable() => {
                     r.context("reading the TUN device")?;
-                    self.on_tun_ready(tun, data)?;
+                    if self.on_tun_ready(tun, data)? {
+                        // Let the DERP links' writers drain what this burst queued before
+                        // the next burst (the runtime has one thread).
+                        tokio::task::yield_now().await;
+                    }
                 }
                 r = udp.readable() => match r {
                     Ok(()) => self.on_udp_ready(udp, data, &mut udp_bufs, &mut udp_meta),
@@ -623,15 +632,21 @@ impl Daemon {
     }
 
     /// Takes what the TUN device has ready (a burst of reads, each up to a 64 KB segment
-    /// with offload) and encrypts it into the outbound batches.
+    /// with offload) and encrypts it into the outbound batches. True when some of it went to
+    /// a DERP link.
     fn on_tun_ready(
         &mut self,
         tun: &tun_rs::AsyncDevice,
         data: &mut DataPath,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let now = Instant::now();
         let Self { node, derp, .. } = self;
+        let mut bytes = 0;
+        let mut relayed = false;
         for _ in 0..BURST {
+            if bytes >= TUN_BURST_BYTES {
+                break;
+            }
             let packets = match data.tun_rx.try_read(tun) {
                 Ok(p) => p,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -647,12 +662,14 @@ impl Daemon {
                 Err(e) => return Err(e).context("reading the TUN device"),
             };
             for packet in packets {
-                if let Err(e) = data.udp_tx.encrypt(node, derp, packet, now) {
-                    tracing::trace!(error = %e, "dropped outbound packet");
+                bytes += packet.len();
+                match data.udp_tx.encrypt(node, derp, packet, now) {
+                    Ok(via_derp) => relayed |= via_derp,
+                    Err(e) => tracing::trace!(error = %e, "dropped outbound packet"),
                 }
             }
         }
-        Ok(())
+        Ok(relayed)
     }
 
     /// Takes every datagram the socket has ready (a few batches at most), GRO runs split.

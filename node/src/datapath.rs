@@ -253,14 +253,15 @@ impl UdpTx {
     }
 
     /// Encrypts `packet` (from the TUN device) into the batch; a datagram for DERP goes to
-    /// its link, and what the core queued instead waits for [`Node::poll_transmit`].
+    /// its link (then the result is true), and what the core queued instead waits for
+    /// [`Node::poll_transmit`].
     pub fn encrypt(
         &mut self,
         node: &mut Node,
         derp: &mut DerpLinks,
         packet: &[u8],
         now: Instant,
-    ) -> Result<(), NodeError> {
+    ) -> Result<bool, NodeError> {
         let start = self.cur.len;
         let end = start + encapsulated_len(packet.len());
         let Some(tail) = self.cur.buf.get_mut(start..end) else {
@@ -289,9 +290,12 @@ impl UdpTx {
             Some(Datagram {
                 dst: Dest::Derp { region, peer },
                 len,
-            }) => derp.send(region, peer, self.cur.buf[start..start + len].to_vec()),
+            }) => {
+                derp.send(region, peer, self.cur.buf[start..start + len].to_vec());
+                return Ok(true);
+            }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Adds a datagram the core queued (handshakes, disco, a path being tried).
