@@ -29,9 +29,25 @@ pub struct Run {
     pub gbit: f64,
     /// TCP retransmits the sender counted.
     pub retransmits: u64,
+    /// Tunnel packets received (TCP: bytes over the MSS the tunnel MTU allows).
+    pub packets: u64,
+    /// CPU-seconds of the sending end's tunnel process.
+    pub tx_cpu_s: f64,
+    /// CPU-seconds of the receiving end's tunnel process.
+    pub rx_cpu_s: f64,
 }
 
 impl Run {
+    /// Nanoseconds of the sending end's CPU per packet; `None` without CPU (raw).
+    pub fn tx_ns_per_packet(&self) -> Option<f64> {
+        (self.tx_cpu_s > 0.0 && self.packets > 0).then(|| self.tx_cpu_s * 1e9 / self.packets as f64)
+    }
+
+    /// Nanoseconds of the receiving end's CPU per packet.
+    pub fn rx_ns_per_packet(&self) -> Option<f64> {
+        (self.rx_cpu_s > 0.0 && self.packets > 0).then(|| self.rx_cpu_s * 1e9 / self.packets as f64)
+    }
+
     /// Gbit carried per CPU-second of the tunnel's processes; `None` without CPU (raw).
     pub fn gbit_per_cpu_s(&self) -> Option<f64> {
         (self.cpu_s > 0.0).then(|| self.gbit / self.cpu_s)
@@ -39,7 +55,7 @@ impl Run {
 }
 
 /// Parses the script's tab-separated lines: round, tunnel, test, Gbit/s, packets/s,
-/// CPU-seconds, Gbit, retransmits.
+/// CPU-seconds, Gbit, retransmits, packets, sender CPU-seconds, receiver CPU-seconds.
 pub fn parse(text: &str) -> anyhow::Result<Vec<Run>> {
     let mut runs = Vec::new();
     for (i, line) in text
@@ -48,8 +64,21 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<Run>> {
         .filter(|(_, l)| !l.trim().is_empty())
     {
         let f: Vec<&str> = line.split('\t').collect();
-        let [round, tunnel, test, gbps, pps, cpu_s, gbit, retransmits] = f[..] else {
-            bail!("line {}: {} fields, want 8: {line:?}", i + 1, f.len());
+        let [
+            round,
+            tunnel,
+            test,
+            gbps,
+            pps,
+            cpu_s,
+            gbit,
+            retransmits,
+            packets,
+            tx_cpu_s,
+            rx_cpu_s,
+        ] = f[..]
+        else {
+            bail!("line {}: {} fields, want 11: {line:?}", i + 1, f.len());
         };
         let num = |s: &str, what: &str| -> anyhow::Result<f64> {
             s.parse::<f64>()
@@ -72,6 +101,11 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<Run>> {
                     .parse()
                     .with_context(|| format!("line {}: retransmits {retransmits:?}", i + 1))?
             },
+            packets: packets
+                .parse()
+                .with_context(|| format!("line {}: packets {packets:?}", i + 1))?,
+            tx_cpu_s: num(tx_cpu_s, "sender CPU-seconds")?,
+            rx_cpu_s: num(rx_cpu_s, "receiver CPU-seconds")?,
         });
     }
     Ok(runs)
@@ -96,6 +130,10 @@ pub struct Summary {
     pub pps: f64,
     /// Median retransmits per run.
     pub retransmits: f64,
+    /// Median nanoseconds of the sending end's CPU per packet.
+    pub tx_ns_per_packet: Option<f64>,
+    /// Median nanoseconds of the receiving end's CPU per packet.
+    pub rx_ns_per_packet: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -144,6 +182,7 @@ pub fn summarize(runs: &[Run]) -> Vec<Summary> {
                 continue;
             };
             let gbps = median(g.iter().map(|r| r.gbps).collect());
+            let med = |v: Vec<f64>| (!v.is_empty()).then(|| median(v));
             let per_cpu: Vec<f64> = g.iter().filter_map(|r| r.gbit_per_cpu_s()).collect();
             out.push(Summary {
                 tunnel: tunnel.clone(),
@@ -153,7 +192,9 @@ pub fn summarize(runs: &[Run]) -> Vec<Summary> {
                 of_raw: raw
                     .filter(|r| *r > 0.0 && tunnel != "raw")
                     .map(|r| gbps / r),
-                gbit_per_cpu_s: (!per_cpu.is_empty()).then(|| median(per_cpu)),
+                gbit_per_cpu_s: med(per_cpu),
+                tx_ns_per_packet: med(g.iter().filter_map(|r| r.tx_ns_per_packet()).collect()),
+                rx_ns_per_packet: med(g.iter().filter_map(|r| r.rx_ns_per_packet()).collect()),
                 pps: median(g.iter().map(|r| r.pps).collect()),
                 retransmits: median(g.iter().map(|r| r.retransmits as f64).collect()),
             });
@@ -167,8 +208,17 @@ pub fn table(summaries: &[Summary]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<14} {:<5} {:>6} {:>9} {:>8} {:>11} {:>12} {:>12}",
-        "tunnel", "test", "rounds", "Gbit/s", "of raw", "Gbit/CPU-s", "packets/s", "retransmits"
+        "{:<14} {:<5} {:>6} {:>9} {:>8} {:>11} {:>12} {:>12} {:>10} {:>10}",
+        "tunnel",
+        "test",
+        "rounds",
+        "Gbit/s",
+        "of raw",
+        "Gbit/CPU-s",
+        "packets/s",
+        "retransmits",
+        "tx ns/pkt",
+        "rx ns/pkt"
     );
     for x in summaries {
         let of_raw = x
@@ -187,10 +237,20 @@ pub fn table(summaries: &[Summary]) -> String {
         } else {
             format!("{:.0}", x.retransmits)
         };
+        let ns = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
         let _ = writeln!(
             s,
-            "{:<14} {:<5} {:>6} {:>9.3} {:>8} {:>11} {:>12} {:>12}",
-            x.tunnel, x.test, x.rounds, x.gbps, of_raw, per_cpu, pps, retr
+            "{:<14} {:<5} {:>6} {:>9.3} {:>8} {:>11} {:>12} {:>12} {:>10} {:>10}",
+            x.tunnel,
+            x.test,
+            x.rounds,
+            x.gbps,
+            of_raw,
+            per_cpu,
+            pps,
+            retr,
+            ns(x.tx_ns_per_packet),
+            ns(x.rx_ns_per_packet)
         );
     }
     s
@@ -199,13 +259,14 @@ pub fn table(summaries: &[Summary]) -> String {
 /// Every run and then every median, as CSV (one header; `kind` tells them apart).
 pub fn csv(runs: &[Run], summaries: &[Summary]) -> String {
     let mut s = String::from(
-        "kind,round,tunnel,test,gbit_per_s,of_raw,gbit_per_cpu_s,packets_per_s,cpu_s,retransmits\n",
+        "kind,round,tunnel,test,gbit_per_s,of_raw,gbit_per_cpu_s,packets_per_s,cpu_s,retransmits,\
+         tx_ns_per_packet,rx_ns_per_packet\n",
     );
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
     for r in runs {
         let _ = writeln!(
             s,
-            "run,{},{},{},{:.4},,{},{:.0},{:.2},{}",
+            "run,{},{},{},{:.4},,{},{:.0},{:.2},{},{},{}",
             r.round,
             r.tunnel,
             r.test,
@@ -213,20 +274,24 @@ pub fn csv(runs: &[Run], summaries: &[Summary]) -> String {
             opt(r.gbit_per_cpu_s()),
             r.pps,
             r.cpu_s,
-            r.retransmits
+            r.retransmits,
+            opt(r.tx_ns_per_packet()),
+            opt(r.rx_ns_per_packet())
         );
     }
     for x in summaries {
         let _ = writeln!(
             s,
-            "median,,{},{},{:.4},{},{},{:.0},,{:.0}",
+            "median,,{},{},{:.4},{},{},{:.0},,{:.0},{},{}",
             x.tunnel,
             x.test,
             x.gbps,
             opt(x.of_raw),
             opt(x.gbit_per_cpu_s),
             x.pps,
-            x.retransmits
+            x.retransmits,
+            opt(x.tx_ns_per_packet),
+            opt(x.rx_ns_per_packet)
         );
     }
     s
@@ -266,6 +331,7 @@ pub fn chart(runs: &[Run], path: &Path) -> anyhow::Result<()> {
             .x_desc("round")
             .y_desc("Gbit/s")
             .x_labels(rounds as usize)
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         for (i, tunnel) in tunnels.iter().enumerate() {
@@ -303,13 +369,13 @@ pub fn chart(runs: &[Run], path: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    const SAMPLE: &str = "1\traw\ttcp\t10.0\t0\t0\t100\t5\n\
-        1\twarren\ttcp\t4.0\t0\t8.0\t40\t0\n\
-        2\traw\ttcp\t12.0\t0\t0\t120\t7\n\
-        2\twarren\ttcp\t5.0\t0\t10.0\t50\t2\n\
-        3\traw\ttcp\t11.0\t0\t0\t110\t\n\
-        3\twarren\ttcp\t6.0\t0\t10.0\t60\t1\n\
-        1\twarren\tudp\t2.0\t190000\t5.0\t20\t\n";
+    const SAMPLE: &str = "1\traw\ttcp\t10.0\t0\t0\t100\t5\t1000\t0\t0\n\
+        1\twarren\ttcp\t4.0\t0\t8.0\t40\t0\t1000000\t4.0\t4.0\n\
+        2\traw\ttcp\t12.0\t0\t0\t120\t7\t1000\t0\t0\n\
+        2\twarren\ttcp\t5.0\t0\t10.0\t50\t2\t1000000\t3.0\t6.0\n\
+        3\traw\ttcp\t11.0\t0\t0\t110\t\t1000\t0\t0\n\
+        3\twarren\ttcp\t6.0\t0\t10.0\t60\t1\t2000000\t5.0\t5.0\n\
+        1\twarren\tudp\t2.0\t190000\t5.0\t20\t\t950000\t2.5\t2.5\n";
 
     #[test]
     fn medians_and_ratios_to_raw_in_the_same_test() {
@@ -325,6 +391,9 @@ mod tests {
         assert_eq!(w.of_raw, Some(5.0 / 11.0));
         assert_eq!(w.gbit_per_cpu_s, Some(5.0));
         assert_eq!(w.retransmits, 1.0);
+        // Per packet: 4000, 3000 and 2500 ns sending; 4000, 6000 and 2500 receiving.
+        assert_eq!(w.tx_ns_per_packet, Some(3000.0));
+        assert_eq!(w.rx_ns_per_packet, Some(4000.0));
         let raw = s.iter().find(|x| x.tunnel == "raw").expect("raw");
         assert_eq!((raw.of_raw, raw.gbit_per_cpu_s), (None, None));
         let udp = s.iter().find(|x| x.test == "udp").expect("udp");
@@ -334,20 +403,20 @@ mod tests {
         let c = csv(&runs, &s);
         assert_eq!(c.lines().count(), 1 + 7 + s.len());
         assert!(
-            c.contains("median,,warren,tcp,5.0000,0.4545,5.0000,0,,1"),
+            c.contains("median,,warren,tcp,5.0000,0.4545,5.0000,0,,1,3000.0000,4000.0000"),
             "{c}"
         );
     }
 
     #[test]
     fn a_bad_line_is_named() {
-        let e = parse("1\traw\ttcp\tfast\t0\t0\t1\t0\n").expect_err("bad number");
+        let e = parse("1\traw\ttcp\tfast\t0\t0\t1\t0\t1\t0\t0\n").expect_err("bad number");
         assert_eq!(
             format!("{e:#}"),
             "line 1: Gbit/s \"fast\": invalid float literal"
         );
         let e = parse("1\traw\n").expect_err("short line");
-        assert_eq!(e.to_string(), "line 1: 2 fields, want 8: \"1\\traw\"");
+        assert_eq!(e.to_string(), "line 1: 2 fields, want 11: \"1\\traw\"");
     }
 
     #[test]
