@@ -411,11 +411,15 @@ fn tun_offload_moves_64k_tcp_segments_intact_both_ways() {
 }
 
 #[test]
-fn without_tun_offload_a_node_reads_and_writes_single_packets_and_interoperates() {
+fn without_tun_offload_or_threads_a_node_moves_single_packets_and_interoperates() {
     warren_netns_tests::lab_test("tun-no-offload", LABTOOL, |lab, bins| {
         // The first node runs as on a kernel without TUN offload (the same fallback a refused
-        // TUNSETOFFLOAD takes); the second has it.
-        let mesh = two_nodes_with(lab, bins, [&["--tun-offload=false"], &[]])?;
+        // TUNSETOFFLOAD takes), with its whole data path on one thread; the second has both.
+        let mesh = two_nodes_with(
+            lab,
+            bins,
+            [&["--tun-offload=false", "--data-threads=false"], &[]],
+        )?;
         transfer_intact(&mesh, lab, 0, 1, 8_000_000)?;
         transfer_intact(&mesh, lab, 1, 0, 8_000_000)?;
         let plain = scrape_until(lab, &mesh.nodes[0], "TUN figures sampled", |m| {

@@ -23,7 +23,7 @@ use crate::api::{
     self, ApiRequest, ApiResponse, NetcheckReport, PeerStatus, Prefs, SelfStatus, Status,
 };
 use crate::control::{self, Advert, Client, MapEvent};
-use crate::datapath::{Counters, TunRx, TunTx, UdpTx};
+use crate::datapath::{Counters, Threads, TunRx, TunTx, UdpTx};
 use crate::derp::{DerpLinks, DerpReceived};
 use crate::endpoints;
 use crate::os_net::{OsNet, RouterConfig};
@@ -62,6 +62,8 @@ pub struct UpOptions {
     /// Ask the kernel for TUN offload (64 KB TSO segments in, GRO batches out); without it, or
     /// where the kernel refuses, one packet per read and write.
     pub tun_offload: bool,
+    /// UDP sends and TUN writes on their own threads beside the event loop.
+    pub data_threads: bool,
 }
 
 /// 0.0.0.0/0 and ::/0.
@@ -271,7 +273,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         .run(
             Arc::new(tun),
             Arc::new(udp),
-            opts.mtu,
+            (opts.mtu, opts.data_threads),
             map_rx,
             api_rx,
             derp_rx,
@@ -501,15 +503,20 @@ impl Daemon {
         &mut self,
         tun: Arc<tun_rs::AsyncDevice>,
         udp: Arc<BatchSocket>,
-        mtu: u16,
+        (mtu, data_threads): (u16, bool),
         map_rx: mpsc::Receiver<MapEvent>,
         api_rx: mpsc::Receiver<ApiCall>,
         derp_rx: mpsc::Receiver<DerpReceived>,
     ) -> anyhow::Result<Option<oneshot::Sender<ApiResponse>>> {
         let counters = Counters::new(tun.tcp_gso());
+        let threads = if data_threads {
+            Threads::On
+        } else {
+            Threads::Off
+        };
         let mut data = DataPath {
-            udp_tx: UdpTx::start(udp.clone()).context("starting the UDP sender thread")?,
-            tun_tx: TunTx::start(tun.clone(), counters.clone())
+            udp_tx: UdpTx::start(udp.clone(), threads).context("starting the UDP sender thread")?,
+            tun_tx: TunTx::start(tun.clone(), counters.clone(), threads)
                 .context("starting the TUN writer thread")?,
             tun_rx: TunRx::new(mtu, counters.clone()),
             counters,

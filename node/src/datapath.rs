@@ -78,17 +78,53 @@ impl Counters {
     }
 }
 
-/// A pool of reusable batches going to a worker thread and coming back empty.
-#[derive(Debug)]
-struct Pool<B> {
-    to_worker: Option<SyncSender<B>>,
-    back: Receiver<B>,
-    made: usize,
-    worker: Option<JoinHandle<()>>,
+/// A pool of reusable batches and where they are written: by a worker thread (handed over
+/// full, coming back empty) or, with [`Threads::Off`], by the event loop itself at once.
+enum Pool<B> {
+    Thread {
+        to_worker: Option<SyncSender<B>>,
+        back: Receiver<B>,
+        made: usize,
+        worker: Option<JoinHandle<()>>,
+    },
+    Inline {
+        work: Box<dyn FnMut(&mut B) + Send>,
+        spare: Option<B>,
+    },
+}
+
+impl<B> std::fmt::Debug for Pool<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let threaded = matches!(self, Self::Thread { .. });
+        f.debug_struct("Pool")
+            .field("threaded", &threaded)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the data path writes on worker threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// UDP sends and TUN writes on their own threads, beside the event loop: a node uses a
+    /// second core when it has one.
+    On,
+    /// Everything on the event loop's thread: no handoffs, which is cheaper where one core
+    /// is all the node gets.
+    Off,
 }
 
 impl<B: Send + 'static> Pool<B> {
-    fn start(name: &str, work: impl FnMut(&mut B) + Send + 'static) -> io::Result<Self> {
+    fn start(
+        name: &str,
+        threads: Threads,
+        work: impl FnMut(&mut B) + Send + 'static,
+    ) -> io::Result<Self> {
+        if threads == Threads::Off {
+            return Ok(Self::Inline {
+                work: Box::new(work),
+                spare: None,
+            });
+        }
         let (to_worker, rx) = sync_channel::<B>(POOL);
         let (back_tx, back) = sync_channel::<B>(POOL);
         let mut work = work;
@@ -102,7 +138,7 @@ impl<B: Send + 'static> Pool<B> {
                     }
                 }
             })?;
-        Ok(Self {
+        Ok(Self::Thread {
             to_worker: Some(to_worker),
             back,
             made: 0,
@@ -113,14 +149,18 @@ impl<B: Send + 'static> Pool<B> {
     /// An empty batch: a returned one, a new one while fewer than [`POOL`] exist, or else
     /// the next to come back (the worker is behind: this is the backpressure).
     fn take(&mut self, make: impl FnOnce() -> B) -> B {
-        if let Ok(b) = self.back.try_recv() {
+        let (back, made) = match self {
+            Self::Inline { spare, .. } => return spare.take().unwrap_or_else(make),
+            Self::Thread { back, made, .. } => (back, made),
+        };
+        if let Ok(b) = back.try_recv() {
             return b;
         }
-        if self.made < POOL {
-            self.made += 1;
+        if *made < POOL {
+            *made += 1;
             return make();
         }
-        match self.back.recv_timeout(RETURN_WAIT) {
+        match back.recv_timeout(RETURN_WAIT) {
             Ok(b) => b,
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                 // A worker stuck in a syscall this long is broken; keep the node running
@@ -131,30 +171,48 @@ impl<B: Send + 'static> Pool<B> {
         }
     }
 
-    fn give(&mut self, batch: B) {
-        if let Some(tx) = &self.to_worker
-            && tx.send(batch).is_err()
-        {
-            tracing::warn!("data path worker ended; batch dropped");
+    fn give(&mut self, mut batch: B) {
+        match self {
+            Self::Inline { work, spare } => {
+                work(&mut batch);
+                *spare = Some(batch);
+            }
+            Self::Thread { to_worker, .. } => {
+                if let Some(tx) = to_worker
+                    && tx.send(batch).is_err()
+                {
+                    tracing::warn!("data path worker ended; batch dropped");
+                }
+            }
         }
     }
 
     /// Stops the worker after the batches it has.
     fn stop(&mut self) {
-        self.to_worker = None;
-        if let Some(w) = self.worker.take()
-            && w.join().is_err()
+        if let Self::Thread {
+            to_worker, worker, ..
+        } = self
         {
-            tracing::error!("data path worker panicked");
+            *to_worker = None;
+            if let Some(w) = worker.take()
+                && w.join().is_err()
+            {
+                tracing::error!("data path worker panicked");
+            }
         }
     }
 }
 
 impl<B> Drop for Pool<B> {
     fn drop(&mut self) {
-        self.to_worker = None;
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
+        if let Self::Thread {
+            to_worker, worker, ..
+        } = self
+        {
+            *to_worker = None;
+            if let Some(w) = worker.take() {
+                let _ = w.join();
+            }
         }
     }
 }
@@ -233,10 +291,10 @@ pub struct UdpTx {
 }
 
 impl UdpTx {
-    /// Starts the sending thread on `socket`.
-    pub fn start(socket: Arc<BatchSocket>) -> io::Result<Self> {
+    /// Starts the sending thread on `socket` (with [`Threads::Off`], sends on the caller's).
+    pub fn start(socket: Arc<BatchSocket>, threads: Threads) -> io::Result<Self> {
         let max_segments = socket.max_segments();
-        let pool = Pool::start("warren-udp-tx", move |b: &mut UdpBatch| {
+        let pool = Pool::start("warren-udp-tx", threads, move |b: &mut UdpBatch| {
             if let Some(dst) = b.dst
                 && let Err(e) = socket.send_blocking(dst, &b.buf[..b.len], b.segment)
             {
@@ -405,11 +463,15 @@ pub struct TunTx {
 }
 
 impl TunTx {
-    /// Starts the writing thread on `tun`. With offload on, each batch is coalesced (GRO)
-    /// into as few writes as its flows allow.
-    pub fn start(tun: Arc<AsyncDevice>, counters: Arc<Counters>) -> io::Result<Self> {
+    /// Starts the writing thread on `tun` (with [`Threads::Off`], writes on the caller's).
+    /// With offload on, each batch is coalesced (GRO) into as few writes as its flows allow.
+    pub fn start(
+        tun: Arc<AsyncDevice>,
+        counters: Arc<Counters>,
+        threads: Threads,
+    ) -> io::Result<Self> {
         let mut gro = GROTable::new();
-        let pool = Pool::start("warren-tun-tx", move |b: &mut TunBatch| {
+        let pool = Pool::start("warren-tun-tx", threads, move |b: &mut TunBatch| {
             let device: &tun_rs::DeviceImpl = &tun;
             let bufs = &mut b.bufs[..b.count];
             if let Err(e) = device.send_multiple(&mut gro, bufs, TUN_OFFSET) {

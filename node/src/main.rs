@@ -97,6 +97,10 @@ enum Command {
         /// (`=false` for one packet per read and write; kernels without it fall back anyway).
         #[arg(long, env = "WARREN_TUN_OFFLOAD", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
         tun_offload: bool,
+        /// UDP sends and TUN writes on two threads beside the event loop, so a node uses a
+        /// second core (`=false`: all on one thread, cheaper where the node gets one core).
+        #[arg(long, env = "WARREN_DATA_THREADS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+        data_threads: bool,
     },
     /// Change preferences of the running node.
     Set {
@@ -208,6 +212,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_listen,
             mtu,
             tun_offload,
+            data_threads,
         } => {
             let opts = daemon::UpOptions {
                 control,
@@ -227,6 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics_listen,
                 mtu,
                 tun_offload,
+                data_threads,
             };
             daemon::up(opts).await
         }
