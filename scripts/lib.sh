@@ -29,6 +29,19 @@ ensure_root() {
     die "this script needs root (network namespaces, TUN devices) and sudo is not installed; run it as root"
 }
 
+# netns_add NS: a network namespace with its own /etc/resolv.conf (/etc/netns/NS/resolv.conf,
+# which `ip netns exec` mounts over the host's): a node inside that points "the" resolver at
+# MagicDNS rewrites that copy, never the host's file. netns_del removes both.
+netns_add() {
+    mkdir -p "/etc/netns/$1"
+    cat /etc/resolv.conf >"/etc/netns/$1/resolv.conf" 2>/dev/null || : >"/etc/netns/$1/resolv.conf"
+    ip netns add "$1"
+}
+netns_del() {
+    ip netns del "$1" 2>/dev/null
+    rm -rf "/etc/netns/$1"
+}
+
 # Installs the packages of missing commands with apt-get (one `apt-get update` at most): what
 # the node, the demo and the lab need. Usage: ensure_tools [command:package ...] for more.
 ensure_tools() {

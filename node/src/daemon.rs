@@ -194,7 +194,9 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     tracing::info!(tun = %opts.tun, port, "data plane up");
 
     let (map_tx, map_rx) = mpsc::channel(1024);
-    let lan = endpoints::local(port);
+    // A LAN candidate must carry a full tunnel datagram (the TUN's MTU plus outer headers).
+    let min_path_mtu = u32::from(opts.mtu) + u32::from(OUTER_OVERHEAD);
+    let lan = endpoints::local(port, min_path_mtu);
     let mut routes = opts.advertise_routes.clone();
     if opts.advertise_exit_node {
         routes.extend(default_routes());
@@ -266,6 +268,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
         resolver_applied: None,
         metrics,
         rp_filter_checked: false,
+        min_path_mtu,
     };
     daemon.apply_prefs(opts.prefs.clone());
     // `run` owns the TUN device: it is gone when `run` returns.
@@ -458,6 +461,8 @@ struct Daemon {
     metrics: Option<crate::metrics::Sampler>,
     /// rp_filter was looked at (once, when an exit node is first used).
     rp_filter_checked: bool,
+    /// The smallest interface MTU a LAN endpoint may have (the tunnel's plus outer headers).
+    min_path_mtu: u32,
 }
 
 /// The preferences in force.
@@ -608,7 +613,9 @@ impl Daemon {
                     Err(e) => tracing::debug!(error = %e, "DNS upstream receive"),
                 },
                 _ = &mut sleep => self.node.handle_timeout(Instant::now()),
-                _ = lan_check.tick() => self.node.set_lan_endpoints(endpoints::local(self.port)),
+                _ = lan_check.tick() => {
+                    self.node.set_lan_endpoints(endpoints::local(self.port, self.min_path_mtu));
+                }
                 _ = metrics_tick.tick(), if self.metrics.is_some() => self.sample_metrics(data),
                 Some(ev) = map_rx.recv() => self.on_map_event(ev),
                 Some((req, reply)) = api_rx.recv() => {
