@@ -171,6 +171,13 @@ impl<B: Send + 'static> Pool<B> {
         }
     }
 
+    /// Hands `cur` to the writer and puts an empty batch in its place.
+    fn swap_out(&mut self, cur: &mut B, make: impl FnOnce() -> B) {
+        let next = self.take(make);
+        let full = std::mem::replace(cur, next);
+        self.give(full);
+    }
+
     fn give(&mut self, mut batch: B) {
         match self {
             Self::Inline { work, spare } => {
@@ -371,12 +378,9 @@ impl UdpTx {
 
     /// Hands the batch being filled to the sending thread.
     pub fn flush(&mut self) {
-        if self.cur.is_empty() {
-            return;
+        if !self.cur.is_empty() {
+            self.pool.swap_out(&mut self.cur, UdpBatch::new);
         }
-        let next = self.pool.take(UdpBatch::new);
-        let full = std::mem::replace(&mut self.cur, next);
-        self.pool.give(full);
     }
 
     /// Sends what is batched and stops the thread.
@@ -513,12 +517,9 @@ impl TunTx {
 
     /// Hands the batch being filled to the writing thread.
     pub fn flush(&mut self) {
-        if self.cur.count == 0 {
-            return;
+        if self.cur.count > 0 {
+            self.pool.swap_out(&mut self.cur, TunBatch::new);
         }
-        let next = self.pool.take(TunBatch::new);
-        let full = std::mem::replace(&mut self.cur, next);
-        self.pool.give(full);
     }
 
     /// Writes what is batched and stops the thread.

@@ -972,11 +972,7 @@ impl Node {
         datagram: &[u8],
         now: Instant,
     ) -> Result<(), NodeError> {
-        let mut scratch = std::mem::take(&mut self.io_buf);
-        let r = self.decapsulate_udp(from, datagram, now, &mut scratch);
-        self.queue_for_tun(&scratch, &r);
-        self.io_buf = scratch;
-        r.map(|_| ())
+        self.queue_for_tun(|node, buf| node.decapsulate_udp(from, datagram, now, buf))
     }
 
     /// A datagram read from the UDP socket: disco, a STUN answer, or WireGuard. `Some(n)`: a
@@ -1032,11 +1028,7 @@ impl Node {
         packet: &[u8],
         now: Instant,
     ) -> Result<(), NodeError> {
-        let mut scratch = std::mem::take(&mut self.io_buf);
-        let r = self.decapsulate_derp(region, from, packet, now, &mut scratch);
-        self.queue_for_tun(&scratch, &r);
-        self.io_buf = scratch;
-        r.map(|_| ())
+        self.queue_for_tun(|node, buf| node.decapsulate_derp(region, from, packet, now, buf))
     }
 
     /// A packet relayed by DERP region `region` from peer `from`: disco or WireGuard, as
@@ -1074,10 +1066,19 @@ impl Node {
         r
     }
 
-    fn queue_for_tun(&mut self, scratch: &[u8], r: &Result<Option<usize>, NodeError>) {
-        if let Ok(Some(n)) = r {
-            self.to_tun.push_back(scratch[..*n].to_vec());
+    /// Runs a decapsulation into the queueing forms' buffer and queues its packet for
+    /// [`Self::poll_tun`].
+    fn queue_for_tun(
+        &mut self,
+        decapsulate: impl FnOnce(&mut Self, &mut [u8]) -> Result<Option<usize>, NodeError>,
+    ) -> Result<(), NodeError> {
+        let mut buf = std::mem::take(&mut self.io_buf);
+        let r = decapsulate(self, &mut buf);
+        if let Ok(Some(n)) = &r {
+            self.to_tun.push_back(buf[..*n].to_vec());
         }
+        self.io_buf = buf;
+        r.map(|_| ())
     }
 
     /// Data for an index this node reuses since a restart, but for which it has no keys.
