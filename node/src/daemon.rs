@@ -13,8 +13,8 @@ use anyhow::Context;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use warren_node_core::netmap::{self as map, MapChange, Netmap};
-use warren_node_core::node::{PathKind, PingId};
-use warren_node_core::{Dest, Event, Node, NodeError, PathStatus, wg};
+use warren_node_core::node::{PathKind, PingId, decapsulated_len};
+use warren_node_core::{Dest, Event, Node, NodeError, PathStatus};
 use warren_proto::NodePublicKey;
 use warren_proto::control::DerpMap;
 use warren_proto::control::map_response::Kind;
@@ -718,7 +718,7 @@ impl Daemon {
     }
 
     fn on_udp(&mut self, from: SocketAddr, datagram: &[u8], data: &mut DataPath, now: Instant) {
-        let slot = data.tun_tx.slot(datagram.len().max(wg::MIN_SCRATCH));
+        let slot = data.tun_tx.slot(decapsulated_len(datagram.len()));
         match self.node.decapsulate_udp(from, datagram, now, slot) {
             Ok(Some(n)) => data.tun_tx.commit(n),
             Ok(None) => {}
@@ -729,7 +729,7 @@ impl Daemon {
     }
 
     fn on_derp(&mut self, r: DerpReceived, data: &mut DataPath, now: Instant) {
-        let slot = data.tun_tx.slot(r.packet.len().max(wg::MIN_SCRATCH));
+        let slot = data.tun_tx.slot(decapsulated_len(r.packet.len()));
         match self
             .node
             .decapsulate_derp(r.region, r.from, &r.packet, now, slot)

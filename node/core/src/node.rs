@@ -101,6 +101,12 @@ pub fn encapsulated_len(len: usize) -> usize {
     (len + wg::OVERHEAD).max(wg::MIN_SCRATCH)
 }
 
+/// The room [`Node::decapsulate_udp`] and [`Node::decapsulate_derp`] need in their output
+/// buffer for a datagram of `len` bytes (a handshake answer is written there too).
+pub fn decapsulated_len(len: usize) -> usize {
+    len.max(wg::MIN_SCRATCH)
+}
+
 /// The path a peer's traffic takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathKind {
@@ -934,8 +940,8 @@ impl Node {
         let peer = peers.get_mut(&key).ok_or(NodeError::NoRoute { dst })?;
         flows.note_outbound(packet, now);
         peer.paths.note_sent(now);
-        // boringtun gives at most one datagram per packet: the data, or an initiation when
-        // the packet waits for a session.
+        // At most one datagram per packet, at the start of `out` (see `WgOutput`): the data,
+        // or an initiation when the packet waits for a session.
         let mut written = None;
         peer.session
             .encapsulate(packet, out, &mut |o| {
@@ -977,8 +983,8 @@ impl Node {
 
     /// A datagram read from the UDP socket: disco, a STUN answer, or WireGuard. `Some(n)`: a
     /// decrypted packet that passed the filter is in `out[..n]`, for the TUN device. `out`
-    /// must hold the datagram (a handshake message needs [`wg::MIN_SCRATCH`]). Allocates
-    /// nothing for data on an established session.
+    /// needs [`decapsulated_len`] of the datagram. Allocates nothing for data on an
+    /// established session.
     pub fn decapsulate_udp(
         &mut self,
         from: SocketAddr,
@@ -1171,7 +1177,6 @@ impl Node {
         let mut drops = 0;
         let mut replies = Vec::new();
         let mut accepted = None;
-        let base = out.as_ptr() as usize;
         peer.session
             .decapsulate(from.map(|a| a.ip()), datagram, out, &mut |o| match o {
                 WgOutput::Network(d) => replies.push(d.to_vec()),
@@ -1188,9 +1193,7 @@ impl Node {
                         return;
                     }
                     match filter.check(p, flows, now) {
-                        Verdict::Accept(_) => {
-                            accepted = Some((p.as_ptr() as usize - base, p.len()));
-                        }
+                        Verdict::Accept(_) => accepted = Some(p.len()),
                         Verdict::Drop(reason) => {
                             tracing::trace!(peer = %key.short(), %reason, "filter: dropped");
                             filtered = Some(reason);
@@ -1221,13 +1224,8 @@ impl Node {
         match (refused, filtered) {
             (Some(src), _) => Err(NodeError::SourceNotAllowed { peer: key, src }),
             (None, Some(reason)) => Err(NodeError::Filtered { peer: key, reason }),
-            (None, None) => Ok(accepted.map(|(start, len)| {
-                // boringtun decrypts in place at the start of `out`; move it there otherwise.
-                if start != 0 {
-                    out.copy_within(start..start + len, 0);
-                }
-                len
-            })),
+            // The packet is at the start of `out` (see `WgOutput`).
+            (None, None) => Ok(accepted),
         }
     }
 

@@ -75,7 +75,9 @@ impl From<WireGuardError> for WgError {
     }
 }
 
-/// What a session operation produced.
+/// What a session operation produced. Both kinds are written at the start of the scratch
+/// buffer the operation was given (`scratch[..len]`), which lets callers encrypt and decrypt
+/// straight into their own batch buffers; the tests below hold boringtun to it.
 #[derive(Debug)]
 pub enum WgOutput<'a> {
     /// A datagram to send to the peer.
@@ -287,13 +289,25 @@ mod tests {
         let data = data.last().expect("queued packet flushed").clone();
         assert_eq!(receiver(&b, &data), Ok(Receiver::Index(2)));
         let mut got = Vec::new();
+        let start = scratch.as_ptr();
         sb.decapsulate(None, &data, &mut scratch, &mut |o| {
             if let WgOutput::Tunnel(p, _) = o {
+                assert_eq!(p.as_ptr(), start, "plaintext at the start of scratch");
                 got.push(p.to_vec());
             }
         })
         .expect("data");
-        assert_eq!(got, vec![packet]);
+        assert_eq!(got, vec![packet.clone()]);
+        // With the session up, a datagram is written at the start of scratch too.
+        let mut sent = 0;
+        sa.encapsulate(&packet, &mut scratch, &mut |o| {
+            if let WgOutput::Network(d) = o {
+                assert_eq!(d.as_ptr(), start, "datagram at the start of scratch");
+                sent = d.len();
+            }
+        })
+        .expect("encapsulate");
+        assert_eq!(sent, packet.len() + OVERHEAD);
     }
 
     #[test]
