@@ -165,10 +165,18 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
             opts.mtu
         );
     }
-    let tun = open_tun(&opts.tun, opts.mtu, opts.tun_offload)?;
-    let udp = BatchSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, opts.port)))
-        .with_context(|| format!("binding UDP port {}", opts.port))?;
+    let tun = Arc::new(open_tun(&opts.tun, opts.mtu, opts.tun_offload)?);
+    let udp = Arc::new(
+        BatchSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, opts.port)))
+            .with_context(|| format!("binding UDP port {}", opts.port))?,
+    );
     let port = udp.local_addr()?.port();
+    let threads = if opts.data_threads {
+        Threads::On
+    } else {
+        Threads::Off
+    };
+    let data = DataPath::start(&tun, &udp, opts.mtu, threads)?;
     let socket_path = opts.state.socket();
     let (listener, socket_file) = api::bind(&socket_path)?;
     let metrics_listener = match opts.metrics_listen {
@@ -272,16 +280,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     };
     daemon.apply_prefs(opts.prefs.clone());
     // `run` owns the TUN device: it is gone when `run` returns.
-    let result = daemon
-        .run(
-            Arc::new(tun),
-            Arc::new(udp),
-            (opts.mtu, opts.data_threads),
-            map_rx,
-            api_rx,
-            derp_rx,
-        )
-        .await;
+    let result = daemon.run(tun, udp, data, map_rx, api_rx, derp_rx).await;
     daemon.derp.close();
     follower.abort();
     api_task.abort();
@@ -492,6 +491,31 @@ struct DataPath {
     tun_rx: TunRx,
 }
 
+impl DataPath {
+    /// Batches and writer threads for `tun` and `udp`, reading packets of up to `mtu` bytes.
+    fn start(
+        tun: &Arc<tun_rs::AsyncDevice>,
+        udp: &Arc<BatchSocket>,
+        mtu: u16,
+        threads: Threads,
+    ) -> anyhow::Result<Self> {
+        let counters = Counters::new(tun.tcp_gso());
+        Ok(Self {
+            udp_tx: UdpTx::start(udp.clone(), threads).context("starting the UDP sender thread")?,
+            tun_tx: TunTx::start(tun.clone(), counters.clone(), threads)
+                .context("starting the TUN writer thread")?,
+            tun_rx: TunRx::new(mtu, counters.clone()),
+            counters,
+        })
+    }
+
+    /// Writes what is batched and stops the threads.
+    fn stop(&mut self) {
+        self.udp_tx.stop();
+        self.tun_tx.stop();
+    }
+}
+
 /// Most packets taken from one source per wakeup.
 const BURST: usize = 64;
 
@@ -508,29 +532,15 @@ impl Daemon {
         &mut self,
         tun: Arc<tun_rs::AsyncDevice>,
         udp: Arc<BatchSocket>,
-        (mtu, data_threads): (u16, bool),
+        mut data: DataPath,
         map_rx: mpsc::Receiver<MapEvent>,
         api_rx: mpsc::Receiver<ApiCall>,
         derp_rx: mpsc::Receiver<DerpReceived>,
     ) -> anyhow::Result<Option<oneshot::Sender<ApiResponse>>> {
-        let counters = Counters::new(tun.tcp_gso());
-        let threads = if data_threads {
-            Threads::On
-        } else {
-            Threads::Off
-        };
-        let mut data = DataPath {
-            udp_tx: UdpTx::start(udp.clone(), threads).context("starting the UDP sender thread")?,
-            tun_tx: TunTx::start(tun.clone(), counters.clone(), threads)
-                .context("starting the TUN writer thread")?,
-            tun_rx: TunRx::new(mtu, counters.clone()),
-            counters,
-        };
         let result = self
             .serve(&tun, &udp, &mut data, map_rx, api_rx, derp_rx)
             .await;
-        data.udp_tx.stop();
-        data.tun_tx.stop();
+        data.stop();
         result
     }
 
@@ -664,11 +674,8 @@ impl Daemon {
             let packets = match data.tun_rx.try_read(tun) {
                 Ok(p) => p,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                // A frame the offload split refuses (bad virtio header) is that frame's loss.
-                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-                    tracing::debug!(error = %e, "TUN read: frame dropped");
-                    continue;
-                }
+                // Not the kernel's error but tun-rs's: a frame its offload split refuses (a
+                // bad virtio header, say) is that frame's loss.
                 Err(e) if e.raw_os_error().is_none() => {
                     tracing::debug!(error = %e, "TUN read: frame dropped");
                     continue;

@@ -16,7 +16,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use crate::udp::{BatchSocket, MAX_BATCH_BYTES};
 /// Batches per direction: one being filled, the rest queued or in a syscall.
 const POOL: usize = 4;
 /// Largest datagram or packet handled (an IP packet's 64 KiB limit, plus WireGuard's header).
-const MAX_DATAGRAM: usize = 65_535 + 148;
+const MAX_DATAGRAM: usize = 65_535 + warren_node_core::wg::OVERHEAD;
 /// Packets per inbound batch: what one TUN write pass can coalesce (tun-rs's ideal batch).
 pub const TUN_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 /// Room kept in front of each inbound packet for the virtio-net header that offload writes.
@@ -43,7 +43,7 @@ const RETURN_WAIT: Duration = Duration::from_secs(5);
 /// segment read whole, a GRO-coalesced write).
 #[derive(Debug, Default)]
 pub struct Counters {
-    offload: AtomicBool,
+    offload: bool,
     largest_read: AtomicUsize,
     largest_write: AtomicUsize,
 }
@@ -63,7 +63,7 @@ impl Counters {
     /// Counters for a device with or without offload.
     pub fn new(offload: bool) -> Arc<Self> {
         Arc::new(Self {
-            offload: AtomicBool::new(offload),
+            offload,
             ..Self::default()
         })
     }
@@ -71,7 +71,7 @@ impl Counters {
     /// The figures so far.
     pub fn snapshot(&self) -> DataStats {
         DataStats {
-            offload: self.offload.load(Ordering::Relaxed),
+            offload: self.offload,
             largest_read: self.largest_read.load(Ordering::Relaxed),
             largest_write: self.largest_write.load(Ordering::Relaxed),
         }
